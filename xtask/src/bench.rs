@@ -1,0 +1,144 @@
+//! `cargo xtask bench`: sysbench direct to the primary vs through the proxy, interleaved in one run.
+//!
+//! Prints QPS per target, the ratio proxied/direct, p95 latency, and the proxy's peak RSS.
+//! A benchmark, not a test: nothing here asserts timings.
+
+use crate::{deps, lab, proc};
+use anyhow::{bail, Context, Result};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Run {
+    qps: f64,
+    p95_ms: f64,
+    errors: u64,
+}
+
+fn sysbench(workload: &str, port: u16, threads: u32, secs: u32, extra: &[&str]) -> Result<Run> {
+    let out = proc::output(
+        Command::new("sysbench")
+            .arg(workload)
+            .args([
+                "--db-driver=mysql",
+                "--mysql-host=127.0.0.1",
+                "--mysql-user=app",
+                "--mysql-password=app",
+                "--mysql-db=sbtest",
+                "--tables=4",
+                "--table-size=10000",
+                "--percentile=95",
+                "--report-interval=0",
+            ])
+            .arg(format!("--mysql-port={port}"))
+            .arg(format!("--threads={threads}"))
+            .arg(format!("--time={secs}"))
+            .args(extra)
+            .arg("run"),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_sysbench(&text).with_context(|| format!("parsing sysbench output:\n{text}"))
+}
+
+fn parse_sysbench(text: &str) -> Result<Run> {
+    let mut qps = None;
+    let mut p95 = None;
+    let mut errors = 0;
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(rest) = l.strip_prefix("queries:") {
+            // "queries:                             123456 (12345.67 per sec.)"
+            qps = rest
+                .split('(')
+                .nth(1)
+                .and_then(|s| s.split_whitespace().next())
+                .and_then(|s| s.parse().ok());
+        } else if let Some(rest) = l.strip_prefix("95th percentile:") {
+            p95 = rest.trim().parse().ok();
+        } else if let Some(rest) = l.strip_prefix("ignored errors:") {
+            errors = rest.split_whitespace().next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        }
+    }
+    match (qps, p95) {
+        (Some(qps), Some(p95_ms)) => Ok(Run { qps, p95_ms, errors }),
+        _ => bail!("no queries/95th percentile lines"),
+    }
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+struct Proxy(Child);
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_port(port: u16) -> Result<()> {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listening on {port}")
+}
+
+pub fn run(args: &[&str]) -> Result<()> {
+    let secs: u32 = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--time="))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    deps::ensure()?;
+    lab::up()?;
+    proc::cargo(&["build", "--release", "-p", "breakwater-proxy"])?;
+    let bin = proc::target_bin("release", "breakwater-proxy");
+    let child = Command::new(&bin)
+        .args(["--listen", "127.0.0.1:6033", "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let proxy = Proxy(child);
+    wait_port(6033)?;
+    std::thread::sleep(Duration::from_secs(2)); // first health checks
+
+    println!("\n{:<20} {:>7} {:>12} {:>12} {:>8} {:>11} {:>11} {:>7}",
+        "workload", "threads", "direct qps", "proxy qps", "ratio", "direct p95", "proxy p95", "errors");
+    for workload in ["oltp_point_select", "oltp_read_only"] {
+        for threads in [8u32, 32] {
+            // Interleave: direct, proxy, direct, proxy; report the mean of each.
+            let mut d = Vec::new();
+            let mut p = Vec::new();
+            for _ in 0..2 {
+                d.push(sysbench(workload, 3307, threads, secs / 2, &[])?);
+                p.push(sysbench(workload, 6033, threads, secs / 2, &[])?);
+            }
+            let mean = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+            let (dq, pq) = (mean(&d, |r| r.qps), mean(&p, |r| r.qps));
+            println!(
+                "{:<20} {:>7} {:>12.0} {:>12.0} {:>8.2} {:>9.2}ms {:>9.2}ms {:>7}",
+                workload,
+                threads,
+                dq,
+                pq,
+                pq / dq,
+                mean(&d, |r| r.p95_ms),
+                mean(&p, |r| r.p95_ms),
+                p.iter().map(|r| r.errors).sum::<u64>()
+            );
+        }
+    }
+    println!("\nproxy peak RSS: {:.1} MiB", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
+    Ok(())
+}

@@ -1,0 +1,291 @@
+//! The local lab: three MariaDB servers from Debian's packages with GTID replication.
+//!
+//! 127.0.0.1:3307 is the primary, 3308 and 3309 replicate from it (read_only=1,
+//! MASTER_USE_GTID=slave_pos). Data lives in `<repo>/.lab/node<port>`; each node has a
+//! `start.sh` with its exact command line, so tests and drills can kill -9 a node and bring
+//! it back the same way. Everything is idempotent: `up` on a running lab takes milliseconds.
+
+use crate::{deps, proc};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const PORTS: [u16; 3] = [3307, 3308, 3309];
+pub const PRIMARY: u16 = 3307;
+
+pub fn command(args: &[&str]) -> Result<()> {
+    match args.first().copied() {
+        Some("up") => {
+            deps::ensure()?;
+            up()
+        }
+        Some("down") => down(),
+        Some("status") => status(),
+        Some("reset") => {
+            deps::ensure()?;
+            reset()
+        }
+        _ => bail!("usage: cargo xtask lab up|down|status|reset"),
+    }
+}
+
+pub fn lab_dir() -> PathBuf {
+    std::env::var_os("BREAKWATER_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| proc::root().join(".lab"))
+}
+
+fn node_dir(port: u16) -> PathBuf {
+    lab_dir().join(format!("node{port}"))
+}
+
+fn socket(port: u16) -> PathBuf {
+    node_dir(port).join("mysqld.sock")
+}
+
+/// Run SQL as root over the node's unix socket and return tab-separated output.
+pub fn sql(port: u16, query: &str) -> Result<String> {
+    let out = proc::output(
+        Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-N", "-B"])
+            .arg(format!("--socket={}", socket(port).display()))
+            .args(["-e", query]),
+    )
+    .with_context(|| format!("SQL on {port}: {query}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn node_pid(port: u16) -> Option<i32> {
+    let s = std::fs::read_to_string(node_dir(port).join("mysqld.pid")).ok()?;
+    let pid: i32 = s.trim().parse().ok()?;
+    proc::pid_alive(pid).then_some(pid)
+}
+
+fn node_ready(port: u16) -> bool {
+    node_pid(port).is_some() && sql(port, "SELECT 1").is_ok()
+}
+
+/// The exact command line of a node, also written to its start.sh.
+fn start_script(port: u16, primary: bool) -> String {
+    let dir = node_dir(port);
+    let d = dir.display();
+    let server_id = port as u32 - 3300;
+    format!(
+        "#!/bin/sh\n# Starts lab node {port}; written by cargo xtask lab up.\n\
+exec setsid /usr/sbin/mariadbd --no-defaults --user=root --datadir={d}/data --port={port} \
+--bind-address=127.0.0.1 --socket={d}/mysqld.sock --pid-file={d}/mysqld.pid --log-error={d}/error.log \
+--server-id={server_id} --log-bin=mysql-bin --relay-log=relay-bin --log-slave-updates --binlog-format=ROW \
+--gtid-strict-mode=1 --read-only={ro} --skip-name-resolve --max-connections=2000 --max-allowed-packet=64M \
+--innodb-buffer-pool-size=96M --innodb-log-file-size=48M --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 \
+--performance-schema=OFF --thread-cache-size=64 --table-open-cache=400 \
+--rpl-semi-sync-master-enabled=0 --rpl-semi-sync-slave-enabled=1 --slave-net-timeout=5 \
+--report-host=127.0.0.1 --report-port={port} </dev/null >>{d}/stdout.log 2>&1 &\n",
+        ro = if primary { 0 } else { 1 }
+    )
+}
+
+fn start_node(port: u16) -> Result<()> {
+    if node_ready(port) {
+        return Ok(());
+    }
+    let script = node_dir(port).join("start.sh");
+    proc::run_inherit(Command::new("sh").arg(&script).stdout(Stdio::null()))?;
+    wait_ready(port, Duration::from_secs(60))
+}
+
+fn wait_ready(port: u16, limit: Duration) -> Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if node_ready(port) {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(3) && node_pid(port).is_none() {
+            break; // the server exited; its log says why
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(node_dir(port).join("error.log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    bail!(
+        "node {port} did not become ready in {limit:?}; error.log tail:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+fn init_datadir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    proc::output(
+        Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--user=root", "--skip-test-db"])
+            .arg(format!("--datadir={}", dir.display()))
+            .args(["--auth-root-authentication-method=socket"]),
+    )?;
+    Ok(())
+}
+
+pub fn up() -> Result<()> {
+    let t = Instant::now();
+    let ready_marker = lab_dir().join("ready");
+    if !ready_marker.exists() {
+        return create();
+    }
+    for port in PORTS {
+        start_node(port)?;
+    }
+    println!("xtask: lab up in {:.1}s (3307 primary, 3308/3309 replicas)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Build the lab from nothing: one initialised data directory copied three times.
+fn create() -> Result<()> {
+    let t = Instant::now();
+    down()?;
+    let lab = lab_dir();
+    if lab.exists() {
+        std::fs::remove_dir_all(&lab).with_context(|| format!("removing {}", lab.display()))?;
+    }
+    let template = lab.join("template");
+    init_datadir(&template)?;
+    for port in PORTS {
+        let dir = node_dir(port);
+        std::fs::create_dir_all(&dir)?;
+        proc::run_inherit(
+            Command::new("cp").arg("-a").arg(&template).arg(dir.join("data")),
+        )?;
+        std::fs::write(dir.join("start.sh"), start_script(port, port == PRIMARY))?;
+    }
+    std::fs::remove_dir_all(&template)?;
+    for port in PORTS {
+        start_node(port)?;
+    }
+    sql(
+        PRIMARY,
+        "CREATE USER 'repl'@'%' IDENTIFIED BY 'repl'; GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'; \
+         CREATE USER 'app'@'%' IDENTIFIED BY 'app'; GRANT ALL ON `sbtest%`.* TO 'app'@'%'; \
+         CREATE USER 'monitor'@'%' IDENTIFIED BY 'monitor'; GRANT ALL ON *.* TO 'monitor'@'%' WITH GRANT OPTION; \
+         CREATE DATABASE sbtest;",
+    )?;
+    for port in PORTS.iter().copied().filter(|p| *p != PRIMARY) {
+        point_replica(port, PRIMARY)?;
+    }
+    for port in PORTS.iter().copied().filter(|p| *p != PRIMARY) {
+        wait_caught_up(port)?;
+    }
+    // sysbench tables used by tests and benchmarks.
+    proc::output(Command::new("sysbench").args([
+        "oltp_read_write",
+        "--db-driver=mysql",
+        "--mysql-host=127.0.0.1",
+        "--mysql-port=3307",
+        "--mysql-user=app",
+        "--mysql-password=app",
+        "--mysql-db=sbtest",
+        "--tables=4",
+        "--table-size=10000",
+        "prepare",
+    ]))?;
+    for port in PORTS.iter().copied().filter(|p| *p != PRIMARY) {
+        wait_caught_up(port)?;
+    }
+    std::fs::write(lab_dir().join("ready"), "ok\n")?;
+    println!("xtask: lab created in {:.1}s (3307 primary, 3308/3309 replicas)", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn point_replica(port: u16, primary: u16) -> Result<()> {
+    sql(
+        port,
+        &format!(
+            "STOP SLAVE; SET GLOBAL gtid_slave_pos=''; CHANGE MASTER TO MASTER_HOST='127.0.0.1', \
+             MASTER_PORT={primary}, MASTER_USER='repl', MASTER_PASSWORD='repl', \
+             MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1; START SLAVE;"
+        ),
+    )?;
+    Ok(())
+}
+
+/// Wait until the replica has applied everything the primary has written.
+fn wait_caught_up(port: u16) -> Result<()> {
+    let target = sql(PRIMARY, "SELECT @@gtid_binlog_pos")?.trim().to_string();
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(60) {
+        let pos = sql(port, "SELECT @@gtid_slave_pos")?.trim().to_string();
+        if pos == target {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let st = sql_vertical(port, "SHOW SLAVE STATUS").unwrap_or_default();
+    bail!("replica {port} did not catch up with {target}: {st}")
+}
+
+pub fn down() -> Result<()> {
+    for port in PORTS {
+        if let Some(pid) = node_pid(port) {
+            proc::kill(pid, "TERM");
+            let t = Instant::now();
+            while proc::pid_alive(pid) && t.elapsed() < Duration::from_secs(30) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if proc::pid_alive(pid) {
+                proc::kill(pid, "KILL");
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn reset() -> Result<()> {
+    down()?;
+    let _ = std::fs::remove_file(lab_dir().join("ready"));
+    create()
+}
+
+pub fn status() -> Result<()> {
+    println!("{:<6} {:<8} {:<6} {:<10} {:<10} {:<8} {}", "port", "pid", "up", "read_only", "repl", "lag", "gtid_current_pos");
+    for port in PORTS {
+        let pid = node_pid(port);
+        let up = pid.is_some() && node_ready(port);
+        let (ro, repl, lag, gtid) = if up {
+            let ro = sql(port, "SELECT @@read_only").unwrap_or_default().trim().to_string();
+            let gtid = sql(port, "SELECT @@gtid_current_pos").unwrap_or_default().trim().to_string();
+            let st = sql_vertical(port, "SHOW SLAVE STATUS").unwrap_or_default();
+            let field = |name: &str| {
+                st.lines()
+                    .find_map(|l| l.trim().strip_prefix(&format!("{name}: ")).map(str::to_string))
+                    .unwrap_or_else(|| "-".into())
+            };
+            let repl = if st.trim().is_empty() {
+                "primary".to_string()
+            } else {
+                format!("{}/{}", field("Slave_IO_Running"), field("Slave_SQL_Running"))
+            };
+            (ro, repl, field("Seconds_Behind_Master"), gtid)
+        } else {
+            ("-".into(), "-".into(), "-".into(), "-".into())
+        };
+        println!(
+            "{:<6} {:<8} {:<6} {:<10} {:<10} {:<8} {}",
+            port,
+            pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            up,
+            ro,
+            repl,
+            lag,
+            gtid
+        );
+    }
+    Ok(())
+}
+
+/// Run a query and return its vertical (\G) output with column names.
+fn sql_vertical(port: u16, query: &str) -> Result<String> {
+    let out = proc::output(
+        Command::new("mariadb")
+            .args(["--no-defaults", "-uroot", "-E"])
+            .arg(format!("--socket={}", socket(port).display()))
+            .args(["-e", query]),
+    )?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

@@ -1,0 +1,42 @@
+//! `cargo xtask test`: install what is missing, start the lab, run every test, stop what it started.
+//!
+//! Tests that share the lab run first, in parallel; each uses its own schema (sbtest_<name>) and
+//! its own proxy process on its own port. Tests that kill lab nodes run afterwards, one at a time.
+
+use crate::{deps, lab, proc};
+use anyhow::Result;
+
+/// Test targets that disturb the lab's topology (kill -9 a node); they run serially, last.
+const DESTRUCTIVE: &[&str] = &["faults"];
+
+pub fn run(extra: &[&str]) -> Result<()> {
+    deps::ensure()?;
+    let was_running = lab_running();
+    lab::up()?;
+    let result = run_tests(extra);
+    if !was_running {
+        println!("xtask: stopping the lab it started");
+        lab::down()?;
+    }
+    result
+}
+
+fn lab_running() -> bool {
+    lab::PORTS.iter().all(|p| lab::sql(*p, "SELECT 1").is_ok())
+}
+
+fn run_tests(extra: &[&str]) -> Result<()> {
+    // One build of everything, debug.
+    proc::cargo(&["build", "--workspace", "--all-targets"])?;
+    let mut shared = vec!["test", "--workspace"];
+    shared.extend_from_slice(&["--lib", "--bins", "--test", "e2e"]);
+    shared.push("--");
+    shared.extend_from_slice(extra);
+    proc::cargo(&shared)?;
+    for target in DESTRUCTIVE {
+        let mut args = vec!["test", "-p", "breakwater-proxy", "--test", target, "--", "--test-threads=1"];
+        args.extend_from_slice(extra);
+        proc::cargo(&args)?;
+    }
+    Ok(())
+}
