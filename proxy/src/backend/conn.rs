@@ -1,0 +1,415 @@
+//! One connection from the proxy to a MySQL server: login, session-state sync, and
+//! forwarding a command's response to a client packet by packet.
+
+use crate::frontend::state::SessionVars;
+use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
+use crate::protocol::response::{Kind, Walker};
+use crate::protocol::{auth, caps, charset, cmd, codec, handshake};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// Connections are shared between clients that log in to backends the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub user: String,
+    pub found_rows: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {err}")]
+    Connect { addr: String, err: std::io::Error },
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(String),
+    #[error("login to {addr} refused: {msg}")]
+    Login { addr: String, code: u16, msg: String },
+    #[error("connection to {addr} lost: {err}")]
+    Lost { addr: String, err: PacketError },
+    #[error("unexpected reply from {0}")]
+    Protocol(String),
+    /// The server answered a proxy-issued command (state sync, re-prepare) with an error.
+    #[error("{}", .0.message)]
+    Sql(codec::Err),
+}
+
+/// Where forwarding a response failed.
+#[derive(Debug)]
+pub enum ForwardError {
+    /// The backend failed. `started` says whether any of the response reached the client;
+    /// `last_seq` is the sequence id of the last packet the client got.
+    Backend { err: BackendError, started: bool, last_seq: u8 },
+    /// Writing to the client failed: the client is gone.
+    Client(std::io::Error),
+}
+
+/// A statement prepared on this backend connection.
+#[derive(Debug, Clone)]
+pub struct BackendStmt {
+    pub id: u32,
+    pub params: u16,
+    /// Parameter types this statement last received (an EXECUTE without types reuses them).
+    pub types: Option<Vec<u8>>,
+}
+
+/// Most statements one connection keeps prepared before it closes the oldest.
+const MAX_STMTS_PER_CONN: usize = 512;
+
+pub struct BackendConn {
+    rd: PacketReader<OwnedReadHalf>,
+    wr: PacketWriter<OwnedWriteHalf>,
+    pub addr: Arc<str>,
+    pub key: ConnKey,
+    pub thread_id: u32,
+    /// Session state applied on this connection.
+    pub vars: SessionVars,
+    /// Status flags of the last OK/EOF.
+    pub status: u16,
+    /// Statements prepared here, by SQL text.
+    pub stmts: HashMap<Arc<str>, BackendStmt>,
+    /// The connection cannot be trusted any more (I/O error, half-read response).
+    pub broken: bool,
+    /// Holds state the pool cannot reset by itself (temporary tables, user variables, locks).
+    pub dirty: bool,
+    pub last_used: Instant,
+    scratch: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BackendConn {
+    /// Connect and log in. `permit` is the pool slot this connection occupies until dropped.
+    pub async fn connect(
+        addr: Arc<str>,
+        key: ConnKey,
+        password: &str,
+        timeout: Duration,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Self, BackendError> {
+        let fut = Self::connect_inner(addr.clone(), key, password, permit);
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(BackendError::ConnectTimeout(addr.to_string())),
+        }
+    }
+
+    async fn connect_inner(
+        addr: Arc<str>,
+        key: ConnKey,
+        password: &str,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Self, BackendError> {
+        let stream = TcpStream::connect(&*addr)
+            .await
+            .map_err(|err| BackendError::Connect { addr: addr.to_string(), err })?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        let mut rd = PacketReader::new(r);
+        let mut wr = PacketWriter::new(w);
+        let lost = |err| BackendError::Lost { addr: addr.to_string(), err };
+        let mut buf = Vec::new();
+        let seq = rd.read_payload(&mut buf, 1 << 20).await.map_err(lost)?;
+        if buf.first() == Some(&0xff) {
+            let e = codec::parse_err(&buf);
+            return Err(BackendError::Login {
+                addr: addr.to_string(),
+                code: e.as_ref().map(|e| e.code).unwrap_or(0),
+                msg: e.map(|e| e.message).unwrap_or_default(),
+            });
+        }
+        let greeting = handshake::parse_greeting(&buf).ok_or_else(|| BackendError::Protocol(addr.to_string()))?;
+        let mut c = caps::PROXY_BACKEND;
+        if key.found_rows {
+            c |= caps::FOUND_ROWS;
+        }
+        let (plugin, token) = login_token(&greeting.plugin, password, &greeting.scramble);
+        let resp = handshake::handshake_response(c, charset::BACKEND_COLLATION, &key.user, &token, None, plugin);
+        wr.push(seq.wrapping_add(1), &resp);
+        wr.flush().await.map_err(|e| lost(e.into()))?;
+        loop {
+            let seq = rd.read_payload(&mut buf, 1 << 20).await.map_err(lost)?;
+            let next = seq.wrapping_add(1);
+            match buf.first() {
+                Some(0x00) => break,
+                Some(0xff) => {
+                    let e = codec::parse_err(&buf);
+                    return Err(BackendError::Login {
+                        addr: addr.to_string(),
+                        code: e.as_ref().map(|e| e.code).unwrap_or(0),
+                        msg: e.map(|e| e.message).unwrap_or_default(),
+                    });
+                }
+                Some(0xfe) => {
+                    let (plugin, data) =
+                        handshake::parse_auth_switch(&buf).ok_or_else(|| BackendError::Protocol(addr.to_string()))?;
+                    let (p, token) = login_token(&plugin, password, &data);
+                    if p != plugin {
+                        return Err(BackendError::Login {
+                            addr: addr.to_string(),
+                            code: 0,
+                            msg: format!("backend asks for unsupported auth plugin {plugin}"),
+                        });
+                    }
+                    wr.push(next, &token);
+                    wr.flush().await.map_err(|e| lost(e.into()))?;
+                }
+                Some(0x01) if buf.get(1) == Some(&0x03) => continue, // caching_sha2 fast auth ok
+                _ => {
+                    return Err(BackendError::Login {
+                        addr: addr.to_string(),
+                        code: 0,
+                        msg: "unsupported authentication exchange (full caching_sha2 auth needs TLS)".into(),
+                    })
+                }
+            }
+        }
+        let (cs, coll) = charset::by_id(charset::BACKEND_COLLATION);
+        Ok(Self {
+            rd,
+            wr,
+            addr,
+            key,
+            thread_id: greeting.connection_id,
+            vars: SessionVars { schema: None, charset: cs.into(), collation: Some(coll.into()), vars: Default::default() },
+            status: crate::protocol::status::AUTOCOMMIT,
+            stmts: HashMap::new(),
+            broken: false,
+            dirty: false,
+            last_used: Instant::now(),
+            scratch: Vec::new(),
+            _permit: permit,
+        })
+    }
+
+    /// Cheap liveness check for an idle connection: a closed or chatty socket is dead.
+    pub fn looks_alive(&self) -> bool {
+        if self.rd.buffered() > 0 {
+            return false;
+        }
+        let mut b = [0u8; 1];
+        match self.rd.get_ref().try_read(&mut b) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            _ => false,
+        }
+    }
+
+    fn lost(&mut self, err: PacketError) -> BackendError {
+        self.broken = true;
+        BackendError::Lost { addr: self.addr.to_string(), err }
+    }
+
+    /// Run a proxy-issued command and discard its response (state sync, re-prepare, reset).
+    pub async fn exec_discard(&mut self, payload: &[u8], kind: Kind) -> Result<Walker, BackendError> {
+        self.wr.push(0, payload);
+        if let Err(e) = self.wr.flush().await {
+            return Err(self.lost(e.into()));
+        }
+        let mut w = Walker::new(kind);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        loop {
+            scratch.clear();
+            match self.rd.read_raw_into(&mut scratch).await {
+                Ok(_) => {
+                    if w.feed(&scratch[4..]) {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    self.scratch = scratch;
+                    return Err(self.lost(e));
+                }
+            }
+        }
+        if scratch.capacity() > 1 << 20 {
+            scratch = Vec::new();
+        }
+        self.scratch = scratch;
+        if let Some(st) = w.status {
+            self.status = st;
+        }
+        Ok(w)
+    }
+
+    pub async fn query_discard(&mut self, sql: &str) -> Result<Walker, BackendError> {
+        let mut p = Vec::with_capacity(sql.len() + 1);
+        p.push(cmd::QUERY);
+        p.extend_from_slice(sql.as_bytes());
+        let w = self.exec_discard(&p, Kind::ResultSet).await?;
+        match w.error {
+            Some(e) => Err(BackendError::Sql(e)),
+            None => Ok(w),
+        }
+    }
+
+    /// Bring this connection's schema, character set and variables to the client's.
+    pub async fn sync(&mut self, target: &SessionVars) -> Result<(), BackendError> {
+        if target.schema != self.vars.schema {
+            if let Some(db) = &target.schema {
+                let mut p = vec![cmd::INIT_DB];
+                p.extend_from_slice(db.as_bytes());
+                let w = self.exec_discard(&p, Kind::Single).await?;
+                if let Some(e) = w.error {
+                    return Err(BackendError::Sql(e));
+                }
+            }
+            // A client without a default schema keeps whatever this connection has:
+            // MySQL has no way to unset it, and fully qualified names still work.
+            self.vars.schema = target.schema.clone();
+        }
+        if let Some(set) = target.sync_statement(&self.vars) {
+            self.query_discard(&set).await?;
+            let schema = self.vars.schema.clone();
+            self.vars = target.clone();
+            self.vars.schema = schema;
+        }
+        Ok(())
+    }
+
+    /// Make sure `sql` is prepared here; returns the backend statement.
+    pub async fn ensure_prepared(&mut self, sql: &Arc<str>) -> Result<u32, BackendError> {
+        if let Some(s) = self.stmts.get(sql) {
+            return Ok(s.id);
+        }
+        if self.stmts.len() >= MAX_STMTS_PER_CONN {
+            self.close_all_stmts();
+        }
+        let mut p = Vec::with_capacity(sql.len() + 1);
+        p.push(cmd::STMT_PREPARE);
+        p.extend_from_slice(sql.as_bytes());
+        let w = self.exec_discard(&p, Kind::Prepare).await?;
+        match (w.prepare, w.error) {
+            (Some(ok), _) => {
+                let s = BackendStmt { id: ok.statement_id, params: ok.params, types: None };
+                self.stmts.insert(sql.clone(), s);
+                Ok(ok.statement_id)
+            }
+            (None, Some(e)) => Err(BackendError::Sql(e)),
+            (None, None) => Err(BackendError::Protocol(self.addr.to_string())),
+        }
+    }
+
+    /// Record a statement the client prepared through this connection; an older copy of the
+    /// same SQL is closed (COM_STMT_CLOSE has no response, so this costs no round trip).
+    pub fn adopt_prepared(&mut self, sql: Arc<str>, id: u32, params: u16) {
+        if let Some(old) = self.stmts.insert(sql, BackendStmt { id, params, types: None }) {
+            let mut p = vec![cmd::STMT_CLOSE];
+            p.extend_from_slice(&old.id.to_le_bytes());
+            self.wr.push(0, &p);
+        }
+    }
+
+    /// Queue COM_STMT_CLOSE for every statement (no response is sent for it).
+    fn close_all_stmts(&mut self) {
+        for (_, s) in self.stmts.drain() {
+            let mut p = vec![cmd::STMT_CLOSE];
+            p.extend_from_slice(&s.id.to_le_bytes());
+            self.wr.push(0, &p);
+        }
+    }
+
+    /// Send a command without a response (COM_STMT_SEND_LONG_DATA, COM_STMT_CLOSE).
+    pub async fn send_no_reply(&mut self, payload: &[u8]) -> Result<(), BackendError> {
+        self.wr.push(0, payload);
+        match self.wr.flush().await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.lost(e.into())),
+        }
+    }
+
+    /// COM_RESET_CONNECTION: drops temporary tables, user variables, locks, prepared
+    /// statements and session variables, so a dirty connection can serve another client.
+    pub async fn reset(&mut self) -> Result<(), BackendError> {
+        let w = self.exec_discard(&[cmd::RESET_CONNECTION], Kind::Single).await?;
+        if let Some(e) = w.error {
+            return Err(BackendError::Sql(e));
+        }
+        self.stmts.clear();
+        let (cs, coll) = charset::by_id(charset::BACKEND_COLLATION);
+        let schema = self.vars.schema.take();
+        self.vars = SessionVars { schema, charset: cs.into(), collation: Some(coll.into()), vars: Default::default() };
+        self.dirty = false;
+        Ok(())
+    }
+
+    /// Send the client's command (already framed with sequence `seq`) and forward the whole
+    /// response to `client`, packet by packet. `rewrite_stmt_id` replaces the statement id in
+    /// a PREPARE_OK so the client sees the proxy's id.
+    pub async fn forward<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        seq: u8,
+        payload: &[u8],
+        kind: Kind,
+        client: &mut PacketWriter<W>,
+        rewrite_stmt_id: Option<u32>,
+    ) -> Result<Walker, ForwardError> {
+        self.wr.push(seq, payload);
+        if let Err(e) = self.wr.flush().await {
+            let err = self.lost(e.into());
+            return Err(ForwardError::Backend { err, started: false, last_seq: seq });
+        }
+        self.last_used = Instant::now();
+        let mut w = Walker::new(kind);
+        let mut started = false;
+        let mut last_seq = seq;
+        let base = client.pending();
+        let mut first = true;
+        loop {
+            let out = client.buf_mut();
+            let start = out.len();
+            match self.rd.read_raw_into(out).await {
+                Ok((s, _len)) => {
+                    last_seq = s;
+                    let done = w.feed(&out[start + 4..]);
+                    if first {
+                        first = false;
+                        // PREPARE_OK: the client sees the proxy's statement id (the walker
+                        // has already read the backend's).
+                        if let (Some(id), Some(0x00)) = (rewrite_stmt_id, out.get(start + 4)) {
+                            if out.len() >= start + 9 {
+                                out[start + 5..start + 9].copy_from_slice(&id.to_le_bytes());
+                            }
+                        }
+                    }
+                    if done {
+                        break;
+                    }
+                    if client.pending() >= 256 * 1024 {
+                        client.flush().await.map_err(|e| {
+                            self.broken = true;
+                            ForwardError::Client(e)
+                        })?;
+                        started = true;
+                    }
+                }
+                Err(e) => {
+                    let err = self.lost(e);
+                    if !started {
+                        // Nothing of this response reached the client: drop what was buffered.
+                        client.buf_mut().truncate(base);
+                        return Err(ForwardError::Backend { err, started: false, last_seq: seq });
+                    }
+                    // Keep complete packets already buffered; the caller appends an ERR.
+                    client.buf_mut().truncate(start);
+                    return Err(ForwardError::Backend { err, started: true, last_seq });
+                }
+            }
+        }
+        if let Some(st) = w.status {
+            self.status = st;
+        }
+        client.flush().await.map_err(ForwardError::Client)?;
+        Ok(w)
+    }
+}
+
+/// The auth token for a backend login, for the plugin the server asks for.
+fn login_token(plugin: &str, password: &str, scramble: &[u8]) -> (&'static str, Vec<u8>) {
+    let scramble = scramble.get(..20).unwrap_or(scramble);
+    if plugin == auth::CACHING_SHA2 {
+        (auth::CACHING_SHA2, auth::sha2_token(password.as_bytes(), scramble))
+    } else {
+        (auth::NATIVE, auth::native_token(password.as_bytes(), scramble))
+    }
+}

@@ -1,0 +1,50 @@
+//! A hostgroup is a set of servers that can serve the same queries; picking one balances by
+//! weight and current load (the least loaded of two weighted random picks).
+
+use super::server::Server;
+use rand::Rng;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[derive(Default)]
+pub struct Hostgroup {
+    pub id: u32,
+    pub servers: Vec<Arc<Server>>,
+}
+
+impl Hostgroup {
+    pub fn any_online(&self) -> bool {
+        self.servers.iter().any(|s| s.is_online())
+    }
+
+    /// Pick an ONLINE server, skipping `exclude` (a server that just failed).
+    pub fn pick(&self, exclude: Option<&Arc<Server>>) -> Option<Arc<Server>> {
+        let online: Vec<&Arc<Server>> = self
+            .servers
+            .iter()
+            .filter(|s| s.is_online() && exclude.is_none_or(|e| !Arc::ptr_eq(s, e)))
+            .collect();
+        match online.len() {
+            0 => None,
+            1 => Some(online[0].clone()),
+            _ => {
+                let mut rng = rand::thread_rng();
+                let total: u64 = online.iter().map(|s| s.cfg.weight.max(1) as u64).sum();
+                let mut weighted = || {
+                    let mut x = rng.gen_range(0..total);
+                    for s in &online {
+                        let w = s.cfg.weight.max(1) as u64;
+                        if x < w {
+                            return *s;
+                        }
+                        x -= w;
+                    }
+                    online[0]
+                };
+                let (a, b) = (weighted(), weighted());
+                let load = |s: &Server| s.pool.in_use.load(Ordering::Relaxed) as u64 * 1000 / s.cfg.weight.max(1) as u64;
+                Some(if load(b) < load(a) { b.clone() } else { a.clone() })
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! The connection pool of one server: a hard cap that is never exceeded, idle reuse, and a
+//! bounded queue of waiting clients with a timeout.
+//!
+//! Every backend connection (idle, busy or still logging in) holds a semaphore permit, so the
+//! number of connections can never pass `max_connections`. A checked-out connection is a
+//! [`PooledConn`] guard: dropping it returns a clean connection to the idle list (or closes a
+//! broken or dirty one, releasing its permit), so a leak is impossible by construction.
+
+use super::conn::{BackendConn, BackendError, ConnKey};
+use super::server::Server;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("timed out after {waited_ms} ms waiting for a connection to {addr} (hostgroup {hostgroup}): max_connections={max} reached")]
+    Timeout { addr: String, hostgroup: u32, max: usize, waited_ms: u64 },
+    #[error("too many clients waiting for {addr} (hostgroup {hostgroup}, max_connections={max}, {waiters} waiting)")]
+    QueueFull { addr: String, hostgroup: u32, max: usize, waiters: usize },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+pub struct Pool {
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<BackendConn>>,
+    returned: Notify,
+    waiters: AtomicUsize,
+    max_waiters: usize,
+    pub max: usize,
+    /// Connections checked out right now.
+    pub in_use: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(max: usize, max_waiters: usize) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+            waiters: AtomicUsize::new(0),
+            max_waiters,
+            max,
+            in_use: AtomicUsize::new(0),
+        }
+    }
+
+    /// Connections that exist now (idle + busy + connecting).
+    pub fn total(&self) -> usize {
+        self.max - self.permits.available_permits()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiters.load(Ordering::Relaxed)
+    }
+
+    pub fn drain_idle(&self) {
+        let drained: Vec<BackendConn> = match self.idle.lock() {
+            Ok(mut v) => v.drain(..).collect(),
+            Err(_) => Vec::new(),
+        };
+        drop(drained);
+    }
+
+    fn take_idle(&self, key: &ConnKey) -> Option<BackendConn> {
+        let mut idle = self.idle.lock().ok()?;
+        // Most recently used first: warm connections, and old ones can time out.
+        while let Some(i) = idle.iter().rposition(|c| &c.key == key) {
+            let c = idle.swap_remove(i);
+            if c.looks_alive() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Close one idle connection of another key to make room under the cap.
+    fn evict_other(&self) -> bool {
+        let c = self.idle.lock().ok().and_then(|mut v| (!v.is_empty()).then(|| v.remove(0)));
+        c.is_some()
+    }
+
+    fn give_back(&self, conn: BackendConn) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(conn);
+        }
+        self.returned.notify_one();
+    }
+}
+
+/// Options for one checkout.
+pub struct Checkout<'a> {
+    pub key: &'a ConnKey,
+    pub password: &'a str,
+    pub connect_timeout: Duration,
+    pub queue_timeout: Duration,
+}
+
+impl Server {
+    /// Get a connection: an idle one with the same key, a new one under the cap, or wait.
+    pub async fn checkout(self: &Arc<Self>, opts: &Checkout<'_>) -> Result<PooledConn, PoolError> {
+        let pool = &self.pool;
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + opts.queue_timeout;
+        let mut waiting = false;
+        let result = loop {
+            let notified = pool.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(c) = pool.take_idle(opts.key) {
+                break Ok(c);
+            }
+            if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
+                break self.connect(opts, permit).await;
+            }
+            if pool.evict_other() {
+                continue;
+            }
+            if !waiting {
+                let n = pool.waiters.fetch_add(1, Ordering::Relaxed);
+                waiting = true;
+                if n >= pool.max_waiters {
+                    pool.waiters.fetch_sub(1, Ordering::Relaxed);
+                    return Err(PoolError::QueueFull {
+                        addr: self.addr.to_string(),
+                        hostgroup: self.cfg.hostgroup,
+                        max: pool.max,
+                        waiters: n,
+                    });
+                }
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                p = pool.permits.clone().acquire_owned() => {
+                    if let Ok(permit) = p {
+                        break self.connect(opts, permit).await;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    break Err(PoolError::Timeout {
+                        addr: self.addr.to_string(),
+                        hostgroup: self.cfg.hostgroup,
+                        max: pool.max,
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+            }
+        };
+        if waiting {
+            pool.waiters.fetch_sub(1, Ordering::Relaxed);
+        }
+        let conn = result?;
+        pool.in_use.fetch_add(1, Ordering::Relaxed);
+        Ok(PooledConn { conn: Some(conn), server: self.clone() })
+    }
+
+    async fn connect(&self, opts: &Checkout<'_>, permit: tokio::sync::OwnedSemaphorePermit) -> Result<BackendConn, PoolError> {
+        match BackendConn::connect(self.addr.clone(), opts.key.clone(), opts.password, opts.connect_timeout, permit).await {
+            Ok(c) => {
+                self.counters.conn_ok.fetch_add(1, Ordering::Relaxed);
+                Ok(c)
+            }
+            Err(e) => {
+                self.counters.conn_err.fetch_add(1, Ordering::Relaxed);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// A checked-out connection. Dropping it gives it back to its pool when it is reusable.
+pub struct PooledConn {
+    conn: Option<BackendConn>,
+    pub server: Arc<Server>,
+}
+
+impl PooledConn {
+    /// Close the connection instead of returning it (it is broken or holds foreign state).
+    pub fn discard(mut self) {
+        self.conn.take();
+        self.server.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Deref for PooledConn {
+    type Target = BackendConn;
+    fn deref(&self) -> &BackendConn {
+        // Invariant: `conn` is Some until drop or discard, which consume the guard.
+        self.conn.as_ref().expect("PooledConn used after release")
+    }
+}
+
+impl DerefMut for PooledConn {
+    fn deref_mut(&mut self) -> &mut BackendConn {
+        self.conn.as_mut().expect("PooledConn used after release")
+    }
+}
+
+impl Drop for PooledConn {
+    fn drop(&mut self) {
+        if let Some(c) = self.conn.take() {
+            self.server.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+            let reusable = !c.broken
+                && !c.dirty
+                && c.status & crate::protocol::status::IN_TRANS == 0
+                && self.server.is_online();
+            if reusable {
+                self.server.pool.give_back(c);
+            }
+            // else: dropped here; its permit frees a slot for a waiter.
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Configuration: one TOML file (serde), an embedded default that works against the lab,
+//! and clap flags that override single settings (see main.rs).
+
+use crate::protocol::auth;
+use serde::Deserialize;
+use std::path::Path;
+
+pub const DEFAULT_TOML: &str = include_str!("../breakwater.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+    #[serde(default)]
+    pub servers: Vec<ServerConfig>,
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+    #[serde(default)]
+    pub query_rules: Vec<QueryRule>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    pub listen: String,
+    pub max_client_connections: usize,
+    pub server_version: String,
+    pub max_allowed_packet: usize,
+    pub queue_timeout_ms: u64,
+    pub max_queue_waiters: usize,
+    pub connect_timeout_ms: u64,
+    pub shutdown_drain_ms: u64,
+    pub retry_reads: bool,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:6033".into(),
+            max_client_connections: 4096,
+            server_version: "5.5.5-10.11.6-MariaDB-Breakwater".into(),
+            max_allowed_packet: 64 << 20,
+            queue_timeout_ms: 10_000,
+            max_queue_waiters: 8192,
+            connect_timeout_ms: 2000,
+            shutdown_drain_ms: 10_000,
+            retry_reads: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    pub username: String,
+    pub password: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self { username: "monitor".into(), password: "monitor".into(), interval_ms: 1000, timeout_ms: 800 }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub hostgroup: u32,
+    pub host: String,
+    pub port: u16,
+    #[serde(default = "one")]
+    pub weight: u32,
+    #[serde(default = "default_max_conns")]
+    pub max_connections: usize,
+    /// Seconds; 0 disables the lag check.
+    #[serde(default)]
+    pub max_replication_lag: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_max_conns() -> usize {
+    100
+}
+
+impl ServerConfig {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    /// '*' + HEX(SHA1(SHA1(password))).
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// HEX(SHA256(SHA256(password))).
+    #[serde(default)]
+    pub sha2_password_hash: Option<String>,
+    /// Clear password: convenient for labs; both hashes are derived from it.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "native")]
+    pub auth_plugin: String,
+    #[serde(default)]
+    pub backend_username: Option<String>,
+    #[serde(default)]
+    pub backend_password: String,
+    pub default_hostgroup: u32,
+    #[serde(default)]
+    pub default_schema: Option<String>,
+}
+
+fn native() -> String {
+    auth::NATIVE.into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryRule {
+    pub rule_id: u32,
+    #[serde(default = "yes")]
+    pub active: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub schemaname: Option<String>,
+    /// Regex on the query text (case-insensitive).
+    #[serde(default)]
+    pub match_pattern: Option<String>,
+    /// Regex on the query's digest (literals replaced by ?, case-insensitive).
+    #[serde(default)]
+    pub match_digest: Option<String>,
+    #[serde(default)]
+    pub negate_match_pattern: bool,
+    pub destination_hostgroup: Option<u32>,
+    #[serde(default)]
+    pub apply: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::from_toml(DEFAULT_TOML),
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|err| ConfigError::Read { path: p.display().to_string(), err })?;
+                Self::from_toml(&text)
+            }
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.servers.is_empty() {
+            return bad("no [[servers]]".into());
+        }
+        for s in &self.servers {
+            if s.max_connections == 0 {
+                return bad(format!("server {} has max_connections = 0", s.address()));
+            }
+        }
+        for u in &self.users {
+            if u.password_hash.is_none() && u.sha2_password_hash.is_none() && u.password.is_none() {
+                return bad(format!("user {} has no password, password_hash or sha2_password_hash", u.username));
+            }
+            if u.auth_plugin != auth::NATIVE && u.auth_plugin != auth::CACHING_SHA2 {
+                return bad(format!("user {}: unsupported auth_plugin {}", u.username, u.auth_plugin));
+            }
+            if !self.servers.iter().any(|s| s.hostgroup == u.default_hostgroup) {
+                return bad(format!("user {}: default_hostgroup {} has no servers", u.username, u.default_hostgroup));
+            }
+        }
+        for r in &self.query_rules {
+            for re in [&r.match_pattern, &r.match_digest].into_iter().flatten() {
+                if let Err(e) = regex::Regex::new(re) {
+                    return bad(format!("query rule {}: bad regex {re:?}: {e}", r.rule_id));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let c = Config::from_toml(DEFAULT_TOML).unwrap();
+        assert_eq!(c.proxy.listen, "127.0.0.1:6033");
+        assert_eq!(c.servers.len(), 3);
+        assert!(c.users.iter().any(|u| u.username == "app"));
+    }
+
+    #[test]
+    fn errors_are_clear() {
+        let e = Config::from_toml("[[servers]]\nhostgroup=1\nhost='h'\nport=1\nmax_connections=0\n").unwrap_err();
+        assert!(e.to_string().contains("max_connections = 0"), "{e}");
+        let e = Config::from_toml("bogus = 1").unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+}

@@ -1,0 +1,98 @@
+//! The client's login: greeting, handshake response, optional auth switch, verification
+//! against the proxy's user table (hashes only), and the final OK or error 1045.
+
+use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
+use crate::protocol::{auth, caps, codec, errcode, handshake};
+use crate::runtime::{Runtime, User};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub struct Login {
+    pub user: Arc<User>,
+    pub capabilities: u32,
+    pub collation: u8,
+    pub database: Option<String>,
+    pub scramble: [u8; 20],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoginError {
+    #[error("{0}")]
+    Packet(#[from] PacketError),
+    #[error("client sent a malformed handshake response")]
+    Malformed,
+    #[error("access denied for user '{0}'")]
+    Denied(String),
+    #[error("client requires TLS, which this listener does not offer")]
+    TlsRequested,
+}
+
+/// Authenticate one client. On failure the error has already been sent to the client.
+pub async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut PacketReader<R>,
+    wr: &mut PacketWriter<W>,
+    rt: &Runtime,
+    conn_id: u32,
+    peer_ip: &str,
+) -> Result<Login, LoginError> {
+    let scramble = auth::new_scramble();
+    wr.push(0, &handshake::greeting(&rt.cfg.proxy.server_version, conn_id, &scramble, auth::NATIVE, 45));
+    wr.flush().await.map_err(PacketError::from)?;
+
+    let mut buf = Vec::new();
+    let seq = rd.read_payload(&mut buf, 1 << 20).await?;
+    let mut next = seq.wrapping_add(1);
+    if buf.len() == 32 && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & caps::SSL != 0 {
+        send_err(wr, next, 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
+        return Err(LoginError::TlsRequested);
+    }
+    let Some(resp) = handshake::parse_handshake_response(&buf) else {
+        send_err(wr, next, 1043, "08S01", "Bad handshake").await;
+        return Err(LoginError::Malformed);
+    };
+    let denied = |name: &str, with_pw: bool| {
+        format!(
+            "Access denied for user '{name}'@'{peer_ip}' (using password: {})",
+            if with_pw { "YES" } else { "NO" }
+        )
+    };
+    let Some(user) = rt.users.get(&resp.username).cloned() else {
+        send_err(wr, next, errcode::ACCESS_DENIED, "28000", &denied(&resp.username, !resp.auth_response.is_empty())).await;
+        return Err(LoginError::Denied(resp.username));
+    };
+
+    // Verify with the user's preferred plugin; switch the client to it when it used another.
+    let client_plugin = resp.plugin.clone().unwrap_or_else(|| auth::NATIVE.to_string());
+    let target = if user.can_verify(user.plugin) { user.plugin } else if user.can_verify(auth::CACHING_SHA2) { auth::CACHING_SHA2 } else { auth::NATIVE };
+    let mut token = resp.auth_response.clone();
+    // An empty first answer means the client wants the exchange restarted for its plugin
+    // (libmariadb's caching_sha2_password does this when the greeting named another plugin).
+    if client_plugin != target || token.is_empty() {
+        if resp.capabilities & caps::PLUGIN_AUTH == 0 {
+            send_err(wr, next, errcode::ACCESS_DENIED, "28000", &format!("Client does not support authentication plugin {target}")).await;
+            return Err(LoginError::Denied(resp.username));
+        }
+        wr.push(next, &handshake::auth_switch_request(target, &scramble));
+        wr.flush().await.map_err(PacketError::from)?;
+        let seq = rd.read_payload(&mut buf, 1 << 16).await?;
+        next = seq.wrapping_add(1);
+        token = buf.clone();
+    }
+    if !user.verify(target, &token, &scramble) {
+        send_err(wr, next, errcode::ACCESS_DENIED, "28000", &denied(&resp.username, !token.is_empty())).await;
+        return Err(LoginError::Denied(resp.username));
+    }
+    if target == auth::CACHING_SHA2 {
+        // fast_auth_success: the proxy verified the scramble from its stored hash.
+        next = wr.push(next, &[0x01, 0x03]);
+    }
+    wr.push(next, &codec::ok_packet(0, 0, crate::protocol::status::AUTOCOMMIT, 0));
+    wr.flush().await.map_err(PacketError::from)?;
+    let database = resp.database.or_else(|| user.default_schema.clone());
+    Ok(Login { user, capabilities: resp.capabilities, collation: resp.collation, database, scramble })
+}
+
+pub async fn send_err<W: AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, seq: u8, code: u16, state: &str, msg: &str) {
+    wr.push(seq, &codec::err_packet(code, state, msg));
+    let _ = wr.flush().await;
+}

@@ -1,0 +1,12 @@
+//! The client side: login, the per-client session loop, prepared statements, and the
+//! session state the proxy tracks so a client can move between backend connections.
+//!
+//! - [`login`]: greeting, auth plugins, auth switch.
+//! - [`session`]: one client: reads commands, routes them, forwards responses.
+//! - [`prepared`]: COM_STMT_* on top of multiplexed connections.
+//! - [`state`]: replayable session variables and pin reasons.
+
+pub mod login;
+pub mod prepared;
+pub mod session;
+pub mod state;

@@ -1,0 +1,591 @@
+//! One client session: the command loop.
+//!
+//! For each command the session picks a hostgroup (query rules, or the pinned connection),
+//! takes a backend connection from that server's pool, replays the client's session state on
+//! it, forwards the command and streams the response back untouched. Afterwards the
+//! connection goes back to the pool unless something pins the client to it (transaction,
+//! autocommit=0, locks, temporary tables, user variables, …).
+
+use super::login::{self, Login};
+use super::state::{Pins, SessionVars};
+use crate::backend::conn::{BackendError, ConnKey, ForwardError};
+use crate::backend::pool::{Checkout, PoolError, PooledConn};
+use crate::backend::server::{Server, Status};
+use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
+use crate::protocol::response::{Kind, Walker};
+use crate::protocol::{caps, cmd, codec, errcode, handshake, status};
+use crate::router::classify::{self, Effect};
+use crate::router::digest;
+use crate::runtime::{Proxy, Runtime, User};
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// An error for the client, as a MySQL ERR packet.
+#[derive(Debug, Clone)]
+pub struct SqlError {
+    pub code: u16,
+    pub state: &'static str,
+    pub message: String,
+}
+
+impl SqlError {
+    pub fn new(code: u16, state: &'static str, message: impl Into<String>) -> Self {
+        Self { code, state, message: message.into() }
+    }
+}
+
+/// The client is gone (or misbehaved and was disconnected): end the session.
+#[derive(Debug)]
+pub struct ClientGone;
+
+/// A prepared statement as the client knows it.
+#[derive(Debug, Clone)]
+pub struct ClientStmt {
+    pub sql: Arc<str>,
+    pub params: u16,
+    pub hostgroup: u32,
+    pub read_only: bool,
+    pub effects: Vec<Effect>,
+    /// Parameter types from the last execute that sent them (2 bytes per parameter).
+    pub types: Option<Vec<u8>>,
+}
+
+pub struct Session {
+    pub(super) proxy: Arc<Proxy>,
+    pub(super) rt: Arc<Runtime>,
+    pub(super) id: u32,
+    peer_ip: String,
+    pub(super) wr: PacketWriter<OwnedWriteHalf>,
+    rd: PacketReader<OwnedReadHalf>,
+    pub(super) buf: Vec<u8>,
+    pub(super) user: Arc<User>,
+    caps: u32,
+    scramble: [u8; 20],
+    initial_collation: u8,
+    pub(super) vars: SessionVars,
+    pub(super) pinned: Option<PooledConn>,
+    pub(super) pins: Pins,
+    pub(super) stmts: HashMap<u32, ClientStmt>,
+    pub(super) next_stmt_id: u32,
+    pub(super) cursor_stmt: Option<u32>,
+    digest: String,
+}
+
+/// Serve one client until it quits, fails, or the proxy shuts down.
+pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutdown: watch::Receiver<bool>) {
+    let peer_ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "unknown".into());
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut rd = PacketReader::new(r);
+    let mut wr = PacketWriter::new(w);
+    let rt = proxy.runtime();
+    let login = tokio::time::timeout(
+        Duration::from_secs(10),
+        login::login(&mut rd, &mut wr, &rt, conn_id, &peer_ip),
+    )
+    .await;
+    let Login { user, capabilities, collation, database, scramble } = match login {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            info!(conn_id, peer = %peer_ip, error = %e, "login failed");
+            return;
+        }
+        Err(_) => {
+            info!(conn_id, peer = %peer_ip, "login timed out");
+            return;
+        }
+    };
+    debug!(conn_id, user = %user.name, peer = %peer_ip, "client logged in");
+    let mut s = Session {
+        proxy,
+        rt,
+        id: conn_id,
+        peer_ip,
+        wr,
+        rd,
+        buf: Vec::with_capacity(1024),
+        vars: SessionVars::new(database, collation),
+        user,
+        caps: capabilities,
+        scramble,
+        initial_collation: collation,
+        pinned: None,
+        pins: Pins::default(),
+        stmts: HashMap::new(),
+        next_stmt_id: 1,
+        cursor_stmt: None,
+        digest: String::new(),
+    };
+    let _ = s.command_loop(&mut shutdown).await;
+    s.release_pinned().await;
+    s.wr.shutdown().await;
+}
+
+impl Session {
+    async fn command_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ClientGone> {
+        let max = self.rt.cfg.proxy.max_allowed_packet;
+        loop {
+            if *shutdown.borrow() {
+                return Err(ClientGone);
+            }
+            let read = tokio::select! {
+                r = self.rd.read_payload(&mut self.buf, max) => r,
+                _ = shutdown.changed() => return Err(ClientGone),
+            };
+            let seq = match read {
+                Ok(seq) => seq,
+                Err(PacketError::TooLarge(n, max)) => {
+                    let msg = format!("Got a packet bigger than 'max_allowed_packet' bytes ({n} > {max})");
+                    self.send_err(1, &SqlError::new(errcode::NET_PACKET_TOO_LARGE, "08S01", msg)).await?;
+                    return Err(ClientGone);
+                }
+                Err(PacketError::OutOfOrder { .. }) => {
+                    self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
+                    return Err(ClientGone);
+                }
+                Err(_) => return Err(ClientGone),
+            };
+            if seq != 0 {
+                self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
+                return Err(ClientGone);
+            }
+            let Some(&command) = self.buf.first() else {
+                self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed communication packet (empty command)")).await?;
+                return Err(ClientGone);
+            };
+            self.proxy.stats.queries.fetch_add(1, Ordering::Relaxed);
+            match command {
+                cmd::QUIT => return Ok(()),
+                cmd::QUERY => self.com_query().await?,
+                cmd::PING => self.send_ok().await?,
+                cmd::INIT_DB => self.com_init_db().await?,
+                cmd::FIELD_LIST => self.forward_simple(Kind::FieldList).await?,
+                cmd::STATISTICS => self.forward_simple(Kind::Single).await?,
+                cmd::SET_OPTION => {
+                    let st = self.status_flags();
+                    self.wr.push(1, &codec::eof_packet(st, 0));
+                    self.flush().await?;
+                }
+                cmd::RESET_CONNECTION => {
+                    self.reset_session().await;
+                    self.send_ok().await?;
+                }
+                cmd::CHANGE_USER => self.com_change_user().await?,
+                cmd::STMT_PREPARE => self.com_stmt_prepare().await?,
+                cmd::STMT_EXECUTE => self.com_stmt_execute().await?,
+                cmd::STMT_SEND_LONG_DATA => self.com_stmt_send_long_data().await?,
+                cmd::STMT_CLOSE => self.com_stmt_close(),
+                cmd::STMT_RESET => self.com_stmt_reset().await?,
+                cmd::STMT_FETCH => self.com_stmt_fetch().await?,
+                other => {
+                    let msg = format!("Unknown command 0x{other:02x}");
+                    self.send_err(1, &SqlError::new(errcode::UNKNOWN_COM, "08S01", msg)).await?;
+                }
+            }
+            if self.buf.capacity() > 1 << 20 {
+                self.buf = Vec::with_capacity(1024);
+            }
+        }
+    }
+
+    pub(super) fn status_flags(&self) -> u16 {
+        let mut st = 0;
+        if self.pins.transaction {
+            st |= status::IN_TRANS;
+        }
+        if !self.pins.autocommit_off {
+            st |= status::AUTOCOMMIT;
+        }
+        st
+    }
+
+    pub(super) async fn flush(&mut self) -> Result<(), ClientGone> {
+        self.wr.flush().await.map_err(|_| ClientGone)
+    }
+
+    pub(super) async fn send_ok(&mut self) -> Result<(), ClientGone> {
+        let st = self.status_flags();
+        self.wr.push(1, &codec::ok_packet(0, 0, st, 0));
+        self.flush().await
+    }
+
+    pub(super) async fn send_err(&mut self, seq: u8, e: &SqlError) -> Result<(), ClientGone> {
+        self.wr.push(seq, &codec::err_packet(e.code, e.state, &e.message));
+        self.flush().await
+    }
+
+    pub(super) fn conn_key(&self) -> ConnKey {
+        ConnKey { user: self.user.backend_user.clone(), found_rows: self.caps & caps::FOUND_ROWS != 0 }
+    }
+
+    /// The hostgroup for a query: query rules, then the user's default hostgroup.
+    /// Statements that would pin the client go to the default (writer) hostgroup, so the
+    /// pinned connection can also take the writes that usually follow.
+    pub(super) fn route(&mut self, sql: &[u8], a: &classify::Analysis) -> u32 {
+        if a.effects.iter().any(|e| matches!(e, Effect::Pin(_))) {
+            return self.user.default_hostgroup;
+        }
+        let text: Cow<str> = String::from_utf8_lossy(sql);
+        let digest = if self.rt.rules.needs_digest() {
+            digest::digest_into(sql, &mut self.digest);
+            Some(self.digest.as_str())
+        } else {
+            None
+        };
+        self.rt
+            .rules
+            .route(&self.user.name, self.vars.schema.as_deref(), &text, digest)
+            .map(|d| d.hostgroup)
+            .unwrap_or(self.user.default_hostgroup)
+    }
+
+    /// The pinned connection, or one from a server of `hostgroup` (falling back to the
+    /// user's default hostgroup when no server of `hostgroup` is ONLINE).
+    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>) -> Result<PooledConn, SqlError> {
+        if let Some(c) = self.pinned.take() {
+            return Ok(c);
+        }
+        let rt = self.rt.clone();
+        let hg = match rt.hostgroups.get(&hostgroup) {
+            Some(g) if g.any_online() => g,
+            _ => match rt.hostgroups.get(&self.user.default_hostgroup) {
+                Some(g) => g,
+                None => {
+                    return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", format!("Hostgroup {hostgroup} has no servers")))
+                }
+            },
+        };
+        let key = self.conn_key();
+        let p = &rt.cfg.proxy;
+        let opts = Checkout {
+            key: &key,
+            password: &self.user.backend_password,
+            connect_timeout: Duration::from_millis(p.connect_timeout_ms),
+            queue_timeout: Duration::from_millis(p.queue_timeout_ms),
+        };
+        let mut last_err = None;
+        for _ in 0..hg.servers.len().max(1) {
+            let Some(server) = hg.pick(exclude) else { break };
+            match server.checkout(&opts).await {
+                Ok(c) => return Ok(c),
+                Err(PoolError::Backend(BackendError::Login { addr, code, msg })) => {
+                    return Err(SqlError::new(
+                        errcode::ACCESS_DENIED,
+                        "28000",
+                        format!("Backend {addr} (hostgroup {}) refused login for '{}': {msg} ({code})", hg.id, key.user),
+                    ));
+                }
+                Err(PoolError::Backend(e)) => {
+                    server.set_status(Status::Shunned, &e.to_string());
+                    last_err = Some(e.to_string());
+                }
+                Err(e) => return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", e.to_string())),
+            }
+        }
+        let msg = match last_err {
+            Some(e) => format!("No backend available in hostgroup {}: {e}", hg.id),
+            None => format!("No ONLINE server in hostgroup {} (all SHUNNED or OFFLINE)", hg.id),
+        };
+        Err(SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg))
+    }
+
+    /// Run one command on a backend and stream its response to the client.
+    /// Returns the response summary and the connection, or None when an error was sent.
+    pub(super) async fn run(
+        &mut self,
+        hostgroup: u32,
+        mut cmd: Command<'_>,
+        kind: Kind,
+        retryable: bool,
+    ) -> Result<Option<(Walker, PooledConn)>, ClientGone> {
+        let mut exclude: Option<Arc<Server>> = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let was_pinned = self.pinned.is_some();
+            let mut conn = match self.acquire(hostgroup, exclude.as_ref()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    self.send_err(1, &e).await?;
+                    return Ok(None);
+                }
+            };
+            let rewrite = cmd.rewrite_id();
+            let prepared = match conn.sync(&self.vars).await {
+                Ok(()) => cmd.build(&mut conn).await,
+                Err(e) => Err(e),
+            };
+            let payload = match prepared {
+                Ok(p) => p,
+                Err(BackendError::Sql(e)) => {
+                    // The server refused state sync or re-prepare (e.g. unknown database).
+                    self.keep_or_release(conn);
+                    self.send_err(1, &SqlError { code: e.code, state: "HY000", message: e.message }).await?;
+                    return Ok(None);
+                }
+                Err(e) => {
+                    let server = conn.server.clone();
+                    conn.discard();
+                    if !was_pinned && attempt < 3 {
+                        exclude = Some(server);
+                        continue;
+                    }
+                    self.connection_lost(&server, &e.to_string());
+                    let msg = format!("Lost connection to backend {} (hostgroup {}): {e}", server.addr, server.cfg.hostgroup);
+                    self.send_err(1, &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
+                    return Ok(None);
+                }
+            };
+            let server = conn.server.clone();
+            server.counters.queries.fetch_add(1, Ordering::Relaxed);
+            let res = conn.forward(0, payload, kind, &mut self.wr, rewrite).await;
+            match res {
+                Ok(w) => {
+                    cmd.after(&mut conn);
+                    return Ok(Some((w, conn)));
+                }
+                Err(ForwardError::Client(_)) => {
+                    conn.discard();
+                    return Err(ClientGone);
+                }
+                Err(ForwardError::Backend { err, started, last_seq }) => {
+                    let server = conn.server.clone();
+                    conn.discard();
+                    server.counters.errors.fetch_add(1, Ordering::Relaxed);
+                    self.proxy.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
+                    if !started && retryable && !was_pinned && attempt < 3 && self.rt.cfg.proxy.retry_reads {
+                        self.proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        warn!(session = self.id, server = %server.addr, error = %err, "backend failed before answering a read; retrying elsewhere");
+                        exclude = Some(server);
+                        continue;
+                    }
+                    self.connection_lost(&server, &err.to_string());
+                    let msg = format!(
+                        "Lost connection to backend {} (hostgroup {}) during query: {err}",
+                        server.addr, server.cfg.hostgroup
+                    );
+                    self.send_err(last_seq.wrapping_add(1), &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// The backend connection died: whatever it held (transaction, locks, temporary tables)
+    /// is gone, so the client is no longer pinned to anything.
+    fn connection_lost(&mut self, server: &Arc<Server>, err: &str) {
+        if self.pins.any() {
+            warn!(session = self.id, server = %server.addr, error = err, "pinned backend connection lost; transaction state discarded");
+        }
+        self.pins = Pins::default();
+        self.cursor_stmt = None;
+    }
+
+    /// Apply a finished statement's effects and decide whether the client stays pinned.
+    pub(super) fn finish(&mut self, w: &Walker, mut conn: PooledConn, effects: &[Effect]) {
+        let ok = w.error.is_none();
+        let was_pinned = self.pins.any();
+        for e in effects {
+            match e {
+                Effect::SetVar(n, v) if ok => {
+                    self.vars.set_var(n, v);
+                    conn.vars.set_var(n, v);
+                }
+                Effect::SetNames(cs, coll) if ok => {
+                    self.vars.set_names(cs, coll.as_deref());
+                    conn.vars.set_names(cs, coll.as_deref());
+                }
+                Effect::Use(db) if ok => {
+                    self.vars.schema = Some(db.clone());
+                    conn.vars.schema = Some(db.clone());
+                }
+                Effect::Pin(r) => self.pins.add(r.clone()),
+                Effect::UnlockTables => self.pins.lock_tables = false,
+                Effect::ReleaseLock => self.pins.named_locks = self.pins.named_locks.saturating_sub(1),
+                Effect::ReleaseAllLocks => self.pins.named_locks = 0,
+                _ => {}
+            }
+        }
+        let st = conn.status;
+        self.pins.transaction = st & status::IN_TRANS != 0;
+        self.pins.autocommit_off = st & status::AUTOCOMMIT == 0;
+        conn.dirty = self.pins.lock_tables || self.pins.named_locks > 0 || !self.pins.sticky.is_empty();
+        if self.pins.any() {
+            if !was_pinned {
+                if let Some(reason) = self.pins.reason() {
+                    let reason = reason.to_string();
+                    debug!(session = self.id, server = %conn.server.addr, backend_thread = conn.thread_id, %reason, "client pinned to backend connection");
+                    self.proxy.stats.pinned(&reason);
+                }
+            }
+            self.pinned = Some(conn);
+        } else {
+            drop(conn); // back to the pool
+        }
+    }
+
+    /// Keep a connection pinned if the session is pinned, else return it to the pool.
+    pub(super) fn keep_or_release(&mut self, conn: PooledConn) {
+        if self.pins.any() {
+            self.pinned = Some(conn);
+        }
+    }
+
+    async fn com_query(&mut self) -> Result<(), ClientGone> {
+        let buf = std::mem::take(&mut self.buf);
+        let sql = &buf[1..];
+        let a = classify::analyze(sql);
+        let result = if is_kill(sql) {
+            let e = SqlError::new(1235, "42000", "KILL through Breakwater is not supported: connection ids are the proxy's, not the server's");
+            self.send_err(1, &e).await
+        } else {
+            let hg = self.route(sql, &a);
+            let retryable = a.read_only && !self.pins.any();
+            match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
+                Ok(Some((w, conn))) => {
+                    self.finish(&w, conn, &a.effects);
+                    Ok(())
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            }
+        };
+        self.buf = buf;
+        result
+    }
+
+    async fn com_init_db(&mut self) -> Result<(), ClientGone> {
+        let buf = std::mem::take(&mut self.buf);
+        let db = String::from_utf8_lossy(&buf[1..]).into_owned();
+        let hg = self.user.default_hostgroup;
+        let r = self.run(hg, Command::Raw(&buf), Kind::Single, true).await;
+        self.buf = buf;
+        if let Some((w, conn)) = r? {
+            self.finish(&w, conn, &[Effect::Use(db)]);
+        }
+        Ok(())
+    }
+
+    async fn forward_simple(&mut self, kind: Kind) -> Result<(), ClientGone> {
+        let buf = std::mem::take(&mut self.buf);
+        let hg = self.user.default_hostgroup;
+        let r = self.run(hg, Command::Raw(&buf), kind, true).await;
+        self.buf = buf;
+        if let Some((w, conn)) = r? {
+            self.finish(&w, conn, &[]);
+        }
+        Ok(())
+    }
+
+    /// Give the pinned connection back, resetting it first when it holds client state.
+    pub(super) async fn release_pinned(&mut self) {
+        if let Some(mut conn) = self.pinned.take() {
+            if conn.dirty || conn.status & status::IN_TRANS != 0 {
+                match tokio::time::timeout(Duration::from_secs(2), conn.reset()).await {
+                    Ok(Ok(())) => drop(conn),
+                    _ => conn.discard(),
+                }
+            }
+        }
+        self.pins = Pins::default();
+        self.cursor_stmt = None;
+    }
+
+    async fn reset_session(&mut self) {
+        self.release_pinned().await;
+        let schema = self.vars.schema.clone();
+        self.vars = SessionVars::new(schema, self.initial_collation);
+        self.stmts.clear();
+    }
+
+    async fn com_change_user(&mut self) -> Result<(), ClientGone> {
+        let Some(cu) = handshake::parse_change_user(&self.buf, self.caps) else {
+            self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "08S01", "Malformed COM_CHANGE_USER")).await?;
+            return Err(ClientGone);
+        };
+        let denied = SqlError::new(
+            errcode::ACCESS_DENIED,
+            "28000",
+            format!("Access denied for user '{}'@'{}' (using password: YES)", cu.username, self.peer_ip),
+        );
+        let Some(user) = self.rt.users.get(&cu.username).cloned() else {
+            self.send_err(1, &denied).await?;
+            return Err(ClientGone);
+        };
+        let plugin = cu.plugin.clone().unwrap_or_else(|| crate::protocol::auth::NATIVE.into());
+        let mut seq = 1u8;
+        let mut token = cu.auth_response.clone();
+        let mut used = plugin.clone();
+        if !user.can_verify(&plugin) || plugin != user.plugin {
+            // Ask the client to answer a fresh scramble with the user's plugin.
+            self.scramble = crate::protocol::auth::new_scramble();
+            used = user.plugin.to_string();
+            self.wr.push(seq, &handshake::auth_switch_request(user.plugin, &self.scramble));
+            self.flush().await?;
+            let max = self.rt.cfg.proxy.max_allowed_packet;
+            let s = self.rd.read_payload(&mut self.buf, max).await.map_err(|_| ClientGone)?;
+            seq = s.wrapping_add(1);
+            token = self.buf.clone();
+        }
+        if !user.verify(&used, &token, &self.scramble) {
+            self.send_err(seq, &denied).await?;
+            return Err(ClientGone);
+        }
+        if used == crate::protocol::auth::CACHING_SHA2 {
+            seq = self.wr.push(seq, &[0x01, 0x03]);
+        }
+        self.release_pinned().await;
+        self.user = user;
+        let collation = cu.collation.unwrap_or(self.initial_collation);
+        self.initial_collation = collation;
+        self.vars = SessionVars::new(cu.database.or_else(|| self.user.default_schema.clone()), collation);
+        self.stmts.clear();
+        let st = self.status_flags();
+        self.wr.push(seq, &codec::ok_packet(0, 0, st, 0));
+        self.flush().await
+    }
+}
+
+/// How the command payload is made for a particular backend connection.
+pub enum Command<'a> {
+    /// Forward the client's payload as it is.
+    Raw(&'a [u8]),
+    /// COM_STMT_PREPARE: forwarded as is; the PREPARE_OK's id becomes the proxy's id.
+    Prepare(&'a [u8], u32),
+    /// A statement command whose id must become this connection's statement id
+    /// (and, for EXECUTE, whose parameter types may need to be re-sent).
+    Stmt(super::prepared::StmtCommand<'a>),
+}
+
+impl<'a> Command<'a> {
+    async fn build(&mut self, conn: &mut PooledConn) -> Result<&[u8], BackendError> {
+        match self {
+            Command::Raw(p) | Command::Prepare(p, _) => Ok(p),
+            Command::Stmt(s) => s.build(conn).await,
+        }
+    }
+
+    fn rewrite_id(&self) -> Option<u32> {
+        match self {
+            Command::Prepare(_, id) => Some(*id),
+            _ => None,
+        }
+    }
+
+    fn after(&mut self, conn: &mut PooledConn) {
+        if let Command::Stmt(s) = self {
+            s.after(conn);
+        }
+    }
+}
+
+fn is_kill(sql: &[u8]) -> bool {
+    matches!(crate::router::lexer::Lexer::new(sql).next(), Some(crate::router::lexer::Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL"))
+}

@@ -1,0 +1,185 @@
+//! Session state that the proxy replays on whichever backend connection serves a client
+//! next, and the reasons that pin a client to one connection.
+
+use crate::protocol::charset;
+use crate::router::classify::PinReason;
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Replayable session state: default schema, character set, and session variables.
+/// A backend connection carries the same structure describing what is applied on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionVars {
+    pub schema: Option<String>,
+    pub charset: String,
+    pub collation: Option<String>,
+    /// Variables set away from the server default: lowercase name -> value as written.
+    pub vars: BTreeMap<String, String>,
+}
+
+const CHARSET_VARS: &[&str] = &[
+    "character_set_client",
+    "character_set_connection",
+    "character_set_results",
+    "collation_connection",
+];
+
+impl SessionVars {
+    pub fn new(schema: Option<String>, collation_id: u8) -> Self {
+        let (cs, coll) = charset::by_id(collation_id);
+        Self { schema, charset: cs.into(), collation: Some(coll.into()), vars: BTreeMap::new() }
+    }
+
+    pub fn set_var(&mut self, name: &str, value: &str) {
+        if name == "autocommit" {
+            let on = matches!(value.to_ascii_uppercase().trim_matches('\'').as_ref(), "1" | "ON" | "TRUE" | "DEFAULT");
+            if on {
+                self.vars.remove("autocommit");
+            } else {
+                self.vars.insert("autocommit".into(), "0".into());
+            }
+            return;
+        }
+        if value.eq_ignore_ascii_case("DEFAULT") {
+            self.vars.remove(name);
+        } else {
+            self.vars.insert(name.to_string(), value.to_string());
+        }
+    }
+
+    pub fn set_names(&mut self, charset: &str, collation: Option<&str>) {
+        self.charset = charset.trim_matches('\'').to_string();
+        self.collation = collation.map(|c| c.trim_matches('\'').to_string());
+        for v in CHARSET_VARS {
+            self.vars.remove(*v);
+        }
+    }
+
+    /// The SET statement that makes a connection in state `current` match `self`
+    /// (schema excluded: that is COM_INIT_DB). None when nothing differs.
+    pub fn sync_statement(&self, current: &SessionVars) -> Option<String> {
+        let mut parts: Vec<String> = Vec::new();
+        if self.charset != current.charset || self.collation != current.collation {
+            let mut s = format!("NAMES {}", self.charset);
+            if let Some(c) = &self.collation {
+                let _ = write!(s, " COLLATE {c}");
+            }
+            parts.push(s);
+        }
+        for (name, cur) in &current.vars {
+            if !self.vars.contains_key(name) {
+                let default = if name == "autocommit" { "1" } else { "DEFAULT" };
+                parts.push(format!("{name} = {default}"));
+            } else if self.vars.get(name) != Some(cur) {
+                parts.push(format!("{name} = {}", self.vars[name]));
+            }
+        }
+        for (name, v) in &self.vars {
+            if !current.vars.contains_key(name) {
+                parts.push(format!("{name} = {v}"));
+            }
+        }
+        (!parts.is_empty()).then(|| format!("SET {}", parts.join(", ")))
+    }
+}
+
+/// What keeps a client on its current backend connection.
+#[derive(Debug, Default, Clone)]
+pub struct Pins {
+    pub transaction: bool,
+    pub autocommit_off: bool,
+    pub lock_tables: bool,
+    pub named_locks: u32,
+    /// Pins that last until the session ends or is reset (state that cannot be replayed).
+    pub sticky: Vec<PinReason>,
+    pub cursor: bool,
+    pub long_data: bool,
+}
+
+impl Pins {
+    pub fn any(&self) -> bool {
+        self.transaction
+            || self.autocommit_off
+            || self.lock_tables
+            || self.named_locks > 0
+            || !self.sticky.is_empty()
+            || self.cursor
+            || self.long_data
+    }
+
+    /// The first reason, for logs and stats.
+    pub fn reason(&self) -> Option<PinReason> {
+        if self.transaction {
+            Some(PinReason::Transaction)
+        } else if self.autocommit_off {
+            Some(PinReason::AutocommitOff)
+        } else if self.lock_tables {
+            Some(PinReason::LockTables)
+        } else if self.named_locks > 0 {
+            Some(PinReason::NamedLock)
+        } else if let Some(r) = self.sticky.first() {
+            Some(r.clone())
+        } else if self.cursor {
+            Some(PinReason::Cursor)
+        } else if self.long_data {
+            Some(PinReason::LongData)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the backend connection holds state that a pool must not hand to another client.
+    pub fn dirty(&self) -> bool {
+        self.lock_tables || self.named_locks > 0 || !self.sticky.is_empty() || self.transaction
+    }
+
+    pub fn add(&mut self, r: PinReason) {
+        match r {
+            PinReason::Transaction => self.transaction = true,
+            PinReason::AutocommitOff => self.autocommit_off = true,
+            PinReason::LockTables => self.lock_tables = true,
+            PinReason::NamedLock => self.named_locks += 1,
+            PinReason::Cursor => self.cursor = true,
+            PinReason::LongData => self.long_data = true,
+            other => {
+                if !self.sticky.contains(&other) {
+                    self.sticky.push(other)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sync_statement_restores_and_resets() {
+        let base = SessionVars::new(Some("sbtest".into()), 45);
+        assert_eq!(base.sync_statement(&base), None);
+        let mut client = base.clone();
+        client.set_var("sql_mode", "'ANSI'");
+        client.set_names("latin1", None);
+        assert_eq!(client.sync_statement(&base).as_deref(), Some("SET NAMES latin1, sql_mode = 'ANSI'"));
+        // A connection left with another client's settings is put back to defaults.
+        let mut conn = base.clone();
+        conn.set_var("time_zone", "'+02:00'");
+        conn.set_var("autocommit", "0");
+        assert_eq!(base.sync_statement(&conn).as_deref(), Some("SET autocommit = 1, time_zone = DEFAULT"));
+        let mut c2 = base.clone();
+        c2.set_var("autocommit", "ON");
+        assert_eq!(c2, base);
+    }
+
+    #[test]
+    fn pins() {
+        let mut p = Pins::default();
+        assert!(!p.any());
+        p.add(PinReason::UserVariable);
+        p.add(PinReason::UserVariable);
+        assert_eq!(p.sticky.len(), 1);
+        assert!(p.any() && p.dirty());
+        assert_eq!(p.reason(), Some(PinReason::UserVariable));
+    }
+}

@@ -1,0 +1,17 @@
+//! Breakwater's MySQL proxy.
+//!
+//! Where things are:
+//! - [`protocol`]: MySQL packets, handshake, auth plugins, response walking.
+//! - [`frontend`]: the client session loop, prepared statements, session state and pins.
+//! - [`backend`]: servers, capped pools with a guard, backend connections, health monitor.
+//! - [`router`]: query rules, digests, statement classification.
+//! - [`listener`]: accept loop, client limit, graceful shutdown.
+//! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
+
+pub mod backend;
+pub mod config;
+pub mod frontend;
+pub mod listener;
+pub mod protocol;
+pub mod router;
+pub mod runtime;

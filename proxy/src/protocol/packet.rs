@@ -1,0 +1,190 @@
+//! Packet framing: a 3-byte little-endian length, a 1-byte sequence id, then the payload.
+//! Payloads of 16 MiB - 1 or more are split into several packets; a packet shorter than
+//! that ends the logical payload.
+
+use std::io;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+
+pub const MAX_PACKET: usize = 0xff_ffff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PacketError {
+    #[error("connection closed")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("packet of {0} bytes exceeds max_allowed_packet ({1})")]
+    TooLarge(usize, usize),
+    #[error("packets out of order (expected sequence {expected}, got {got})")]
+    OutOfOrder { expected: u8, got: u8 },
+}
+
+/// Reads packets from a buffered socket half.
+pub struct PacketReader<R> {
+    inner: BufReader<R>,
+}
+
+impl<R: AsyncRead + Unpin> PacketReader<R> {
+    pub fn new(r: R) -> Self {
+        Self { inner: BufReader::with_capacity(32 * 1024, r) }
+    }
+
+    async fn header(&mut self) -> Result<(usize, u8), PacketError> {
+        let mut h = [0u8; 4];
+        match self.inner.read_exact(&mut h).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Err(PacketError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+        Ok((u32::from_le_bytes([h[0], h[1], h[2], 0]) as usize, h[3]))
+    }
+
+    /// Read one logical payload into `buf` (cleared first), joining split packets.
+    /// Returns the sequence id of the last packet read.
+    pub async fn read_payload(&mut self, buf: &mut Vec<u8>, max: usize) -> Result<u8, PacketError> {
+        buf.clear();
+        let mut expected: Option<u8> = None;
+        loop {
+            let (len, seq) = self.header().await?;
+            if let Some(exp) = expected {
+                if seq != exp {
+                    return Err(PacketError::OutOfOrder { expected: exp, got: seq });
+                }
+            }
+            let total = buf.len() + len;
+            if total > max {
+                return Err(PacketError::TooLarge(total, max));
+            }
+            let start = buf.len();
+            buf.resize(total, 0);
+            self.inner.read_exact(&mut buf[start..]).await?;
+            if len < MAX_PACKET {
+                return Ok(seq);
+            }
+            expected = Some(seq.wrapping_add(1));
+        }
+    }
+
+    /// Append one physical packet (header included) to `out`, as it came off the wire.
+    /// Returns (sequence id, payload length); the payload is `out[out.len()-len..]`.
+    pub async fn read_raw_into(&mut self, out: &mut Vec<u8>) -> Result<(u8, usize), PacketError> {
+        let (len, seq) = self.header().await?;
+        let start = out.len();
+        out.reserve(len + 4);
+        out.extend_from_slice(&[len as u8, (len >> 8) as u8, (len >> 16) as u8, seq]);
+        out.resize(start + 4 + len, 0);
+        self.inner.read_exact(&mut out[start + 4..]).await?;
+        Ok((seq, len))
+    }
+
+    pub fn get_ref(&self) -> &R {
+        self.inner.get_ref()
+    }
+
+    /// Bytes already buffered but not yet consumed (a response should leave none).
+    pub fn buffered(&self) -> usize {
+        self.inner.buffer().len()
+    }
+}
+
+/// Buffers outgoing packets and writes them with one syscall on flush.
+pub struct PacketWriter<W> {
+    inner: W,
+    buf: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> PacketWriter<W> {
+    pub fn new(w: W) -> Self {
+        Self { inner: w, buf: Vec::with_capacity(16 * 1024) }
+    }
+
+    /// Queue a payload with sequence id `seq`, splitting at 16 MiB. Returns the next sequence id.
+    pub fn push(&mut self, mut seq: u8, payload: &[u8]) -> u8 {
+        let mut chunks = payload.chunks(MAX_PACKET).peekable();
+        if payload.is_empty() {
+            self.buf.extend_from_slice(&[0, 0, 0, seq]);
+            return seq.wrapping_add(1);
+        }
+        while let Some(chunk) = chunks.next() {
+            let len = chunk.len();
+            self.buf.extend_from_slice(&[len as u8, (len >> 8) as u8, (len >> 16) as u8, seq]);
+            self.buf.extend_from_slice(chunk);
+            seq = seq.wrapping_add(1);
+            if chunks.peek().is_none() && len == MAX_PACKET {
+                // A payload that is an exact multiple of 16 MiB - 1 ends with an empty packet.
+                self.buf.extend_from_slice(&[0, 0, 0, seq]);
+                seq = seq.wrapping_add(1);
+            }
+        }
+        seq
+    }
+
+    /// Direct access to the outgoing buffer, for forwarding raw packets.
+    pub fn buf_mut(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    pub fn pending(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
+            self.buf.clear();
+            if self.buf.capacity() > 1 << 20 {
+                self.buf.shrink_to(64 * 1024);
+            }
+        }
+        self.inner.flush().await
+    }
+
+    pub fn discard(&mut self) {
+        self.buf.clear();
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.inner.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn split_and_join_large_payloads() {
+        for size in [0usize, 10, MAX_PACKET - 1, MAX_PACKET, MAX_PACKET + 5, 2 * MAX_PACKET] {
+            let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let mut w = PacketWriter::new(Vec::new());
+            let next = w.push(3, &payload);
+            let bytes = std::mem::take(w.buf_mut());
+            let packets = size / MAX_PACKET + 1;
+            assert_eq!(next, 3 + packets as u8, "size {size}");
+            let mut r = PacketReader::new(&bytes[..]);
+            let mut buf = Vec::new();
+            let seq = r.read_payload(&mut buf, 64 << 20).await.unwrap();
+            assert_eq!(seq, 3 + packets as u8 - 1);
+            assert_eq!(buf, payload);
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_oversized_and_out_of_order() {
+        let mut w = PacketWriter::new(Vec::new());
+        w.push(0, &[1u8; 100]);
+        let bytes = std::mem::take(w.buf_mut());
+        let mut buf = Vec::new();
+        let err = PacketReader::new(&bytes[..]).read_payload(&mut buf, 50).await.unwrap_err();
+        assert!(matches!(err, PacketError::TooLarge(100, 50)));
+
+        let mut bad = vec![0xff, 0xff, 0xff, 0];
+        bad.extend(std::iter::repeat(0).take(MAX_PACKET));
+        bad.extend_from_slice(&[1, 0, 0, 7, 9]);
+        let err = PacketReader::new(&bad[..]).read_payload(&mut buf, 64 << 20).await.unwrap_err();
+        assert!(matches!(err, PacketError::OutOfOrder { expected: 1, got: 7 }));
+
+        let err = PacketReader::new(&[5u8, 0][..]).read_payload(&mut buf, 100).await.unwrap_err();
+        assert!(matches!(err, PacketError::Closed));
+    }
+}

@@ -1,0 +1,139 @@
+//! The running configuration, built from [`Config`]: users with decoded password hashes,
+//! compiled query rules, and hostgroups of servers with their pools. Shared by every session.
+
+use crate::backend::hostgroup::Hostgroup;
+use crate::backend::server::Server;
+use crate::config::{Config, ConfigError};
+use crate::protocol::auth;
+use crate::router::rules::Rules;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A proxy user (ProxySQL's mysql_users row), with hashes ready for verification.
+#[derive(Debug)]
+pub struct User {
+    pub name: String,
+    pub native: Option<[u8; 20]>,
+    pub sha2: Option<[u8; 32]>,
+    pub plugin: &'static str,
+    pub backend_user: String,
+    pub backend_password: String,
+    pub default_hostgroup: u32,
+    pub default_schema: Option<String>,
+}
+
+impl User {
+    pub fn can_verify(&self, plugin: &str) -> bool {
+        match plugin {
+            auth::NATIVE => self.native.is_some(),
+            auth::CACHING_SHA2 => self.sha2.is_some(),
+            _ => false,
+        }
+    }
+
+    pub fn verify(&self, plugin: &str, token: &[u8], scramble: &[u8]) -> bool {
+        match (plugin, &self.native, &self.sha2) {
+            (auth::NATIVE, Some(h), _) => auth::verify_native(token, scramble, h),
+            (auth::CACHING_SHA2, _, Some(h)) => auth::verify_sha2(token, scramble, h),
+            _ => false,
+        }
+    }
+}
+
+fn decode_native(s: &str) -> Option<[u8; 20]> {
+    auth::from_hex(s.strip_prefix('*')?)?.try_into().ok()
+}
+
+fn decode_sha2(s: &str) -> Option<[u8; 32]> {
+    auth::from_hex(s)?.try_into().ok()
+}
+
+pub struct Runtime {
+    pub cfg: Config,
+    pub users: HashMap<String, Arc<User>>,
+    pub rules: Rules,
+    pub hostgroups: HashMap<u32, Hostgroup>,
+    pub servers: Vec<Arc<Server>>,
+}
+
+impl Runtime {
+    pub fn build(cfg: Config) -> Result<Self, ConfigError> {
+        cfg.validate()?;
+        let mut users = HashMap::new();
+        for u in &cfg.users {
+            let bad = |what: &str| ConfigError::Invalid(format!("user {}: malformed {what}", u.username));
+            let mut native = u.password_hash.as_deref().map(|h| decode_native(h).ok_or_else(|| bad("password_hash"))).transpose()?;
+            let mut sha2 = u.sha2_password_hash.as_deref().map(|h| decode_sha2(h).ok_or_else(|| bad("sha2_password_hash"))).transpose()?;
+            if let Some(pw) = &u.password {
+                native.get_or_insert(auth::native_stage2(pw.as_bytes()));
+                sha2.get_or_insert(auth::sha2_stage2(pw.as_bytes()));
+            }
+            let plugin = if u.auth_plugin == auth::CACHING_SHA2 { auth::CACHING_SHA2 } else { auth::NATIVE };
+            users.insert(
+                u.username.clone(),
+                Arc::new(User {
+                    name: u.username.clone(),
+                    native,
+                    sha2,
+                    plugin,
+                    backend_user: u.backend_username.clone().unwrap_or_else(|| u.username.clone()),
+                    backend_password: u.backend_password.clone(),
+                    default_hostgroup: u.default_hostgroup,
+                    default_schema: u.default_schema.clone(),
+                }),
+            );
+        }
+        let rules = Rules::new(&cfg.query_rules).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let mut hostgroups: HashMap<u32, Hostgroup> = HashMap::new();
+        let mut servers = Vec::new();
+        for s in &cfg.servers {
+            let server = Server::new(s.clone(), cfg.proxy.max_queue_waiters);
+            servers.push(server.clone());
+            let hg = hostgroups.entry(s.hostgroup).or_default();
+            hg.id = s.hostgroup;
+            hg.servers.push(server);
+        }
+        Ok(Self { cfg, users, rules, hostgroups, servers })
+    }
+}
+
+/// Process-wide counters.
+#[derive(Default)]
+pub struct Stats {
+    pub client_connections: AtomicU64,
+    pub client_connections_refused: AtomicU64,
+    pub queries: AtomicU64,
+    pub backend_errors: AtomicU64,
+    pub retries: AtomicU64,
+    /// How often clients were pinned, by reason.
+    pub pins: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Stats {
+    pub fn pinned(&self, reason: &str) {
+        if let Ok(mut m) = self.pins.lock() {
+            *m.entry(reason.to_string()).or_default() += 1;
+        }
+    }
+}
+
+pub struct Proxy {
+    pub rt: Arc<Runtime>,
+    pub stats: Stats,
+    next_conn_id: AtomicU32,
+}
+
+impl Proxy {
+    pub fn new(rt: Runtime) -> Arc<Self> {
+        Arc::new(Self { rt: Arc::new(rt), stats: Stats::default(), next_conn_id: AtomicU32::new(1) })
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.rt.clone()
+    }
+
+    pub fn next_conn_id(&self) -> u32 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
