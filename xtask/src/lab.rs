@@ -78,7 +78,7 @@ exec setsid /usr/sbin/mariadbd --no-defaults --user=root --datadir={d}/data --po
 --server-id={server_id} --log-bin=mysql-bin --relay-log=relay-bin --log-slave-updates --binlog-format=ROW \
 --gtid-strict-mode=1 --read-only={ro} --skip-name-resolve --max-connections=2000 --max-allowed-packet=64M \
 --innodb-buffer-pool-size=96M --innodb-log-file-size=48M --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 \
---performance-schema=OFF --thread-cache-size=64 --table-open-cache=400 \
+--performance-schema=OFF --userstat=1 --thread-cache-size=64 --table-open-cache=400 \
 --rpl-semi-sync-master-enabled=0 --rpl-semi-sync-slave-enabled=1 --slave-net-timeout=5 \
 --report-host=127.0.0.1 --report-port={port} </dev/null >>{d}/stdout.log 2>&1 &\n",
         ro = if primary { 0 } else { 1 }

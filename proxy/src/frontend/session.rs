@@ -142,6 +142,7 @@ impl Session {
             let seq = match read {
                 Ok(seq) => seq,
                 Err(PacketError::TooLarge(n, max)) => {
+                    warn!(session = self.id, size = n, max, "client packet over max_allowed_packet");
                     let msg = format!("Got a packet bigger than 'max_allowed_packet' bytes ({n} > {max})");
                     self.send_err(1, &SqlError::new(errcode::NET_PACKET_TOO_LARGE, "08S01", msg)).await?;
                     return Err(ClientGone);
@@ -150,9 +151,13 @@ impl Session {
                     self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
                     return Err(ClientGone);
                 }
-                Err(_) => return Err(ClientGone),
+                Err(e) => {
+                    debug!(session = self.id, error = %e, "client connection ended");
+                    return Err(ClientGone);
+                }
             };
-            if seq != 0 {
+            let _last_seq = seq;
+            if self.rd.first_seq() != 0 {
                 self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
                 return Err(ClientGone);
             }

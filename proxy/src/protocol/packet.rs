@@ -22,11 +22,12 @@ pub enum PacketError {
 /// Reads packets from a buffered socket half.
 pub struct PacketReader<R> {
     inner: BufReader<R>,
+    first_seq: u8,
 }
 
 impl<R: AsyncRead + Unpin> PacketReader<R> {
     pub fn new(r: R) -> Self {
-        Self { inner: BufReader::with_capacity(32 * 1024, r) }
+        Self { inner: BufReader::with_capacity(32 * 1024, r), first_seq: 0 }
     }
 
     async fn header(&mut self) -> Result<(usize, u8), PacketError> {
@@ -40,16 +41,17 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     }
 
     /// Read one logical payload into `buf` (cleared first), joining split packets.
-    /// Returns the sequence id of the last packet read.
+    /// Returns the sequence id of the last packet read (the first is `seq - (parts - 1)`;
+    /// [`Self::first_seq`] has it).
     pub async fn read_payload(&mut self, buf: &mut Vec<u8>, max: usize) -> Result<u8, PacketError> {
         buf.clear();
         let mut expected: Option<u8> = None;
         loop {
             let (len, seq) = self.header().await?;
-            if let Some(exp) = expected {
-                if seq != exp {
-                    return Err(PacketError::OutOfOrder { expected: exp, got: seq });
-                }
+            match expected {
+                Some(exp) if seq != exp => return Err(PacketError::OutOfOrder { expected: exp, got: seq }),
+                Some(_) => {}
+                None => self.first_seq = seq,
             }
             let total = buf.len() + len;
             if total > max {
@@ -75,6 +77,11 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         out.resize(start + 4 + len, 0);
         self.inner.read_exact(&mut out[start + 4..]).await?;
         Ok((seq, len))
+    }
+
+    /// Sequence id of the first packet of the last payload read.
+    pub fn first_seq(&self) -> u8 {
+        self.first_seq
     }
 
     pub fn get_ref(&self) -> &R {

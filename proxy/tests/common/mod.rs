@@ -1,0 +1,208 @@
+//! Helpers shared by the end-to-end tests: start a proxy process on a free port with its own
+//! configuration, talk to it and to the lab with real clients.
+#![allow(dead_code)]
+
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts, OptsBuilder};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const PRIMARY: u16 = 3307;
+pub const REPLICAS: [u16; 2] = [3308, 3309];
+
+/// Tests that read server-wide counters or put heavy load on the lab take this lock, so
+/// their numbers are not disturbed by each other.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+pub struct Proxy {
+    pub port: u16,
+    child: Option<Child>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    _dir: Option<PathBuf>,
+}
+
+impl Proxy {
+    /// Start with the embedded default config plus flags.
+    pub fn start(args: &[&str]) -> Proxy {
+        Self::start_with(None, args)
+    }
+
+    /// Start with a TOML config (written to a temp file) plus flags.
+    pub fn start_with(config: Option<&str>, args: &[&str]) -> Proxy {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"));
+        let mut dir = None;
+        if let Some(toml) = config {
+            let d = std::env::temp_dir().join(format!("bw-test-{}-{port}", std::process::id()));
+            std::fs::create_dir_all(&d).unwrap();
+            let f = d.join("breakwater.toml");
+            std::fs::write(&f, toml).unwrap();
+            cmd.arg("--config").arg(&f);
+            dir = Some(d);
+        }
+        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "info,breakwater_proxy=debug"])
+            .args(["--monitor-interval-ms", "300"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn breakwater-proxy");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        if let Some(out) = child.stdout.take() {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let t = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Proxy { port, child: Some(child), log, _dir: dir }
+    }
+
+    pub fn opts(&self, user: &str, pass: &str, db: Option<&str>) -> Opts {
+        OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(self.port)
+            .user(Some(user))
+            .pass(Some(pass))
+            .db_name(db)
+            .prefer_socket(false)
+            .into()
+    }
+
+    pub async fn conn(&self) -> Conn {
+        Conn::new(self.opts("app", "app", Some("sbtest"))).await.expect("connect through proxy")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Wait until a log line contains every needle.
+    pub fn wait_log(&self, needles: &[&str], limit: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if self.log.lock().unwrap().iter().any(|l| needles.iter().all(|n| l.contains(n))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status();
+    }
+
+    /// Wait for the process to exit; returns whether it did within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(d) = &self._dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A direct connection to a lab server as the monitor user (all privileges).
+pub async fn lab(port: u16) -> Conn {
+    let opts = OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("monitor"))
+        .pass(Some("monitor"))
+        .prefer_socket(false);
+    Conn::new(opts).await.unwrap_or_else(|e| panic!("lab server {port} not reachable (cargo xtask lab up): {e}"))
+}
+
+pub async fn global_status(port: u16, name: &str) -> u64 {
+    let mut c = lab(port).await;
+    let row: Option<(String, String)> = c
+        .query_first(format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+        .await
+        .unwrap();
+    let _ = c.disconnect().await;
+    row.and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+}
+
+/// Wait until every replica has applied everything the primary has.
+pub async fn wait_replicas_caught_up() {
+    let mut p = lab(PRIMARY).await;
+    let pos: String = p.query_first("SELECT @@gtid_binlog_pos").await.unwrap().unwrap_or_default();
+    for port in REPLICAS {
+        let mut r = lab(port).await;
+        let ok: Option<i64> = r
+            .query_first(format!("SELECT MASTER_GTID_WAIT('{pos}', 30)"))
+            .await
+            .unwrap();
+        assert_eq!(ok, Some(0), "replica {port} did not catch up with {pos}");
+    }
+}
+
+/// Create a fresh schema for one test (tests never share schemas).
+pub async fn fresh_schema(name: &str) {
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")).await.unwrap();
+}
+
+/// A lab user for one test, so server-side connection counts are the proxy's alone.
+pub async fn fresh_user(name: &str, password: &str) {
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(format!(
+        "DROP USER IF EXISTS '{name}'@'%'; CREATE USER '{name}'@'%' IDENTIFIED BY '{password}'; \
+         GRANT ALL ON `sbtest%`.* TO '{name}'@'%'"
+    ))
+    .await
+    .unwrap();
+}
+
+/// The embedded default configuration with extra TOML appended (for extra users).
+pub fn default_config_with(extra: &str) -> String {
+    format!("{}\n{extra}\n", breakwater_proxy::config::DEFAULT_TOML)
+}
+
+pub fn server_code(e: &mysql_async::Error) -> Option<u16> {
+    match e {
+        mysql_async::Error::Server(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+pub fn lab_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.lab")
+}
