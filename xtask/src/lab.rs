@@ -243,7 +243,7 @@ pub fn reset() -> Result<()> {
 }
 
 pub fn status() -> Result<()> {
-    println!("{:<6} {:<8} {:<6} {:<10} {:<10} {:<8} {}", "port", "pid", "up", "read_only", "repl", "lag", "gtid_current_pos");
+    println!("{:<6} {:<8} {:<6} {:<10} {:<10} {:<8} gtid_current_pos", "port", "pid", "up", "read_only", "repl", "lag");
     for port in PORTS {
         let pid = node_pid(port);
         let up = pid.is_some() && node_ready(port);

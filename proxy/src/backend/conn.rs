@@ -189,10 +189,7 @@ impl BackendConn {
             return false;
         }
         let mut b = [0u8; 1];
-        match self.rd.get_ref().try_read(&mut b) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(self.rd.get_ref().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     fn lost(&mut self, err: PacketError) -> BackendError {

@@ -32,7 +32,7 @@ impl SessionVars {
 
     pub fn set_var(&mut self, name: &str, value: &str) {
         if name == "autocommit" {
-            let on = matches!(value.to_ascii_uppercase().trim_matches('\'').as_ref(), "1" | "ON" | "TRUE" | "DEFAULT");
+            let on = matches!(value.to_ascii_uppercase().trim_matches('\''), "1" | "ON" | "TRUE" | "DEFAULT");
             if on {
                 self.vars.remove("autocommit");
             } else {

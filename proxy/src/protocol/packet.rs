@@ -186,7 +186,7 @@ mod tests {
         assert!(matches!(err, PacketError::TooLarge(100, 50)));
 
         let mut bad = vec![0xff, 0xff, 0xff, 0];
-        bad.extend(std::iter::repeat(0).take(MAX_PACKET));
+        bad.extend(std::iter::repeat_n(0, MAX_PACKET));
         bad.extend_from_slice(&[1, 0, 0, 7, 9]);
         let err = PacketReader::new(&bad[..]).read_payload(&mut buf, 64 << 20).await.unwrap_err();
         assert!(matches!(err, PacketError::OutOfOrder { expected: 1, got: 7 }));

@@ -181,9 +181,9 @@ fn kind_of(w: &[u8]) -> Kind {
 pub fn analyze(sql: &[u8]) -> Analysis {
     let mut a = Analysis { read_only: true, ..Default::default() };
     let toks: Vec<Tok> = Lexer::new(sql).collect();
-    let mut statements = toks.split(|t| *t == Tok::Punct(b';')).filter(|s| !s.is_empty()).peekable();
+    let statements = toks.split(|t| *t == Tok::Punct(b';')).filter(|s| !s.is_empty()).peekable();
     let mut count = 0;
-    while let Some(stmt) = statements.next() {
+    for stmt in statements {
         count += 1;
         analyze_statement(stmt, &mut a);
     }

@@ -204,5 +204,35 @@ pub fn server_code(e: &mysql_async::Error) -> Option<u16> {
 }
 
 pub fn lab_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.lab")
+    std::env::var_os("BREAKWATER_LAB_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.lab"))
+}
+
+/// kill -9 a lab node.
+pub fn kill_node(port: u16) {
+    let pid = std::fs::read_to_string(lab_dir().join(format!("node{port}/mysqld.pid"))).expect("lab node pid file");
+    let st = Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+    assert!(st.success(), "kill -9 {}", pid.trim());
+}
+
+/// Start a lab node again with its recorded command line and wait until it answers.
+pub async fn start_node(port: u16) {
+    let st = Command::new("sh").arg(lab_dir().join(format!("node{port}/start.sh"))).status().unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    loop {
+        let opts = OptsBuilder::default()
+            .ip_or_hostname("127.0.0.1")
+            .tcp_port(port)
+            .user(Some("monitor"))
+            .pass(Some("monitor"))
+            .prefer_socket(false);
+        if let Ok(c) = Conn::new(opts).await {
+            let _ = c.disconnect().await;
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "node {port} did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
