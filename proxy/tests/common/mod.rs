@@ -178,6 +178,8 @@ pub async fn wait_replicas_caught_up() {
 pub async fn fresh_schema(name: &str) {
     let mut p = lab(PRIMARY).await;
     p.query_drop(format!("DROP DATABASE IF EXISTS {name}; CREATE DATABASE {name}")).await.unwrap();
+    // Reads go to replicas: the schema must be there before the test reads through the proxy.
+    wait_replicas_caught_up().await;
 }
 
 /// A lab user for one test, so server-side connection counts are the proxy's alone.
@@ -189,6 +191,7 @@ pub async fn fresh_user(name: &str, password: &str) {
     ))
     .await
     .unwrap();
+    wait_replicas_caught_up().await;
 }
 
 /// The embedded default configuration with extra TOML appended (for extra users).
