@@ -32,6 +32,9 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax), e.g. info or breakwater_proxy=debug.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Tokio worker threads (default: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -77,7 +80,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let tokio_rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cli.worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    let tokio_rt = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("breakwater-proxy: cannot start runtime: {e}");

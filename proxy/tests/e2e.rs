@@ -157,32 +157,41 @@ async fn five_hundred_clients_never_exceed_backend_caps() {
             }
         })
     };
-    let ok = Arc::new(AtomicUsize::new(0));
-    let barrier = Arc::new(tokio::sync::Barrier::new(500));
-    let mut tasks = Vec::new();
+    // All 500 clients connect first, then all run their queries at once.
+    let mut connecting = Vec::new();
     for i in 0..500 {
         let opts = proxy.opts("bw_cap", "bw_cap", Some("sbtest"));
+        connecting.push(tokio::spawn(async move { Conn::new(opts).await.map_err(|e| format!("client {i}: {e}")) }));
+    }
+    let mut clients = Vec::new();
+    for c in connecting {
+        clients.push(c.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
+    }
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
         let ok = ok.clone();
-        let barrier = barrier.clone();
         tasks.push(tokio::spawn(async move {
-            let mut c = Conn::new(opts).await.unwrap_or_else(|e| panic!("client {i}: {e}"));
-            barrier.wait().await;
             for j in 0..4 {
                 // Reads to the replicas, writes-class statements to the primary.
                 let q = if (i + j) % 4 == 0 { "DO SLEEP(0.01)" } else { "SELECT SLEEP(0.01), @@port" };
-                c.query_drop(q).await.unwrap_or_else(|e| panic!("client {i} query {j}: {e}"));
+                c.query_drop(q).await.map_err(|e| format!("client {i} query {j}: {e}"))?;
                 ok.fetch_add(1, Ordering::Relaxed);
             }
-            c.disconnect().await.unwrap();
+            c.disconnect().await.map_err(|e| e.to_string())
         }));
     }
+    let mut errors = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        if let Err(e) = t.await.unwrap() {
+            errors.push(e);
+        }
     }
     running.store(false, Ordering::Relaxed);
     sampler.await.unwrap();
     let m = max_seen.lock().unwrap().clone();
     println!("max backend connections seen per server: {m:?}");
+    assert!(errors.is_empty(), "{} clients failed, first: {:?}", errors.len(), errors.first());
     assert_eq!(ok.load(Ordering::Relaxed), 2000);
     for (port, n) in &m {
         assert!(*n <= 20, "server {port} saw {n} proxy connections > max_connections 20");
@@ -494,4 +503,102 @@ async fn sigterm_drains_in_flight_queries() {
     assert_eq!(q.await.unwrap(), Some(7), "in-flight query completed");
     assert!(proxy.wait_exit(Duration::from_secs(10)), "proxy exited after drain");
     assert!(Conn::new(proxy.opts("app", "app", None)).await.is_err(), "no longer accepting");
+}
+
+/// COM_RESET_CONNECTION and COM_CHANGE_USER clear what the session had built up.
+#[tokio::test]
+async fn reset_connection_and_change_user() {
+    fresh_schema("sbtest_reset").await;
+    let proxy = Proxy::start(&[]);
+    let mut c = proxy.conn().await;
+    c.query_drop("SET @v = 1").await.unwrap();
+    c.query_drop("SET sql_mode = 'ANSI'").await.unwrap();
+    c.query_drop("CREATE TEMPORARY TABLE sbtest_reset.tmp (a INT)").await.unwrap();
+    assert!(c.reset().await.unwrap(), "COM_RESET_CONNECTION supported");
+    let v: Option<Option<i64>> = c.query_first("SELECT @v").await.unwrap();
+    assert_eq!(v, Some(None), "user variable gone after reset");
+    let mode: Option<String> = c.query_first("SELECT @@sql_mode").await.unwrap();
+    assert_ne!(mode.as_deref(), Some("ANSI"));
+    let err = c.query_drop("SELECT * FROM sbtest_reset.tmp").await.unwrap_err();
+    assert_eq!(server_code(&err), Some(1146), "temporary table gone after reset");
+
+    let ok = mysql_async::ChangeUserOpts::default()
+        .with_user(Some("app_sha2".into()))
+        .with_pass(Some("app".into()))
+        .with_db_name(Some("sbtest_reset".into()));
+    c.change_user(ok).await.unwrap();
+    let db: Option<String> = c.query_first("SELECT DATABASE()").await.unwrap();
+    assert_eq!(db.as_deref(), Some("sbtest_reset"));
+    let bad = mysql_async::ChangeUserOpts::default().with_user(Some("app".into())).with_pass(Some("bad".into()));
+    let err = c.change_user(bad).await.unwrap_err();
+    assert_eq!(server_code(&err), Some(1045), "{err}");
+}
+
+/// Multi-statements, COM_STATISTICS (mariadb-admin status) and COM_FIELD_LIST.
+#[tokio::test]
+async fn multi_statements_statistics_and_field_list() {
+    let proxy = Proxy::start(&[]);
+    let out = mariadb_cli(proxy.port, "app", "app", &["sbtest"], "SELECT 1; SELECT 2 UNION SELECT 3; SELECT COUNT(*) FROM sbtest1");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().collect::<Vec<_>>(), ["1", "2", "3", "10000"]);
+    let out = Command::new("mariadb-admin")
+        .args(["--no-defaults", "-h127.0.0.1", "-uapp", "-papp"])
+        .arg(format!("-P{}", proxy.port))
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("Uptime:"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+
+    let mut s = connect_logged_in(proxy.port);
+    s.write_all(&raw_packet(0, b"\x04sbtest1\0")).unwrap();
+    let mut columns = 0;
+    loop {
+        let (_, p) = read_raw(&mut s).unwrap();
+        if p[0] == 0xfe && p.len() < 9 {
+            break;
+        }
+        assert_ne!(p[0], 0xff, "field list failed: {}", String::from_utf8_lossy(&p));
+        columns += 1;
+    }
+    assert_eq!(columns, 4, "sbtest1 has id, k, c, pad");
+}
+
+/// A backend connection killed mid-query: that client gets an error and can go on;
+/// other clients never notice.
+#[tokio::test]
+async fn backend_killed_mid_query_gives_error_and_session_recovers() {
+    let proxy = Proxy::start(&[]);
+    let mut victim = proxy.conn().await;
+    let mut bystander = proxy.conn().await;
+    victim.query_drop("BEGIN").await.unwrap();
+    let q = tokio::spawn(async move {
+        let r = victim.query_drop("SELECT SLEEP(20) /* bw-victim */").await;
+        (victim, r)
+    });
+    let mut lab = lab(PRIMARY).await;
+    let t = Instant::now();
+    let id = loop {
+        let id: Option<u64> = lab
+            .query_first("SELECT ID FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(20) /* bw-victim */%'")
+            .await
+            .unwrap();
+        if let Some(id) = id {
+            break id;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "victim query not seen on the primary");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    lab.query_drop(format!("KILL {id}")).await.unwrap();
+    let (mut victim, r) = q.await.unwrap();
+    let err = r.unwrap_err();
+    println!("victim got: {err}");
+    assert!(matches!(server_code(&err), Some(1927 | 2013)), "{err}");
+    // The session goes on, on a fresh backend connection, outside any transaction.
+    let v: Option<i64> = victim.query_first("SELECT 41 + 1").await.unwrap();
+    assert_eq!(v, Some(42));
+    victim.query_drop("BEGIN").await.unwrap();
+    victim.query_drop("COMMIT").await.unwrap();
+    let v: Option<i64> = bystander.query_first("SELECT 1").await.unwrap();
+    assert_eq!(v, Some(1));
 }

@@ -395,6 +395,18 @@ impl Session {
 
     /// Apply a finished statement's effects and decide whether the client stays pinned.
     pub(super) fn finish(&mut self, w: &Walker, mut conn: PooledConn, effects: &[Effect]) {
+        if let Some(e) = &w.error {
+            // The server ended this connection (KILL, shutdown): it cannot be used again.
+            if matches!(e.code, errcode::CONNECTION_KILLED | errcode::SERVER_SHUTDOWN) {
+                conn.broken = true;
+            }
+        }
+        if conn.broken {
+            let server = conn.server.clone();
+            conn.discard();
+            self.connection_lost(&server, "backend connection closed by the server");
+            return;
+        }
         let ok = w.error.is_none();
         let was_pinned = self.pins.any();
         for e in effects {

@@ -115,6 +115,7 @@ pub mod errcode {
     pub const MALFORMED_PACKET: u16 = 1835;
     pub const UNKNOWN_STMT_HANDLER: u16 = 1243;
     pub const SERVER_SHUTDOWN: u16 = 1053;
+    pub const CONNECTION_KILLED: u16 = 1927;
     pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
     /// Client-side codes a proxy reports for backend trouble (as ProxySQL does).
     pub const CONN_HOST_ERROR: u16 = 2003;

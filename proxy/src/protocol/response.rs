@@ -112,7 +112,7 @@ impl Walker {
                     }
                 }
             },
-            (Kind::ResultSet, State::Columns(n)) | (Kind::FieldList, State::Columns(n)) => {
+            (Kind::ResultSet, State::Columns(n)) => {
                 if n > 1 {
                     State::Columns(n - 1)
                 } else {
@@ -276,6 +276,14 @@ mod tests {
         assert_eq!((p.statement_id, p.columns, p.params), (7, 1, 2));
         let (_, n) = feed_all(Kind::Prepare, &[vec![0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]]);
         assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn field_list_ends_at_eof() {
+        let (_, n) = feed_all(Kind::FieldList, &[vec![3], vec![3], vec![3], eof_packet(2, 0), vec![0]]);
+        assert_eq!(n, 4);
+        let (w, n) = feed_all(Kind::FieldList, &[err_packet(1146, "42S02", "no table"), vec![0]]);
+        assert_eq!((n, w.error.map(|e| e.code)), (1, Some(1146)));
     }
 
     #[test]
