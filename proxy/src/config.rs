@@ -90,6 +90,11 @@ pub struct ServerConfig {
     /// Seconds; 0 disables the lag check.
     #[serde(default)]
     pub max_replication_lag: u64,
+    /// Unix socket path for a server on the proxy's own host: the data path connects
+    /// there (cheaper than loopback TCP); host:port still names the server and is what the
+    /// health checks use.
+    #[serde(default)]
+    pub socket: Option<String>,
 }
 
 fn one() -> u32 {

@@ -602,3 +602,24 @@ async fn backend_killed_mid_query_gives_error_and_session_recovers() {
     let v: Option<i64> = bystander.query_first("SELECT 1").await.unwrap();
     assert_eq!(v, Some(1));
 }
+
+/// Servers on the proxy's host can be reached over their unix socket (`socket = …`).
+#[tokio::test]
+async fn unix_socket_backends() {
+    let mut cfg = breakwater_proxy::config::DEFAULT_TOML.to_string();
+    for port in [3307, 3308, 3309] {
+        let sock = lab_dir().join(format!("node{port}/mysqld.sock"));
+        cfg = cfg.replace(&format!("port = {port}\n"), &format!("port = {port}\nsocket = {:?}\n", sock.display().to_string()));
+    }
+    assert_eq!(cfg.matches("socket = ").count(), 3);
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let mut c = proxy.conn().await;
+    let (port, n): (u16, u64) = c.query_first("SELECT @@port, COUNT(*) FROM sbtest1").await.unwrap().unwrap();
+    assert!(REPLICAS.contains(&port) && n == 10000);
+    let v: Option<i64> = c.exec_first("SELECT k FROM sbtest1 WHERE id = ?", (1,)).await.unwrap();
+    assert!(v.is_some());
+    c.query_drop("BEGIN").await.unwrap();
+    let p: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+    c.query_drop("COMMIT").await.unwrap();
+    assert_eq!(p, Some(PRIMARY));
+}

@@ -8,8 +8,8 @@ use crate::protocol::{auth, caps, charset, cmd, codec, handshake};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use super::stream::{BackendRead, BackendWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 
 /// Connections are shared between clients that log in to backends the same way.
@@ -59,8 +59,8 @@ pub struct BackendStmt {
 const MAX_STMTS_PER_CONN: usize = 512;
 
 pub struct BackendConn {
-    rd: PacketReader<OwnedReadHalf>,
-    wr: PacketWriter<OwnedWriteHalf>,
+    rd: PacketReader<BackendRead>,
+    wr: PacketWriter<BackendWrite>,
     pub addr: Arc<str>,
     pub key: ConnKey,
     pub thread_id: u32,
@@ -83,12 +83,13 @@ impl BackendConn {
     /// Connect and log in. `permit` is the pool slot this connection occupies until dropped.
     pub async fn connect(
         addr: Arc<str>,
+        socket: Option<&str>,
         key: ConnKey,
         password: &str,
         timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
-        let fut = Self::connect_inner(addr.clone(), key, password, permit);
+        let fut = Self::connect_inner(addr.clone(), socket, key, password, permit);
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::ConnectTimeout(addr.to_string())),
@@ -97,15 +98,24 @@ impl BackendConn {
 
     async fn connect_inner(
         addr: Arc<str>,
+        socket: Option<&str>,
         key: ConnKey,
         password: &str,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
-        let stream = TcpStream::connect(&*addr)
-            .await
-            .map_err(|err| BackendError::Connect { addr: addr.to_string(), err })?;
-        let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        let connect_err = |err| BackendError::Connect { addr: addr.to_string(), err };
+        let (r, w) = match socket {
+            Some(path) => {
+                let (r, w) = UnixStream::connect(path).await.map_err(connect_err)?.into_split();
+                (BackendRead::Unix(r), BackendWrite::Unix(w))
+            }
+            None => {
+                let stream = TcpStream::connect(&*addr).await.map_err(connect_err)?;
+                let _ = stream.set_nodelay(true);
+                let (r, w) = stream.into_split();
+                (BackendRead::Tcp(r), BackendWrite::Tcp(w))
+            }
+        };
         let mut rd = PacketReader::new(r);
         let mut wr = PacketWriter::new(w);
         let lost = |err| BackendError::Lost { addr: addr.to_string(), err };

@@ -11,3 +11,4 @@ pub mod hostgroup;
 pub mod monitor;
 pub mod pool;
 pub mod server;
+pub mod stream;

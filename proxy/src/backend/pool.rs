@@ -162,7 +162,7 @@ impl Server {
     }
 
     async fn connect(&self, opts: &Checkout<'_>, permit: tokio::sync::OwnedSemaphorePermit) -> Result<BackendConn, PoolError> {
-        match BackendConn::connect(self.addr.clone(), opts.key.clone(), opts.password, opts.connect_timeout, permit).await {
+        match BackendConn::connect(self.addr.clone(), self.cfg.socket.as_deref(), opts.key.clone(), opts.password, opts.connect_timeout, permit).await {
             Ok(c) => {
                 self.counters.conn_ok.fetch_add(1, Ordering::Relaxed);
                 Ok(c)
