@@ -92,14 +92,8 @@ pub fn parse_handshake_response(p: &[u8]) -> Option<HandshakeResponse> {
     let username = String::from_utf8_lossy(read_nul_str(p, &mut pos)).into_owned();
     let auth_response = if capabilities & caps::PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
         read_lenenc_str(p, &mut pos)?.to_vec()
-    } else if capabilities & caps::SECURE_CONNECTION != 0 {
-        let len = *p.get(pos)? as usize;
-        pos += 1;
-        let v = p.get(pos..pos + len)?.to_vec();
-        pos += len;
-        v
     } else {
-        read_nul_str(p, &mut pos).to_vec()
+        read_auth_response(p, &mut pos, capabilities)?
     };
     let database = if capabilities & caps::CONNECT_WITH_DB != 0 && pos < p.len() {
         let db = read_nul_str(p, &mut pos);
@@ -113,6 +107,18 @@ pub fn parse_handshake_response(p: &[u8]) -> Option<HandshakeResponse> {
         None
     };
     Some(HandshakeResponse { capabilities, max_packet, collation, username, auth_response, database, plugin })
+}
+
+/// An auth response prefixed by a 1-byte length (SECURE_CONNECTION), else NUL-terminated.
+fn read_auth_response(p: &[u8], pos: &mut usize, capabilities: u32) -> Option<Vec<u8>> {
+    if capabilities & caps::SECURE_CONNECTION != 0 {
+        let len = *p.get(*pos)? as usize;
+        let v = p.get(*pos + 1..*pos + 1 + len)?.to_vec();
+        *pos += 1 + len;
+        Some(v)
+    } else {
+        Some(read_nul_str(p, pos).to_vec())
+    }
 }
 
 /// Build the HandshakeResponse41 the proxy sends to a backend.
@@ -181,15 +187,7 @@ pub struct ChangeUser {
 pub fn parse_change_user(p: &[u8], client_caps: u32) -> Option<ChangeUser> {
     let mut pos = 1;
     let username = String::from_utf8_lossy(read_nul_str(p, &mut pos)).into_owned();
-    let auth_response = if client_caps & caps::SECURE_CONNECTION != 0 {
-        let len = *p.get(pos)? as usize;
-        pos += 1;
-        let v = p.get(pos..pos + len)?.to_vec();
-        pos += len;
-        v
-    } else {
-        read_nul_str(p, &mut pos).to_vec()
-    };
+    let auth_response = read_auth_response(p, &mut pos, client_caps)?;
     let db = read_nul_str(p, &mut pos);
     let database = (!db.is_empty()).then(|| String::from_utf8_lossy(db).into_owned());
     let collation = p.get(pos..pos + 2).map(|b| b[0]);

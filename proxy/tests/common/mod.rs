@@ -139,15 +139,18 @@ impl Drop for Proxy {
     }
 }
 
-/// A direct connection to a lab server as the monitor user (all privileges).
-pub async fn lab(port: u16) -> Conn {
-    let opts = OptsBuilder::default()
+fn lab_opts(port: u16) -> OptsBuilder {
+    OptsBuilder::default()
         .ip_or_hostname("127.0.0.1")
         .tcp_port(port)
         .user(Some("monitor"))
         .pass(Some("monitor"))
-        .prefer_socket(false);
-    Conn::new(opts).await.unwrap_or_else(|e| panic!("lab server {port} not reachable (cargo xtask lab up): {e}"))
+        .prefer_socket(false)
+}
+
+/// A direct connection to a lab server as the monitor user (all privileges).
+pub async fn lab(port: u16) -> Conn {
+    Conn::new(lab_opts(port)).await.unwrap_or_else(|e| panic!("lab server {port} not reachable (cargo xtask lab up): {e}"))
 }
 
 pub async fn global_status(port: u16, name: &str) -> u64 {
@@ -225,13 +228,7 @@ pub async fn start_node(port: u16) {
     assert!(st.success());
     let t = Instant::now();
     loop {
-        let opts = OptsBuilder::default()
-            .ip_or_hostname("127.0.0.1")
-            .tcp_port(port)
-            .user(Some("monitor"))
-            .pass(Some("monitor"))
-            .prefer_socket(false);
-        if let Ok(c) = Conn::new(opts).await {
+        if let Ok(c) = Conn::new(lab_opts(port)).await {
             let _ = c.disconnect().await;
             return;
         }
