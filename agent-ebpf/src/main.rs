@@ -1,0 +1,258 @@
+//! Breakwater's kernel programs: MySQL server sockets seen from the kernel.
+//!
+//! - `inet_sock_set_state`: a passive open on a watched port (SYN_RECV -> ESTABLISHED)
+//!   starts tracking the socket; its transition to CLOSE ends it (matched by socket
+//!   address: the local port is already zero then).
+//! - `sock_recv_length` / `sock_send_length`: on tracked sockets, the first bytes received
+//!   with MySQL sequence id 0 start a request; the first bytes sent after it end it. The
+//!   request's first bytes and the response's first byte are read from the syscall's user
+//!   buffer, so the agent can name the command and count ERR responses.
+//!
+//! Classic tracepoints with the field offsets of their format files (sock:*, stable since
+//! 4.16/6.x); maps have fixed sizes and overflows are counted in DROPS.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::pt_regs;
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
+use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::maps::{HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::programs::TracePointContext;
+use breakwater_agent_common::*;
+
+#[map]
+static WATCHED: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+#[map]
+static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+
+const TCP_ESTABLISHED: i32 = 1;
+const TCP_SYN_RECV: i32 = 3;
+const TCP_CLOSE: i32 = 7;
+const AF_INET: u16 = 2;
+const IPPROTO_TCP: u16 = 6;
+// x86_64 syscall numbers whose buffer is the second argument.
+const SYS_READ: u64 = 0;
+const SYS_WRITE: u64 = 1;
+const SYS_SENDTO: u64 = 44;
+const SYS_RECVFROM: u64 = 45;
+
+fn drop_count(idx: u32) {
+    if let Some(p) = DROPS.get_ptr_mut(idx) {
+        unsafe { *p += 1 };
+    }
+}
+
+fn emit(ev: &Event) {
+    if EVENTS.output::<Event>(ev, 0).is_err() {
+        drop_count(DROP_RINGBUF_FULL);
+    }
+}
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    let _ = unsafe { on_state(&ctx) };
+    0
+}
+
+unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
+    let protocol: u16 = ctx.read_at(30)?;
+    if protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let sk: u64 = ctx.read_at(8)?;
+    let old: i32 = ctx.read_at(16)?;
+    let new: i32 = ctx.read_at(20)?;
+    if new == TCP_ESTABLISHED && old == TCP_SYN_RECV {
+        let sport: u16 = ctx.read_at(24)?;
+        if WATCHED.get(&sport).is_none() {
+            return Ok(());
+        }
+        let family: u16 = ctx.read_at(28)?;
+        let mut peer = [0u8; 16];
+        if family == AF_INET {
+            let v4: [u8; 4] = ctx.read_at(36)?;
+            peer[10] = 0xff;
+            peer[11] = 0xff;
+            peer[12..16].copy_from_slice(&v4);
+        } else {
+            peer = ctx.read_at(56)?;
+        }
+        let st = ConnState {
+            port: sport,
+            peer_port: ctx.read_at(26)?,
+            phase: PHASE_IDLE,
+            skip_payload: 0,
+            _pad: [0; 2],
+            request_len: 0,
+            peer_addr: peer,
+            opened_ns: bpf_ktime_get_ns(),
+            request_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            requests: 0,
+            request: [0; REQ_PREFIX],
+        };
+        if CONNS.insert(&sk, &st, 0).is_err() {
+            drop_count(DROP_CONNS_FULL);
+            return Ok(());
+        }
+        let ev = Event {
+            kind: EVENT_OPEN,
+            port: st.port,
+            peer_port: st.peer_port,
+            peer_addr: st.peer_addr,
+            response_err: 0,
+            _pad: [0; 3],
+            request_len: 0,
+            value_ns: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            requests: 0,
+            request: [0; REQ_PREFIX],
+        };
+        emit(&ev);
+    } else if new == TCP_CLOSE {
+        if let Some(st) = CONNS.get(&sk) {
+            let ev = Event {
+                kind: EVENT_CLOSE,
+                port: st.port,
+                peer_port: st.peer_port,
+                peer_addr: st.peer_addr,
+                response_err: 0,
+                _pad: [0; 3],
+                request_len: 0,
+                value_ns: bpf_ktime_get_ns().saturating_sub(st.opened_ns),
+                bytes_in: st.bytes_in,
+                bytes_out: st.bytes_out,
+                requests: st.requests,
+                request: [0; REQ_PREFIX],
+            };
+            emit(&ev);
+            let _ = CONNS.remove(&sk);
+        }
+    }
+    Ok(())
+}
+
+/// The user buffer of the current recv/send syscall, when it is read/write/recvfrom/sendto.
+unsafe fn syscall_buffer() -> Option<u64> {
+    let task = bpf_get_current_task_btf();
+    let regs = bpf_task_pt_regs(task) as *const pt_regs;
+    if regs.is_null() {
+        return None;
+    }
+    let nr = bpf_probe_read_kernel(&(*regs).orig_rax).ok()?;
+    match nr {
+        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => bpf_probe_read_kernel(&(*regs).rsi).ok(),
+        _ => None,
+    }
+}
+
+#[tracepoint]
+pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
+    let _ = unsafe { on_recv(&ctx) };
+    0
+}
+
+unsafe fn on_recv(ctx: &TracePointContext) -> Result<(), i32> {
+    let ret: i32 = ctx.read_at(20)?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    let sk: u64 = ctx.read_at(8)?;
+    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let st = &mut *st;
+    st.bytes_in += ret as u64;
+    if st.phase == PHASE_REQUEST {
+        // More bytes of the same request. MariaDB reads the 4-byte packet header first and
+        // the payload next: complete the prefix from the payload read.
+        if st.request_len == 4 {
+            if let Some(buf) = syscall_buffer() {
+                if bpf_probe_read_user_buf(buf as *const u8, &mut st.request[4..]).is_ok() {
+                    let more = if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
+                    st.request_len = 4 + more;
+                }
+            }
+        }
+        return Ok(());
+    }
+    if st.skip_payload != 0 {
+        st.skip_payload = 0;
+        return Ok(());
+    }
+    let Some(buf) = syscall_buffer() else { return Ok(()) };
+    let mut head = [0u8; REQ_PREFIX];
+    if bpf_probe_read_user_buf(buf as *const u8, &mut head).is_err() {
+        return Ok(());
+    }
+    // A command starts a new exchange with sequence id 0 (login packets have 1 and up).
+    if head[3] != 0 {
+        if ret == 4 {
+            st.skip_payload = 1; // its payload comes in the next read
+        }
+        return Ok(());
+    }
+    st.phase = PHASE_REQUEST;
+    st.request_ns = bpf_ktime_get_ns();
+    st.request = head;
+    st.request_len = if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 };
+    Ok(())
+}
+
+#[tracepoint]
+pub fn sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = unsafe { on_send(&ctx) };
+    0
+}
+
+unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
+    let ret: i32 = ctx.read_at(20)?;
+    if ret <= 0 {
+        return Ok(());
+    }
+    let sk: u64 = ctx.read_at(8)?;
+    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let st = &mut *st;
+    st.bytes_out += ret as u64;
+    if st.phase != PHASE_REQUEST {
+        st.phase = PHASE_RESPONSE;
+        return Ok(());
+    }
+    let now = bpf_ktime_get_ns();
+    let mut first = [0u8; 8];
+    let err = match syscall_buffer() {
+        Some(buf) if bpf_probe_read_user_buf(buf as *const u8, &mut first).is_ok() => first[4] == 0xff,
+        _ => false,
+    };
+    st.phase = PHASE_RESPONSE;
+    st.requests += 1;
+    let ev = Event {
+        kind: EVENT_REQUEST,
+        port: st.port,
+        peer_port: st.peer_port,
+        peer_addr: st.peer_addr,
+        response_err: err as u8,
+        _pad: [0; 3],
+        request_len: st.request_len,
+        value_ns: now.saturating_sub(st.request_ns),
+        bytes_in: 0,
+        bytes_out: 0,
+        requests: 0,
+        request: st.request,
+    };
+    emit(&ev);
+    Ok(())
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,104 @@
+//! Loads the kernel programs, attaches them, and pumps their events into the statistics.
+//!
+//! Hooks are classic tracepoints (sock:inet_sock_set_state, sock:sock_recv_length,
+//! sock:sock_send_length), which need tracefs: it is mounted when missing. Where the recv/send
+//! tracepoints do not exist (kernels before 6.x), the agent says so and keeps connection
+//! metrics only.
+
+use crate::prometheus::Shared;
+use anyhow::{anyhow, bail, Context};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::{include_bytes_aligned, Ebpf};
+use breakwater_agent_common::{Event, DROP_CONNS_FULL, DROP_RINGBUF_FULL};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::io::unix::AsyncFd;
+
+pub struct Loaded {
+    _ebpf: Ebpf,
+    events: Option<RingBuf<MapData>>,
+    pub drops: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+    pub hooks: String,
+}
+
+fn ensure_tracefs() -> anyhow::Result<()> {
+    if Path::new("/sys/kernel/tracing/events/sock").exists() {
+        return Ok(());
+    }
+    let r = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        bail!("tracefs is not mounted and mounting it failed: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("must run as root (loading eBPF programs needs CAP_BPF and CAP_PERFMON)");
+    }
+    ensure_tracefs()?;
+    let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
+        .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
+    let mut hooks = Vec::new();
+    for (name, required) in [("inet_sock_set_state", true), ("sock_recv_length", false), ("sock_send_length", false)] {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+            .try_into()?;
+        let res = prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach("sock", name).map_err(anyhow::Error::from));
+        match res {
+            Ok(_) => hooks.push(format!("sock:{name}")),
+            Err(e) if !required => {
+                tracing::warn!(hook = %format!("sock:{name}"), error = %e, "hook unavailable: request latency, bytes and errors are not measured; connection metrics only");
+            }
+            Err(e) => return Err(e.context(format!("attaching tracepoint sock:{name}"))),
+        }
+    }
+    let mut watched: HashMap<_, u16, u8> = HashMap::try_from(ebpf.map_mut("WATCHED").ok_or_else(|| anyhow!("map WATCHED missing"))?)?;
+    for p in ports {
+        watched.insert(p, 1, 0).with_context(|| format!("watching port {p}"))?;
+    }
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
+    let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
+    Ok(Loaded { _ebpf: ebpf, events: Some(events), drops: Arc::new(Mutex::new(drops)), hooks: hooks.join(",") })
+}
+
+/// Events lost in the kernel: [ring buffer full, connection map full].
+pub fn read_drops(drops: &Arc<Mutex<PerCpuArray<MapData, u64>>>) -> [u64; 2] {
+    let Ok(d) = drops.lock() else { return [0, 0] };
+    let sum = |i: u32| d.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    [sum(DROP_RINGBUF_FULL), sum(DROP_CONNS_FULL)]
+}
+
+/// Read the ring buffer whenever the kernel signals it, forever.
+pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<()> {
+    let rb = loaded.events.take().ok_or_else(|| anyhow!("event ring buffer already taken"))?;
+    // SAFETY: the ring buffer owns its file descriptor and lives inside the AsyncFd.
+    let mut fd = unsafe { AsyncFd::register(rb) }.map_err(|e| anyhow!("polling the event ring buffer: {e}"))?;
+    loop {
+        let mut guard = fd.readable_mut().await?;
+        let rb = guard.get_inner_mut();
+        let mut batch = Vec::new();
+        while let Some(item) = rb.next() {
+            if item.len() >= std::mem::size_of::<Event>() {
+                // SAFETY: the kernel wrote an `Event` (same #[repr(C)] type) at this address.
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
+            }
+        }
+        if let Ok(mut s) = stats.lock() {
+            for ev in &batch {
+                s.record(ev);
+            }
+        }
+        guard.clear_ready();
+    }
+}

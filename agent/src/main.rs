@@ -1,0 +1,111 @@
+//! breakwater-agent: traces MySQL server sockets on this host in the kernel (eBPF) and
+//! exports connections, request latency by operation, bytes and errors as Prometheus metrics.
+
+mod classify;
+mod loader;
+mod prometheus;
+mod stats;
+
+use clap::Parser;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(name = "breakwater-agent", version, about)]
+struct Cli {
+    /// MySQL ports to watch on this host.
+    #[arg(long, value_delimiter = ',', default_value = "3306")]
+    ports: Vec<u16>,
+    /// Prometheus /metrics listener.
+    #[arg(long, default_value = "127.0.0.1:9435")]
+    prometheus_listen: String,
+    /// Print a live table every interval (for a person on the host).
+    #[arg(long)]
+    print: bool,
+    /// Interval of --print, in ms.
+    #[arg(long, default_value_t = 2000)]
+    interval_ms: u64,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("breakwater-agent: cannot start runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("breakwater-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut loaded = loader::load(&cli.ports)?;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+    let stats: prometheus::Shared = Arc::new(Mutex::new(stats::Stats::default()));
+    let listener = tokio::net::TcpListener::bind(&cli.prometheus_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cli.prometheus_listen))?;
+    let drops = loaded.drops.clone();
+    {
+        let stats = stats.clone();
+        let host = host.clone();
+        let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+            let d = loader::read_drops(&drops);
+            match stats.lock() {
+                Ok(s) => prometheus::render(&s, &d, &host),
+                Err(_) => String::new(),
+            }
+        });
+        tokio::spawn(prometheus::serve(listener, render));
+    }
+    if cli.print {
+        let stats = stats.clone();
+        let every = Duration::from_millis(cli.interval_ms.max(100));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                if let Ok(s) = stats.lock() {
+                    print_table(&s);
+                }
+            }
+        });
+    }
+    tracing::info!(ports = ?cli.ports, prometheus = %cli.prometheus_listen, hooks = %loaded.hooks, "breakwater-agent attached");
+    let events = loader::pump_events(&mut loaded, stats.clone());
+    tokio::select! {
+        r = events => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+fn print_table(s: &stats::Stats) {
+    println!("\n{:<6} {:>7} {:>8} {:>8} {:>8}   {:<18} {:>9} {:>6} {:>9} {:>9} {:>9}", "port", "active", "opened", "closed", "errors", "operation", "requests", "errs", "p50 ms", "p99 ms", "max ms");
+    for (port, p) in &s.ports {
+        println!("{:<6} {:>7} {:>8} {:>8} {:>8}", port, s.active(*port), p.opened, p.closed, p.errors);
+        for ((_, op), o) in s.ops.range((*port, "")..(*port + 1, "")) {
+            let ms = |v: u64| v as f64 / 1e6;
+            println!(
+                "{:<42}   {:<18} {:>9} {:>6} {:>9.3} {:>9.3} {:>9.3}",
+                "",
+                op,
+                o.count,
+                o.errors,
+                ms(o.hist.value_at_quantile(0.5)),
+                ms(o.hist.value_at_quantile(0.99)),
+                ms(o.hist.max())
+            );
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! The /metrics endpoint (Prometheus text format), served with a minimal HTTP/1.1 responder.
+//! Names follow Prometheus conventions; labels follow OpenTelemetry's semantic conventions
+//! (server_port, client_address, db_operation_name, db_system_name="mysql").
+
+use crate::stats::{Stats, BUCKETS};
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
+    let mut o = String::with_capacity(8192);
+    let base = format!("db_system_name=\"mysql\",host_name=\"{host}\"");
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(&mut o, "breakwater_agent_connections_opened_total", "counter", "Connections accepted on a watched MySQL port.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connections_opened_total{{{base},server_port=\"{port}\"}} {}", p.opened);
+    }
+    family(&mut o, "breakwater_agent_connections_closed_total", "counter", "Connections closed on a watched MySQL port.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connections_closed_total{{{base},server_port=\"{port}\"}} {}", p.closed);
+    }
+    family(&mut o, "breakwater_agent_connections_active", "gauge", "Connections open now (since the agent started).");
+    for port in stats.ports.keys() {
+        let _ = writeln!(o, "breakwater_agent_connections_active{{{base},server_port=\"{port}\"}} {}", stats.active(*port));
+    }
+    family(&mut o, "breakwater_agent_connection_duration_seconds_sum", "counter", "Total lifetime of closed connections.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_sum{{{base},server_port=\"{port}\"}} {:.6}", p.conn_seconds_sum);
+    }
+    family(&mut o, "breakwater_agent_received_bytes_total", "counter", "Bytes received on closed connections.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_received_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_in);
+    }
+    family(&mut o, "breakwater_agent_sent_bytes_total", "counter", "Bytes sent on closed connections.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_sent_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_out);
+    }
+    family(&mut o, "breakwater_agent_peer_connections_opened_total", "counter", "Connections accepted, per client address.");
+    for ((port, ip), p) in &stats.peers {
+        let _ = writeln!(o, "breakwater_agent_peer_connections_opened_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.opened);
+    }
+    family(&mut o, "breakwater_agent_peer_connections_closed_total", "counter", "Connections closed, per client address.");
+    for ((port, ip), p) in &stats.peers {
+        let _ = writeln!(o, "breakwater_agent_peer_connections_closed_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.closed);
+    }
+    family(&mut o, "breakwater_agent_peer_requests_total", "counter", "Requests answered, per client address.");
+    for ((port, ip), p) in &stats.peers {
+        let _ = writeln!(o, "breakwater_agent_peer_requests_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.requests);
+    }
+    family(&mut o, "breakwater_agent_peer_request_errors_total", "counter", "Requests answered with a MySQL ERR packet, per client address.");
+    for ((port, ip), p) in &stats.peers {
+        let _ = writeln!(o, "breakwater_agent_peer_request_errors_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.errors);
+    }
+    family(&mut o, "breakwater_agent_request_errors_total", "counter", "Requests answered with a MySQL ERR packet.");
+    for ((port, op), s) in &stats.ops {
+        let _ = writeln!(o, "breakwater_agent_request_errors_total{{{base},server_port=\"{port}\",db_operation_name=\"{op}\"}} {}", s.errors);
+    }
+    family(&mut o, "breakwater_agent_request_duration_seconds", "histogram", "First request byte in to first response byte out.");
+    for ((port, op), s) in &stats.ops {
+        let labels = format!("{base},server_port=\"{port}\",db_operation_name=\"{op}\"");
+        for b in BUCKETS {
+            let le_ns = (b * 1e9) as u64;
+            let n = s.hist.count_between(0, le_ns);
+            let _ = writeln!(o, "breakwater_agent_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {n}");
+        }
+        let _ = writeln!(o, "breakwater_agent_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", s.count);
+        let _ = writeln!(o, "breakwater_agent_request_duration_seconds_sum{{{labels}}} {:.9}", s.sum_ns as f64 / 1e9);
+        let _ = writeln!(o, "breakwater_agent_request_duration_seconds_count{{{labels}}} {}", s.count);
+    }
+    family(&mut o, "breakwater_agent_request_duration_quantile_seconds", "gauge", "p50/p95/p99/max of request latency since start.");
+    for ((port, op), s) in &stats.ops {
+        for (q, v) in [("0.5", s.hist.value_at_quantile(0.5)), ("0.95", s.hist.value_at_quantile(0.95)), ("0.99", s.hist.value_at_quantile(0.99)), ("1", s.hist.max())] {
+            let _ = writeln!(o, "breakwater_agent_request_duration_quantile_seconds{{{base},server_port=\"{port}\",db_operation_name=\"{op}\",quantile=\"{q}\"}} {:.9}", v as f64 / 1e9);
+        }
+    }
+    family(&mut o, "breakwater_agent_dropped_events_total", "counter", "Events lost because a fixed-size kernel map was full.");
+    let _ = writeln!(o, "breakwater_agent_dropped_events_total{{{base},reason=\"ringbuf_full\"}} {}", drops[0]);
+    let _ = writeln!(o, "breakwater_agent_dropped_events_total{{{base},reason=\"conns_map_full\"}} {}", drops[1]);
+    o
+}
+
+/// Serve GET /metrics until the process ends.
+pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if req.starts_with("GET /metrics") {
+                ("200 OK", render())
+            } else if req.starts_with("GET /healthz") {
+                ("200 OK", "ok\n".to_string())
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+pub type Shared = Arc<Mutex<Stats>>;
