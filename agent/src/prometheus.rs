@@ -88,12 +88,17 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
         let Ok((mut s, _)) = listener.accept().await else { continue };
         let render = render.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf)).await {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let req = String::from_utf8_lossy(&buf[..n]);
+            // Read the request head (up to 8 KiB, 5 s): it may arrive in several segments.
+            let mut buf = Vec::with_capacity(1024);
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
+                match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return,
+                }
+            }
+            let req = String::from_utf8_lossy(&buf);
             let (status, body) = if req.starts_with("GET /metrics") {
                 ("200 OK", render())
             } else if req.starts_with("GET /healthz") {

@@ -6,8 +6,9 @@
 use crate::{deps, lab, proc};
 use anyhow::Result;
 
-/// Test targets that disturb the lab's topology (kill -9 a node); they run serially, last.
-const DESTRUCTIVE: &[&str] = &["faults"];
+/// Test targets that must have the lab to themselves (kill -9 a node; count every
+/// connection on a port in the kernel): they run serially, last. (package, target)
+const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-agent", "agent")];
 
 pub fn run(extra: &[&str]) -> Result<()> {
     deps::ensure()?;
@@ -33,8 +34,8 @@ fn run_tests(extra: &[&str]) -> Result<()> {
     shared.push("--");
     shared.extend_from_slice(extra);
     proc::cargo(&shared)?;
-    for target in DESTRUCTIVE {
-        let mut args = vec!["test", "-p", "breakwater-proxy", "--test", target, "--", "--test-threads=1"];
+    for (package, target) in SERIAL {
+        let mut args = vec!["test", "-p", package, "--test", target, "--", "--test-threads=1"];
         args.extend_from_slice(extra);
         proc::cargo(&args)?;
     }
