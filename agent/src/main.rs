@@ -3,6 +3,7 @@
 
 mod classify;
 mod loader;
+mod otlp;
 mod prometheus;
 mod stats;
 
@@ -25,6 +26,15 @@ struct Cli {
     /// Interval of --print, in ms.
     #[arg(long, default_value_t = 2000)]
     interval_ms: u64,
+    /// OTLP/gRPC collector endpoint, e.g. http://127.0.0.1:4317 (repeatable).
+    #[arg(long)]
+    otlp_endpoint: Vec<String>,
+    /// OTLP/HTTP (protobuf) metrics URL, e.g. http://127.0.0.1:4318/v1/metrics (repeatable).
+    #[arg(long)]
+    otlp_http_endpoint: Vec<String>,
+    /// OTLP export interval, in ms.
+    #[arg(long, default_value_t = 10000)]
+    export_interval_ms: u64,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -78,6 +88,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::time::sleep(every).await;
                 if let Ok(s) = stats.lock() {
                     print_table(&s);
+                }
+            }
+        });
+    }
+    let targets: Vec<otlp::Target> = cli
+        .otlp_endpoint
+        .iter()
+        .map(|e| otlp::Target::Grpc(e.clone()))
+        .chain(cli.otlp_http_endpoint.iter().map(|e| otlp::Target::Http(e.clone())))
+        .collect();
+    if !targets.is_empty() {
+        let stats = stats.clone();
+        let drops = loaded.drops.clone();
+        let host = host.clone();
+        let every = Duration::from_millis(cli.export_interval_ms.max(100));
+        let start = otlp::now_ns();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let d = loader::read_drops(&drops);
+                let req = match stats.lock() {
+                    Ok(s) => otlp::build_request(&s, &d, &host, start, otlp::now_ns()),
+                    Err(_) => continue,
+                };
+                for t in &targets {
+                    let res = match t {
+                        otlp::Target::Grpc(e) => otlp::send_grpc(e, req.clone()).await,
+                        otlp::Target::Http(e) => otlp::send_http(e, req.clone()).await,
+                    };
+                    if let Err(e) = res {
+                        tracing::warn!(target = ?t, error = %e, "OTLP export failed");
+                    }
                 }
             }
         });

@@ -4,6 +4,12 @@
 //! Runs in the serial phase of `cargo xtask test` (no other traffic on 3307 then).
 
 use breakwater_proxy::protocol::{auth, caps, handshake};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{MetricsService, MetricsServiceServer};
+use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
+use prost::Message;
+use std::sync::{Arc, Mutex};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -106,6 +112,98 @@ fn query(s: &mut TcpStream, sql: &str) -> bool {
     }
 }
 
+type Received = Arc<Mutex<Vec<ExportMetricsServiceRequest>>>;
+
+/// A real OTLP/gRPC receiver: opentelemetry-proto's collector service on tonic.
+struct GrpcReceiver(Received);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcReceiver {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0.lock().unwrap().push(req.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
+}
+
+/// An OTLP/HTTP receiver: POST /v1/metrics with a protobuf body.
+async fn http_receiver(listener: tokio::net::TcpListener, rx: Received) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let rx = rx.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            let (head_end, len) = loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
+                        .unwrap_or(0);
+                    assert!(head.starts_with("post /v1/metrics"), "{head}");
+                    assert!(head.contains("content-type: application/x-protobuf"), "{head}");
+                    break (i + 4, len);
+                }
+            };
+            while buf.len() < head_end + len {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let req = ExportMetricsServiceRequest::decode(&buf[head_end..head_end + len]).unwrap();
+            rx.lock().unwrap().push(req);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        });
+    }
+}
+
+fn attr(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue], key: &str) -> Option<String> {
+    kvs.iter().find(|k| k.key == key).and_then(|k| match k.value.as_ref()?.value.as_ref()? {
+        any_value::Value::StringValue(s) => Some(s.clone()),
+        any_value::Value::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    })
+}
+
+/// Value of a Sum metric's data point whose attributes include every (key, value).
+fn otlp_sum(req: &ExportMetricsServiceRequest, name: &str, want: &[(&str, &str)]) -> Option<i64> {
+    let m = req.resource_metrics.iter().flat_map(|r| &r.scope_metrics).flat_map(|s| &s.metrics).find(|m| m.name == name)?;
+    let Some(metric::Data::Sum(sum)) = &m.data else { return None };
+    sum.data_points
+        .iter()
+        .find(|p| want.iter().all(|(k, v)| attr(&p.attributes, k).as_deref() == Some(*v)))
+        .and_then(|p| match p.value {
+            Some(number_data_point::Value::AsInt(v)) => Some(v),
+            _ => None,
+        })
+}
+
+/// Bucket counts of the latency histogram for one operation on port 3307.
+fn otlp_hist(req: &ExportMetricsServiceRequest, op: &str) -> Option<(Vec<f64>, Vec<u64>, u64)> {
+    let m = req
+        .resource_metrics
+        .iter()
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+        .find(|m| m.name == "breakwater.agent.request.duration")?;
+    let Some(metric::Data::Histogram(h)) = &m.data else { return None };
+    let p = h.data_points.iter().find(|p| {
+        attr(&p.attributes, "db.operation.name").as_deref() == Some(op) && attr(&p.attributes, "server.port").as_deref() == Some("3307")
+    })?;
+    Some((p.explicit_bounds.clone(), p.bucket_counts.clone(), p.count))
+}
+
 #[test]
 fn agent_counts_connections_requests_errors_and_latency_exactly() {
     // Schema first, before the agent watches.
@@ -116,9 +214,26 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
+    // OTLP receivers, gRPC and HTTP, in this process.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let grpc_rx: Received = Default::default();
+    let http_rx: Received = Default::default();
+    let grpc_port = free_port();
+    {
+        let svc = MetricsServiceServer::new(GrpcReceiver(grpc_rx.clone()));
+        let addr: SocketAddr = format!("127.0.0.1:{grpc_port}").parse().unwrap();
+        rt.spawn(async move { tonic::transport::Server::builder().add_service(svc).serve(addr).await });
+    }
+    let http_listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let http_port = http_listener.local_addr().unwrap().port();
+    rt.spawn(http_receiver(http_listener, http_rx.clone()));
+
     let prom = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
         .args(["--ports", "3307", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .args(["--otlp-endpoint", &format!("http://127.0.0.1:{grpc_port}")])
+        .args(["--otlp-http-endpoint", &format!("http://127.0.0.1:{http_port}/v1/metrics")])
+        .args(["--export-interval-ms", "300"])
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()
@@ -168,4 +283,24 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     let bucket = |le: &str| d("breakwater_agent_request_duration_seconds_bucket", &[port, &op("SELECT"), &format!("le=\"{le}\"")]);
     assert_eq!(bucket("0.1") - bucket("0.05"), CONNS as f64, "slow queries in the (0.05, 0.1] bucket");
     assert_eq!(d("breakwater_agent_dropped_events_total", &[]), 0.0);
+
+    // OTLP: the numbers received by both receivers equal the ones counted above.
+    std::thread::sleep(Duration::from_millis(800));
+    for (proto, rx) in [("grpc", &grpc_rx), ("http", &http_rx)] {
+        let got = rx.lock().unwrap();
+        let last = got.last().unwrap_or_else(|| panic!("no OTLP/{proto} export received"));
+        let peer = [("client.address", "127.0.0.55"), ("server.port", "3307"), ("db.system.name", "mysql")];
+        assert_eq!(otlp_sum(last, "breakwater.agent.client.connections.opened", &peer), Some(CONNS as i64), "{proto}");
+        assert_eq!(otlp_sum(last, "breakwater.agent.client.connections.closed", &peer), Some(CONNS as i64), "{proto}");
+        assert_eq!(otlp_sum(last, "breakwater.agent.client.requests", &peer), Some((CONNS * 6) as i64), "{proto}");
+        assert_eq!(otlp_sum(last, "breakwater.agent.client.request.errors", &peer), Some(CONNS as i64), "{proto}");
+        let (bounds, counts, n) = otlp_hist(last, "SELECT").unwrap_or_else(|| panic!("{proto}: no SELECT histogram"));
+        assert_eq!(n, (CONNS * 3) as u64, "{proto}");
+        let i = bounds.iter().position(|b| (*b - 0.1).abs() < 1e-9).unwrap();
+        assert_eq!(counts[i], CONNS as u64, "{proto}: SLEEP(0.06) queries in the (0.05, 0.1] bucket: {bounds:?} {counts:?}");
+        let res = last.resource_metrics[0].resource.as_ref().unwrap();
+        assert_eq!(attr(&res.attributes, "service.name").as_deref(), Some("breakwater-agent"));
+        assert!(attr(&res.attributes, "host.name").is_some());
+    }
+    drop(rt);
 }

@@ -1,0 +1,212 @@
+//! OTLP metrics export (gRPC and HTTP/protobuf): every interval the agent's cumulative
+//! statistics become one ExportMetricsServiceRequest, with OpenTelemetry semantic-convention
+//! attributes (db.system.name, db.operation.name, server.port, client.address,
+//! network.io.direction) and a resource naming the host.
+
+use crate::stats::{Stats, BUCKETS};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
+use opentelemetry_proto::tonic::metrics::v1::{
+    metric, number_data_point, AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    ResourceMetrics, ScopeMetrics, Sum,
+};
+use opentelemetry_proto::tonic::resource::v1::Resource;
+use prost::Message;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn kv(k: &str, v: impl Into<AttrValue>) -> KeyValue {
+    let value = match v.into() {
+        AttrValue::S(s) => any_value::Value::StringValue(s),
+        AttrValue::I(i) => any_value::Value::IntValue(i),
+    };
+    KeyValue { key: k.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
+}
+
+pub enum AttrValue {
+    S(String),
+    I(i64),
+}
+impl From<&str> for AttrValue {
+    fn from(s: &str) -> Self {
+        AttrValue::S(s.to_string())
+    }
+}
+impl From<String> for AttrValue {
+    fn from(s: String) -> Self {
+        AttrValue::S(s)
+    }
+}
+impl From<u16> for AttrValue {
+    fn from(i: u16) -> Self {
+        AttrValue::I(i as i64)
+    }
+}
+
+pub fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
+}
+
+struct Builder {
+    start: u64,
+    now: u64,
+    metrics: Vec<Metric>,
+}
+
+impl Builder {
+    fn sum(&mut self, name: &str, unit: &str, desc: &str, monotonic: bool, points: Vec<(Vec<KeyValue>, u64)>) {
+        let data_points = points
+            .into_iter()
+            .map(|(attributes, v)| NumberDataPoint {
+                attributes,
+                start_time_unix_nano: self.start,
+                time_unix_nano: self.now,
+                value: Some(number_data_point::Value::AsInt(v as i64)),
+                ..Default::default()
+            })
+            .collect();
+        self.metrics.push(Metric {
+            name: name.into(),
+            description: desc.into(),
+            unit: unit.into(),
+            data: Some(metric::Data::Sum(Sum {
+                data_points,
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+                is_monotonic: monotonic,
+            })),
+            ..Default::default()
+        });
+    }
+}
+
+/// The whole cumulative state as one OTLP request.
+pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, now: u64) -> ExportMetricsServiceRequest {
+    let mut b = Builder { start, now, metrics: Vec::new() };
+    let sys = || kv("db.system.name", "mysql");
+    let port_attrs = |p: u16| vec![sys(), kv("server.port", p)];
+    b.sum("breakwater.agent.connections.opened", "{connection}", "Connections accepted on a watched MySQL port.", true,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.opened)).collect());
+    b.sum("breakwater.agent.connections.closed", "{connection}", "Connections closed on a watched MySQL port.", true,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.closed)).collect());
+    b.sum("breakwater.agent.connections.active", "{connection}", "Connections open now (since the agent started).", false,
+        stats.ports.keys().map(|p| (port_attrs(*p), stats.active(*p))).collect());
+    let mut io = Vec::new();
+    for (p, s) in &stats.ports {
+        let mut rx = port_attrs(*p);
+        rx.push(kv("network.io.direction", "receive"));
+        io.push((rx, s.bytes_in));
+        let mut tx = port_attrs(*p);
+        tx.push(kv("network.io.direction", "transmit"));
+        io.push((tx, s.bytes_out));
+    }
+    b.sum("breakwater.agent.network.io", "By", "Bytes on closed connections.", true, io);
+    let peer_attrs = |p: u16, ip: &std::net::IpAddr| vec![sys(), kv("server.port", p), kv("client.address", ip.to_string())];
+    b.sum("breakwater.agent.client.connections.opened", "{connection}", "Connections accepted, per client address.", true,
+        stats.peers.iter().map(|((p, ip), s)| (peer_attrs(*p, ip), s.opened)).collect());
+    b.sum("breakwater.agent.client.connections.closed", "{connection}", "Connections closed, per client address.", true,
+        stats.peers.iter().map(|((p, ip), s)| (peer_attrs(*p, ip), s.closed)).collect());
+    b.sum("breakwater.agent.client.requests", "{request}", "Requests answered, per client address.", true,
+        stats.peers.iter().map(|((p, ip), s)| (peer_attrs(*p, ip), s.requests)).collect());
+    b.sum("breakwater.agent.client.request.errors", "{request}", "Requests answered with an ERR packet, per client address.", true,
+        stats.peers.iter().map(|((p, ip), s)| (peer_attrs(*p, ip), s.errors)).collect());
+    let op_attrs = |p: u16, op: &str| vec![sys(), kv("server.port", p), kv("db.operation.name", op)];
+    b.sum("breakwater.agent.request.errors", "{request}", "Requests answered with a MySQL ERR packet.", true,
+        stats.ops.iter().map(|((p, op), s)| (op_attrs(*p, op), s.errors)).collect());
+    b.sum("breakwater.agent.dropped_events", "{event}", "Events lost because a fixed-size kernel map was full.", true,
+        vec![(vec![kv("reason", "ringbuf_full")], drops[0]), (vec![kv("reason", "conns_map_full")], drops[1])]);
+    // Latency histogram with explicit bounds (seconds); bucket i counts (bound[i-1], bound[i]].
+    let mut points = Vec::new();
+    for ((p, op), s) in &stats.ops {
+        let mut counts = Vec::with_capacity(BUCKETS.len() + 1);
+        let mut below = 0;
+        for bound in BUCKETS {
+            let upto = s.hist.count_between(0, (bound * 1e9) as u64);
+            counts.push(upto.saturating_sub(below));
+            below = upto;
+        }
+        counts.push(s.count.saturating_sub(below));
+        points.push(HistogramDataPoint {
+            attributes: op_attrs(*p, op),
+            start_time_unix_nano: start,
+            time_unix_nano: now,
+            count: s.count,
+            sum: Some(s.sum_ns as f64 / 1e9),
+            bucket_counts: counts,
+            explicit_bounds: BUCKETS.to_vec(),
+            min: Some(s.hist.min() as f64 / 1e9),
+            max: Some(s.hist.max() as f64 / 1e9),
+            ..Default::default()
+        });
+    }
+    b.metrics.push(Metric {
+        name: "breakwater.agent.request.duration".into(),
+        description: "First request byte in to first response byte out, per operation.".into(),
+        unit: "s".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points: points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })),
+        ..Default::default()
+    });
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", "breakwater-agent"), kv("host.name", host)],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                scope: Some(InstrumentationScope {
+                    name: "breakwater-agent".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
+                metrics: b.metrics,
+                schema_url: String::new(),
+            }],
+            schema_url: String::new(),
+        }],
+    }
+}
+
+/// One export target.
+#[derive(Clone, Debug)]
+pub enum Target {
+    Grpc(String),
+    Http(String),
+}
+
+/// Send over OTLP/gRPC.
+pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
+    let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
+    client.export(req).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Send over OTLP/HTTP with a protobuf body (plain http:// only).
+pub async fn send_http(url: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
+    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported for OTLP/HTTP")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/v1/metrics"),
+    };
+    let body = req.encode_to_vec();
+    let mut s = tokio::net::TcpStream::connect(hostport).await.map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    s.write_all(&body).await.map_err(|e| e.to_string())?;
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+        .await
+        .map_err(|_| "timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    let status = String::from_utf8_lossy(resp.split(|b| *b == b'\n').next().unwrap_or(&[])).to_string();
+    if status.contains(" 200") || status.contains(" 202") {
+        Ok(())
+    } else {
+        Err(format!("collector answered {}", status.trim()))
+    }
+}
