@@ -9,6 +9,7 @@ pub const REQ_PREFIX: usize = 32;
 pub const EVENT_OPEN: u32 = 1;
 pub const EVENT_CLOSE: u32 = 2;
 pub const EVENT_REQUEST: u32 = 3;
+pub const EVENT_RETRANSMIT: u32 = 4;
 
 /// Connection phases tracked in the kernel.
 pub const PHASE_IDLE: u8 = 0;

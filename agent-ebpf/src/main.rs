@@ -8,6 +8,8 @@
 //!   request's first bytes and the response's first byte are read from the syscall's user
 //!   buffer, so the agent can name the command and count ERR responses.
 //!
+//! - `tcp_retransmit_skb`: retransmitted segments on tracked sockets.
+//!
 //! Classic tracepoints with the field offsets of their format files (sock:*, stable since
 //! 4.16/6.x); maps have fixed sizes and overflows are counted in DROPS.
 #![no_std]
@@ -243,6 +245,34 @@ unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
         bytes_out: 0,
         requests: 0,
         request: st.request,
+    };
+    emit(&ev);
+    Ok(())
+}
+
+/// tcp:tcp_retransmit_skb on a tracked connection: one event per retransmitted segment.
+#[tracepoint]
+pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+    let _ = unsafe { on_retransmit(&ctx) };
+    0
+}
+
+unsafe fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
+    let sk: u64 = ctx.read_at(16)?;
+    let Some(st) = CONNS.get(&sk) else { return Ok(()) };
+    let ev = Event {
+        kind: EVENT_RETRANSMIT,
+        port: st.port,
+        peer_port: st.peer_port,
+        peer_addr: st.peer_addr,
+        response_err: 0,
+        _pad: [0; 3],
+        request_len: 0,
+        value_ns: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        requests: 0,
+        request: [0; REQ_PREFIX],
     };
     emit(&ev);
     Ok(())

@@ -49,18 +49,24 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
     let mut hooks = Vec::new();
-    for (name, required) in [("inet_sock_set_state", true), ("sock_recv_length", false), ("sock_send_length", false)] {
+    for (category, name, required) in [
+        ("sock", "inet_sock_set_state", true),
+        ("sock", "sock_recv_length", false),
+        ("sock", "sock_send_length", false),
+        ("tcp", "tcp_retransmit_skb", false),
+    ] {
         let prog: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
             .try_into()?;
-        let res = prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach("sock", name).map_err(anyhow::Error::from));
+        let res = prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach(category, name).map_err(anyhow::Error::from));
         match res {
-            Ok(_) => hooks.push(format!("sock:{name}")),
+            Ok(_) => hooks.push(format!("{category}:{name}")),
             Err(e) if !required => {
-                tracing::warn!(hook = %format!("sock:{name}"), error = %e, "hook unavailable: request latency, bytes and errors are not measured; connection metrics only");
+                let lost = if category == "tcp" { "retransmits are not counted" } else { "request latency, bytes and errors are not measured" };
+                tracing::warn!(hook = %format!("{category}:{name}"), error = %e, "hook unavailable: {lost}");
             }
-            Err(e) => return Err(e.context(format!("attaching tracepoint sock:{name}"))),
+            Err(e) => return Err(e.context(format!("attaching tracepoint {category}:{name}"))),
         }
     }
     let mut watched: HashMap<_, u16, u8> = HashMap::try_from(ebpf.map_mut("WATCHED").ok_or_else(|| anyhow!("map WATCHED missing"))?)?;

@@ -91,6 +91,8 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
         stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.closed)).collect());
     b.sum("breakwater.agent.connections.active", "{connection}", "Connections open now (since the agent started).", false,
         stats.ports.keys().map(|p| (port_attrs(*p), stats.active(*p))).collect());
+    b.sum("breakwater.agent.tcp.retransmits", "{segment}", "Retransmitted TCP segments on watched connections.", true,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.retransmits)).collect());
     let mut io = Vec::new();
     for (p, s) in &stats.ports {
         let mut rx = port_attrs(*p);

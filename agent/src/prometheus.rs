@@ -38,6 +38,10 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_sent_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_out);
     }
+    family(&mut o, "breakwater_agent_tcp_retransmits_total", "counter", "Retransmitted TCP segments on watched connections.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_tcp_retransmits_total{{{base},server_port=\"{port}\"}} {}", p.retransmits);
+    }
     family(&mut o, "breakwater_agent_peer_connections_opened_total", "counter", "Connections accepted, per client address.");
     for ((port, ip), p) in &stats.peers {
         let _ = writeln!(o, "breakwater_agent_peer_connections_opened_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.opened);

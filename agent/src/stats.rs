@@ -3,7 +3,7 @@
 //! number of keys is bounded (peers beyond MAX_PEERS are folded into "other").
 
 use crate::classify;
-use breakwater_agent_common::{Event, EVENT_CLOSE, EVENT_OPEN, EVENT_REQUEST};
+use breakwater_agent_common::{Event, EVENT_CLOSE, EVENT_OPEN, EVENT_REQUEST, EVENT_RETRANSMIT};
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv6Addr};
@@ -20,6 +20,7 @@ pub struct PortStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub errors: u64,
+    pub retransmits: u64,
     pub conn_seconds_sum: f64,
 }
 
@@ -100,6 +101,7 @@ impl Stats {
                 s.sum_ns += ev.value_ns as u128;
                 let _ = s.hist.record(ev.value_ns.clamp(1_000, 60_000_000_000));
             }
+            EVENT_RETRANSMIT => port.retransmits += 1,
             _ => {}
         }
     }

@@ -72,11 +72,8 @@ fn read_packet(s: &mut TcpStream) -> Vec<u8> {
 fn connect() -> TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.55:0".parse::<SocketAddr>().unwrap()).unwrap();
-    let std_sock = std::net::TcpStream::from({
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        rt.block_on(sock.connect("127.0.0.1:3307".parse().unwrap())).unwrap().into_std().unwrap()
-    });
-    let mut s = std_sock;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let mut s = rt.block_on(sock.connect("127.0.0.1:3307".parse().unwrap())).unwrap().into_std().unwrap();
     s.set_nonblocking(false).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let g = handshake::parse_greeting(&read_packet(&mut s)).unwrap();
@@ -303,4 +300,62 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
         assert!(attr(&res.attributes, "host.name").is_some());
     }
     drop(rt);
+
+    // Retransmits: drop the server's segments to 127.0.0.55 for a moment (nftables).
+    let before = scrape(prom);
+    let snmp_before = retrans_segs();
+    let mut s = connect();
+    let guard = DropRule::add();
+    let t0 = Instant::now();
+    let q = std::thread::spawn(move || query(&mut s, "SELECT 1"));
+    std::thread::sleep(Duration::from_millis(900));
+    let counters = Command::new("nft").args(["list", "table", "inet", "bwtest"]).output().unwrap();
+    drop(guard);
+    assert!(!q.join().unwrap(), "the query completes once segments flow again");
+    println!("query took {:?}; kernel RetransSegs +{}; {}", t0.elapsed(), retrans_segs() - snmp_before, String::from_utf8_lossy(&counters.stdout));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = scrape(prom);
+    let retrans = get(&after, "breakwater_agent_tcp_retransmits_total", &[port]) - get(&before, "breakwater_agent_tcp_retransmits_total", &[port]);
+    println!("retransmits counted: {retrans}\n{}", http_get(prom, "/metrics").unwrap_or_default().lines().filter(|l| l.contains("retransmits_total{")).collect::<Vec<_>>().join("\n"));
+    assert!(retrans >= 1.0, "retransmits seen: {retrans}");
+}
+
+/// The kernel's own count of retransmitted segments (/proc/net/snmp Tcp: RetransSegs).
+fn retrans_segs() -> i64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (Some(names), Some(values)) = (tcp.next(), tcp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "RetransSegs")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// An nftables rule dropping 3307 -> 127.0.0.55 data segments on the receive path (pure ACKs
+/// pass, so the server, not the client, has to retransmit; a drop on the output path would
+/// only make the server's send fail locally, which TCP does not count as a retransmit),
+/// removed on drop.
+struct DropRule;
+
+impl DropRule {
+    fn add() -> Self {
+        let _ = Command::new("nft").args(["delete", "table", "inet", "bwtest"]).status();
+        for args in [
+            vec!["add", "table", "inet", "bwtest"],
+            vec!["add", "chain", "inet", "bwtest", "out", "{ type filter hook input priority 0 ; }"],
+            vec!["add", "rule", "inet", "bwtest", "out", "ip", "daddr", "127.0.0.55", "tcp", "sport", "3307", "ip", "length", ">", "64", "counter", "drop"],
+        ] {
+            let st = Command::new("nft").args(&args).status().expect("nft (apt-get install nftables)");
+            assert!(st.success(), "nft {args:?}");
+        }
+        DropRule
+    }
+}
+
+impl Drop for DropRule {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", "bwtest"]).status();
+    }
 }

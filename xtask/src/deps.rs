@@ -9,6 +9,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("mariadbd", "mariadb-server"),
     ("mariadb", "mariadb-client"),
     ("sysbench", "sysbench"),
+    ("nft", "nftables"),
 ];
 
 pub fn ensure() -> Result<()> {
