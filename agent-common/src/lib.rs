@@ -35,6 +35,11 @@ pub struct Event {
     pub _pad: [u8; 3],
     /// How many bytes of `request` are valid.
     pub request_len: u32,
+    /// The server socket's kernel address: identifies the connection.
+    pub sock: u64,
+    /// REQUEST: the first bytes of the response (a PREPARE_OK carries the statement id).
+    pub response: [u8; 12],
+    pub _pad2: [u8; 4],
     /// REQUEST: first request byte to first response byte. CLOSE: connection lifetime.
     pub value_ns: u64,
     /// CLOSE: totals for the connection.

@@ -110,6 +110,9 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             response_err: 0,
             _pad: [0; 3],
             request_len: 0,
+            sock: sk,
+            response: [0; 12],
+            _pad2: [0; 4],
             value_ns: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -127,6 +130,9 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
                 response_err: 0,
                 _pad: [0; 3],
                 request_len: 0,
+                sock: sk,
+                response: [0; 12],
+                _pad2: [0; 4],
                 value_ns: bpf_ktime_get_ns().saturating_sub(st.opened_ns),
                 bytes_in: st.bytes_in,
                 bytes_out: st.bytes_out,
@@ -169,7 +175,10 @@ unsafe fn on_recv(ctx: &TracePointContext) -> Result<(), i32> {
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
     let st = &mut *st;
     st.bytes_in += ret as u64;
-    if st.phase == PHASE_REQUEST {
+    // COM_STMT_SEND_LONG_DATA (0x18) and COM_STMT_CLOSE (0x19) get no response: the next
+    // bytes are a new command.
+    let no_reply = st.request_len > 4 && (st.request[4] == 0x18 || st.request[4] == 0x19);
+    if st.phase == PHASE_REQUEST && !no_reply {
         // More bytes of the same request. MariaDB reads the 4-byte packet header first and
         // the payload next: complete the prefix from the payload read.
         if st.request_len == 4 {
@@ -225,7 +234,7 @@ unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let now = bpf_ktime_get_ns();
-    let mut first = [0u8; 8];
+    let mut first = [0u8; 12];
     let err = match syscall_buffer() {
         Some(buf) if bpf_probe_read_user_buf(buf as *const u8, &mut first).is_ok() => first[4] == 0xff,
         _ => false,
@@ -240,6 +249,9 @@ unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
         response_err: err as u8,
         _pad: [0; 3],
         request_len: st.request_len,
+        sock: sk,
+        response: first,
+        _pad2: [0; 4],
         value_ns: now.saturating_sub(st.request_ns),
         bytes_in: 0,
         bytes_out: 0,
@@ -268,6 +280,9 @@ unsafe fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         response_err: 0,
         _pad: [0; 3],
         request_len: 0,
+        sock: sk,
+        response: [0; 12],
+        _pad2: [0; 4],
         value_ns: 0,
         bytes_in: 0,
         bytes_out: 0,

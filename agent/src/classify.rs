@@ -38,6 +38,11 @@ pub fn operation(head: &[u8]) -> &'static str {
     }
 }
 
+/// The kind of a prepared statement from its COM_STMT_PREPARE request prefix.
+pub fn prepared_kind(head: &[u8]) -> &'static str {
+    statement_kind(head.get(5..).unwrap_or(&[]))
+}
+
 /// The first keyword of a statement, skipping whitespace, comments and parentheses.
 fn statement_kind(sql: &[u8]) -> &'static str {
     let mut i = 0;

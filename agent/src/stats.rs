@@ -47,8 +47,13 @@ impl OpStats {
     }
 }
 
+/// Prepared statements per connection, so an EXECUTE is named by its statement's kind.
+pub const MAX_STMTS: usize = 65536;
+
 #[derive(Default)]
 pub struct Stats {
+    /// (server socket, statement id) -> the prepared statement's kind.
+    pub stmts: std::collections::HashMap<(u64, u32), &'static str>,
     pub ports: BTreeMap<u16, PortStats>,
     pub peers: BTreeMap<(u16, IpAddr), PeerStats>,
     pub ops: BTreeMap<(u16, &'static str), OpStats>,
@@ -80,6 +85,8 @@ impl Stats {
                 peer.opened += 1;
             }
             EVENT_CLOSE => {
+                let sock = ev.sock;
+                self.stmts.retain(|(s, _), _| *s != sock);
                 port.closed += 1;
                 peer.closed += 1;
                 port.bytes_in += ev.bytes_in;
@@ -88,7 +95,18 @@ impl Stats {
             }
             EVENT_REQUEST => {
                 let len = (ev.request_len as usize).min(ev.request.len());
-                let op = classify::operation(&ev.request[..len]);
+                let req = &ev.request[..len];
+                let mut op = classify::operation(req);
+                if op == "COM_STMT_PREPARE" && ev.response[4] == 0x00 && self.stmts.len() < MAX_STMTS {
+                    // PREPARE_OK: statement id follows the status byte.
+                    let id = u32::from_le_bytes([ev.response[5], ev.response[6], ev.response[7], ev.response[8]]);
+                    self.stmts.insert((ev.sock, id), classify::prepared_kind(req));
+                } else if op == "COM_STMT_EXECUTE" && len >= 9 {
+                    let id = u32::from_le_bytes([req[5], req[6], req[7], req[8]]);
+                    if let Some(kind) = self.stmts.get(&(ev.sock, id)) {
+                        op = kind;
+                    }
+                }
                 peer.requests += 1;
                 let err = ev.response_err != 0;
                 if err {

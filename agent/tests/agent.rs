@@ -201,6 +201,46 @@ fn otlp_hist(req: &ExportMetricsServiceRequest, op: &str) -> Option<(Vec<f64>, V
     Some((p.explicit_bounds.clone(), p.bucket_counts.clone(), p.count))
 }
 
+/// COM_STMT_PREPARE; returns the statement id (one parameter and one column expected).
+fn prepare(s: &mut TcpStream, sql: &str) -> u32 {
+    let mut p = vec![0x16];
+    p.extend_from_slice(sql.as_bytes());
+    s.write_all(&packet(0, &p)).unwrap();
+    let ok = read_packet(s);
+    assert_eq!(ok[0], 0, "prepare: {}", String::from_utf8_lossy(&ok));
+    let id = u32::from_le_bytes([ok[1], ok[2], ok[3], ok[4]]);
+    let mut eofs = 0;
+    while eofs < 2 {
+        let p = read_packet(s);
+        if p[0] == 0xfe && p.len() < 9 {
+            eofs += 1;
+        }
+    }
+    id
+}
+
+/// COM_STMT_EXECUTE with one BIGINT parameter; reads the binary result set.
+fn execute_one_bigint(s: &mut TcpStream, id: u32, v: i64) {
+    let mut p = vec![0x17];
+    p.extend_from_slice(&id.to_le_bytes());
+    p.push(0); // no cursor
+    p.extend_from_slice(&1u32.to_le_bytes());
+    p.push(0); // null bitmap
+    p.push(1); // new params bound
+    p.extend_from_slice(&[0x08, 0x00]); // MYSQL_TYPE_LONGLONG
+    p.extend_from_slice(&v.to_le_bytes());
+    s.write_all(&packet(0, &p)).unwrap();
+    let first = read_packet(s);
+    assert!(first[0] != 0xff, "execute: {}", String::from_utf8_lossy(&first));
+    let mut eofs = 0;
+    while eofs < 2 {
+        let p = read_packet(s);
+        if p[0] == 0xfe && p.len() < 9 {
+            eofs += 1;
+        }
+    }
+}
+
 #[test]
 fn agent_counts_connections_requests_errors_and_latency_exactly() {
     // Schema first, before the agent watches.
@@ -253,6 +293,14 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
         assert!(!query(&mut s, &format!("INSERT INTO t VALUES ({c}, 1)")));
         assert!(!query(&mut s, &format!("UPDATE t SET v = 2 WHERE id = {c}")));
         assert!(!query(&mut s, &format!("/* c */ DELETE FROM t WHERE id = {c}")));
+        // A prepared SELECT: PREPARE, EXECUTE (named SELECT by its statement), CLOSE (no
+        // response, not a request), then a plain SELECT.
+        let id = prepare(&mut s, "SELECT ? + 1");
+        execute_one_bigint(&mut s, id, 41);
+        let mut close = vec![0x19];
+        close.extend_from_slice(&id.to_le_bytes());
+        s.write_all(&packet(0, &close)).unwrap();
+        assert!(!query(&mut s, "SELECT 2"));
         s.write_all(&packet(0, &[0x01])).unwrap(); // COM_QUIT
         let mut rest = Vec::new();
         let _ = s.read_to_end(&mut rest); // server closes
@@ -266,12 +314,14 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     println!("{}", http_get(prom, "/metrics").unwrap_or_default().lines().filter(|l| l.contains("127.0.0.55")).collect::<Vec<_>>().join("\n"));
     assert_eq!(d("breakwater_agent_peer_connections_opened_total", &[peer, port]), CONNS as f64);
     assert_eq!(d("breakwater_agent_peer_connections_closed_total", &[peer, port]), CONNS as f64);
-    // COM_QUIT has no response, so it is not an answered request.
-    assert_eq!(d("breakwater_agent_peer_requests_total", &[peer, port]), (CONNS * 6) as f64);
+    // COM_QUIT and COM_STMT_CLOSE have no response, so they are not answered requests.
+    assert_eq!(d("breakwater_agent_peer_requests_total", &[peer, port]), (CONNS * 9) as f64);
     assert_eq!(d("breakwater_agent_peer_request_errors_total", &[peer, port]), CONNS as f64);
     let op = |o: &str| format!("db_operation_name=\"{o}\"");
     let count = |o: &str| d("breakwater_agent_request_duration_seconds_count", &[port, &op(o)]);
-    assert_eq!(count("SELECT"), (CONNS * 3) as f64);
+    assert_eq!(count("SELECT"), (CONNS * 5) as f64);
+    assert_eq!(count("COM_STMT_PREPARE"), CONNS as f64);
+    assert_eq!(count("COM_STMT_EXECUTE"), 0.0, "executes are named by their statement");
     assert_eq!(count("INSERT"), CONNS as f64);
     assert_eq!(count("UPDATE"), CONNS as f64);
     assert_eq!(count("DELETE"), CONNS as f64);
@@ -289,10 +339,10 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
         let peer = [("client.address", "127.0.0.55"), ("server.port", "3307"), ("db.system.name", "mysql")];
         assert_eq!(otlp_sum(last, "breakwater.agent.client.connections.opened", &peer), Some(CONNS as i64), "{proto}");
         assert_eq!(otlp_sum(last, "breakwater.agent.client.connections.closed", &peer), Some(CONNS as i64), "{proto}");
-        assert_eq!(otlp_sum(last, "breakwater.agent.client.requests", &peer), Some((CONNS * 6) as i64), "{proto}");
+        assert_eq!(otlp_sum(last, "breakwater.agent.client.requests", &peer), Some((CONNS * 9) as i64), "{proto}");
         assert_eq!(otlp_sum(last, "breakwater.agent.client.request.errors", &peer), Some(CONNS as i64), "{proto}");
         let (bounds, counts, n) = otlp_hist(last, "SELECT").unwrap_or_else(|| panic!("{proto}: no SELECT histogram"));
-        assert_eq!(n, (CONNS * 3) as u64, "{proto}");
+        assert_eq!(n, (CONNS * 5) as u64, "{proto}");
         let i = bounds.iter().position(|b| (*b - 0.1).abs() < 1e-9).unwrap();
         assert_eq!(counts[i], CONNS as u64, "{proto}: SLEEP(0.06) queries in the (0.05, 0.1] bucket: {bounds:?} {counts:?}");
         let res = last.resource_metrics[0].resource.as_ref().unwrap();
