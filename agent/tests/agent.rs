@@ -31,7 +31,7 @@ fn free_port() -> u16 {
 fn http_get(port: u16, path: &str) -> Option<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
@@ -201,6 +201,50 @@ fn otlp_hist(req: &ExportMetricsServiceRequest, op: &str) -> Option<(Vec<f64>, V
     Some((p.explicit_bounds.clone(), p.bucket_counts.clone(), p.count))
 }
 
+/// Run Debian's prometheus against the agent's /metrics until it has scraped it, then ask
+/// its query API for `expr`.
+fn prometheus_scrape(agent_port: u16, expr: &str) -> f64 {
+    struct Prom(Child, std::path::PathBuf);
+    impl Drop for Prom {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("bw-prom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("prometheus.yml");
+    std::fs::write(
+        &cfg,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: breakwater-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"),
+    )
+    .unwrap();
+    let web = free_port();
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", cfg.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus (apt-get install prometheus)");
+    let _prom = Prom(child, dir);
+    let query = format!("/api/v1/query?query={}", expr.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace(',', "%2C"));
+    let t = Instant::now();
+    loop {
+        if let Some(body) = http_get(web, &query) {
+            // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},"value":[ts,"24"]}]}}
+            if let Some(v) = body.rsplit_once("\"value\":[").and_then(|(_, r)| r.split('"').nth(1)).and_then(|v| v.parse().ok()) {
+                return v;
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "prometheus never returned {expr}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
 /// COM_STMT_PREPARE; returns the statement id (one parameter and one column expected).
 fn prepare(s: &mut TcpStream, sql: &str) -> u32 {
     let mut p = vec![0x16];
@@ -331,6 +375,10 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     assert_eq!(bucket("0.1") - bucket("0.05"), CONNS as f64, "slow queries in the (0.05, 0.1] bucket");
     assert_eq!(d("breakwater_agent_dropped_events_total", &[]), 0.0);
 
+    // A real Prometheus (Debian's package) scrapes /metrics and sees the same numbers.
+    let prom_value = prometheus_scrape(prom, "breakwater_agent_peer_requests_total{client_address=\"127.0.0.55\",server_port=\"3307\"}");
+    assert_eq!(prom_value, get(&scrape(prom), "breakwater_agent_peer_requests_total", &[peer, port]));
+
     // OTLP: the numbers received by both receivers equal the ones counted above.
     std::thread::sleep(Duration::from_millis(800));
     for (proto, rx) in [("grpc", &grpc_rx), ("http", &http_rx)] {
@@ -408,4 +456,19 @@ impl Drop for DropRule {
     fn drop(&mut self) {
         let _ = Command::new("nft").args(["delete", "table", "inet", "bwtest"]).status();
     }
+}
+
+/// Without root, one clear error line and a non-zero exit, no stack trace.
+#[test]
+fn without_root_one_clear_error_line() {
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_breakwater-agent"))
+        .args(["--ports", "3307", "--prometheus-listen", "127.0.0.1:0"])
+        .output()
+        .expect("setpriv (util-linux)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("must run as root"), "{stderr}");
 }

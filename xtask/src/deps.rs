@@ -10,6 +10,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("mariadb", "mariadb-client"),
     ("sysbench", "sysbench"),
     ("nft", "nftables"),
+    ("prometheus", "prometheus"),
 ];
 
 pub fn ensure() -> Result<()> {
