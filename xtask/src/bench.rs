@@ -143,5 +143,69 @@ pub fn run(args: &[&str]) -> Result<()> {
     }
     println!("\nproxy peak RSS: {:.1} MiB (release build, --worker-threads 1)", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
     println!("direct = sysbench to 3307; proxy = sysbench to 6033 (reads to 3308/3309 by the default rules)");
+    drop(proxy);
+    agent_overhead(secs)
+}
+
+/// (run_time_ns, run_cnt) summed over the BPF programs a process holds, from
+/// /proc/PID/fdinfo (filled while kernel.bpf_stats_enabled=1).
+fn bpf_prog_stats(pid: u32) -> (u64, u64) {
+    let mut total = (0, 0);
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return total };
+    for e in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        if !text.contains("prog_type:") {
+            continue;
+        }
+        for l in text.lines() {
+            let mut it = l.split_whitespace();
+            match (it.next(), it.next().and_then(|v| v.parse::<u64>().ok())) {
+                (Some("run_time_ns:"), Some(v)) => total.0 += v,
+                (Some("run_cnt:"), Some(v)) => total.1 += v,
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// sysbench oltp_point_select on 3307 with and without the eBPF agent attached, interleaved,
+/// and the BPF CPU time per query.
+fn agent_overhead(secs: u32) -> Result<()> {
+    proc::cargo(&["build", "--release", "-p", "breakwater-agent"])?;
+    let bin = proc::target_bin("release", "breakwater-agent");
+    proc::run_inherit(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
+    let mut without = Vec::new();
+    let mut with = Vec::new();
+    let mut bpf_ns_per_query = Vec::new();
+    for _ in 0..2 {
+        without.push(sysbench("oltp_point_select", 3307, 32, secs / 2, &[])?);
+        let child = Command::new(&bin)
+            .args(["--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let agent = Proxy(child);
+        wait_port(9435)?;
+        let before = bpf_prog_stats(agent.0.id());
+        let run = sysbench("oltp_point_select", 3307, 32, secs / 2, &[])?;
+        let after = bpf_prog_stats(agent.0.id());
+        let queries = run.qps * (secs / 2) as f64;
+        bpf_ns_per_query.push((after.0 - before.0) as f64 / queries.max(1.0));
+        with.push(run);
+        drop(agent);
+    }
+    let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
+    let mean = |v: &[Run]| v.iter().map(|r| r.qps).sum::<f64>() / v.len() as f64;
+    let (a, b) = (mean(&without), mean(&with));
+    println!("\n{:<28} {:>12} {:>12} {:>9} {:>16}", "agent overhead (3307, 32 thr)", "without qps", "with qps", "loss", "BPF ns/query");
+    println!(
+        "{:<28} {:>12.0} {:>12.0} {:>8.1}% {:>16.0}",
+        "oltp_point_select",
+        a,
+        b,
+        (a - b) / a * 100.0,
+        bpf_ns_per_query.iter().sum::<f64>() / bpf_ns_per_query.len() as f64
+    );
     Ok(())
 }
