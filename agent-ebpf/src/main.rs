@@ -18,12 +18,16 @@
 use aya_ebpf::bindings::pt_regs;
 use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
 use aya_ebpf::macros::{map, tracepoint};
-use aya_ebpf::maps::{HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::TracePointContext;
 use breakwater_agent_common::*;
 
 #[map]
 static WATCHED: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
+/// The same ports as an array indexed by port: the cheapest possible first filter for the
+/// recv/send hooks, which fire for every socket on the host.
+#[map]
+static WATCHED_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 #[map]
 static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
 #[map]
@@ -150,6 +154,16 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
     Ok(())
 }
 
+/// Offset of `skc_num` (the local port, host order) in `struct sock_common`, stable since 2.6.
+const SKC_NUM_OFFSET: u64 = 14;
+
+/// Whether this socket's local port is watched: one kernel read and one array lookup, so
+/// sockets of other programs (clients, replication, the agent) cost almost nothing.
+unsafe fn on_watched_port(sk: u64) -> bool {
+    let Ok(port) = bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) else { return false };
+    matches!(WATCHED_PORTS.get(port as u32), Some(v) if *v != 0)
+}
+
 /// The user buffer of the current recv/send syscall, when it is read/write/recvfrom/sendto.
 unsafe fn syscall_buffer() -> Option<u64> {
     let task = bpf_get_current_task_btf();
@@ -176,6 +190,9 @@ unsafe fn on_recv(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = ctx.read_at(8)?;
+    if !on_watched_port(sk) {
+        return Ok(());
+    }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
     let st = &mut *st;
     st.bytes_in += ret as u64;
@@ -230,6 +247,9 @@ unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let sk: u64 = ctx.read_at(8)?;
+    if !on_watched_port(sk) {
+        return Ok(());
+    }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
     let st = &mut *st;
     st.bytes_out += ret as u64;

@@ -72,6 +72,11 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     for p in ports {
         watched.insert(p, 1, 0).with_context(|| format!("watching port {p}"))?;
     }
+    let mut ports_array: aya::maps::Array<_, u8> =
+        aya::maps::Array::try_from(ebpf.map_mut("WATCHED_PORTS").ok_or_else(|| anyhow!("map WATCHED_PORTS missing"))?)?;
+    for p in ports {
+        ports_array.set(*p as u32, 1, 0).with_context(|| format!("watching port {p}"))?;
+    }
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
     Ok(Loaded { _ebpf: ebpf, events: Some(events), drops: Arc::new(Mutex::new(drops)), hooks: hooks.join(",") })
