@@ -203,7 +203,7 @@ fn otlp_hist(req: &ExportMetricsServiceRequest, op: &str) -> Option<(Vec<f64>, V
 
 /// Run Debian's prometheus against the agent's /metrics until it has scraped it, then ask
 /// its query API for `expr`.
-fn prometheus_scrape(agent_port: u16, expr: &str) -> f64 {
+fn prometheus_scrape(agent_port: u16, expr: &str, must_have_data: &[String]) -> f64 {
     struct Prom(Child, std::path::PathBuf);
     impl Drop for Prom {
         fn drop(&mut self) {
@@ -231,18 +231,54 @@ fn prometheus_scrape(agent_port: u16, expr: &str) -> f64 {
         .spawn()
         .expect("prometheus (apt-get install prometheus)");
     let _prom = Prom(child, dir);
-    let query = format!("/api/v1/query?query={}", expr.replace('"', "%22").replace('{', "%7B").replace('}', "%7D").replace(',', "%2C"));
+    let encode = |e: &str| -> String {
+        e.bytes()
+            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+            .collect()
+    };
     let t = Instant::now();
-    loop {
-        if let Some(body) = http_get(web, &query) {
+    let value = loop {
+        if let Some(body) = http_get(web, &format!("/api/v1/query?query={}", encode(expr))) {
             // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},"value":[ts,"24"]}]}}
             if let Some(v) = body.rsplit_once("\"value\":[").and_then(|(_, r)| r.split('"').nth(1)).and_then(|v| v.parse().ok()) {
-                return v;
+                break v;
             }
         }
         assert!(t.elapsed() < Duration::from_secs(30), "prometheus never returned {expr}");
         std::thread::sleep(Duration::from_millis(250));
+    };
+    for e in must_have_data {
+        let e = e.replace("$host", ".*");
+        loop {
+            let body = http_get(web, &format!("/api/v1/query?query={}", encode(&e))).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+            assert_ne!(v["status"], "error", "dashboard query fails in Prometheus: {e}: {body}");
+            if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "dashboard query returns no data: {e}: {body}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
+    value
+}
+
+/// Every Prometheus expression in dashboards/*.json.
+fn dashboard_queries() -> Vec<String> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
+    let mut out = Vec::new();
+    for f in std::fs::read_dir(&dir).unwrap().flatten() {
+        if f.path().extension().and_then(|e| e.to_str()) != Some("json") {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.path()).unwrap()).unwrap();
+        for p in v["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().unwrap() {
+                out.push(t["expr"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    out
 }
 
 /// COM_STMT_PREPARE; returns the statement id (one parameter and one column expected).
@@ -375,8 +411,15 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     assert_eq!(bucket("0.1") - bucket("0.05"), CONNS as f64, "slow queries in the (0.05, 0.1] bucket");
     assert_eq!(d("breakwater_agent_dropped_events_total", &[]), 0.0);
 
-    // A real Prometheus (Debian's package) scrapes /metrics and sees the same numbers.
-    let prom_value = prometheus_scrape(prom, "breakwater_agent_peer_requests_total{client_address=\"127.0.0.55\",server_port=\"3307\"}");
+    // A real Prometheus (Debian's package) scrapes /metrics and sees the same numbers, and
+    // every query of the Grafana dashboards returns data.
+    let dashboard_exprs = dashboard_queries();
+    assert!(dashboard_exprs.len() >= 8, "{dashboard_exprs:?}");
+    let prom_value = prometheus_scrape(
+        prom,
+        "breakwater_agent_peer_requests_total{client_address=\"127.0.0.55\",server_port=\"3307\"}",
+        &dashboard_exprs,
+    );
     assert_eq!(prom_value, get(&scrape(prom), "breakwater_agent_peer_requests_total", &[peer, port]));
 
     // OTLP: the numbers received by both receivers equal the ones counted above.
