@@ -16,6 +16,9 @@ pub const PHASE_IDLE: u8 = 0;
 pub const PHASE_REQUEST: u8 = 1;
 pub const PHASE_RESPONSE: u8 = 2;
 
+/// Index in the CONFIG array: byte offset of tcp_sock.srtt_us (0 = unknown), from BTF.
+pub const CONFIG_SRTT_OFFSET: u32 = 0;
+
 /// Indexes of the DROPS per-CPU counters.
 pub const DROP_RINGBUF_FULL: u32 = 0;
 pub const DROP_CONNS_FULL: u32 = 1;
@@ -39,7 +42,8 @@ pub struct Event {
     pub sock: u64,
     /// REQUEST: the first bytes of the response (a PREPARE_OK carries the statement id).
     pub response: [u8; 12],
-    pub _pad2: [u8; 4],
+    /// CLOSE: the smoothed RTT of the connection when it closed, in µs (0 = unknown).
+    pub rtt_us: u32,
     /// REQUEST: first request byte to first response byte. CLOSE: connection lifetime.
     pub value_ns: u64,
     /// CLOSE: totals for the connection.

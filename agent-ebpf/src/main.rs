@@ -9,6 +9,8 @@
 //!   buffer, so the agent can name the command and count ERR responses.
 //!
 //! - `tcp_retransmit_skb`: retransmitted segments on tracked sockets.
+//! - At close, the connection's smoothed RTT (tcp_sock.srtt_us, at the offset the agent
+//!   found in the kernel's BTF).
 //!
 //! Classic tracepoints with the field offsets of their format files (sock:*, stable since
 //! 4.16/6.x); maps have fixed sizes and overflows are counted in DROPS.
@@ -34,6 +36,9 @@ static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
+/// Offsets the agent found in the kernel's BTF (see CONFIG_* in agent-common).
+#[map]
+static CONFIG: Array<u32> = Array::with_max_entries(4, 0);
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
@@ -120,7 +125,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             request_len: 0,
             sock: sk,
             response: [0; 12],
-            _pad2: [0; 4],
+            rtt_us: 0,
             value_ns: 0,
             bytes_in: 0,
             bytes_out: 0,
@@ -130,6 +135,14 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
         emit(&ev);
     } else if new == TCP_CLOSE {
         if let Some(st) = CONNS.get(&sk) {
+            let mut rtt_us = 0;
+            if let Some(&off) = CONFIG.get(CONFIG_SRTT_OFFSET) {
+                if off != 0 {
+                    if let Ok(srtt) = bpf_probe_read_kernel((sk + off as u64) as *const u32) {
+                        rtt_us = srtt >> 3; // srtt_us holds 8 x the smoothed RTT
+                    }
+                }
+            }
             let ev = Event {
                 kind: EVENT_CLOSE,
                 port: st.port,
@@ -140,7 +153,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
                 request_len: 0,
                 sock: sk,
                 response: [0; 12],
-                _pad2: [0; 4],
+                rtt_us,
                 value_ns: bpf_ktime_get_ns().saturating_sub(st.opened_ns),
                 bytes_in: st.bytes_in,
                 bytes_out: st.bytes_out,
@@ -275,7 +288,7 @@ unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
         request_len: st.request_len,
         sock: sk,
         response: first,
-        _pad2: [0; 4],
+        rtt_us: 0,
         value_ns: now.saturating_sub(st.request_ns),
         bytes_in: 0,
         bytes_out: 0,
@@ -306,7 +319,7 @@ unsafe fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
         request_len: 0,
         sock: sk,
         response: [0; 12],
-        _pad2: [0; 4],
+        rtt_us: 0,
         value_ns: 0,
         bytes_in: 0,
         bytes_out: 0,

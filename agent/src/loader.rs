@@ -77,6 +77,13 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     for p in ports {
         ports_array.set(*p as u32, 1, 0).with_context(|| format!("watching port {p}"))?;
     }
+    // RTT at close needs tcp_sock.srtt_us, whose offset depends on the kernel's config.
+    let mut config: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(ebpf.map_mut("CONFIG").ok_or_else(|| anyhow!("map CONFIG missing"))?)?;
+    match std::fs::read("/sys/kernel/btf/vmlinux").map_err(anyhow::Error::from).and_then(|b| crate::btf::member_offset(&b, "tcp_sock", "srtt_us")) {
+        Ok(off) => config.set(breakwater_agent_common::CONFIG_SRTT_OFFSET, off, 0)?,
+        Err(e) => tracing::warn!(error = %e, "RTT at close unavailable: no offset for tcp_sock.srtt_us in the kernel's BTF"),
+    }
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
     Ok(Loaded { _ebpf: ebpf, events: Some(events), drops: Arc::new(Mutex::new(drops)), hooks: hooks.join(",") })

@@ -1,6 +1,7 @@
 //! breakwater-agent: traces MySQL server sockets on this host in the kernel (eBPF) and
 //! exports connections, request latency by operation, bytes and errors as Prometheus metrics.
 
+mod btf;
 mod classify;
 mod loader;
 mod otlp;

@@ -91,6 +91,10 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
         stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.closed)).collect());
     b.sum("breakwater.agent.connections.active", "{connection}", "Connections open now (since the agent started).", false,
         stats.ports.keys().map(|p| (port_attrs(*p), stats.active(*p))).collect());
+    b.sum("breakwater.agent.connection.rtt.count", "{connection}", "Closed connections with a known smoothed RTT.", true,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.rtt_count)).collect());
+    b.sum("breakwater.agent.connection.rtt.sum", "us", "Sum of the smoothed RTT of closed connections, in microseconds.", true,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), (s.rtt_seconds_sum * 1e6) as u64)).collect());
     b.sum("breakwater.agent.tcp.retransmits", "{segment}", "Retransmitted TCP segments on watched connections.", true,
         stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.retransmits)).collect());
     let mut io = Vec::new();

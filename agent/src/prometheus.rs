@@ -30,6 +30,15 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_sum{{{base},server_port=\"{port}\"}} {:.6}", p.conn_seconds_sum);
     }
+    family(&mut o, "breakwater_agent_connection_rtt_seconds", "summary", "Smoothed TCP RTT of connections when they closed.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connection_rtt_seconds_sum{{{base},server_port=\"{port}\"}} {:.9}", p.rtt_seconds_sum);
+        let _ = writeln!(o, "breakwater_agent_connection_rtt_seconds_count{{{base},server_port=\"{port}\"}} {}", p.rtt_count);
+    }
+    family(&mut o, "breakwater_agent_connection_rtt_max_seconds", "gauge", "Largest smoothed TCP RTT seen at close.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connection_rtt_max_seconds{{{base},server_port=\"{port}\"}} {:.9}", p.rtt_seconds_max);
+    }
     family(&mut o, "breakwater_agent_received_bytes_total", "counter", "Bytes received on closed connections.");
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_received_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_in);

@@ -22,6 +22,10 @@ pub struct PortStats {
     pub errors: u64,
     pub retransmits: u64,
     pub conn_seconds_sum: f64,
+    /// Smoothed RTT at close: sum and count of connections with a known RTT, and the max.
+    pub rtt_seconds_sum: f64,
+    pub rtt_count: u64,
+    pub rtt_seconds_max: f64,
 }
 
 #[derive(Default, Clone, Debug)]
@@ -92,6 +96,12 @@ impl Stats {
                 port.bytes_in += ev.bytes_in;
                 port.bytes_out += ev.bytes_out;
                 port.conn_seconds_sum += ev.value_ns as f64 / 1e9;
+                if ev.rtt_us > 0 {
+                    let rtt = ev.rtt_us as f64 / 1e6;
+                    port.rtt_seconds_sum += rtt;
+                    port.rtt_count += 1;
+                    port.rtt_seconds_max = port.rtt_seconds_max.max(rtt);
+                }
             }
             EVENT_REQUEST => {
                 let len = (ev.request_len as usize).min(ev.request.len());

@@ -410,6 +410,10 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     let bucket = |le: &str| d("breakwater_agent_request_duration_seconds_bucket", &[port, &op("SELECT"), &format!("le=\"{le}\"")]);
     assert_eq!(bucket("0.1") - bucket("0.05"), CONNS as f64, "slow queries in the (0.05, 0.1] bucket");
     assert_eq!(d("breakwater_agent_dropped_events_total", &[]), 0.0);
+    // Every closed connection reported its smoothed RTT (loopback: tens of µs at most).
+    assert_eq!(d("breakwater_agent_connection_rtt_seconds_count", &[port]), CONNS as f64);
+    let rtt_sum = d("breakwater_agent_connection_rtt_seconds_sum", &[port]);
+    assert!(rtt_sum > 0.0 && rtt_sum < 0.1 * CONNS as f64, "RTT sum {rtt_sum}");
 
     // A real Prometheus (Debian's package) scrapes /metrics and sees the same numbers, and
     // every query of the Grafana dashboards returns data.
