@@ -5,6 +5,7 @@ mod btf;
 mod classify;
 mod loader;
 mod otlp;
+mod procfs;
 mod prometheus;
 mod stats;
 
@@ -36,6 +37,10 @@ struct Cli {
     /// OTLP export interval, in ms.
     #[arg(long, default_value_t = 10000)]
     export_interval_ms: u64,
+    /// Do not load eBPF programs: count connections by polling /proc/net/tcp (also used
+    /// automatically when the programs cannot be loaded).
+    #[arg(long)]
+    procfs_only: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -62,18 +67,31 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut loaded = loader::load(&cli.ports)?;
+    if unsafe { libc::geteuid() } != 0 {
+        anyhow::bail!("must run as root (loading eBPF programs needs CAP_BPF and CAP_PERFMON)");
+    }
+    let mut loaded = if cli.procfs_only {
+        None
+    } else {
+        match loader::load(&cli.ports) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "eBPF unavailable: falling back to polling /proc/net/tcp (connection counts only; no requests, latency, bytes, errors or retransmits)");
+                None
+            }
+        }
+    };
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
     let stats: prometheus::Shared = Arc::new(Mutex::new(stats::Stats::default()));
     let listener = tokio::net::TcpListener::bind(&cli.prometheus_listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cli.prometheus_listen))?;
-    let drops = loaded.drops.clone();
+    let drops = loaded.as_ref().map(|l| l.drops.clone());
     {
         let stats = stats.clone();
         let host = host.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-            let d = loader::read_drops(&drops);
+            let d = drops.as_ref().map(loader::read_drops).unwrap_or([0, 0]);
             match stats.lock() {
                 Ok(s) => prometheus::render(&s, &d, &host),
                 Err(_) => String::new(),
@@ -101,14 +119,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .collect();
     if !targets.is_empty() {
         let stats = stats.clone();
-        let drops = loaded.drops.clone();
+        let drops = loaded.as_ref().map(|l| l.drops.clone());
         let host = host.clone();
         let every = Duration::from_millis(cli.export_interval_ms.max(100));
         let start = otlp::now_ns();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let d = loader::read_drops(&drops);
+                let d = drops.as_ref().map(loader::read_drops).unwrap_or([0, 0]);
                 let req = match stats.lock() {
                     Ok(s) => otlp::build_request(&s, &d, &host, start, otlp::now_ns()),
                     Err(_) => continue,
@@ -125,11 +143,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(ports = ?cli.ports, prometheus = %cli.prometheus_listen, hooks = %loaded.hooks, "breakwater-agent attached");
-    let events = loader::pump_events(&mut loaded, stats.clone());
-    tokio::select! {
-        r = events => r,
-        _ = tokio::signal::ctrl_c() => Ok(()),
+    match loaded.as_mut() {
+        Some(l) => {
+            tracing::info!(ports = ?cli.ports, prometheus = %cli.prometheus_listen, hooks = %l.hooks, "breakwater-agent attached");
+            tokio::select! {
+                r = loader::pump_events(l, stats.clone()) => r,
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
+        None => {
+            tracing::info!(ports = ?cli.ports, prometheus = %cli.prometheus_listen, "breakwater-agent polling /proc/net/tcp");
+            tokio::select! {
+                _ = procfs::poll(cli.ports.clone(), stats.clone(), Duration::from_millis(200)) => Ok(()),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        }
     }
 }
 

@@ -519,3 +519,42 @@ fn without_root_one_clear_error_line() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("must run as root"), "{stderr}");
 }
+
+/// Without eBPF (forced here with --procfs-only; automatic when loading fails), connections
+/// are still counted, from /proc/net/tcp.
+#[test]
+fn procfs_fallback_counts_connections() {
+    let prom = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
+        .args(["--ports", "3307", "--procfs-only", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let _agent = Agent(child);
+    let t = Instant::now();
+    while http_get(prom, "/healthz").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "agent did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // first poll: connections open before start are not "opened"
+    let peer = "client_address=\"127.0.0.55\"";
+    let before = scrape(prom);
+    let mut conns: Vec<TcpStream> = (0..3).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(700));
+    let mid = scrape(prom);
+    assert_eq!(
+        get(&mid, "breakwater_agent_peer_connections_opened_total", &[peer]) - get(&before, "breakwater_agent_peer_connections_opened_total", &[peer]),
+        3.0
+    );
+    for s in conns.iter_mut() {
+        s.write_all(&packet(0, &[0x01])).unwrap();
+    }
+    drop(conns);
+    std::thread::sleep(Duration::from_millis(700));
+    let after = scrape(prom);
+    assert_eq!(
+        get(&after, "breakwater_agent_peer_connections_closed_total", &[peer]) - get(&before, "breakwater_agent_peer_connections_closed_total", &[peer]),
+        3.0
+    );
+}
