@@ -19,9 +19,9 @@
 
 use aya_ebpf::bindings::pt_regs;
 use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
-use aya_ebpf::macros::{map, tracepoint};
+use aya_ebpf::macros::{btf_tracepoint, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::TracePointContext;
+use aya_ebpf::programs::{BtfTracePointContext, TracePointContext};
 use breakwater_agent_common::*;
 
 #[map]
@@ -193,16 +193,27 @@ unsafe fn syscall_buffer() -> Option<u64> {
 
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
-    let _ = unsafe { on_recv(&ctx) };
+    if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
+        let _ = unsafe { on_recv(sk, ret) };
+    }
     0
 }
 
-unsafe fn on_recv(ctx: &TracePointContext) -> Result<(), i32> {
-    let ret: i32 = ctx.read_at(20)?;
+/// The same hook as a BTF tracepoint (`sock_recv_length(struct sock *sk, int ret, int
+/// flags)`): no trace record is built, so it costs less than the classic tracepoint. The
+/// agent uses it when the kernel allows and the classic one otherwise.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let _ = unsafe { on_recv(sk as u64, ret) };
+    0
+}
+
+unsafe fn on_recv(sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    let sk: u64 = ctx.read_at(8)?;
     if !on_watched_port(sk) {
         return Ok(());
     }
@@ -250,16 +261,25 @@ unsafe fn on_recv(ctx: &TracePointContext) -> Result<(), i32> {
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
-    let _ = unsafe { on_send(&ctx) };
+    if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
+        let _ = unsafe { on_send(sk, ret) };
+    }
     0
 }
 
-unsafe fn on_send(ctx: &TracePointContext) -> Result<(), i32> {
-    let ret: i32 = ctx.read_at(20)?;
+/// BTF variant of sock_send_length (see sock_recv_length_btf).
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
+    let sk: *const u8 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    let _ = unsafe { on_send(sk as u64, ret) };
+    0
+}
+
+unsafe fn on_send(sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    let sk: u64 = ctx.read_at(8)?;
     if !on_watched_port(sk) {
         return Ok(());
     }

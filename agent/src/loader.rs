@@ -8,8 +8,8 @@
 use crate::prometheus::Shared;
 use anyhow::{anyhow, bail, Context};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
-use aya::{include_bytes_aligned, Ebpf};
+use aya::programs::{BtfTracePoint, TracePoint};
+use aya::{include_bytes_aligned, Btf, Ebpf};
 use breakwater_agent_common::{Event, DROP_CONNS_FULL, DROP_RINGBUF_FULL};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -45,25 +45,46 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
     let mut hooks = Vec::new();
-    for (category, name, required) in [
-        ("sock", "inet_sock_set_state", true),
-        ("sock", "sock_recv_length", false),
-        ("sock", "sock_send_length", false),
-        ("tcp", "tcp_retransmit_skb", false),
-    ] {
-        let prog: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-            .try_into()?;
-        let res = prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach(category, name).map_err(anyhow::Error::from));
-        match res {
-            Ok(_) => hooks.push(format!("{category}:{name}")),
-            Err(e) if !required => {
-                let lost = if category == "tcp" { "retransmits are not counted" } else { "request latency, bytes and errors are not measured" };
-                tracing::warn!(hook = %format!("{category}:{name}"), error = %e, "hook unavailable: {lost}");
+    let state: &mut TracePoint = ebpf
+        .program_mut("inet_sock_set_state")
+        .ok_or_else(|| anyhow!("program inet_sock_set_state missing from the eBPF object"))?
+        .try_into()?;
+    state.load()?;
+    state.attach("sock", "inet_sock_set_state").context("attaching tracepoint sock:inet_sock_set_state")?;
+    hooks.push("sock:inet_sock_set_state".to_string());
+    let btf = Btf::from_sys_fs().ok();
+    for name in ["sock_recv_length", "sock_send_length"] {
+        // Prefer the BTF tracepoint (cheaper); fall back to the classic one.
+        let mut btf_err = None;
+        if let Some(btf) = &btf {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(&format!("{name}_btf"))
+                .ok_or_else(|| anyhow!("program {name}_btf missing"))?
+                .try_into()?;
+            match prog.load(name, btf).map_err(anyhow::Error::from).and_then(|_| prog.attach().map_err(anyhow::Error::from)) {
+                Ok(_) => {
+                    hooks.push(format!("tp_btf:{name}"));
+                    continue;
+                }
+                Err(e) => btf_err = Some(e),
             }
-            Err(e) => return Err(e.context(format!("attaching tracepoint {category}:{name}"))),
         }
+        let prog: &mut TracePoint = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
+        match prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach("sock", name).map_err(anyhow::Error::from)) {
+            Ok(_) => hooks.push(format!("sock:{name}")),
+            Err(e) => tracing::warn!(
+                hook = name,
+                error = %e,
+                btf_error = ?btf_err.map(|e| e.to_string()),
+                "hook unavailable: request latency, bytes and errors are not measured; connection metrics only"
+            ),
+        }
+    }
+    let retrans: &mut TracePoint =
+        ebpf.program_mut("tcp_retransmit_skb").ok_or_else(|| anyhow!("program tcp_retransmit_skb missing"))?.try_into()?;
+    match retrans.load().map_err(anyhow::Error::from).and_then(|_| retrans.attach("tcp", "tcp_retransmit_skb").map_err(anyhow::Error::from)) {
+        Ok(_) => hooks.push("tcp:tcp_retransmit_skb".to_string()),
+        Err(e) => tracing::warn!(hook = "tcp:tcp_retransmit_skb", error = %e, "hook unavailable: retransmits are not counted"),
     }
     let mut watched: HashMap<_, u16, u8> = HashMap::try_from(ebpf.map_mut("WATCHED").ok_or_else(|| anyhow!("map WATCHED missing"))?)?;
     for p in ports {

@@ -486,7 +486,7 @@ struct DropRule;
 
 impl DropRule {
     fn add() -> Self {
-        let _ = Command::new("nft").args(["delete", "table", "inet", "bwtest"]).status();
+        let _ = Command::new("nft").args(["delete", "table", "inet", "bwtest"]).stderr(Stdio::null()).status();
         for args in [
             vec!["add", "table", "inet", "bwtest"],
             vec!["add", "chain", "inet", "bwtest", "out", "{ type filter hook input priority 0 ; }"],
