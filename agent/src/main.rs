@@ -16,27 +16,30 @@ use std::time::Duration;
 #[derive(Parser, Debug)]
 #[command(name = "breakwater-agent", version, about)]
 struct Cli {
-    /// MySQL ports to watch on this host.
-    #[arg(long, value_delimiter = ',', default_value = "3306")]
-    ports: Vec<u16>,
-    /// Prometheus /metrics listener.
-    #[arg(long, default_value = "127.0.0.1:9435")]
-    prometheus_listen: String,
+    /// TOML configuration file; flags override its settings.
+    #[arg(long, short)]
+    config: Option<std::path::PathBuf>,
+    /// MySQL ports to watch on this host (default 3306).
+    #[arg(long, value_delimiter = ',')]
+    ports: Option<Vec<u16>>,
+    /// Prometheus /metrics listener (default 127.0.0.1:9435).
+    #[arg(long)]
+    prometheus_listen: Option<String>,
     /// Print a live table every interval (for a person on the host).
     #[arg(long)]
     print: bool,
-    /// Interval of --print, in ms.
-    #[arg(long, default_value_t = 2000)]
-    interval_ms: u64,
+    /// Interval of --print, in ms (default 2000).
+    #[arg(long)]
+    interval_ms: Option<u64>,
     /// OTLP/gRPC collector endpoint, e.g. http://127.0.0.1:4317 (repeatable).
     #[arg(long)]
     otlp_endpoint: Vec<String>,
     /// OTLP/HTTP (protobuf) metrics URL, e.g. http://127.0.0.1:4318/v1/metrics (repeatable).
     #[arg(long)]
     otlp_http_endpoint: Vec<String>,
-    /// OTLP export interval, in ms.
-    #[arg(long, default_value_t = 10000)]
-    export_interval_ms: u64,
+    /// OTLP export interval, in ms (default 10000).
+    #[arg(long)]
+    export_interval_ms: Option<u64>,
     /// Do not load eBPF programs: count connections by polling /proc/net/tcp (also used
     /// automatically when the programs cannot be loaded).
     #[arg(long)]
@@ -44,6 +47,54 @@ struct Cli {
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// The agent's TOML configuration (every key optional).
+#[derive(serde::Deserialize, Default, Debug)]
+#[serde(deny_unknown_fields, default)]
+struct FileConfig {
+    ports: Option<Vec<u16>>,
+    prometheus_listen: Option<String>,
+    print: Option<bool>,
+    print_interval_ms: Option<u64>,
+    otlp_endpoints: Option<Vec<String>>,
+    otlp_http_endpoints: Option<Vec<String>>,
+    export_interval_ms: Option<u64>,
+    procfs_only: Option<bool>,
+}
+
+/// Effective settings: flags, then the file, then defaults.
+#[derive(Debug)]
+struct Settings {
+    ports: Vec<u16>,
+    prometheus_listen: String,
+    print: bool,
+    interval_ms: u64,
+    otlp_endpoint: Vec<String>,
+    otlp_http_endpoint: Vec<String>,
+    export_interval_ms: u64,
+    procfs_only: bool,
+}
+
+fn settings(cli: Cli) -> anyhow::Result<Settings> {
+    let file: FileConfig = match &cli.config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid configuration {}: {e}", p.display()))?
+        }
+        None => FileConfig::default(),
+    };
+    let or_file = |flag: Vec<String>, file: Option<Vec<String>>| if flag.is_empty() { file.unwrap_or_default() } else { flag };
+    Ok(Settings {
+        ports: cli.ports.or(file.ports).unwrap_or_else(|| vec![3306]),
+        prometheus_listen: cli.prometheus_listen.or(file.prometheus_listen).unwrap_or_else(|| "127.0.0.1:9435".into()),
+        print: cli.print || file.print.unwrap_or(false),
+        interval_ms: cli.interval_ms.or(file.print_interval_ms).unwrap_or(2000),
+        otlp_endpoint: or_file(cli.otlp_endpoint, file.otlp_endpoints),
+        otlp_http_endpoint: or_file(cli.otlp_http_endpoint, file.otlp_http_endpoints),
+        export_interval_ms: cli.export_interval_ms.or(file.export_interval_ms).unwrap_or(10_000),
+        procfs_only: cli.procfs_only || file.procfs_only.unwrap_or(false),
+    })
 }
 
 fn main() {
@@ -60,13 +111,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cli)) {
+    let result = settings(cli).and_then(|s| rt.block_on(run(s)));
+    if let Err(e) = result {
         eprintln!("breakwater-agent: {e:#}");
         std::process::exit(1);
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Settings) -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         anyhow::bail!("must run as root (loading eBPF programs needs CAP_BPF and CAP_PERFMON)");
     }

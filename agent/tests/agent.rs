@@ -524,9 +524,13 @@ fn without_root_one_clear_error_line() {
 /// are still counted, from /proc/net/tcp.
 #[test]
 fn procfs_fallback_counts_connections() {
+    // Settings from a TOML file this time.
     let prom = free_port();
+    let cfg = std::env::temp_dir().join(format!("bw-agent-{}.toml", std::process::id()));
+    std::fs::write(&cfg, format!("ports = [3307]\nprocfs_only = true\nprometheus_listen = \"127.0.0.1:{prom}\"\n")).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
-        .args(["--ports", "3307", "--procfs-only", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .arg("--config")
+        .arg(&cfg)
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()
@@ -557,4 +561,16 @@ fn procfs_fallback_counts_connections() {
         get(&after, "breakwater_agent_peer_connections_closed_total", &[peer]) - get(&before, "breakwater_agent_peer_connections_closed_total", &[peer]),
         3.0
     );
+}
+
+/// A bad configuration file gets one clear error line.
+#[test]
+fn bad_config_one_clear_error_line() {
+    let cfg = std::env::temp_dir().join(format!("bw-agent-bad-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "portz = [1]\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-agent")).arg("--config").arg(&cfg).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("invalid configuration") && stderr.contains("portz"), "{stderr}");
+    let _ = std::fs::remove_file(cfg);
 }
