@@ -83,7 +83,7 @@ fn ensure_ebpf_toolchain() -> Result<()> {
         let libstd = text
             .lines()
             .find(|l| l.starts_with("Depends:"))
-            .and_then(|l| l.split(|c| c == ',' || c == ' ').find(|w| w.starts_with("libstd-rust-web-1")))
+            .and_then(|l| l.split([',', ' ']).find(|w| w.starts_with("libstd-rust-web-1")))
             .map(str::to_string);
         let Some(libstd) = libstd else { bail!("cannot find libstd-rust-web-dev's libstd-rust-web-<version> dependency in apt metadata") };
         let dl = std::env::temp_dir().join("breakwater-ebpf-debs");
