@@ -1,4 +1,5 @@
-//! Failure tests that kill lab nodes. They run after the shared tests, one at a time
+//! Tests that need the lab to themselves (killing nodes, 500 clients at once). They run
+//! after the shared tests, one at a time
 //! (`cargo xtask test` runs this target with --test-threads=1), and leave the lab as they
 //! found it.
 
@@ -6,8 +7,9 @@ mod common;
 
 use common::*;
 use mysql_async::prelude::*;
+use mysql_async::Conn;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -113,3 +115,79 @@ async fn killed_replica_is_shunned_and_taken_back() {
 async fn zz_lab_is_whole_again() {
     wait_replicas_caught_up().await;
 }
+
+/// 500 concurrent clients are served by at most max_connections backend connections per
+/// server, sampled from the servers' process lists while the load runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_clients_never_exceed_backend_caps() {
+    fresh_user("bw_cap", "bw_cap").await;
+    let cfg = default_config_with(
+        "[[users]]\nusername = \"bw_cap\"\npassword = \"bw_cap\"\nbackend_password = \"bw_cap\"\ndefault_hostgroup = 10\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &["--max-connections", "20"]);
+    let running = Arc::new(AtomicBool::new(true));
+    let max_seen: Arc<std::sync::Mutex<BTreeMap<u16, u64>>> = Default::default();
+    let sampler = {
+        let running = running.clone();
+        let max_seen = max_seen.clone();
+        tokio::spawn(async move {
+            let mut conns = Vec::new();
+            for p in [PRIMARY, REPLICAS[0], REPLICAS[1]] {
+                conns.push((p, lab(p).await));
+            }
+            while running.load(Ordering::Relaxed) {
+                for (p, c) in conns.iter_mut() {
+                    let n: Option<u64> = c
+                        .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'bw_cap'")
+                        .await
+                        .unwrap();
+                    let mut m = max_seen.lock().unwrap();
+                    let e = m.entry(*p).or_default();
+                    *e = (*e).max(n.unwrap_or(0));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    // All 500 clients connect first, then all run their queries at once.
+    let mut connecting = Vec::new();
+    for i in 0..500 {
+        let opts = proxy.opts("bw_cap", "bw_cap", Some("sbtest"));
+        connecting.push(tokio::spawn(async move { Conn::new(opts).await.map_err(|e| format!("client {i}: {e}")) }));
+    }
+    let mut clients = Vec::new();
+    for c in connecting {
+        clients.push(c.await.unwrap().unwrap_or_else(|e| panic!("{e}")));
+    }
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for (i, mut c) in clients.into_iter().enumerate() {
+        let ok = ok.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..4 {
+                // Reads to the replicas, writes-class statements to the primary.
+                let q = if (i + j) % 4 == 0 { "DO SLEEP(0.01)" } else { "SELECT SLEEP(0.01), @@port" };
+                c.query_drop(q).await.map_err(|e| format!("client {i} query {j}: {e}"))?;
+                ok.fetch_add(1, Ordering::Relaxed);
+            }
+            c.disconnect().await.map_err(|e| e.to_string())
+        }));
+    }
+    let mut errors = Vec::new();
+    for t in tasks {
+        if let Err(e) = t.await.unwrap() {
+            errors.push(e);
+        }
+    }
+    running.store(false, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let m = max_seen.lock().unwrap().clone();
+    println!("max backend connections seen per server: {m:?}");
+    assert!(errors.is_empty(), "{} clients failed, first: {:?}", errors.len(), errors.first());
+    assert_eq!(ok.load(Ordering::Relaxed), 2000);
+    for (port, n) in &m {
+        assert!(*n <= 20, "server {port} saw {n} proxy connections > max_connections 20");
+    }
+    assert!(m.values().all(|n| *n > 0), "each server was used: {m:?}");
+}
+
