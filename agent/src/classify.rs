@@ -64,21 +64,34 @@ fn statement_kind(sql: &[u8]) -> &'static str {
             break;
         }
     }
-    let word: Vec<u8> = sql[i..].iter().take_while(|b| b.is_ascii_alphabetic()).map(|b| b.to_ascii_uppercase()).collect();
-    match word.as_slice() {
-        b"SELECT" => "SELECT",
-        b"INSERT" => "INSERT",
-        b"UPDATE" => "UPDATE",
-        b"DELETE" => "DELETE",
-        b"REPLACE" => "REPLACE",
-        b"BEGIN" | b"START" => "BEGIN",
-        b"COMMIT" => "COMMIT",
-        b"ROLLBACK" => "ROLLBACK",
-        b"SET" => "SET",
-        b"SHOW" => "SHOW",
-        b"CALL" => "CALL",
-        b"WITH" => "SELECT",
-        _ => "OTHER",
+    let rest = &sql[i..];
+    let len = rest.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    let word = &rest[..len];
+    let is = |k: &str| word.eq_ignore_ascii_case(k.as_bytes());
+    if is("SELECT") || is("WITH") {
+        "SELECT"
+    } else if is("INSERT") {
+        "INSERT"
+    } else if is("UPDATE") {
+        "UPDATE"
+    } else if is("DELETE") {
+        "DELETE"
+    } else if is("REPLACE") {
+        "REPLACE"
+    } else if is("BEGIN") || is("START") {
+        "BEGIN"
+    } else if is("COMMIT") {
+        "COMMIT"
+    } else if is("ROLLBACK") {
+        "ROLLBACK"
+    } else if is("SET") {
+        "SET"
+    } else if is("SHOW") {
+        "SHOW"
+    } else if is("CALL") {
+        "CALL"
+    } else {
+        "OTHER"
     }
 }
 
