@@ -67,6 +67,28 @@ fn emit(ev: &Event) {
     }
 }
 
+/// An event about a tracked connection, with every per-kind field zeroed.
+#[inline(always)]
+fn conn_event(kind: u32, st: &ConnState, sk: u64) -> Event {
+    Event {
+        kind,
+        port: st.port,
+        peer_port: st.peer_port,
+        peer_addr: st.peer_addr,
+        response_err: 0,
+        _pad: [0; 3],
+        request_len: 0,
+        sock: sk,
+        response: [0; 12],
+        rtt_us: 0,
+        value_ns: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        requests: 0,
+        request: [0; REQ_PREFIX],
+    }
+}
+
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     let _ = unsafe { on_state(&ctx) };
@@ -115,23 +137,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             drop_count(DROP_CONNS_FULL);
             return Ok(());
         }
-        let ev = Event {
-            kind: EVENT_OPEN,
-            port: st.port,
-            peer_port: st.peer_port,
-            peer_addr: st.peer_addr,
-            response_err: 0,
-            _pad: [0; 3],
-            request_len: 0,
-            sock: sk,
-            response: [0; 12],
-            rtt_us: 0,
-            value_ns: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            requests: 0,
-            request: [0; REQ_PREFIX],
-        };
+        let ev = conn_event(EVENT_OPEN, &st, sk);
         emit(&ev);
     } else if new == TCP_CLOSE {
         if let Some(st) = CONNS.get(&sk) {
@@ -143,23 +149,12 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
                     }
                 }
             }
-            let ev = Event {
-                kind: EVENT_CLOSE,
-                port: st.port,
-                peer_port: st.peer_port,
-                peer_addr: st.peer_addr,
-                response_err: 0,
-                _pad: [0; 3],
-                request_len: 0,
-                sock: sk,
-                response: [0; 12],
-                rtt_us,
-                value_ns: bpf_ktime_get_ns().saturating_sub(st.opened_ns),
-                bytes_in: st.bytes_in,
-                bytes_out: st.bytes_out,
-                requests: st.requests,
-                request: [0; REQ_PREFIX],
-            };
+            let mut ev = conn_event(EVENT_CLOSE, st, sk);
+            ev.rtt_us = rtt_us;
+            ev.value_ns = bpf_ktime_get_ns().saturating_sub(st.opened_ns);
+            ev.bytes_in = st.bytes_in;
+            ev.bytes_out = st.bytes_out;
+            ev.requests = st.requests;
             emit(&ev);
             let _ = CONNS.remove(&sk);
         }
@@ -298,23 +293,12 @@ unsafe fn on_send(sk: u64, ret: i32) -> Result<(), i32> {
     };
     st.phase = PHASE_RESPONSE;
     st.requests += 1;
-    let ev = Event {
-        kind: EVENT_REQUEST,
-        port: st.port,
-        peer_port: st.peer_port,
-        peer_addr: st.peer_addr,
-        response_err: err as u8,
-        _pad: [0; 3],
-        request_len: st.request_len,
-        sock: sk,
-        response: first,
-        rtt_us: 0,
-        value_ns: now.saturating_sub(st.request_ns),
-        bytes_in: 0,
-        bytes_out: 0,
-        requests: 0,
-        request: st.request,
-    };
+    let mut ev = conn_event(EVENT_REQUEST, st, sk);
+    ev.response_err = err as u8;
+    ev.request_len = st.request_len;
+    ev.response = first;
+    ev.value_ns = now.saturating_sub(st.request_ns);
+    ev.request = st.request;
     emit(&ev);
     Ok(())
 }
@@ -329,23 +313,7 @@ pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
 unsafe fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = ctx.read_at(16)?;
     let Some(st) = CONNS.get(&sk) else { return Ok(()) };
-    let ev = Event {
-        kind: EVENT_RETRANSMIT,
-        port: st.port,
-        peer_port: st.peer_port,
-        peer_addr: st.peer_addr,
-        response_err: 0,
-        _pad: [0; 3],
-        request_len: 0,
-        sock: sk,
-        response: [0; 12],
-        rtt_us: 0,
-        value_ns: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        requests: 0,
-        request: [0; REQ_PREFIX],
-    };
+    let ev = conn_event(EVENT_RETRANSMIT, st, sk);
     emit(&ev);
     Ok(())
 }

@@ -24,6 +24,15 @@ impl Drop for Agent {
     }
 }
 
+/// Wait until the agent answers on its HTTP port (it has attached or fallen back).
+fn wait_healthy(prom: u16) {
+    let t = Instant::now();
+    while http_get(prom, "/healthz").is_none() {
+        assert!(t.elapsed() < Duration::from_secs(20), "agent did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
 }
@@ -356,11 +365,7 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
         .spawn()
         .unwrap();
     let _agent = Agent(child);
-    let t = Instant::now();
-    while http_get(prom, "/healthz").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(20), "agent did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(prom);
     let before = scrape(prom);
 
     const CONNS: usize = 4;
@@ -536,11 +541,7 @@ fn procfs_fallback_counts_connections() {
         .spawn()
         .unwrap();
     let _agent = Agent(child);
-    let t = Instant::now();
-    while http_get(prom, "/healthz").is_none() {
-        assert!(t.elapsed() < Duration::from_secs(20), "agent did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_healthy(prom);
     std::thread::sleep(Duration::from_millis(500)); // first poll: connections open before start are not "opened"
     let peer = "client_address=\"127.0.0.55\"";
     let before = scrape(prom);
