@@ -8,6 +8,7 @@
 
 use super::conn::{BackendConn, BackendError, ConnKey};
 use super::server::Server;
+use std::mem::ManuallyDrop;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -158,7 +159,7 @@ impl Server {
         }
         let conn = result?;
         pool.in_use.fetch_add(1, Ordering::Relaxed);
-        Ok(PooledConn { conn: Some(conn), server: self.clone() })
+        Ok(PooledConn { conn: ManuallyDrop::new(conn), server: self.clone(), keep: true })
     }
 
     async fn connect(&self, opts: &Checkout<'_>, permit: tokio::sync::OwnedSemaphorePermit) -> Result<BackendConn, PoolError> {
@@ -177,44 +178,45 @@ impl Server {
 
 /// A checked-out connection. Dropping it gives it back to its pool when it is reusable.
 pub struct PooledConn {
-    conn: Option<BackendConn>,
+    conn: ManuallyDrop<BackendConn>,
     pub server: Arc<Server>,
+    /// false: close instead of returning to the pool.
+    keep: bool,
 }
 
 impl PooledConn {
     /// Close the connection instead of returning it (it is broken or holds foreign state).
     pub fn discard(mut self) {
-        self.conn.take();
-        self.server.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+        self.keep = false;
     }
 }
 
 impl Deref for PooledConn {
     type Target = BackendConn;
     fn deref(&self) -> &BackendConn {
-        // Invariant: `conn` is Some until drop or discard, which consume the guard.
-        self.conn.as_ref().expect("PooledConn used after release")
+        &self.conn
     }
 }
 
 impl DerefMut for PooledConn {
     fn deref_mut(&mut self) -> &mut BackendConn {
-        self.conn.as_mut().expect("PooledConn used after release")
+        &mut self.conn
     }
 }
 
 impl Drop for PooledConn {
     fn drop(&mut self) {
-        if let Some(c) = self.conn.take() {
-            self.server.pool.in_use.fetch_sub(1, Ordering::Relaxed);
-            let reusable = !c.broken
-                && !c.dirty
-                && c.status & crate::protocol::status::IN_TRANS == 0
-                && self.server.is_online();
-            if reusable {
-                self.server.pool.give_back(c);
-            }
-            // else: dropped here; its permit frees a slot for a waiter.
+        // SAFETY: `conn` is taken exactly once, here, and never used afterwards.
+        let c = unsafe { ManuallyDrop::take(&mut self.conn) };
+        self.server.pool.in_use.fetch_sub(1, Ordering::Relaxed);
+        let reusable = self.keep
+            && !c.broken
+            && !c.dirty
+            && c.status & crate::protocol::status::IN_TRANS == 0
+            && self.server.is_online();
+        if reusable {
+            self.server.pool.give_back(c);
         }
+        // else: dropped here; its permit frees a slot for a waiter.
     }
 }
