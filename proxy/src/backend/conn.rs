@@ -15,7 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 /// Connections are shared between clients that log in to backends the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConnKey {
-    pub user: String,
+    pub user: Arc<str>,
     pub found_rows: bool,
 }
 
