@@ -150,10 +150,13 @@ async fn transaction_runs_on_one_backend_connection() {
     assert_eq!(a, b);
     c.query_drop("ROLLBACK").await.unwrap();
     c.query_drop("SET autocommit = 1").await.unwrap();
+    // Read on the primary (inside a transaction): replicas may not have applied it yet.
+    c.query_drop("BEGIN").await.unwrap();
     let n: Option<u64> = c.query_first("SELECT COUNT(*) FROM t WHERE id = 100").await.unwrap();
     assert_eq!(n, Some(0), "rolled back");
     let n: Option<u64> = c.query_first("SELECT COUNT(*) FROM sbtest_txn.t").await.unwrap();
     assert_eq!(n, Some(25));
+    c.query_drop("COMMIT").await.unwrap();
 }
 
 /// USE, SET NAMES and sql_mode survive being multiplexed across backend connections that
