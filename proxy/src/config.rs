@@ -30,6 +30,102 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     #[serde(default)]
     pub query_rules: Vec<QueryRule>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+/// The admin HTTP interface: JSON API, Prometheus /metrics, the topology page.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Empty disables it.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:6080".into() }
+    }
+}
+
+/// The failover controller (Orchestrator's job): one replication cluster made of the servers
+/// of the writer and reader hostgroups.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    pub enabled: bool,
+    /// A name for the cluster in events, metrics and the topology page.
+    pub cluster: String,
+    pub writer_hostgroup: u32,
+    pub reader_hostgroup: u32,
+    /// Topology discovery interval.
+    pub poll_interval_ms: u64,
+    /// Per-server timeout of one discovery probe (connect + queries).
+    pub probe_timeout_ms: u64,
+    /// Orchestrator's RecoveryPeriodBlockSeconds: after a recovery, further automated
+    /// recoveries of this cluster are blocked this long (a person can `ack` to end it).
+    pub recovery_block_seconds: u64,
+    /// How long the chosen replica may take to apply its relay log before promotion.
+    pub relay_apply_timeout_ms: u64,
+    /// Graceful switchover: how long the chosen replica may take to catch up.
+    pub switchover_timeout_ms: u64,
+    /// Credentials replicas use to replicate from a newly promoted primary.
+    pub replication_user: String,
+    pub replication_password: String,
+    /// Commands run with `sh -c` before and after a promotion. Environment:
+    /// BREAKWATER_CLUSTER, BREAKWATER_RECOVERY_KIND, BREAKWATER_FAILED_HOST/PORT,
+    /// BREAKWATER_PROMOTED_HOST/PORT. A non-zero pre hook vetoes the promotion.
+    pub pre_promotion_hook: Option<String>,
+    pub post_promotion_hook: Option<String>,
+    pub hook_timeout_ms: u64,
+    /// Events kept in memory (oldest dropped first).
+    pub max_events: usize,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cluster: "main".into(),
+            writer_hostgroup: 10,
+            reader_hostgroup: 20,
+            poll_interval_ms: 1000,
+            probe_timeout_ms: 800,
+            recovery_block_seconds: 300,
+            relay_apply_timeout_ms: 10_000,
+            switchover_timeout_ms: 10_000,
+            replication_user: "repl".into(),
+            replication_password: "repl".into(),
+            pre_promotion_hook: None,
+            post_promotion_hook: None,
+            hook_timeout_ms: 30_000,
+            max_events: 200,
+        }
+    }
+}
+
+/// Orchestrator's promotion rules.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromotionRule {
+    Prefer,
+    #[default]
+    Neutral,
+    PreferNot,
+    MustNot,
+}
+
+impl PromotionRule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromotionRule::Prefer => "prefer",
+            PromotionRule::Neutral => "neutral",
+            PromotionRule::PreferNot => "prefer_not",
+            PromotionRule::MustNot => "must_not",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -95,6 +191,9 @@ pub struct ServerConfig {
     /// health checks use.
     #[serde(default)]
     pub socket: Option<String>,
+    /// For the failover controller: may this server be promoted, and how eagerly.
+    #[serde(default)]
+    pub promotion_rule: PromotionRule,
 }
 
 fn one() -> u32 {
@@ -202,6 +301,20 @@ impl Config {
             }
             if !self.servers.iter().any(|s| s.hostgroup == u.default_hostgroup) {
                 return bad(format!("user {}: default_hostgroup {} has no servers", u.username, u.default_hostgroup));
+            }
+        }
+        if self.failover.enabled {
+            let f = &self.failover;
+            if !self.servers.iter().any(|s| s.hostgroup == f.writer_hostgroup) {
+                return bad(format!("failover: writer_hostgroup {} has no servers", f.writer_hostgroup));
+            }
+            let writers: std::collections::BTreeSet<String> =
+                self.servers.iter().filter(|s| s.hostgroup == f.writer_hostgroup).map(|s| s.address()).collect();
+            if writers.len() != 1 {
+                return bad(format!("failover: writer_hostgroup {} must hold exactly one server (has {})", f.writer_hostgroup, writers.len()));
+            }
+            if f.poll_interval_ms == 0 || f.probe_timeout_ms == 0 {
+                return bad("failover: poll_interval_ms and probe_timeout_ms must be > 0".into());
             }
         }
         for r in &self.query_rules {

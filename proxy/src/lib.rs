@@ -6,10 +6,14 @@
 //! - [`backend`]: servers, capped pools with a guard, backend connections, health monitor.
 //! - [`router`]: query rules, digests, statement classification.
 //! - [`listener`]: accept loop, client limit, graceful shutdown.
+//! - [`failover`]: the failover controller (discovery, detection, promotion, cooldown).
+//! - [`admin`]: the admin HTTP interface (JSON API, /metrics, topology page) and its CLI client.
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
 
+pub mod admin;
 pub mod backend;
 pub mod config;
+pub mod failover;
 pub mod frontend;
 pub mod listener;
 pub mod protocol;

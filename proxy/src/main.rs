@@ -2,8 +2,8 @@
 
 use breakwater_proxy::config::Config;
 use breakwater_proxy::runtime::{Proxy, Runtime};
-use breakwater_proxy::{backend, listener};
-use clap::Parser;
+use breakwater_proxy::{admin, backend, failover, listener};
+use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
@@ -35,13 +35,78 @@ struct Cli {
     /// Tokio worker threads (default: one per CPU).
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Admin HTTP interface address (overrides [admin] listen; "" disables it).
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Run the failover controller (overrides [failover] enabled).
+    #[arg(long, value_name = "on|off")]
+    failover: Option<OnOff>,
+    /// Cooldown after a recovery, in seconds (overrides [failover] recovery_block_seconds).
+    #[arg(long)]
+    recovery_block_seconds: Option<u64>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Talk to the failover controller of a running proxy (its admin interface).
+    Failover {
+        /// Admin interface address (default: [admin] listen of --config, or 127.0.0.1:6080).
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        #[command(subcommand)]
+        action: FailoverCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum FailoverCmd {
+    /// Topology, problems, cooldown and recent events.
+    Status {
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Graceful switchover while the primary is alive (no acknowledged write is lost).
+    Switchover {
+        /// The replica to promote (default: the best candidate).
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Manual failover of a dead primary; ignores the cooldown.
+    Failover {
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Acknowledge the last recovery: ends the cooldown block.
+    Ack {
+        /// Who acknowledges (kept in the event log).
+        #[arg(long, default_value_t = whoami())]
+        by: String,
+    },
+    /// Make a fenced former primary replicate from the current primary again.
+    Rejoin { addr: String },
+}
+
+fn whoami() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "cli".into())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Cmd::Failover { admin, action }) = &cli.command {
+        return failover_cli(cli.config.as_deref(), admin.clone(), action);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
         .with_target(false)
@@ -68,6 +133,15 @@ fn main() -> ExitCode {
     }
     if let Some(n) = cli.monitor_interval_ms {
         cfg.monitor.interval_ms = n;
+    }
+    if let Some(a) = cli.admin_listen {
+        cfg.admin.listen = a;
+    }
+    if let Some(f) = cli.failover {
+        cfg.failover.enabled = matches!(f, OnOff::On);
+    }
+    if let Some(n) = cli.recovery_block_seconds {
+        cfg.failover.recovery_block_seconds = n;
     }
     if cli.check_config {
         println!("{cfg:#?}");
@@ -97,7 +171,6 @@ fn main() -> ExitCode {
 async fn run(rt: Runtime) -> ExitCode {
     let listen = rt.cfg.proxy.listen.clone();
     let monitor_cfg = rt.cfg.monitor.clone();
-    let servers = rt.servers.clone();
     let proxy = Proxy::new(rt);
     let listener = match tokio::net::TcpListener::bind(&listen).await {
         Ok(l) => l,
@@ -107,7 +180,22 @@ async fn run(rt: Runtime) -> ExitCode {
         }
     };
     let (tx, rx) = watch::channel(false);
-    backend::monitor::spawn(servers, monitor_cfg, rx.clone());
+    backend::monitor::spawn(proxy.runtime(), monitor_cfg.clone(), rx.clone());
+    let failover = proxy.rt.cfg.failover.enabled.then(|| failover::spawn(proxy.runtime(), &monitor_cfg, rx.clone()));
+    let admin_listen = proxy.rt.cfg.admin.listen.clone();
+    if !admin_listen.is_empty() {
+        match tokio::net::TcpListener::bind(&admin_listen).await {
+            Ok(l) => {
+                tracing::info!(listen = %admin_listen, "admin interface listening (/topology, /api/failover, /metrics)");
+                let a = std::sync::Arc::new(admin::http::Admin { proxy: proxy.clone(), failover });
+                tokio::spawn(admin::http::run(l, a, rx.clone()));
+            }
+            Err(e) => {
+                eprintln!("breakwater-proxy: cannot listen on admin address {admin_listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!("shutdown requested");
@@ -130,5 +218,54 @@ async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &FailoverCmd) -> ExitCode {
+    let admin = match admin {
+        Some(a) => a,
+        None => match Config::load(config) {
+            Ok(c) if !c.admin.listen.is_empty() => c.admin.listen,
+            Ok(_) => "127.0.0.1:6080".into(),
+            Err(e) => {
+                eprintln!("breakwater-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let enc = |s: &str| s.replace('%', "%25").replace('&', "%26").replace(' ', "%20").replace('+', "%2B");
+    let (method, path) = match action {
+        FailoverCmd::Status { .. } => ("GET", "/api/failover".to_string()),
+        FailoverCmd::Switchover { to } => ("POST", format!("/api/failover/switchover{}", to.as_ref().map(|t| format!("?to={}", enc(t))).unwrap_or_default())),
+        FailoverCmd::Failover { to } => ("POST", format!("/api/failover/failover{}", to.as_ref().map(|t| format!("?to={}", enc(t))).unwrap_or_default())),
+        FailoverCmd::Ack { by } => ("POST", format!("/api/failover/ack?by={}", enc(by))),
+        FailoverCmd::Rejoin { addr } => ("POST", format!("/api/failover/rejoin?addr={}", enc(addr))),
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("breakwater-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(admin::client::call(&admin, method, &path, std::time::Duration::from_secs(120)));
+    let (code, body) = match res {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("breakwater-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body.clone()));
+    match action {
+        FailoverCmd::Status { json: false } if code == 200 => print!("{}", admin::client::format_status(&json)),
+        FailoverCmd::Status { .. } => println!("{body}"),
+        _ if code == 200 => println!("{}", json["message"].as_str().unwrap_or(&body)),
+        _ => eprintln!("breakwater-proxy: {}", json["error"].as_str().unwrap_or(&body)),
+    }
+    if code == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

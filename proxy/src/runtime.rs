@@ -1,14 +1,14 @@
 //! The running configuration, built from [`Config`]: users with decoded password hashes,
 //! compiled query rules, and hostgroups of servers with their pools. Shared by every session.
 
-use crate::backend::hostgroup::Hostgroup;
-use crate::backend::server::Server;
-use crate::config::{Config, ConfigError};
+use crate::backend::hostgroup::{Gate, Hostgroup, Routing};
+use crate::backend::server::{Server, Status};
+use crate::config::{Config, ConfigError, ServerConfig};
 use crate::protocol::auth;
 use crate::router::rules::Rules;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// A proxy user (ProxySQL's mysql_users row), with hashes ready for verification.
 #[derive(Debug)]
@@ -53,8 +53,10 @@ pub struct Runtime {
     pub cfg: Config,
     pub users: HashMap<String, Arc<User>>,
     pub rules: Rules,
-    pub hostgroups: HashMap<u32, Hostgroup>,
-    pub servers: Vec<Arc<Server>>,
+    routing: RwLock<Arc<Routing>>,
+    /// Every server entry ever built (one per hostgroup and address); the failover
+    /// controller adds entries when it moves a server into another hostgroup.
+    registry: RwLock<Vec<Arc<Server>>>,
 }
 
 impl Runtime {
@@ -94,7 +96,92 @@ impl Runtime {
             hg.id = s.hostgroup;
             hg.servers.push(server);
         }
-        Ok(Self { cfg, users, rules, hostgroups, servers })
+        let routing = Routing { hostgroups: hostgroups.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), version: 0 };
+        Ok(Self { cfg, users, rules, routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
+    }
+
+    /// The current hostgroups (a cheap snapshot: one Arc clone under a read lock).
+    pub fn routing(&self) -> Arc<Routing> {
+        match self.routing.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Every server entry known (for health checks and stats).
+    pub fn servers(&self) -> Vec<Arc<Server>> {
+        match self.registry.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The entry for `addr` in `hostgroup`, created from `template` when there is none.
+    pub fn entry(&self, hostgroup: u32, addr: &str, template: impl FnOnce() -> ServerConfig) -> Arc<Server> {
+        let find = |reg: &[Arc<Server>]| reg.iter().find(|s| s.cfg.hostgroup == hostgroup && &*s.addr == addr).cloned();
+        if let Some(s) = find(&self.servers()) {
+            return s;
+        }
+        // Built outside the lock: the template may itself look at the registry.
+        let mut cfg = template();
+        cfg.hostgroup = hostgroup;
+        let mut reg = match self.registry.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(s) = find(&reg) {
+            return s;
+        }
+        let s = Server::new(cfg, self.cfg.proxy.max_queue_waiters);
+        reg.push(s.clone());
+        s
+    }
+
+    /// Replace the listed hostgroups in one step. Entries that leave routing go
+    /// OFFLINE_HARD (their idle connections are closed; pinned sessions get an error on
+    /// their next statement); entries that join go ONLINE (the health monitor shuns them
+    /// again if they fail a check).
+    pub fn switch(&self, changes: Vec<Hostgroup>, reason: &str) {
+        let mut guard = match self.routing.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let mut next: Routing = (**guard).clone();
+        let before: Vec<Arc<Server>> = next.hostgroups.values().flat_map(|h| h.servers.iter().cloned()).collect();
+        for hg in changes {
+            next.hostgroups.insert(hg.id, Arc::new(hg));
+        }
+        next.version += 1;
+        let after: Vec<Arc<Server>> = next.hostgroups.values().flat_map(|h| h.servers.iter().cloned()).collect();
+        for s in &before {
+            if !after.iter().any(|a| Arc::ptr_eq(a, s)) {
+                s.set_status(Status::OfflineHard, reason);
+            }
+        }
+        for s in &after {
+            if !before.iter().any(|b| Arc::ptr_eq(b, s)) {
+                s.set_status(Status::Online, "");
+            }
+        }
+        *guard = Arc::new(next);
+    }
+
+    /// Change only the gate of one hostgroup.
+    pub fn set_gate(&self, hostgroup: u32, gate: Gate) {
+        let mut guard = match self.routing.write() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let Some(hg) = guard.hostgroups.get(&hostgroup) else { return };
+        if hg.gate == gate {
+            return;
+        }
+        let mut next: Routing = (**guard).clone();
+        let mut h: Hostgroup = (**hg).clone();
+        h.gate = gate;
+        next.hostgroups.insert(hostgroup, Arc::new(h));
+        next.version += 1;
+        *guard = Arc::new(next);
     }
 }
 

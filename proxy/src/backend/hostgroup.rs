@@ -1,15 +1,41 @@
 //! A hostgroup is a set of servers that can serve the same queries; picking one balances by
 //! weight and current load (the least loaded of two weighted random picks).
+//!
+//! Hostgroups are immutable: the failover controller switches writer and reader hostgroups
+//! by publishing a new [`Routing`] snapshot in one step (see `Runtime::routing`).
 
 use super::server::Server;
 use rand::Rng;
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-#[derive(Default)]
+/// Whether a hostgroup takes new work.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Gate {
+    #[default]
+    Open,
+    /// A failover or switchover is in progress: new work waits (bounded by the queue
+    /// timeout) for the next snapshot instead of failing.
+    Hold(Arc<str>),
+    /// New work fails at once with this message (e.g. the primary is dead and automated
+    /// failover is in cooldown).
+    Block(Arc<str>),
+}
+
+#[derive(Default, Clone)]
 pub struct Hostgroup {
     pub id: u32,
     pub servers: Vec<Arc<Server>>,
+    pub gate: Gate,
+}
+
+/// Every hostgroup, as one snapshot.
+#[derive(Default, Clone)]
+pub struct Routing {
+    pub hostgroups: HashMap<u32, Arc<Hostgroup>>,
+    /// Bumped by every switch, so sessions can tell a snapshot changed.
+    pub version: u64,
 }
 
 impl Hostgroup {

@@ -5,6 +5,7 @@
 
 use super::server::{Server, Status};
 use crate::config::MonitorConfig;
+use crate::runtime::Runtime;
 use mysql_async::prelude::Queryable;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,21 +19,24 @@ pub struct Check {
     pub is_replica: bool,
 }
 
-/// Start one monitor task per distinct address; `servers` are all entries (a server may sit
-/// in several hostgroups).
-pub fn spawn(servers: Vec<Arc<Server>>, cfg: MonitorConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut by_addr: std::collections::BTreeMap<String, Vec<Arc<Server>>> = Default::default();
-    for s in servers {
-        by_addr.entry(s.addr.to_string()).or_default().push(s);
+/// Start one monitor task per distinct address. A server may sit in several hostgroups (and
+/// the failover controller adds entries), so each check applies to every entry of that
+/// address known at that moment.
+pub fn spawn(rt: Arc<Runtime>, cfg: MonitorConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut addrs: std::collections::BTreeMap<String, Arc<Server>> = Default::default();
+    for s in rt.servers() {
+        addrs.entry(s.addr.to_string()).or_insert(s);
     }
-    for (_, entries) in by_addr {
+    for (addr, first) in addrs {
         let cfg = cfg.clone();
+        let rt = rt.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut conn: Option<mysql_async::Conn> = None;
             let interval = Duration::from_millis(cfg.interval_ms.max(50));
             loop {
-                let res = check(&entries[0], &cfg, &mut conn).await;
+                let res = check(&first, &cfg, &mut conn).await;
+                let entries: Vec<Arc<Server>> = rt.servers().into_iter().filter(|s| *s.addr == *addr).collect();
                 apply(&entries, res);
                 tokio::select! {
                     _ = tokio::time::sleep(interval) => {}

@@ -9,6 +9,7 @@
 use super::login::{self, Login};
 use super::state::{Pins, SessionVars};
 use crate::backend::conn::{BackendError, ConnKey, ForwardError};
+use crate::backend::hostgroup::Gate;
 use crate::backend::pool::{Checkout, PoolError, PooledConn};
 use crate::backend::server::{Server, Status};
 use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
@@ -255,17 +256,52 @@ impl Session {
     /// user's default hostgroup when no server of `hostgroup` is ONLINE).
     pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>) -> Result<PooledConn, SqlError> {
         if let Some(c) = self.pinned.take() {
-            return Ok(c);
+            if c.server.status() != Status::OfflineHard {
+                return Ok(c);
+            }
+            // The failover controller moved the writer while this client held a
+            // transaction (or other state) on the old one: that state is gone.
+            let server = c.server.clone();
+            c.discard();
+            let why = server.reason.lock().map(|r| r.clone()).unwrap_or_default();
+            self.connection_lost(&server, &why);
+            return Err(SqlError::new(
+                errcode::CONNECTION_KILLED,
+                "70100",
+                format!(
+                    "Transaction aborted: backend {} left hostgroup {} ({why}); nothing after the last COMMIT was kept, start it again",
+                    server.addr, server.cfg.hostgroup
+                ),
+            ));
         }
         let rt = self.rt.clone();
-        let hg = match rt.hostgroups.get(&hostgroup) {
-            Some(g) if g.any_online() => g,
-            _ => match rt.hostgroups.get(&self.user.default_hostgroup) {
-                Some(g) => g,
-                None => {
-                    return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", format!("Hostgroup {hostgroup} has no servers")))
+        let queue_timeout = Duration::from_millis(rt.cfg.proxy.queue_timeout_ms);
+        let deadline = tokio::time::Instant::now() + queue_timeout;
+        let hg = loop {
+            let routing = rt.routing();
+            let hg = match routing.hostgroups.get(&hostgroup) {
+                Some(g) if g.any_online() || g.gate != Gate::Open => g.clone(),
+                _ => match routing.hostgroups.get(&self.user.default_hostgroup) {
+                    Some(g) => g.clone(),
+                    None => {
+                        return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", format!("Hostgroup {hostgroup} has no servers")))
+                    }
+                },
+            };
+            match &hg.gate {
+                Gate::Open => break hg,
+                Gate::Block(msg) => return Err(SqlError::new(errcode::OPTION_PREVENTS_STATEMENT, "HY000", msg.to_string())),
+                Gate::Hold(msg) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(SqlError::new(
+                            errcode::MAX_CONNECT_TIMEOUT,
+                            "HY000",
+                            format!("Hostgroup {} is on hold ({msg}) for longer than {} ms", hg.id, queue_timeout.as_millis()),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-            },
+            }
         };
         let key = self.conn_key();
         let p = &rt.cfg.proxy;

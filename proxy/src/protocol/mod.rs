@@ -117,6 +117,8 @@ pub mod errcode {
     pub const SERVER_SHUTDOWN: u16 = 1053;
     pub const CONNECTION_KILLED: u16 = 1927;
     pub const LOCK_WAIT_TIMEOUT: u16 = 1205;
+    /// ER_OPTION_PREVENTS_STATEMENT: writes refused (read_only, or failover in cooldown).
+    pub const OPTION_PREVENTS_STATEMENT: u16 = 1290;
     /// Client-side codes a proxy reports for backend trouble (as ProxySQL does).
     pub const CONN_HOST_ERROR: u16 = 2003;
     pub const SERVER_LOST: u16 = 2013;

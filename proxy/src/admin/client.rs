@@ -1,0 +1,74 @@
+//! The client side of `breakwater-proxy failover status|switchover|failover|ack|rejoin`:
+//! one HTTP request to the admin interface of a running proxy.
+
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Returns (status code, body).
+pub async fn call(admin: &str, method: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+    let fut = async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.map_err(|e| format!("cannot reach the admin interface at {admin}: {e}"))?;
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
+        let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("malformed HTTP status line")?;
+        Ok::<_, String>((code, body.to_string()))
+    };
+    tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from {admin} within {} s", timeout.as_secs()))?
+}
+
+/// A terminal view of GET /api/failover.
+pub fn format_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
+    let mut o = String::new();
+    let _ = writeln!(o, "cluster {}  primary {}  writes {}", s(&v["cluster"]), s(&v["primary"]), s(&v["writer_gate"]));
+    let cd = &v["cooldown"];
+    if cd["active"].as_bool() == Some(true) {
+        let _ = writeln!(o, "cooldown: ACTIVE, {} s left (automated recoveries blocked; `failover ack` ends it)", cd["remaining_seconds"]);
+    } else {
+        let _ = writeln!(o, "cooldown: none");
+    }
+    let _ = writeln!(o, "{:<22} {:<9} {:<6} {:<10} {:<8} {:<10} {:<6} {:<24} proxy", "server", "role", "up", "read_only", "io/sql", "lag", "rule", "gtid_current_pos");
+    for sv in v["servers"].as_array().into_iter().flatten() {
+        let repl = &sv["replication"];
+        let iosql = if repl.is_null() { "-".to_string() } else { format!("{}/{}", s(&repl["io_running"]), s(&repl["sql_running"])) };
+        let lag = if repl.is_null() { "-".into() } else { repl["seconds_behind_master"].to_string() };
+        let _ = writeln!(
+            o,
+            "{:<22} {:<9} {:<6} {:<10} {:<8} {:<10} {:<6} {:<24} {}",
+            s(&sv["addr"]),
+            s(&sv["role"]),
+            sv["reachable"].to_string(),
+            sv["read_only"].to_string(),
+            iosql,
+            lag,
+            s(&sv["promotion_rule"]),
+            s(&sv["gtid_current_pos"]),
+            s(&sv["proxy_status"])
+        );
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        let _ = writeln!(o, "problem: {} {}: {}", s(&p["kind"]), s(&p["addr"]), p["evidence"]);
+    }
+    if let Some(r) = v["last_recovery"].as_object() {
+        let _ = writeln!(
+            o,
+            "last recovery: {} {} -> {} in {} ms (writes paused {} ms), acknowledged {}",
+            r["kind"].as_str().unwrap_or(""),
+            r["failed"].as_str().unwrap_or(""),
+            r["promoted"].as_str().unwrap_or(""),
+            r["duration_ms"],
+            r["write_pause_ms"],
+            r["acknowledged"]
+        );
+    }
+    let events = v["events"].as_array().cloned().unwrap_or_default();
+    for e in events.iter().rev().take(10).rev() {
+        let _ = writeln!(o, "{} {:<22} {:<22} {}", s(&e["at"]), s(&e["kind"]), s(&e["addr"]), s(&e["action"]));
+    }
+    o
+}

@@ -1,0 +1,187 @@
+//! A minimal HTTP/1.1 responder: one request per connection, bounded header size and time.
+
+use crate::failover::{Request, Shared};
+use crate::runtime::Proxy;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::warn;
+
+const PAGE: &str = include_str!("topology.html");
+
+pub struct Admin {
+    pub proxy: Arc<Proxy>,
+    pub failover: Option<Arc<Shared>>,
+}
+
+pub async fn run(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((stream, _)) => {
+                let admin = admin.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, &admin).await {
+                        warn!(error = %e, "admin request failed");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn json(status: u16, v: &impl serde::Serialize) -> Self {
+        let body = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
+        Self { status, content_type: "application/json", body }
+    }
+
+    fn text(status: u16, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    }
+}
+
+async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let head = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok::<bool, std::io::Error>(false);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                return Ok(true);
+            }
+            if buf.len() > 16 * 1024 {
+                return Ok(false);
+            }
+        }
+    })
+    .await;
+    let resp = match head {
+        Ok(Ok(true)) => {
+            let text = String::from_utf8_lossy(&buf);
+            let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+            let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            route(admin, method, target).await
+        }
+        Ok(Ok(false)) => Response::text(400, "bad request\n"),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => Response::text(408, "request timeout\n"),
+    };
+    let reason = match resp.status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let head = format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        resp.status,
+        resp.content_type,
+        resp.body.len()
+    );
+    stream.write_all(head.as_bytes()).await?;
+    stream.write_all(resp.body.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match (hex(b[i + 1]), hex(b[i + 2])) {
+                    (Some(h), Some(l)) => {
+                        out.push(h * 16 + l);
+                        i += 3;
+                        continue;
+                    }
+                    _ => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name && !v.is_empty()).then(|| percent_decode(v))
+    })
+}
+
+async fn route(admin: &Admin, method: &str, target: &str) -> Response {
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    match (method, path) {
+        ("GET", "/healthz") => Response::text(200, "ok\n"),
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: super::metrics::render(&admin.proxy, admin.failover.as_deref()),
+        },
+        ("GET", "/" | "/topology") => Response { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.to_string() },
+        (_, p) if p.starts_with("/api/failover") => {
+            let Some(f) = &admin.failover else {
+                return Response::json(503, &serde_json::json!({"error": "the failover controller is disabled ([failover] enabled = false)"}));
+            };
+            let req = match (method, p) {
+                ("GET", "/api/failover") => return Response::json(200, &f.view()),
+                ("GET", "/api/failover/events") => return Response::json(200, &f.view().events),
+                ("POST", "/api/failover/switchover") => Request::Switchover { to: param(query, "to") },
+                ("POST", "/api/failover/failover") => Request::Failover { to: param(query, "to") },
+                ("POST", "/api/failover/ack") => Request::Ack { by: param(query, "by").unwrap_or_else(|| "admin api".into()) },
+                ("POST", "/api/failover/rejoin") => match param(query, "addr") {
+                    Some(addr) => Request::Rejoin { addr },
+                    None => return Response::json(400, &serde_json::json!({"error": "rejoin needs ?addr=HOST:PORT"})),
+                },
+                ("GET", _) => return Response::json(404, &serde_json::json!({"error": format!("no such resource {p}")})),
+                _ => return Response::json(405, &serde_json::json!({"error": format!("{method} {p} is not supported")})),
+            };
+            match f.request(req).await {
+                Ok(msg) => Response::json(200, &serde_json::json!({"ok": true, "message": msg})),
+                Err(e) => Response::json(409, &serde_json::json!({"ok": false, "error": e})),
+            }
+        }
+        _ => Response::text(404, "not found\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn params() {
+        assert_eq!(super::param("to=127.0.0.1%3A3308&x=1", "to").as_deref(), Some("127.0.0.1:3308"));
+        assert_eq!(super::param("by=a+b", "by").as_deref(), Some("a b"));
+        assert_eq!(super::param("to=", "to"), None);
+        assert_eq!(super::percent_decode("%zz%4"), "%zz%4");
+    }
+}

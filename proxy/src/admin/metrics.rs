@@ -1,0 +1,85 @@
+//! Prometheus text for the proxy and the failover controller. Names follow Prometheus
+//! conventions; labels follow OpenTelemetry's (server_address, db_system_name).
+
+use crate::failover::Shared;
+use crate::runtime::Proxy;
+use std::fmt::Write;
+use std::sync::atomic::Ordering;
+
+fn family(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
+    let mut o = String::with_capacity(4096);
+    let st = &proxy.stats;
+    for (name, help, v) in [
+        ("breakwater_proxy_client_connections_total", "Client connections accepted.", st.client_connections.load(Ordering::Relaxed)),
+        ("breakwater_proxy_client_connections_refused_total", "Client connections refused (max_client_connections).", st.client_connections_refused.load(Ordering::Relaxed)),
+        ("breakwater_proxy_backend_errors_total", "Backend connections lost during a command.", st.backend_errors.load(Ordering::Relaxed)),
+        ("breakwater_proxy_read_retries_total", "Reads retried on another server.", st.retries.load(Ordering::Relaxed)),
+    ] {
+        family(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name}{{db_system_name=\"mysql\"}} {v}");
+    }
+    let rt = proxy.runtime();
+    let routing = rt.routing();
+    family(&mut o, "breakwater_proxy_server_status", "gauge", "1 for the status each server entry is in (ONLINE, SHUNNED, OFFLINE_HARD).");
+    family(&mut o, "breakwater_proxy_server_routed", "gauge", "1 when the entry is in its hostgroup's current routing.");
+    family(&mut o, "breakwater_proxy_server_connections", "gauge", "Backend connections of a server entry by state.");
+    family(&mut o, "breakwater_proxy_server_queries_total", "counter", "Commands sent to a server entry.");
+    for s in rt.servers() {
+        let l = format!("hostgroup=\"{}\",server_address=\"{}\"", s.cfg.hostgroup, esc(&s.addr));
+        let routed = routing.hostgroups.get(&s.cfg.hostgroup).is_some_and(|h| h.servers.iter().any(|x| std::sync::Arc::ptr_eq(x, &s)));
+        let _ = writeln!(o, "breakwater_proxy_server_status{{{l},status=\"{}\"}} 1", s.status().as_str());
+        let _ = writeln!(o, "breakwater_proxy_server_routed{{{l}}} {}", routed as u8);
+        let in_use = s.pool.in_use.load(Ordering::Relaxed);
+        let _ = writeln!(o, "breakwater_proxy_server_connections{{{l},state=\"in_use\"}} {in_use}");
+        let _ = writeln!(o, "breakwater_proxy_server_connections{{{l},state=\"idle\"}} {}", s.pool.idle_count());
+        let _ = writeln!(o, "breakwater_proxy_server_queries_total{{{l}}} {}", s.counters.queries.load(Ordering::Relaxed));
+    }
+    let Some(f) = failover else { return o };
+    let v = f.view();
+    let c = format!("cluster=\"{}\"", esc(&v.cluster));
+    family(&mut o, "breakwater_failover_detections_total", "counter", "Problems detected, by kind (DeadPrimary, UnreachablePrimary, DeadReplica, ...).");
+    for (k, n) in &v.counters.detections {
+        let _ = writeln!(o, "breakwater_failover_detections_total{{{c},kind=\"{k}\"}} {n}");
+    }
+    family(&mut o, "breakwater_failover_recoveries_total", "counter", "Recoveries run, by kind (automated, manual, switchover) and result.");
+    for (k, n) in &v.counters.recoveries {
+        let (kind, result) = k.split_once('/').unwrap_or((k, ""));
+        let _ = writeln!(o, "breakwater_failover_recoveries_total{{{c},kind=\"{kind}\",result=\"{result}\"}} {n}");
+    }
+    family(&mut o, "breakwater_failover_recoveries_blocked_total", "counter", "Automated recoveries not run because of the cooldown.");
+    let _ = writeln!(o, "breakwater_failover_recoveries_blocked_total{{{c}}} {}", v.counters.blocked);
+    family(&mut o, "breakwater_failover_acknowledgements_total", "counter", "Recoveries acknowledged by a person.");
+    let _ = writeln!(o, "breakwater_failover_acknowledgements_total{{{c}}} {}", v.counters.acks);
+    family(&mut o, "breakwater_failover_cooldown_active", "gauge", "1 while automated recoveries are blocked (RecoveryPeriodBlockSeconds).");
+    let _ = writeln!(o, "breakwater_failover_cooldown_active{{{c}}} {}", v.cooldown.active as u8);
+    family(&mut o, "breakwater_failover_cooldown_remaining_seconds", "gauge", "Seconds left in the cooldown.");
+    let _ = writeln!(o, "breakwater_failover_cooldown_remaining_seconds{{{c}}} {}", v.cooldown.remaining_seconds);
+    family(&mut o, "breakwater_failover_writes_blocked", "gauge", "1 while the proxy refuses or holds writes for this cluster.");
+    let _ = writeln!(o, "breakwater_failover_writes_blocked{{{c}}} {}", (v.writer_gate != "open") as u8);
+    if let Some(r) = &v.last_recovery {
+        family(&mut o, "breakwater_failover_last_recovery_duration_seconds", "gauge", "Detection to new primary taking writes, last recovery.");
+        let _ = writeln!(o, "breakwater_failover_last_recovery_duration_seconds{{{c},kind=\"{}\"}} {:.3}", r.kind, r.duration_ms as f64 / 1000.0);
+        family(&mut o, "breakwater_failover_last_write_pause_seconds", "gauge", "How long writes were held during the last recovery.");
+        let _ = writeln!(o, "breakwater_failover_last_write_pause_seconds{{{c},kind=\"{}\"}} {:.3}", r.kind, r.write_pause_ms as f64 / 1000.0);
+    }
+    family(&mut o, "breakwater_failover_server_up", "gauge", "1 when the controller's probe reached the server.");
+    family(&mut o, "breakwater_failover_server_role", "gauge", "1 for the server's role (primary, replica, fenced, detached, unknown).");
+    family(&mut o, "breakwater_replication_lag_seconds", "gauge", "Seconds_Behind_Master of each replica (absent when NULL).");
+    for s in &v.servers {
+        let l = format!("{c},server_address=\"{}\"", esc(&s.instance.addr));
+        let _ = writeln!(o, "breakwater_failover_server_up{{{l}}} {}", s.instance.reachable as u8);
+        let _ = writeln!(o, "breakwater_failover_server_role{{{l},role=\"{}\"}} 1", s.role);
+        if let Some(lag) = s.instance.replication.as_ref().and_then(|r| r.seconds_behind_master) {
+            let _ = writeln!(o, "breakwater_replication_lag_seconds{{{l}}} {lag}");
+        }
+    }
+    o
+}

@@ -1,0 +1,846 @@
+//! The controller loop: every poll interval it probes every server of the cluster, runs
+//! detection, and acts: promotes a replica when the primary is dead (unless recoveries are
+//! blocked by the cooldown), takes dead replicas out of the reader hostgroup, keeps fenced
+//! former primaries read-only. Commands from the CLI / HTTP API (switchover, manual
+//! failover, ack, rejoin) are handled between polls, so only one change runs at a time.
+//!
+//! Everything a person needs to see (topology, problems, events, cooldown) is published to
+//! [`Shared`] after every step; the HTTP API and /metrics read it without blocking the loop.
+
+use super::actions::{self, HookEnv};
+use super::candidate::{self, Replica};
+use super::detect::{self, Kind, Problem};
+use super::gtid::Position;
+use super::topology::{Instance, Prober};
+use crate::backend::hostgroup::{Gate, Hostgroup};
+use crate::config::{FailoverConfig, MonitorConfig, PromotionRule, ServerConfig};
+use crate::runtime::Runtime;
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+/// A command from a person.
+#[derive(Debug, Clone)]
+pub enum Request {
+    /// Graceful switchover to `to` (or the best candidate) while the primary is alive.
+    Switchover { to: Option<String> },
+    /// Manual failover of a dead primary; ignores the cooldown.
+    Failover { to: Option<String> },
+    /// Acknowledge recoveries: ends the cooldown block.
+    Ack { by: String },
+    /// Put a fenced former primary back as a replica of the current primary.
+    Rejoin { addr: String },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: u64,
+    pub at_ms: u64,
+    pub at: String,
+    pub kind: String,
+    pub addr: String,
+    pub evidence: Vec<String>,
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    /// automated, manual or switchover.
+    pub kind: String,
+    pub failed: String,
+    pub promoted: String,
+    pub detected_at_ms: u64,
+    pub promoted_at_ms: u64,
+    /// From detection (or the command) to the new primary taking writes in the proxy.
+    pub duration_ms: u64,
+    /// How long new writes were held in the proxy.
+    pub write_pause_ms: u64,
+    pub acknowledged: bool,
+    pub steps: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ServerView {
+    #[serde(flatten)]
+    pub instance: Instance,
+    /// primary, replica, fenced, detached.
+    pub role: String,
+    pub promotion_rule: String,
+    /// Hostgroups the proxy routes to this server right now.
+    pub hostgroups: Vec<u32>,
+    /// The proxy's status of its entries (ONLINE, SHUNNED, OFFLINE_HARD).
+    pub proxy_status: String,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Cooldown {
+    pub active: bool,
+    pub until_ms: Option<u64>,
+    pub remaining_seconds: u64,
+    pub block_seconds: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Counters {
+    /// Problems detected, by kind (counted when they appear).
+    pub detections: BTreeMap<String, u64>,
+    /// Recoveries by "kind/result" (automated/ok, automated/failed, manual/ok, …).
+    pub recoveries: BTreeMap<String, u64>,
+    /// Automated recoveries not run because of the cooldown.
+    pub blocked: u64,
+    pub acks: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct View {
+    pub cluster: String,
+    pub primary: String,
+    pub writer_hostgroup: u32,
+    pub reader_hostgroup: u32,
+    /// Whether the proxy's writer hostgroup takes writes: open, hold: …, block: ….
+    pub writer_gate: String,
+    pub servers: Vec<ServerView>,
+    pub problems: Vec<Problem>,
+    pub cooldown: Cooldown,
+    pub last_recovery: Option<Recovery>,
+    pub events: VecDeque<Event>,
+    pub counters: Counters,
+    pub polls: u64,
+    pub updated_ms: u64,
+}
+
+type Reply = oneshot::Sender<Result<String, String>>;
+
+/// What the HTTP API and CLI talk to.
+pub struct Shared {
+    view: Mutex<View>,
+    tx: mpsc::Sender<(Request, Reply)>,
+}
+
+impl Shared {
+    pub fn view(&self) -> View {
+        match self.view.lock() {
+            Ok(v) => v.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Send a command to the loop and wait for its outcome.
+    pub async fn request(&self, r: Request) -> Result<String, String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send((r, tx)).await.map_err(|_| "the failover controller is not running".to_string())?;
+        rx.await.map_err(|_| "the failover controller stopped".to_string())?
+    }
+}
+
+struct Member {
+    addr: String,
+    rule: PromotionRule,
+    prober: Prober,
+}
+
+pub struct Controller {
+    rt: Arc<Runtime>,
+    cfg: FailoverConfig,
+    members: Vec<Member>,
+    shared: Arc<Shared>,
+    primary: String,
+    fenced: BTreeSet<String>,
+    instances: BTreeMap<String, Instance>,
+    active: BTreeSet<(Kind, String)>,
+    cooldown_until: Option<SystemTime>,
+    blocked_reported: bool,
+    writer_tpl: ServerConfig,
+    reader_tpl: ServerConfig,
+    next_event: u64,
+    discovered: bool,
+    dead_since: Option<SystemTime>,
+}
+
+fn now_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// RFC 3339 UTC time of a unix millisecond timestamp.
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, ms % 1000)
+}
+
+fn split_addr(addr: &str) -> (String, u16) {
+    match addr.rsplit_once(':') {
+        Some((h, p)) => (h.to_string(), p.parse().unwrap_or(0)),
+        None => (addr.to_string(), 0),
+    }
+}
+
+/// Start the controller; returns the handle the admin interface uses.
+pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receiver<bool>) -> Arc<Shared> {
+    let cfg = rt.cfg.failover.clone();
+    let (tx, rx) = mpsc::channel(16);
+    let shared = Arc::new(Shared { view: Mutex::new(View::default()), tx });
+    let servers = &rt.cfg.servers;
+    let in_cluster = |s: &&ServerConfig| s.hostgroup == cfg.writer_hostgroup || s.hostgroup == cfg.reader_hostgroup;
+    let mut members: Vec<Member> = Vec::new();
+    for s in servers.iter().filter(in_cluster) {
+        let addr = s.address();
+        match members.iter_mut().find(|m| m.addr == addr) {
+            Some(m) if s.promotion_rule != PromotionRule::Neutral => m.rule = s.promotion_rule,
+            Some(_) => {}
+            None => members.push(Member {
+                addr: addr.clone(),
+                rule: s.promotion_rule,
+                prober: Prober::new(&s.host, s.port, &monitor.username, &monitor.password, Duration::from_millis(cfg.probe_timeout_ms)),
+            }),
+        }
+    }
+    let writer = servers.iter().find(|s| s.hostgroup == cfg.writer_hostgroup).cloned();
+    let reader = servers.iter().find(|s| s.hostgroup == cfg.reader_hostgroup).cloned();
+    let Some(writer_tpl) = writer else {
+        error!("failover: no server in writer hostgroup {}; controller not started", cfg.writer_hostgroup);
+        return shared;
+    };
+    let reader_tpl = reader.unwrap_or_else(|| ServerConfig { hostgroup: cfg.reader_hostgroup, ..writer_tpl.clone() });
+    let c = Controller {
+        primary: writer_tpl.address(),
+        rt,
+        members,
+        shared: shared.clone(),
+        fenced: BTreeSet::new(),
+        instances: BTreeMap::new(),
+        active: BTreeSet::new(),
+        cooldown_until: None,
+        blocked_reported: false,
+        writer_tpl,
+        reader_tpl,
+        next_event: 1,
+        discovered: false,
+        dead_since: None,
+        cfg,
+    };
+    tokio::spawn(c.run(rx, shutdown));
+    shared
+}
+
+impl Controller {
+    async fn run(mut self, mut rx: mpsc::Receiver<(Request, Reply)>, mut shutdown: watch::Receiver<bool>) {
+        let interval = Duration::from_millis(self.cfg.poll_interval_ms.max(50));
+        info!(cluster = %self.cfg.cluster, primary = %self.primary, members = self.members.len(), "failover controller started");
+        let mut polls = 0u64;
+        loop {
+            let t = Instant::now();
+            self.tick().await;
+            polls += 1;
+            self.publish(polls);
+            let sleep = tokio::time::sleep(interval.saturating_sub(t.elapsed()));
+            tokio::select! {
+                _ = sleep => {}
+                req = rx.recv() => {
+                    let Some((req, reply)) = req else { break };
+                    self.probe_all().await;
+                    let res = self.handle(req).await;
+                    self.publish(polls);
+                    let _ = reply.send(res);
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn probe_all(&mut self) {
+        let probes = self.members.iter_mut().map(|m| m.prober.probe());
+        let results = futures_util::future::join_all(probes).await;
+        self.instances = results.into_iter().map(|i| (i.addr.clone(), i)).collect();
+    }
+
+    fn cooldown_active(&self) -> bool {
+        self.cooldown_until.is_some_and(|u| SystemTime::now() < u)
+    }
+
+    fn event(&mut self, kind: &str, addr: &str, evidence: Vec<String>, action: impl Into<String>) {
+        let at = now_ms(SystemTime::now());
+        let action = action.into();
+        warn!(cluster = %self.cfg.cluster, kind, addr, action = %action, evidence = ?evidence, "failover event");
+        let e = Event { id: self.next_event, at_ms: at, at: rfc3339(at), kind: kind.into(), addr: addr.into(), evidence, action };
+        self.next_event += 1;
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.events.push_back(e);
+            while v.events.len() > self.cfg.max_events.max(1) {
+                v.events.pop_front();
+            }
+        }
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        if let Ok(mut v) = self.shared.view.lock() {
+            f(&mut v.counters);
+        }
+    }
+
+    /// The first successful discovery decides who the primary is: the configured writer
+    /// when it is writable and not a replica, else the one writable non-replica the
+    /// replicas follow (e.g. after a failover, when the proxy restarted).
+    fn discover_primary(&mut self) {
+        let reachable: Vec<&Instance> = self.instances.values().filter(|i| i.reachable).collect();
+        if reachable.is_empty() {
+            return;
+        }
+        self.discovered = true;
+        let is_primary = |i: &Instance| !i.read_only && i.replication.is_none();
+        if self.instances.get(&self.primary).is_some_and(|i| i.reachable && is_primary(i)) {
+            return;
+        }
+        let mut votes: BTreeMap<String, usize> = BTreeMap::new();
+        for i in &reachable {
+            if let Some(r) = &i.replication {
+                *votes.entry(r.master_addr()).or_default() += 1;
+            }
+        }
+        let found = reachable
+            .iter()
+            .filter(|i| is_primary(i))
+            .max_by_key(|i| votes.get(&i.addr).copied().unwrap_or(0))
+            .map(|i| i.addr.clone());
+        if let Some(p) = found.filter(|p| *p != self.primary && votes.get(p).copied().unwrap_or(0) > 0) {
+            let old = std::mem::replace(&mut self.primary, p.clone());
+            let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+            self.place(&p, &readers, "discovery: not the primary");
+            self.event(
+                "DiscoveredPrimary",
+                &p,
+                vec![format!("configured writer {old} is not the primary; {p} is writable and replicated from")],
+                format!("writer hostgroup {} now routes to {p}", self.cfg.writer_hostgroup),
+            );
+        }
+    }
+
+    async fn tick(&mut self) {
+        self.probe_all().await;
+        if !self.discovered {
+            self.discover_primary();
+        }
+        let problems = detect::detect(&self.primary, &self.instances, &self.fenced, self.reader_tpl.max_replication_lag.max(1) as i64);
+        let now: BTreeSet<(Kind, String)> = problems.iter().map(|p| (p.kind, p.addr.clone())).collect();
+        for p in &problems {
+            if self.active.contains(&(p.kind, p.addr.clone())) {
+                continue;
+            }
+            self.count(|c| *c.detections.entry(p.kind.as_str().into()).or_default() += 1);
+            let action = match p.kind {
+                Kind::DeadPrimary if self.cooldown_active() => "recovery blocked: cooldown active".to_string(),
+                Kind::DeadPrimary => "recovering".into(),
+                Kind::UnreachablePrimary => "none: replicas still replicate from it; re-checking every poll".into(),
+                Kind::UnreachablePrimaryWithoutReplicas => "none: no replica in sight to confirm or promote".into(),
+                Kind::DeadReplica => format!("removed from reader hostgroup {}", self.cfg.reader_hostgroup),
+                Kind::WritableFencedServer => "set read_only = 1".into(),
+                _ => "alert only".into(),
+            };
+            self.event(p.kind.as_str(), &p.addr, p.evidence.clone(), action);
+        }
+        for p in &problems {
+            match p.kind {
+                Kind::DeadPrimary => self.on_dead_primary().await,
+                Kind::DeadReplica => {
+                    for s in self.rt.servers().iter().filter(|s| *s.addr == *p.addr && s.cfg.hostgroup == self.cfg.reader_hostgroup) {
+                        if s.is_online() {
+                            s.set_status(crate::backend::server::Status::Shunned, "DeadReplica (failover controller)");
+                        }
+                    }
+                }
+                Kind::WritableFencedServer => self.fence(&p.addr).await,
+                _ => {}
+            }
+        }
+        let primary_ok = self.instances.get(&self.primary).is_some_and(|i| i.reachable);
+        if primary_ok {
+            self.dead_since = None;
+            if self.blocked_reported {
+                self.blocked_reported = false;
+                self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Open);
+                let p = self.primary.clone();
+                self.event("PrimaryReachableAgain", &p, vec![], "writes unblocked");
+            }
+        }
+        self.active = now;
+    }
+
+    async fn on_dead_primary(&mut self) {
+        let detected = *self.dead_since.get_or_insert_with(SystemTime::now);
+        if self.cooldown_active() {
+            if !self.blocked_reported {
+                self.blocked_reported = true;
+                self.count(|c| c.blocked += 1);
+                let until = self.cooldown_until.map(now_ms).unwrap_or(0);
+                let msg = format!(
+                    "Breakwater: primary {} of cluster {} is down and automated failover is in cooldown until {} \
+                     (recovery_block_seconds={}); writes are refused. Run `breakwater-proxy failover ack` to allow \
+                     automated recovery, or `breakwater-proxy failover failover` to promote now",
+                    self.primary,
+                    self.cfg.cluster,
+                    rfc3339(until),
+                    self.cfg.recovery_block_seconds
+                );
+                self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Block(msg.clone().into()));
+                let p = self.primary.clone();
+                self.event("RecoveryBlocked", &p, vec![msg], "no automated promotion; reads keep going to replicas");
+            }
+            return;
+        }
+        let _ = self.recover("automated", None, detected).await;
+    }
+
+    async fn handle(&mut self, req: Request) -> Result<String, String> {
+        info!(?req, "failover command");
+        match req {
+            Request::Ack { by } => {
+                let was = self.cooldown_active();
+                self.cooldown_until = None;
+                if let Ok(mut v) = self.shared.view.lock() {
+                    if let Some(r) = v.last_recovery.as_mut() {
+                        r.acknowledged = true;
+                    }
+                }
+                self.count(|c| c.acks += 1);
+                let p = self.primary.clone();
+                self.event("Acknowledged", &p, vec![format!("by {by}")], if was { "cooldown ended" } else { "no cooldown was active" });
+                // A primary that is dead right now is recovered at once.
+                if self.instances.get(&self.primary).is_none_or(|i| !i.reachable) {
+                    self.blocked_reported = false;
+                    self.tick().await;
+                }
+                Ok(format!("acknowledged; automated recovery of cluster {} is allowed again", self.cfg.cluster))
+            }
+            Request::Failover { to } => {
+                if self.instances.get(&self.primary).is_some_and(|i| i.reachable) {
+                    return Err(format!("primary {} is reachable: use switchover for a planned change", self.primary));
+                }
+                let detected = *self.dead_since.get_or_insert_with(SystemTime::now);
+                self.recover("manual", to.as_deref(), detected).await
+            }
+            Request::Switchover { to } => self.switchover(to.as_deref()).await,
+            Request::Rejoin { addr } => self.rejoin(&addr).await,
+        }
+    }
+
+    fn member(&mut self, addr: &str) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.addr == addr)
+    }
+
+    fn replicas_for_choice(&self, of: &str) -> Vec<Replica> {
+        let primary = self.instances.get(of);
+        detect::replicas_of(of, &self.instances, &self.fenced)
+            .into_iter()
+            .map(|i| {
+                let mut received = Position::parse(&i.gtid_slave_pos).unwrap_or_default();
+                if let Some(io) = i.replication.as_ref().and_then(|r| Position::parse(&r.gtid_io_pos).ok()) {
+                    for (d, g) in io.domains {
+                        let e = received.domains.entry(d).or_insert(g);
+                        if g.seq > e.seq {
+                            *e = g;
+                        }
+                    }
+                }
+                let errant = primary.filter(|p| p.reachable).is_some_and(|p| {
+                    let pp = Position::parse(&p.gtid_binlog_pos).unwrap_or_default();
+                    Position::parse(&i.gtid_binlog_pos)
+                        .unwrap_or_default()
+                        .domains
+                        .values()
+                        .any(|g| g.server == i.server_id && pp.domains.get(&g.domain).is_none_or(|x| x.seq < g.seq))
+                });
+                let rule = self.members.iter().find(|m| m.addr == i.addr).map(|m| m.rule).unwrap_or_default();
+                Replica { addr: i.addr.clone(), rule, received, errant }
+            })
+            .collect()
+    }
+
+    /// Route writes to `writer` and reads to `readers`, in one snapshot.
+    fn place(&self, writer: &str, readers: &[String], reason: &str) {
+        let tpl = |addr: &str, size: &ServerConfig| -> ServerConfig {
+            let mut c = self
+                .rt
+                .servers()
+                .iter()
+                .find(|s| *s.addr == *addr)
+                .map(|s| s.cfg.clone())
+                .unwrap_or_else(|| {
+                    let (host, port) = split_addr(addr);
+                    ServerConfig { host, port, socket: None, ..size.clone() }
+                });
+            c.weight = size.weight;
+            c.max_connections = size.max_connections;
+            c.max_replication_lag = size.max_replication_lag;
+            c
+        };
+        let (whg, rhg) = (self.cfg.writer_hostgroup, self.cfg.reader_hostgroup);
+        let w = self.rt.entry(whg, writer, || tpl(writer, &self.writer_tpl));
+        let rs = readers.iter().map(|a| self.rt.entry(rhg, a, || tpl(a, &self.reader_tpl))).collect();
+        self.rt.switch(
+            vec![Hostgroup { id: whg, servers: vec![w], gate: Gate::Open }, Hostgroup { id: rhg, servers: rs, gate: Gate::Open }],
+            reason,
+        );
+    }
+
+    async fn hook(&self, which: &str, cmd: &Option<String>, kind: &str, failed: &str, promoted: &str) -> Result<String, String> {
+        let Some(cmd) = cmd else { return Ok(String::new()) };
+        let env = HookEnv { cluster: &self.cfg.cluster, kind, failed, promoted };
+        actions::run_hook(cmd, &env, Duration::from_millis(self.cfg.hook_timeout_ms)).await.map_err(|e| format!("{which}: {e}"))
+    }
+
+    /// Promote a replica of the dead primary. `kind` is automated or manual.
+    async fn recover(&mut self, kind: &str, want: Option<&str>, detected: SystemTime) -> Result<String, String> {
+        let failed = self.primary.clone();
+        let t0 = Instant::now();
+        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
+        let mut steps = Vec::new();
+        // Re-check with a fresh connection before acting.
+        if let Some(m) = self.member(&failed) {
+            m.prober.forget();
+            let again = m.prober.probe().await;
+            if again.reachable {
+                let msg = format!("primary {failed} answered the re-check; no promotion");
+                self.event("RecoveryAborted", &failed, vec![], msg.clone());
+                return Err(msg);
+            }
+            steps.push(format!("re-check of {failed}: {}", again.error.unwrap_or_default()));
+        }
+        let whg = self.cfg.writer_hostgroup;
+        self.rt.set_gate(whg, Gate::Hold(format!("failover of {failed} in progress").into()));
+        let res = self.promote_replica(&failed, kind, want, limit, &mut steps).await;
+        let result = if res.is_ok() { "ok" } else { "failed" };
+        self.count(|c| *c.recoveries.entry(format!("{kind}/{result}")).or_default() += 1);
+        // Any recovery attempt (even a vetoed or failed one) starts the block: no retry loop.
+        self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
+        self.blocked_reported = false;
+        match res {
+            Ok(promoted) => {
+                let at = SystemTime::now();
+                let duration = at.duration_since(detected).unwrap_or_default();
+                let rec = Recovery {
+                    kind: kind.into(),
+                    failed: failed.clone(),
+                    promoted: promoted.clone(),
+                    detected_at_ms: now_ms(detected),
+                    promoted_at_ms: now_ms(at),
+                    duration_ms: duration.as_millis() as u64,
+                    write_pause_ms: t0.elapsed().as_millis() as u64,
+                    acknowledged: false,
+                    steps: steps.clone(),
+                };
+                if let Ok(mut v) = self.shared.view.lock() {
+                    v.last_recovery = Some(rec);
+                }
+                self.dead_since = None;
+                let post = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), kind, &failed, &promoted).await;
+                if let Err(e) = post {
+                    steps.push(e);
+                }
+                let msg = format!(
+                    "promoted {promoted} in {} ms after detection; {failed} fenced; automated recoveries blocked for {} s",
+                    duration.as_millis(),
+                    self.cfg.recovery_block_seconds
+                );
+                self.event("RecoverDeadPrimary", &failed, steps, msg.clone());
+                Ok(msg)
+            }
+            Err(e) => {
+                let msg = format!(
+                    "Breakwater: primary {failed} of cluster {} is down and failover failed: {e}. Writes are refused until a person acts (`breakwater-proxy failover failover --to HOST:PORT`)",
+                    self.cfg.cluster
+                );
+                self.rt.set_gate(whg, Gate::Block(msg.clone().into()));
+                self.blocked_reported = true;
+                error!(%failed, error = %e, "failover failed");
+                self.event("RecoveryFailed", &failed, steps, e.clone());
+                Err(e)
+            }
+        }
+    }
+
+    async fn promote_replica(&mut self, failed: &str, kind: &str, want: Option<&str>, limit: Duration, steps: &mut Vec<String>) -> Result<String, String> {
+        let replicas = self.replicas_for_choice(failed);
+        let (cand, notes) = candidate::choose(&replicas, want)?;
+        steps.push(format!("candidate {cand}{}", if notes.is_empty() { String::new() } else { format!(" (passed over: {})", notes.join("; ")) }));
+        self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), kind, failed, &cand).await.map_err(|e| format!("promotion vetoed by {e}"))?;
+        let io_pos = self.instances.get(&cand).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
+        let relay = Duration::from_millis(self.cfg.relay_apply_timeout_ms);
+        {
+            let m = self.member(&cand).ok_or("candidate is not a member")?;
+            let c = m.prober.conn().await?;
+            actions::wait_applied(c, &io_pos, relay).await.map_err(|e| format!("{cand} relay log: {e}"))?;
+            actions::promote(c, limit).await.map_err(|e| format!("promoting {cand}: {e}"))?;
+        }
+        steps.push(format!("{cand} applied its relay log up to {io_pos:?}, STOP SLAVE, RESET SLAVE ALL, read_only=0"));
+        let others: Vec<String> = replicas.iter().map(|r| r.addr.clone()).filter(|a| *a != cand).collect();
+        self.place(&cand, &others, &format!("failed primary {failed} fenced by failover"));
+        self.fenced.insert(failed.to_string());
+        self.primary = cand.clone();
+        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, others));
+        let (host, port) = split_addr(&cand);
+        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        for o in others {
+            let Some(m) = self.member(&o) else { continue };
+            let r = match m.prober.conn().await {
+                Ok(c) => actions::repoint(c, &host, port, &user, &pw, "slave_pos", limit).await,
+                Err(e) => Err(e),
+            };
+            steps.push(match r {
+                Ok(()) => format!("{o} now replicates from {cand}"),
+                Err(e) => format!("{o} could not be repointed: {e}"),
+            });
+        }
+        Ok(cand)
+    }
+
+    /// Planned primary change with the primary alive: no acknowledged write is lost.
+    async fn switchover(&mut self, want: Option<&str>) -> Result<String, String> {
+        let old = self.primary.clone();
+        if !self.instances.get(&old).is_some_and(|i| i.reachable) {
+            return Err(format!("primary {old} is not reachable: use failover"));
+        }
+        let healthy: Vec<Replica> = self
+            .replicas_for_choice(&old)
+            .into_iter()
+            .filter(|r| self.instances.get(&r.addr).and_then(|i| i.replication.as_ref()).is_some_and(|x| x.io_ok() && x.sql_ok()))
+            .map(|mut r| {
+                // Everyone catches up before the switch, so positions do not decide.
+                r.received = Position::default();
+                r
+            })
+            .collect();
+        let (cand, _) = candidate::choose(&healthy, want)?;
+        self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), "switchover", &old, &cand).await.map_err(|e| format!("switchover vetoed by {e}"))?;
+        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
+        let catchup = Duration::from_millis(self.cfg.switchover_timeout_ms);
+        let whg = self.cfg.writer_hostgroup;
+        let t0 = Instant::now();
+        let started = SystemTime::now();
+        let mut steps = Vec::new();
+        self.rt.set_gate(whg, Gate::Hold(format!("switchover from {old} to {cand} in progress").into()));
+        let res = self.switch_roles(&old, &cand, limit, catchup, &mut steps).await;
+        let pause = t0.elapsed();
+        match res {
+            Ok(()) => {
+                self.count(|c| *c.recoveries.entry("switchover/ok".into()).or_default() += 1);
+                let rec = Recovery {
+                    kind: "switchover".into(),
+                    failed: old.clone(),
+                    promoted: cand.clone(),
+                    detected_at_ms: now_ms(started),
+                    promoted_at_ms: now_ms(SystemTime::now()),
+                    duration_ms: pause.as_millis() as u64,
+                    write_pause_ms: pause.as_millis() as u64,
+                    acknowledged: true,
+                    steps: steps.clone(),
+                };
+                if let Ok(mut v) = self.shared.view.lock() {
+                    v.last_recovery = Some(rec);
+                }
+                let _ = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), "switchover", &old, &cand).await;
+                let msg = format!("switched over from {old} to {cand}; writes paused {} ms", pause.as_millis());
+                self.event("Switchover", &old, steps, msg.clone());
+                Ok(msg)
+            }
+            Err(e) => {
+                self.count(|c| *c.recoveries.entry("switchover/failed".into()).or_default() += 1);
+                // Give the old primary its writes back.
+                if let Some(m) = self.member(&old) {
+                    if let Ok(c) = m.prober.conn().await {
+                        let _ = actions::exec(c, "SET GLOBAL read_only = 0", limit).await;
+                    }
+                }
+                self.rt.set_gate(whg, Gate::Open);
+                self.event("SwitchoverFailed", &old, steps, format!("{e}; {old} stays primary"));
+                Err(e)
+            }
+        }
+    }
+
+    async fn switch_roles(&mut self, old: &str, cand: &str, limit: Duration, catchup: Duration, steps: &mut Vec<String>) -> Result<(), String> {
+        let pos = {
+            let m = self.member(old).ok_or("primary is not a member")?;
+            let c = m.prober.conn().await?;
+            actions::exec(c, "SET GLOBAL read_only = 1", limit).await?;
+            actions::gtid_binlog_pos(c, limit).await?
+        };
+        steps.push(format!("{old}: read_only=1 at {pos}"));
+        let deadline = Instant::now() + catchup;
+        let mut target = pos;
+        loop {
+            {
+                let m = self.member(cand).ok_or("candidate is not a member")?;
+                let c = m.prober.conn().await?;
+                actions::wait_applied(c, &target, deadline.saturating_duration_since(Instant::now())).await.map_err(|e| format!("{cand}: {e}"))?;
+            }
+            // Transactions that were committing while read_only was set: wait for them too.
+            let now = {
+                let m = self.member(old).ok_or("primary is not a member")?;
+                actions::gtid_binlog_pos(m.prober.conn().await?, limit).await?
+            };
+            if now == target {
+                break;
+            }
+            target = now;
+        }
+        steps.push(format!("{cand} caught up to {target}"));
+        {
+            let m = self.member(cand).ok_or("candidate is not a member")?;
+            actions::promote(m.prober.conn().await?, limit).await?;
+        }
+        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
+        let mut readers: Vec<String> = detect::replicas_of(old, &self.instances, &self.fenced)
+            .iter()
+            .map(|i| i.addr.clone())
+            .filter(|a| a != cand)
+            .collect();
+        readers.push(old.to_string());
+        self.place(cand, &readers, &format!("switchover: {old} is now a replica"));
+        self.primary = cand.to_string();
+        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {readers:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup));
+        let (host, port) = split_addr(cand);
+        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        for o in readers {
+            let use_gtid = if o == old { "current_pos" } else { "slave_pos" };
+            let Some(m) = self.member(&o) else { continue };
+            let r = match m.prober.conn().await {
+                Ok(c) => actions::repoint(c, &host, port, &user, &pw, use_gtid, limit).await,
+                Err(e) => Err(e),
+            };
+            steps.push(match r {
+                Ok(()) => format!("{o} now replicates from {cand}"),
+                Err(e) => format!("{o} could not be repointed: {e}"),
+            });
+        }
+        Ok(())
+    }
+
+    async fn fence(&mut self, addr: &str) {
+        let limit = Duration::from_millis(self.cfg.probe_timeout_ms);
+        let Some(m) = self.member(addr) else { return };
+        let r = match m.prober.conn().await {
+            Ok(c) => actions::exec(c, "SET GLOBAL read_only = 1", limit).await,
+            Err(e) => Err(e),
+        };
+        let a = addr.to_string();
+        match r {
+            Ok(()) => self.event("Fenced", &a, vec!["former primary came back writable".into()], "set read_only = 1; kept out of every hostgroup until `failover rejoin`"),
+            Err(e) => self.event("FenceFailed", &a, vec![e], "could not set read_only = 1"),
+        }
+    }
+
+    async fn rejoin(&mut self, addr: &str) -> Result<String, String> {
+        if !self.fenced.contains(addr) {
+            return Err(format!("{addr} is not fenced"));
+        }
+        let (host, port) = split_addr(&self.primary.clone());
+        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
+        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let m = self.member(addr).ok_or_else(|| format!("{addr} is not a member of the cluster"))?;
+        let c = m.prober.conn().await?;
+        actions::repoint(c, &host, port, &user, &pw, "current_pos", limit).await?;
+        self.fenced.remove(addr);
+        let mut readers: Vec<String> = detect::replicas_of(&self.primary, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+        if !readers.iter().any(|r| r == addr) {
+            readers.push(addr.to_string());
+        }
+        let p = self.primary.clone();
+        self.place(&p, &readers, "rejoin");
+        let msg = format!("{addr} replicates from {p} and is back in reader hostgroup {}", self.cfg.reader_hostgroup);
+        self.event("Rejoined", addr, vec![], msg.clone());
+        Ok(msg)
+    }
+
+    fn publish(&self, polls: u64) {
+        let routing = self.rt.routing();
+        let whg = self.cfg.writer_hostgroup;
+        let gate = match routing.hostgroups.get(&whg).map(|h| h.gate.clone()) {
+            Some(Gate::Hold(m)) => format!("hold: {m}"),
+            Some(Gate::Block(m)) => format!("block: {m}"),
+            _ => "open".into(),
+        };
+        let servers: Vec<ServerView> = self
+            .members
+            .iter()
+            .map(|m| {
+                let inst = self.instances.get(&m.addr).cloned().unwrap_or_else(|| Instance { addr: m.addr.clone(), ..Default::default() });
+                let role = if m.addr == self.primary {
+                    "primary"
+                } else if self.fenced.contains(&m.addr) {
+                    "fenced"
+                } else if inst.replication.is_some() {
+                    "replica"
+                } else if inst.reachable {
+                    "detached"
+                } else {
+                    "unknown"
+                };
+                let mut hgs: Vec<u32> = routing
+                    .hostgroups
+                    .values()
+                    .filter(|h| h.servers.iter().any(|s| *s.addr == *m.addr))
+                    .map(|h| h.id)
+                    .collect();
+                hgs.sort();
+                let status: Vec<String> = routing
+                    .hostgroups
+                    .values()
+                    .flat_map(|h| h.servers.iter())
+                    .filter(|s| *s.addr == *m.addr)
+                    .map(|s| format!("hg{}:{}", s.cfg.hostgroup, s.status().as_str()))
+                    .collect();
+                ServerView {
+                    instance: inst,
+                    role: role.into(),
+                    promotion_rule: m.rule.as_str().into(),
+                    hostgroups: hgs,
+                    proxy_status: status.join(" "),
+                }
+            })
+            .collect();
+        let problems = detect::detect(&self.primary, &self.instances, &self.fenced, self.reader_tpl.max_replication_lag.max(1) as i64);
+        let cooldown = match self.cooldown_until.filter(|_| self.cooldown_active()) {
+            Some(u) => Cooldown {
+                active: true,
+                until_ms: Some(now_ms(u)),
+                remaining_seconds: u.duration_since(SystemTime::now()).map(|d| d.as_secs()).unwrap_or(0),
+                block_seconds: self.cfg.recovery_block_seconds,
+            },
+            None => Cooldown { block_seconds: self.cfg.recovery_block_seconds, ..Default::default() },
+        };
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.cluster = self.cfg.cluster.clone();
+            v.primary = self.primary.clone();
+            v.writer_hostgroup = whg;
+            v.reader_hostgroup = self.cfg.reader_hostgroup;
+            v.writer_gate = gate;
+            v.servers = servers;
+            v.problems = problems;
+            v.cooldown = cooldown;
+            v.polls = polls;
+            v.updated_ms = now_ms(SystemTime::now());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(super::rfc3339(1_795_660_800_123), "2026-11-26T00:00:00.123Z");
+    }
+}
