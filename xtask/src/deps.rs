@@ -11,6 +11,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("sysbench", "sysbench"),
     ("nft", "nftables"),
     ("prometheus", "prometheus"),
+    ("chromium", "chromium"),
 ];
 
 pub fn ensure() -> Result<()> {

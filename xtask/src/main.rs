@@ -5,6 +5,7 @@
 //! - `demo`   lab + proxy on its embedded default config, in the foreground
 //! - `test`   deps, lab, every test, then stop what it started
 //! - `bench`  sysbench direct vs through the proxy, interleaved, with ratios and p95
+//! - `drill failover`  kill -9 the lab's primary under a writer loop through the proxy; print the timeline
 
 mod bench;
 mod deps;
@@ -30,9 +31,10 @@ fn run() -> Result<()> {
         Some("demo") => demo(),
         Some("test") => test::run(&rest),
         Some("bench") => bench::run(&rest),
+        Some("drill") => drill(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <deps | lab up|down|status|reset | demo | test | bench>"
+                "usage: cargo xtask <deps | lab up|down|status|reset | demo | test | bench | drill failover [--async]>"
             );
             bail!("unknown or missing command")
         }
@@ -48,6 +50,7 @@ fn demo() -> Result<()> {
     println!();
     println!("Breakwater proxy starting on 127.0.0.1:6033 (writer hostgroup 10 = 3307, readers 20 = 3308/3309).");
     println!("Connect with:   mariadb -h127.0.0.1 -P6033 -uapp -papp sbtest");
+    println!("Topology page:  http://127.0.0.1:6080/topology   (failover: cargo run -p breakwater-proxy -- failover status)");
     println!("Stop with Ctrl-C; stop the lab with: cargo xtask lab down");
     println!();
     let status = std::process::Command::new(bin).status()?;
@@ -55,4 +58,22 @@ fn demo() -> Result<()> {
         bail!("proxy exited with {status}");
     }
     Ok(())
+}
+
+/// `cargo xtask drill failover [--async]`: from a fresh lab, kill -9 the primary while a
+/// writer loop runs through the proxy; prints detected / promoted / first write and the
+/// events. With --async the lab's semi-synchronous replication stays off and lost
+/// acknowledged writes are reported instead of failing the drill.
+fn drill(args: &[&str]) -> Result<()> {
+    if args.first().copied() != Some("failover") {
+        bail!("usage: cargo xtask drill failover [--async]");
+    }
+    deps::ensure()?;
+    lab::reset()?;
+    let mut cmd = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(["test", "-p", "breakwater-proxy", "--test", "failover", "drill", "--", "--ignored", "--nocapture"]);
+    if args.contains(&"--async") {
+        cmd.env("BREAKWATER_DRILL_ASYNC", "1");
+    }
+    proc::run_inherit(&mut cmd)
 }

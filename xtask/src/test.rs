@@ -10,6 +10,9 @@ use anyhow::Result;
 /// connection on a port in the kernel): they run serially, last. (package, target)
 const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-agent", "agent")];
 
+/// Tests that change the lab's topology (promotions): last, from and back to a fresh lab.
+const TOPOLOGY: &[(&str, &str)] = &[("breakwater-proxy", "failover")];
+
 pub fn run(extra: &[&str]) -> Result<()> {
     deps::ensure()?;
     let was_running = lab_running();
@@ -38,6 +41,14 @@ fn run_tests(extra: &[&str]) -> Result<()> {
         let mut args = vec!["test", "-p", package, "--test", target, "--", "--test-threads=1"];
         args.extend_from_slice(extra);
         proc::cargo(&args)?;
+    }
+    for (package, target) in TOPOLOGY {
+        lab::reset()?;
+        let mut args = vec!["test", "-p", package, "--test", target, "--", "--test-threads=1", "--nocapture"];
+        args.extend_from_slice(extra);
+        let r = proc::cargo(&args);
+        lab::reset()?;
+        r?;
     }
     Ok(())
 }

@@ -841,6 +841,6 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc() {
         assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(super::rfc3339(1_795_660_800_123), "2026-11-26T00:00:00.123Z");
+        assert_eq!(super::rfc3339(1_795_651_200_123), "2026-11-26T00:00:00.123Z");
     }
 }

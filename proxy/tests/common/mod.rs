@@ -26,6 +26,8 @@ pub fn free_port() -> u16 {
 
 pub struct Proxy {
     pub port: u16,
+    /// The admin HTTP interface (JSON API, /metrics, /topology).
+    pub admin_port: u16,
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
     _dir: Option<PathBuf>,
@@ -37,19 +39,46 @@ impl Proxy {
         Self::start_with(None, args)
     }
 
-    /// Start with a TOML config (written to a temp file) plus flags.
+    /// Start with a TOML config (written to a temp file) plus flags. The failover
+    /// controller is off (tests that share the lab must not change its topology) unless
+    /// `args` turn it on.
     pub fn start_with(config: Option<&str>, args: &[&str]) -> Proxy {
+        Self::spawn(config, args, false)
+    }
+
+    /// Start as user nobody (uid 65534) from a copy of the binary, so nftables can cut
+    /// this process (and only it) off from a server with `meta skuid 65534`.
+    pub fn start_as_nobody(config: Option<&str>, args: &[&str]) -> Proxy {
+        Self::spawn(config, args, true)
+    }
+
+    fn spawn(config: Option<&str>, args: &[&str], nobody: bool) -> Proxy {
         let port = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"));
-        let mut dir = None;
+        let admin_port = free_port();
+        let d = std::env::temp_dir().join(format!("bw-test-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut cmd = if nobody {
+            use std::os::unix::fs::PermissionsExt;
+            let bin = d.join("breakwater-proxy");
+            std::fs::copy(env!("CARGO_BIN_EXE_breakwater-proxy"), &bin).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
+            std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin);
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        };
         if let Some(toml) = config {
-            let d = std::env::temp_dir().join(format!("bw-test-{}-{port}", std::process::id()));
-            std::fs::create_dir_all(&d).unwrap();
             let f = d.join("breakwater.toml");
             std::fs::write(&f, toml).unwrap();
             cmd.arg("--config").arg(&f);
-            dir = Some(d);
         }
+        let dir = Some(d);
+        if !args.contains(&"--failover") {
+            cmd.args(["--failover", "off"]);
+        }
+        cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")]);
         cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "info,breakwater_proxy=debug"])
             .args(["--monitor-interval-ms", "300"])
             .args(args)
@@ -70,7 +99,7 @@ impl Proxy {
             assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Proxy { port, child: Some(child), log, _dir: dir }
+        Proxy { port, admin_port, child: Some(child), log, _dir: dir }
     }
 
     pub fn opts(&self, user: &str, pass: &str, db: Option<&str>) -> Opts {
@@ -86,6 +115,20 @@ impl Proxy {
 
     pub async fn conn(&self) -> Conn {
         Conn::new(self.opts("app", "app", Some("sbtest"))).await.expect("connect through proxy")
+    }
+
+    /// GET/POST on the admin interface; the body parsed as JSON (or a JSON string).
+    pub async fn admin(&self, method: &str, path: &str) -> (u16, serde_json::Value) {
+        let addr = format!("127.0.0.1:{}", self.admin_port);
+        let (code, body) = breakwater_proxy::admin::client::call(&addr, method, path, Duration::from_secs(60))
+            .await
+            .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
+        (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+    }
+
+    /// The directory holding this proxy's config (writable by the proxy, also as nobody).
+    pub fn dir(&self) -> PathBuf {
+        self._dir.clone().unwrap_or_else(std::env::temp_dir)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,544 @@
+//! The failover controller against the real lab. These tests change the lab's topology
+//! (they kill primaries and promote replicas), so `cargo xtask test` runs them alone, last,
+//! and resets the lab afterwards (`cargo xtask lab reset`).
+//!
+//! `cluster_survives_primary_failures` runs the whole story in order, each phase starting
+//! from the topology the previous one left:
+//! 1. the controller alone loses sight of the primary (nftables drops its packets; the
+//!    replicas still replicate): UnreachablePrimary, no promotion;
+//! 2. graceful switchover 3307 -> 3308 with a writer loop: no acknowledged write lost, the
+//!    write pause measured;
+//! 3. kill -9 of the primary under a writer loop, semi-synchronous replication on: a replica
+//!    is promoted within 10 s, the other follows it, every acknowledged write is there;
+//! 4. a second kill inside the cooldown: no promotion, reads work, writes get the cooldown
+//!    error; `ack` with a vetoing pre-promotion hook: still no promotion; a manual failover
+//!    promotes, writes work again;
+//! 5. the first failed primary comes back writable: it is fenced (read_only, not routed);
+//! 6. the topology page in headless Chromium shows all of it; /metrics counts it.
+//!
+//! `drill` (ignored; run by `cargo xtask drill failover`) is phase 3 alone with a timeline.
+
+mod common;
+
+use common::*;
+use mysql_async::prelude::*;
+use mysql_async::{Conn, Opts};
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SCHEMA: &str = "sbtest_failover";
+const ALL: [u16; 3] = [3307, 3308, 3309];
+
+fn addr(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn port_of(addr: &str) -> u16 {
+    addr.rsplit_once(':').and_then(|(_, p)| p.parse().ok()).unwrap_or(0)
+}
+
+/// The proxy's embedded config with hooks that log (and can veto) promotions.
+fn config(dir: &str) -> String {
+    let hooks = format!(
+        "pre_promotion_hook = 'test ! -e {dir}/veto || {{ echo vetoed by test; exit 3; }}; echo \"$BREAKWATER_RECOVERY_KIND $BREAKWATER_FAILED_HOST:$BREAKWATER_FAILED_PORT $BREAKWATER_PROMOTED_HOST:$BREAKWATER_PROMOTED_PORT\" >> {dir}/pre.log'\n\
+         post_promotion_hook = 'echo \"$BREAKWATER_RECOVERY_KIND $BREAKWATER_FAILED_HOST:$BREAKWATER_FAILED_PORT $BREAKWATER_PROMOTED_HOST:$BREAKWATER_PROMOTED_PORT\" >> {dir}/post.log'\n"
+    );
+    breakwater_proxy::config::DEFAULT_TOML.replace("# pre_promotion_hook =", &format!("{hooks}# pre_promotion_hook ="))
+}
+
+/// Connection to a lab server, or None when it is down.
+async fn try_lab(port: u16) -> Option<Conn> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname("127.0.0.1")
+        .tcp_port(port)
+        .user(Some("monitor"))
+        .pass(Some("monitor"))
+        .prefer_socket(false);
+    tokio::time::timeout(Duration::from_secs(2), Conn::new(opts)).await.ok()?.ok()
+}
+
+/// (Master_Port, Slave_IO_Running) of a replica.
+async fn replication_of(port: u16) -> Option<(u16, String)> {
+    let mut c = try_lab(port).await?;
+    let row: Option<mysql_async::Row> = c.query_first("SHOW SLAVE STATUS").await.ok()?;
+    let row = row?;
+    let mp: u16 = row.get_opt::<u16, _>("Master_Port")?.ok()?;
+    let io: String = row.get_opt::<String, _>("Slave_IO_Running")?.ok()?;
+    Some((mp, io))
+}
+
+async fn read_only(port: u16) -> Option<bool> {
+    let mut c = try_lab(port).await?;
+    let v: Option<i64> = c.query_first("SELECT @@read_only").await.ok()?;
+    v.map(|v| v != 0)
+}
+
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = Instant::now();
+    loop {
+        if f().await {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client that inserts one row per statement through the proxy and remembers which
+/// inserts were acknowledged (and when), reconnecting after errors.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<WriterReport>,
+}
+
+#[derive(Default)]
+struct WriterReport {
+    acked: Vec<(i64, Instant)>,
+    errors: Vec<(Instant, String)>,
+}
+
+impl WriterReport {
+    /// Longest time between two acknowledged writes.
+    fn max_gap(&self) -> Duration {
+        self.acked.windows(2).map(|w| w[1].1 - w[0].1).max().unwrap_or_default()
+    }
+
+    fn first_ack_after(&self, t: Instant) -> Option<Instant> {
+        self.acked.iter().map(|a| a.1).find(|a| *a > t)
+    }
+}
+
+impl Writer {
+    fn start(opts: Opts, first_id: i64) -> Writer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut rep = WriterReport::default();
+            let mut conn: Option<Conn> = None;
+            let mut id = first_id;
+            while !s.load(Ordering::Relaxed) {
+                if conn.is_none() {
+                    match tokio::time::timeout(Duration::from_secs(2), Conn::new(opts.clone())).await {
+                        Ok(Ok(c)) => conn = Some(c),
+                        Ok(Err(e)) => {
+                            rep.errors.push((Instant::now(), format!("connect: {e}")));
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                        Err(_) => {
+                            rep.errors.push((Instant::now(), "connect: timeout".into()));
+                            continue;
+                        }
+                    }
+                }
+                let Some(c) = conn.as_mut() else { continue };
+                id += 1;
+                let q = format!("INSERT INTO {SCHEMA}.w (id) VALUES ({id})");
+                match tokio::time::timeout(Duration::from_secs(15), c.query_drop(q)).await {
+                    Ok(Ok(())) => rep.acked.push((id, Instant::now())),
+                    Ok(Err(e)) => {
+                        let server_err = matches!(e, mysql_async::Error::Server(_));
+                        rep.errors.push((Instant::now(), e.to_string()));
+                        if !server_err {
+                            conn = None;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(_) => {
+                        rep.errors.push((Instant::now(), "insert: no answer in 15 s".into()));
+                        conn = None;
+                    }
+                }
+            }
+            rep
+        });
+        Writer { stop, task }
+    }
+
+    async fn finish(self) -> WriterReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.expect("writer task")
+    }
+}
+
+/// Every acknowledged id must be on `port`; returns how many were missing (and asserts
+/// none are when `must_keep_all`).
+async fn check_acked(port: u16, rep: &WriterReport, must_keep_all: bool) -> usize {
+    let mut c = lab(port).await;
+    let ids: Vec<i64> = c.query(format!("SELECT id FROM {SCHEMA}.w")).await.unwrap();
+    let have: BTreeSet<i64> = ids.into_iter().collect();
+    let missing: Vec<i64> = rep.acked.iter().map(|a| a.0).filter(|id| !have.contains(id)).collect();
+    if must_keep_all {
+        assert!(missing.is_empty(), "{} acknowledged writes missing on {port}: {:?}", missing.len(), &missing[..missing.len().min(20)]);
+    }
+    missing.len()
+}
+
+async fn view(p: &Proxy) -> serde_json::Value {
+    let (code, v) = p.admin("GET", "/api/failover").await;
+    assert_eq!(code, 200, "{v}");
+    v
+}
+
+fn events(v: &serde_json::Value) -> Vec<String> {
+    v["events"].as_array().into_iter().flatten().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
+}
+
+fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .args(args)
+        .output()
+        .expect("run breakwater-proxy failover");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn current_primary(p: &Proxy) -> String {
+    view(p).await["primary"].as_str().unwrap_or("").to_string()
+}
+
+/// Semi-synchronous replication on `primary` (AFTER_SYNC: a commit is acknowledged only
+/// once a replica has it in its relay log); replicas re-connect their IO threads so they
+/// register as semi-sync clients.
+async fn enable_semisync(primary: u16, replicas: &[u16]) {
+    let mut c = lab(primary).await;
+    c.query_drop(
+        "SET GLOBAL rpl_semi_sync_master_wait_point = 'AFTER_SYNC'; SET GLOBAL rpl_semi_sync_master_timeout = 10000; \
+         SET GLOBAL rpl_semi_sync_master_enabled = 1",
+    )
+    .await
+    .unwrap();
+    for r in replicas {
+        lab(*r).await.query_drop("STOP SLAVE IO_THREAD; START SLAVE IO_THREAD").await.unwrap();
+    }
+    let want = replicas.len() as u64;
+    wait_for("semi-sync clients registered", Duration::from_secs(10), || async move {
+        global_status(primary, "Rpl_semi_sync_master_clients").await >= want
+    })
+    .await;
+}
+
+struct Timeline {
+    killed: u16,
+    promoted: String,
+    detected_after: Duration,
+    promoted_after: Duration,
+    first_write_after: Duration,
+    acked: usize,
+    errors: usize,
+    missing: usize,
+}
+
+impl std::fmt::Display for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "  t=0          kill -9 primary 127.0.0.1:{}", self.killed)?;
+        writeln!(f, "  t={:>8.3}s  DeadPrimary detected", self.detected_after.as_secs_f64())?;
+        writeln!(f, "  t={:>8.3}s  {} promoted (proxy writer hostgroup switched)", self.promoted_after.as_secs_f64(), self.promoted)?;
+        writeln!(f, "  t={:>8.3}s  first acknowledged write through the same proxy address", self.first_write_after.as_secs_f64())?;
+        write!(f, "  writes acknowledged {}, failed {} (all during the outage), acknowledged but missing on the new primary: {}", self.acked, self.errors, self.missing)
+    }
+}
+
+/// kill -9 the primary while a writer loop runs through the proxy; returns the timeline.
+async fn kill_primary_under_load(p: &Proxy, first_id: i64, semisync: bool) -> Timeline {
+    let old = current_primary(p).await;
+    let old_port = port_of(&old);
+    let replicas: Vec<u16> = ALL.iter().copied().filter(|x| *x != old_port).collect();
+    if semisync {
+        enable_semisync(old_port, &replicas).await;
+    }
+    let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), first_id);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = view(p).await["events"].as_array().map(|a| a.len()).unwrap_or(0);
+    let wall_kill = std::time::SystemTime::now();
+    let killed_at = Instant::now();
+    kill_node(old_port);
+    wait_for("a replica promoted", Duration::from_secs(10), || async {
+        let v = view(p).await;
+        let now = v["primary"].as_str().unwrap_or("").to_string();
+        now != old && !now.is_empty() && v["writer_gate"] == "open"
+    })
+    .await;
+    let v = view(p).await;
+    let new = v["primary"].as_str().unwrap().to_string();
+    let new_port = port_of(&new);
+    // Writes resume through the same proxy address: give the writer a second on the new primary.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rep = w.finish().await;
+    let first = rep.first_ack_after(killed_at + Duration::from_millis(5)).expect("no write succeeded after the failover");
+    assert!(first - killed_at < Duration::from_secs(10), "first write after kill took {:?}", first - killed_at);
+    let kill_ms = wall_kill.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let rec = &v["last_recovery"];
+    let detected_ms = rec["detected_at_ms"].as_u64().unwrap_or(kill_ms);
+    let promoted_ms = rec["promoted_at_ms"].as_u64().unwrap_or(kill_ms);
+    assert!(events(&v)[before..].iter().any(|e| e == "DeadPrimary"), "{:?}", events(&v));
+    // The other replica follows the new primary.
+    for r in replicas.iter().copied().filter(|r| *r != new_port) {
+        wait_for("the other replica replicates from the new primary", Duration::from_secs(10), || async move {
+            replication_of(r).await.is_some_and(|(m, io)| m == new_port && io == "Yes")
+        })
+        .await;
+    }
+    assert_eq!(read_only(new_port).await, Some(false), "new primary must be writable");
+    let missing = check_acked(new_port, &rep, semisync).await;
+    Timeline {
+        killed: old_port,
+        promoted: new,
+        detected_after: Duration::from_millis(detected_ms.saturating_sub(kill_ms)),
+        promoted_after: Duration::from_millis(promoted_ms.saturating_sub(kill_ms)),
+        first_write_after: first - killed_at,
+        acked: rep.acked.len(),
+        errors: rep.errors.len(),
+        missing,
+    }
+}
+
+/// The lab must be in its initial topology (3307 primary; `cargo xtask lab reset` makes it so).
+async fn assert_initial_topology() {
+    assert_eq!(read_only(3307).await, Some(false), "3307 must be the writable primary: run `cargo xtask lab reset`");
+    for r in [3308, 3309] {
+        let rep = replication_of(r).await;
+        assert!(rep.as_ref().is_some_and(|(m, io)| *m == 3307 && io == "Yes"), "{r} must replicate from 3307 (got {rep:?}): run `cargo xtask lab reset`");
+    }
+}
+
+async fn setup_schema() {
+    let mut c = lab(3307).await;
+    c.query_drop(format!("DROP DATABASE IF EXISTS {SCHEMA}; CREATE DATABASE {SCHEMA}; CREATE TABLE {SCHEMA}.w (id BIGINT PRIMARY KEY, at TIMESTAMP(6) DEFAULT CURRENT_TIMESTAMP(6))"))
+        .await
+        .unwrap();
+    wait_replicas_caught_up().await;
+}
+
+fn nft(script: &str) {
+    let st = Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+        c.wait()
+    });
+    assert!(st.is_ok_and(|s| s.success()), "nft -f failed for:\n{script}");
+}
+
+struct Blocked;
+
+impl Drop for Blocked {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", "bw_failover_test"]).status();
+    }
+}
+
+/// Drop packets from uid 65534 (the proxy in this test) to `port`; everyone else passes.
+fn block_proxy_from(port: u16) -> Blocked {
+    let _ = Command::new("nft").args(["delete", "table", "inet", "bw_failover_test"]).status();
+    nft(&format!(
+        "table inet bw_failover_test {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
+         meta skuid 65534 tcp dport {port} drop\n }}\n}}\n"
+    ));
+    Blocked
+}
+
+fn chromium_dom(url: &str) -> String {
+    let profile = std::env::temp_dir().join(format!("bw-chromium-{}", std::process::id()));
+    let out = Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=4000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .output()
+        .expect("chromium (installed by cargo xtask deps)");
+    let _ = std::fs::remove_dir_all(&profile);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_survives_primary_failures() {
+    assert_initial_topology().await;
+    setup_schema().await;
+    let hooks_dir = std::env::temp_dir().join(format!("bw-failover-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&hooks_dir).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&hooks_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let dir = hooks_dir.display().to_string();
+    let p = Proxy::start_as_nobody(Some(&config(&dir)), &["--failover", "on"]);
+    wait_for("controller sees 3307 as primary", Duration::from_secs(10), || async {
+        let v = view(&p).await;
+        v["primary"] == addr(3307) && v["polls"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+
+    // 1. Only the controller loses the primary: no promotion.
+    {
+        let _blocked = block_proxy_from(3307);
+        wait_for("UnreachablePrimary detected", Duration::from_secs(10), || async {
+            view(&p).await["problems"].as_array().into_iter().flatten().any(|x| x["kind"] == "UnreachablePrimary")
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let v = view(&p).await;
+        assert_eq!(v["primary"], addr(3307), "{v}");
+        assert!(v["counters"]["recoveries"].as_object().is_none_or(|m| m.is_empty()), "no recovery may run: {v}");
+        assert!(!events(&v).iter().any(|e| e == "DeadPrimary"), "{:?}", events(&v));
+        assert_eq!(read_only(3307).await, Some(false));
+        for r in [3308, 3309] {
+            assert_eq!(replication_of(r).await.map(|x| x.1), Some("Yes".to_string()), "replica {r} keeps replicating");
+        }
+        println!("phase 1: controller cut off from 3307 for 4+ s: UnreachablePrimary, no promotion");
+    }
+    wait_for("primary reachable and ONLINE in the proxy again", Duration::from_secs(10), || async {
+        view(&p).await["servers"].as_array().into_iter().flatten().any(|s| {
+            s["addr"] == addr(3307) && s["reachable"] == true && s["proxy_status"].as_str().is_some_and(|x| x.contains("hg10:ONLINE"))
+        })
+    })
+    .await;
+
+    // 2. Graceful switchover with a writer loop.
+    let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), 0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, out) = cli(&p, &["switchover", "--to", "127.0.0.1:3308"]);
+    assert!(ok, "switchover: {out}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rep = w.finish().await;
+    check_acked(3308, &rep, true).await;
+    assert_eq!(read_only(3308).await, Some(false));
+    for r in [3307, 3309] {
+        wait_for("replicas follow 3308", Duration::from_secs(10), || async move {
+            replication_of(r).await.is_some_and(|(m, io)| m == 3308 && io == "Yes")
+        })
+        .await;
+    }
+    let v = view(&p).await;
+    let pause = v["last_recovery"]["write_pause_ms"].as_u64().unwrap_or(0);
+    println!(
+        "phase 2: switchover 3307 -> 3308: {} writes acknowledged, none lost, {} errors {:?}; writes held {} ms in the proxy, longest gap between acknowledged writes {} ms",
+        rep.acked.len(),
+        rep.errors.len(),
+        rep.errors.iter().map(|e| &e.1).take(3).collect::<Vec<_>>(),
+        pause,
+        rep.max_gap().as_millis()
+    );
+    assert!(rep.max_gap() < Duration::from_secs(5), "write pause {:?}", rep.max_gap());
+    assert!(v["cooldown"]["active"] == false, "a switchover is planned: no cooldown");
+    let (_, m) = p.admin("GET", "/metrics").await;
+    assert!(m.as_str().unwrap_or("").contains("breakwater_replication_lag_seconds{cluster=\"lab\",server_address=\"127.0.0.1:3307\"}"), "{m}");
+
+    // 3. kill -9 of the primary under load, semi-sync on.
+    let tl = kill_primary_under_load(&p, 1_000_000, true).await;
+    println!("phase 3: kill -9 of the primary with semi-sync replication:\n{tl}");
+    let first_new = port_of(&tl.promoted);
+    let pre = std::fs::read_to_string(hooks_dir.join("pre.log")).unwrap_or_default();
+    let post = std::fs::read_to_string(hooks_dir.join("post.log")).unwrap_or_default();
+    let line = format!("automated 127.0.0.1:3308 {}", tl.promoted);
+    assert!(pre.contains(&line) && post.contains(&line), "hooks saw: pre {pre:?} post {post:?}");
+    let v = view(&p).await;
+    assert_eq!(v["cooldown"]["active"], true);
+
+    // 4. A second primary failure inside the cooldown: detected, not acted on.
+    let remaining: u16 = ALL.iter().copied().find(|x| *x != 3308 && *x != first_new).unwrap();
+    kill_node(first_new);
+    let blocked_in = wait_for("second DeadPrimary blocked by the cooldown", Duration::from_secs(10), || async {
+        let v = view(&p).await;
+        v["writer_gate"].as_str().is_some_and(|g| g.starts_with("block")) && events(&v).iter().any(|e| e == "RecoveryBlocked")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(current_primary(&p).await, tl.promoted, "no automated promotion inside the cooldown");
+    assert_eq!(replication_of(remaining).await.map(|x| x.0), Some(first_new), "the last replica was not touched");
+    let mut c = p.conn().await;
+    let n: Option<i64> = c.query_first(format!("SELECT COUNT(*) FROM {SCHEMA}.w")).await.expect("reads keep working");
+    assert!(n.unwrap_or(0) > 0);
+    let e = c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-1)")).await.expect_err("writes must be refused");
+    assert_eq!(server_code(&e), Some(1290), "{e}");
+    assert!(e.to_string().contains("cooldown"), "{e}");
+    println!("phase 4: second kill inside the cooldown: blocked {blocked_in:?} after the kill; 3 s later still no promotion, reads OK, writes refused: {e}");
+    // ack lets automated recovery run, but the pre-promotion hook vetoes it.
+    std::fs::write(hooks_dir.join("veto"), "").unwrap();
+    let (ok, out) = cli(&p, &["ack", "--by", "failover-test"]);
+    assert!(ok, "ack: {out}");
+    let v = view(&p).await;
+    assert_eq!(v["primary"], tl.promoted, "vetoed: {v}");
+    assert!(events(&v).iter().any(|e| e == "RecoveryFailed"), "{:?}", events(&v));
+    let e = c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-2)")).await.expect_err("still refused after a veto");
+    assert!(e.to_string().contains("vetoed"), "{e}");
+    // A person runs a manual failover: it ignores the cooldown the vetoed attempt started.
+    std::fs::remove_file(hooks_dir.join("veto")).unwrap();
+    let (ok, out) = cli(&p, &["failover"]);
+    assert!(ok, "manual failover: {out}");
+    assert_eq!(current_primary(&p).await, addr(remaining));
+    c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-3)")).await.expect("writes work after the manual failover");
+    println!("phase 4: ack + vetoing hook: no promotion; manual failover: {}", out.trim());
+    drop(c);
+
+    // 5. The first failed primary (3308) comes back writable: fenced.
+    start_node(3308).await;
+    // Its start script says read_only=1; a real primary's my.cnf says 0: make it so.
+    lab(3308).await.query_drop("SET GLOBAL read_only = 0").await.unwrap();
+    wait_for("3308 fenced read-only", Duration::from_secs(10), || async { read_only(3308).await == Some(true) }).await;
+    let v = view(&p).await;
+    let s3308 = v["servers"].as_array().unwrap().iter().find(|s| s["addr"] == addr(3308)).unwrap().clone();
+    assert_eq!(s3308["role"], "fenced");
+    assert_eq!(s3308["hostgroups"].as_array().map(|a| a.len()), Some(0), "a fenced server is not routed: {s3308}");
+    assert!(events(&v).iter().any(|e| e == "Fenced"));
+
+    // 6. The topology page and the metrics.
+    let dom = chromium_dom(&format!("http://127.0.0.1:{}/topology", p.admin_port));
+    assert!(dom.contains(&format!("data-addr=\"{}\" data-role=\"primary\"", addr(remaining))), "page: {dom}");
+    assert!(dom.contains("data-addr=\"127.0.0.1:3308\" data-role=\"fenced\" data-up=\"true\""), "page: {dom}");
+    assert!(dom.contains(&format!("data-addr=\"{}\" data-role=\"fenced\" data-up=\"false\"", addr(first_new))), "page: {dom}");
+    assert!(dom.contains("id=\"cooldown\" data-active=\"true\""), "page: {dom}");
+    assert!(dom.contains("RecoverDeadPrimary") && dom.contains("RecoveryBlocked"), "page events: {dom}");
+    let (code, m) = p.admin("GET", "/metrics").await;
+    assert_eq!(code, 200);
+    let m = m.as_str().unwrap_or("").to_string();
+    for want in [
+        "breakwater_failover_recoveries_total{cluster=\"lab\",kind=\"automated\",result=\"ok\"} 1",
+        "breakwater_failover_recoveries_total{cluster=\"lab\",kind=\"automated\",result=\"failed\"} 1",
+        "breakwater_failover_recoveries_total{cluster=\"lab\",kind=\"manual\",result=\"ok\"} 1",
+        "breakwater_failover_recoveries_total{cluster=\"lab\",kind=\"switchover\",result=\"ok\"} 1",
+        "breakwater_failover_recoveries_blocked_total{cluster=\"lab\"} 1",
+        "breakwater_failover_cooldown_active{cluster=\"lab\"} 1",
+        "breakwater_failover_detections_total{cluster=\"lab\",kind=\"DeadPrimary\"} 2",
+        "breakwater_failover_detections_total{cluster=\"lab\",kind=\"UnreachablePrimary\"} 1",
+    ] {
+        assert!(m.contains(want), "metrics lack {want}:\n{m}");
+    }
+    let _ = std::fs::remove_dir_all(&hooks_dir);
+}
+
+/// `cargo xtask drill failover`: kill -9 the primary under a writer loop and print the
+/// timeline. BREAKWATER_DRILL_ASYNC=1 runs it without semi-sync and reports lost writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn drill() {
+    let semisync = std::env::var("BREAKWATER_DRILL_ASYNC").map(|v| v != "1").unwrap_or(true);
+    setup_schema().await;
+    let p = Proxy::start(&["--failover", "on"]);
+    wait_for("controller ready", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    let tl = kill_primary_under_load(&p, 0, semisync).await;
+    println!(
+        "\nfailover drill ({}):\n{tl}\n\nevents:",
+        if semisync { "semi-synchronous replication, AFTER_SYNC" } else { "asynchronous replication" }
+    );
+    for e in view(&p).await["events"].as_array().into_iter().flatten() {
+        println!("  {} {:<20} {:<16} {}", e["at"].as_str().unwrap_or(""), e["kind"].as_str().unwrap_or(""), e["addr"].as_str().unwrap_or(""), e["action"].as_str().unwrap_or(""));
+    }
+    println!("\nthe lab is left as the drill made it; `cargo xtask lab reset` restores 3307 as primary");
+}
