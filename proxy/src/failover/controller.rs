@@ -527,8 +527,7 @@ impl Controller {
         self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
         self.blocked_reported = false;
         match res {
-            Ok(promoted) => {
-                let at = SystemTime::now();
+            Ok((promoted, at)) => {
                 let duration = at.duration_since(detected).unwrap_or_default();
                 let rec = Recovery {
                     kind: kind.into(),
@@ -571,7 +570,8 @@ impl Controller {
         }
     }
 
-    async fn promote_replica(&mut self, failed: &str, kind: &str, want: Option<&str>, limit: Duration, steps: &mut Vec<String>) -> Result<String, String> {
+    /// Returns the promoted server and when the proxy started sending it writes.
+    async fn promote_replica(&mut self, failed: &str, kind: &str, want: Option<&str>, limit: Duration, steps: &mut Vec<String>) -> Result<(String, SystemTime), String> {
         let replicas = self.replicas_for_choice(failed);
         let (cand, notes) = candidate::choose(&replicas, want)?;
         steps.push(format!("candidate {cand}{}", if notes.is_empty() { String::new() } else { format!(" (passed over: {})", notes.join("; ")) }));
@@ -587,6 +587,7 @@ impl Controller {
         steps.push(format!("{cand} applied its relay log up to {io_pos:?}, STOP SLAVE, RESET SLAVE ALL, read_only=0"));
         let others: Vec<String> = replicas.iter().map(|r| r.addr.clone()).filter(|a| *a != cand).collect();
         self.place(&cand, &others, &format!("failed primary {failed} fenced by failover"));
+        let switched = SystemTime::now();
         self.fenced.insert(failed.to_string());
         self.primary = cand.clone();
         steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, others));
@@ -603,7 +604,7 @@ impl Controller {
                 Err(e) => format!("{o} could not be repointed: {e}"),
             });
         }
-        Ok(cand)
+        Ok((cand, switched))
     }
 
     /// Planned primary change with the primary alive: no acknowledged write is lost.
