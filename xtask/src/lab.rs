@@ -236,6 +236,19 @@ pub fn down() -> Result<()> {
     Ok(())
 }
 
+/// 3307 writable and replicating from nobody, 3308 and 3309 replicating from it: what
+/// `create` builds and what the tests expect (a failover drill leaves something else).
+pub fn is_initial() -> bool {
+    let primary_ok = sql(PRIMARY, "SELECT @@read_only").is_ok_and(|s| s.trim() == "0")
+        && sql(PRIMARY, "SHOW SLAVE STATUS").is_ok_and(|s| s.trim().is_empty());
+    primary_ok
+        && PORTS.iter().filter(|p| **p != PRIMARY).all(|p| {
+            sql_vertical(*p, "SHOW SLAVE STATUS").is_ok_and(|st| {
+                st.contains(&format!("Master_Port: {PRIMARY}")) && st.contains("Slave_IO_Running: Yes") && st.contains("Slave_SQL_Running: Yes")
+            })
+        })
+}
+
 pub fn reset() -> Result<()> {
     down()?;
     let _ = std::fs::remove_file(lab_dir().join("ready"));

@@ -17,6 +17,10 @@ pub fn run(extra: &[&str]) -> Result<()> {
     deps::ensure()?;
     let was_running = lab_running();
     lab::up()?;
+    if !lab::is_initial() {
+        println!("xtask: the lab is not in its initial topology (a drill?): resetting it");
+        lab::reset()?;
+    }
     let result = run_tests(extra);
     if !was_running {
         println!("xtask: stopping the lab it started");
