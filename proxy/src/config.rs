@@ -33,6 +33,10 @@ pub struct Config {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub digests: DigestConfig,
+    #[serde(default)]
     pub failover: FailoverConfig,
 }
 
@@ -46,7 +50,43 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:6080".into() }
+        Self { listen: "127.0.0.1:6070".into() }
+    }
+}
+
+/// The query cache (rules with cache_ttl put results in it).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Memory bound for cached result sets (raw packets plus keys), in bytes.
+    pub max_bytes: usize,
+    /// Larger results are not cached.
+    pub max_entry_bytes: usize,
+    /// How long a client waits for another client's fetch of the same missing key.
+    pub fill_wait_ms: u64,
+    /// After a write to a table passes through the proxy, cache misses on that table are
+    /// filled from the writer for this long (so a replica's lag cannot put the pre-write
+    /// result back in the cache).
+    pub fill_from_writer_after_write_ms: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self { max_bytes: 64 << 20, max_entry_bytes: 4 << 20, fill_wait_ms: 5000, fill_from_writer_after_write_ms: 2000 }
+    }
+}
+
+/// Query digest statistics (stats_mysql_query_digest).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DigestConfig {
+    /// Most (digest, hostgroup) rows kept; the least used row is evicted beyond it.
+    pub max_digests: usize,
+}
+
+impl Default for DigestConfig {
+    fn default() -> Self {
+        Self { max_digests: 10_000 }
     }
 }
 
@@ -237,7 +277,7 @@ fn native() -> String {
     auth::NATIVE.into()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct QueryRule {
     pub rule_id: u32,
@@ -258,6 +298,13 @@ pub struct QueryRule {
     pub destination_hostgroup: Option<u32>,
     #[serde(default)]
     pub apply: bool,
+    /// Cache results of matching reads for this many milliseconds (ProxySQL's cache_ttl).
+    #[serde(default)]
+    pub cache_ttl: Option<u64>,
+    /// Serve an expired entry for up to this many more milliseconds while one client
+    /// refreshes it (stale-while-revalidate).
+    #[serde(default)]
+    pub cache_stale_while_revalidate: Option<u64>,
 }
 
 fn yes() -> bool {

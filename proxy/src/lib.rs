@@ -8,10 +8,13 @@
 //! - [`listener`]: accept loop, client limit, graceful shutdown.
 //! - [`failover`]: the failover controller (discovery, detection, promotion, cooldown).
 //! - [`admin`]: the admin HTTP interface (JSON API, /metrics, topology page) and its CLI client.
+//! - [`cache`]: the query cache (TTL, LRU memory bound, single fill, invalidation by table).
+//! - [`stats`]: query digest statistics.
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
 
 pub mod admin;
 pub mod backend;
+pub mod cache;
 pub mod config;
 pub mod failover;
 pub mod frontend;
@@ -19,3 +22,4 @@ pub mod listener;
 pub mod protocol;
 pub mod router;
 pub mod runtime;
+pub mod stats;

@@ -61,7 +61,7 @@ enum OnOff {
 enum Cmd {
     /// Talk to the failover controller of a running proxy (its admin interface).
     Failover {
-        /// Admin interface address (default: [admin] listen of --config, or 127.0.0.1:6080).
+        /// Admin interface address (default: [admin] listen of --config, or 127.0.0.1:6070).
         #[arg(long, global = true)]
         admin: Option<String>,
         #[command(subcommand)]
@@ -226,7 +226,7 @@ fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action:
         Some(a) => a,
         None => match Config::load(config) {
             Ok(c) if !c.admin.listen.is_empty() => c.admin.listen,
-            Ok(_) => "127.0.0.1:6080".into(),
+            Ok(_) => "127.0.0.1:6070".into(),
             Err(e) => {
                 eprintln!("breakwater-proxy: {e}");
                 return ExitCode::from(2);

@@ -5,7 +5,9 @@ use crate::backend::hostgroup::{Gate, Hostgroup, Routing};
 use crate::backend::server::{Server, Status};
 use crate::config::{Config, ConfigError, ServerConfig};
 use crate::protocol::auth;
+use crate::cache::QueryCache;
 use crate::router::rules::Rules;
+use crate::stats::digests::Digests;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -208,12 +210,16 @@ impl Stats {
 pub struct Proxy {
     pub rt: Arc<Runtime>,
     pub stats: Stats,
+    pub cache: Arc<QueryCache>,
+    pub digests: Digests,
     next_conn_id: AtomicU32,
 }
 
 impl Proxy {
     pub fn new(rt: Runtime) -> Arc<Self> {
-        Arc::new(Self { rt: Arc::new(rt), stats: Stats::default(), next_conn_id: AtomicU32::new(1) })
+        let cache = QueryCache::new(rt.cfg.cache.max_bytes, rt.cfg.cache.max_entry_bytes);
+        let digests = Digests::new(rt.cfg.digests.max_digests);
+        Arc::new(Self { rt: Arc::new(rt), stats: Stats::default(), cache, digests, next_conn_id: AtomicU32::new(1) })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {

@@ -550,3 +550,98 @@ async fn unix_socket_backends() {
     c.query_drop("COMMIT").await.unwrap();
     assert_eq!(p, Some(PRIMARY));
 }
+
+/// Sum of SELECT_COMMANDS of `user` over the three servers.
+async fn selects_of(user: &str) -> u64 {
+    user_commands(user).await.iter().map(|x| x.0).sum()
+}
+
+/// The query cache: hits cost no backend query until the TTL; a write through the proxy
+/// invalidates; 100 concurrent identical reads on a cold key make one backend query; many
+/// distinct keys stay under the memory bound; digests fold literals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_cache_and_digests() {
+    let _g = HEAVY.lock().await;
+    fresh_user("bw_cache", "bw_cache").await;
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(
+        "DROP DATABASE IF EXISTS sbtest_cache; CREATE DATABASE sbtest_cache; \
+         CREATE TABLE sbtest_cache.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_cache.t VALUES (1, 10), (2, 20); \
+         CREATE TABLE sbtest_cache.u (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_cache.u VALUES (1, 1), (2, 2)",
+    )
+    .await
+    .unwrap();
+    wait_replicas_caught_up().await;
+    let cfg = default_config_with(
+        "[[users]]\nusername = \"bw_cache\"\npassword = \"bw_cache\"\nbackend_password = \"bw_cache\"\ndefault_hostgroup = 10\n\
+         [[query_rules]]\nrule_id = 50\nusername = \"bw_cache\"\nmatch_digest = '^SELECT .* FROM t\\b'\ndestination_hostgroup = 20\ncache_ttl = 1500\napply = true\n\
+         [cache]\nmax_bytes = 200000\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let opts = proxy.opts("bw_cache", "bw_cache", Some("sbtest_cache"));
+    let mut c = Conn::new(opts.clone()).await.unwrap();
+    let q = "SELECT v FROM t WHERE id = 1";
+    let before = selects_of("bw_cache").await;
+    for _ in 0..3 {
+        let v: Option<i64> = c.query_first(q).await.unwrap();
+        assert_eq!(v, Some(10));
+    }
+    assert_eq!(selects_of("bw_cache").await - before, 1, "one miss, then two hits with no backend query");
+    // A write through the proxy invalidates; the next read sees it (filled from the writer).
+    c.query_drop("UPDATE t SET v = 11 WHERE id = 1").await.unwrap();
+    let v: Option<i64> = c.query_first(q).await.unwrap();
+    assert_eq!(v, Some(11), "a client never reads its own write missing");
+    assert_eq!(selects_of("bw_cache").await - before, 2);
+    // TTL: served until it passes, then fetched again.
+    let v: Option<i64> = c.query_first(q).await.unwrap();
+    assert_eq!(v, Some(11));
+    assert_eq!(selects_of("bw_cache").await - before, 2);
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let _: Option<i64> = c.query_first(q).await.unwrap();
+    assert_eq!(selects_of("bw_cache").await - before, 3, "an expired entry is never served");
+
+    // 100 concurrent identical reads on a cold key: one backend query.
+    let mut conns = Vec::new();
+    for _ in 0..100 {
+        conns.push(Conn::new(opts.clone()).await.unwrap());
+    }
+    let before = selects_of("bw_cache").await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(100));
+    let mut tasks = Vec::new();
+    for mut k in conns {
+        let b = barrier.clone();
+        tasks.push(tokio::spawn(async move {
+            b.wait().await;
+            let v: Option<i64> = k.query_first("SELECT v FROM t WHERE id = 2 /* storm */").await.unwrap();
+            let _ = k.disconnect().await;
+            v
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), Some(20));
+    }
+    assert_eq!(selects_of("bw_cache").await - before, 1, "stampede protection: one backend fetch");
+
+    // Memory bound with many distinct keys.
+    for i in 0..2000 {
+        let _: Option<i64> = c.query_first(format!("SELECT v + {i} FROM t WHERE id = 1")).await.unwrap();
+    }
+    let (_, st) = proxy.admin("GET", "/api/cache").await;
+    assert!(st["bytes"].as_u64().unwrap() <= 200_000, "{st}");
+    assert!(st["evictions"].as_u64().unwrap() > 0, "{st}");
+    assert!(st["hits"].as_u64().unwrap() >= 100, "{st}");
+
+    // Digests: id=1 and id=2 are one row with the right counts.
+    let _: Option<i64> = c.query_first("SELECT v FROM u WHERE id=1").await.unwrap();
+    let _: Option<i64> = c.query_first("SELECT  v FROM u WHERE id = 2").await.unwrap();
+    let (_, d) = proxy.admin("GET", "/api/digests").await;
+    let rows: Vec<&serde_json::Value> =
+        d.as_array().unwrap().iter().filter(|r| r["digest_text"].as_str().unwrap_or("").contains("FROM u WHERE")).collect();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["count_star"], 2);
+    assert_eq!(rows[0]["hostgroup"], 20);
+    assert_eq!(rows[0]["sum_rows_sent"], 2);
+    let cached: Vec<&serde_json::Value> = d.as_array().unwrap().iter().filter(|r| r["hostgroup"] == -1).collect();
+    assert!(!cached.is_empty(), "cache hits are recorded under hostgroup -1");
+    let _ = c.disconnect().await;
+}

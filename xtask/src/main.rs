@@ -50,7 +50,7 @@ fn demo() -> Result<()> {
     println!();
     println!("Breakwater proxy starting on 127.0.0.1:6033 (writer hostgroup 10 = 3307, readers 20 = 3308/3309).");
     println!("Connect with:   mariadb -h127.0.0.1 -P6033 -uapp -papp sbtest");
-    println!("Topology page:  http://127.0.0.1:6080/topology   (failover: cargo run -p breakwater-proxy -- failover status)");
+    println!("Topology page:  http://127.0.0.1:6070/topology   (failover: cargo run -p breakwater-proxy -- failover status)");
     println!("Stop with Ctrl-C; stop the lab with: cargo xtask lab down");
     println!();
     let status = std::process::Command::new(bin).status()?;

@@ -148,6 +148,22 @@ async fn route(admin: &Admin, method: &str, target: &str) -> Response {
             content_type: "text/plain; version=0.0.4",
             body: super::metrics::render(&admin.proxy, admin.failover.as_deref()),
         },
+        ("GET", "/readyz") => {
+            // Ready when every hostgroup has an ONLINE server or an open gate to wait on.
+            let routing = admin.proxy.runtime().routing();
+            let down: Vec<u32> = routing.hostgroups.values().filter(|h| !h.any_online()).map(|h| h.id).collect();
+            if down.is_empty() {
+                Response::text(200, "ready\n")
+            } else {
+                Response::text(503, format!("no ONLINE server in hostgroups {down:?}\n"))
+            }
+        }
+        ("GET", "/api/cache") => Response::json(200, &admin.proxy.cache.stats()),
+        ("GET", "/api/digests") => Response::json(200, &admin.proxy.digests.snapshot()),
+        ("POST", "/api/digests/reset") => {
+            admin.proxy.digests.reset();
+            Response::json(200, &serde_json::json!({"ok": true}))
+        }
         ("GET", "/" | "/topology") => Response { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.to_string() },
         (_, p) if p.starts_with("/api/failover") => {
             let Some(f) = &admin.failover else {

@@ -42,6 +42,23 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
         let _ = writeln!(o, "breakwater_proxy_server_connections{{{l},state=\"idle\"}} {}", s.pool.idle_count());
         let _ = writeln!(o, "breakwater_proxy_server_queries_total{{{l}}} {}", s.counters.queries.load(Ordering::Relaxed));
     }
+    let c = proxy.cache.stats();
+    for (name, kind, help, v) in [
+        ("breakwater_proxy_cache_hits_total", "counter", "Reads answered from the query cache.", c.hits),
+        ("breakwater_proxy_cache_stale_hits_total", "counter", "Reads answered from an expired entry while it was refreshed.", c.stale_hits),
+        ("breakwater_proxy_cache_misses_total", "counter", "Cacheable reads that went to a backend.", c.misses),
+        ("breakwater_proxy_cache_fill_waits_total", "counter", "Reads that waited for another client's fetch of the same key.", c.fill_waits),
+        ("breakwater_proxy_cache_evictions_total", "counter", "Entries evicted to stay under the memory bound.", c.evictions),
+        ("breakwater_proxy_cache_invalidations_total", "counter", "Entries dropped because a write touched their tables.", c.invalidations),
+        ("breakwater_proxy_cache_entries", "gauge", "Entries in the query cache.", c.entries as u64),
+        ("breakwater_proxy_cache_bytes", "gauge", "Bytes held by the query cache.", c.bytes as u64),
+        ("breakwater_proxy_cache_max_bytes", "gauge", "The query cache's memory bound.", c.max_bytes as u64),
+        ("breakwater_proxy_digests", "gauge", "Rows in the query digest table.", proxy.digests.len() as u64),
+        ("breakwater_proxy_digests_evicted_total", "counter", "Digest rows evicted to keep the table bounded.", proxy.digests.evicted()),
+    ] {
+        family(&mut o, name, kind, help);
+        let _ = writeln!(o, "{name}{{db_system_name=\"mysql\"}} {v}");
+    }
     let Some(f) = failover else { return o };
     let v = f.view();
     let c = format!("cluster=\"{}\"", esc(&v.cluster));

@@ -1,5 +1,5 @@
 //! The admin interface: a small HTTP/1.1 server on `[admin] listen` (default
-//! 127.0.0.1:6080) with the failover JSON API, Prometheus /metrics and the topology page,
+//! 127.0.0.1:6070) with the failover JSON API, Prometheus /metrics and the topology page,
 //! and the client the `breakwater-proxy failover …` commands use.
 //!
 //! | method | path | what |
@@ -13,6 +13,10 @@
 //! | GET | /topology | the HTML topology page (refreshes itself every second) |
 //! | GET | /metrics | Prometheus text |
 //! | GET | /healthz | ok |
+//! | GET | /readyz | 200 when every hostgroup has an ONLINE server, else 503 |
+//! | GET | /api/cache | query cache statistics |
+//! | GET | /api/digests | query digest statistics (stats_mysql_query_digest) |
+//! | POST | /api/digests/reset | empty the digest table |
 
 pub mod client;
 pub mod http;

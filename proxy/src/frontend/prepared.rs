@@ -86,7 +86,7 @@ impl Session {
         let buf = std::mem::take(&mut self.buf);
         let sql_bytes = &buf[1..];
         let a = classify::analyze(sql_bytes);
-        let hg = self.route(sql_bytes, &a);
+        let hg = self.route(sql_bytes, &a).hostgroup.unwrap_or(self.user.default_hostgroup);
         let sql: Arc<str> = String::from_utf8_lossy(sql_bytes).into();
         let client_id = self.next_stmt_id;
         let r = self.run(hg, Command::Prepare(&buf, client_id), Kind::Prepare, true).await;
@@ -144,6 +144,10 @@ impl Session {
             self.cursor_stmt = Some(id);
         }
         self.finish(&w, conn, &effects);
+        if !stmt.read_only && self.rt.rules.caches() {
+            let a = classify::analyze(stmt.sql.as_bytes());
+            self.invalidate_after_write(stmt.sql.as_bytes(), &a);
+        }
         Ok(())
     }
 

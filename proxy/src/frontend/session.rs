@@ -17,12 +17,15 @@ use crate::protocol::response::{Kind, Walker};
 use crate::protocol::{caps, cmd, codec, errcode, handshake, status};
 use crate::router::classify::{self, Effect};
 use crate::router::digest;
+use crate::router::rules::Decision;
+use crate::router::tables;
+use crate::cache::{self, Lookup};
 use crate::runtime::{Proxy, Runtime, User};
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -77,6 +80,9 @@ pub struct Session {
     pub(super) next_stmt_id: u32,
     pub(super) cursor_stmt: Option<u32>,
     digest: String,
+    /// Tables written inside the open transaction (Some(None): unknown, i.e. all), for the
+    /// query cache to invalidate again when it ends.
+    txn_written: Option<Option<Vec<String>>>,
 }
 
 /// Serve one client until it quits, fails, or the proxy shuts down.
@@ -123,6 +129,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         next_stmt_id: 1,
         cursor_stmt: None,
         digest: String::new(),
+        txn_written: None,
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
@@ -234,22 +241,20 @@ impl Session {
     /// The hostgroup for a query: query rules, then the user's default hostgroup.
     /// Statements that would pin the client go to the default (writer) hostgroup, so the
     /// pinned connection can also take the writes that usually follow.
-    pub(super) fn route(&mut self, sql: &[u8], a: &classify::Analysis) -> u32 {
-        if a.effects.iter().any(|e| matches!(e, Effect::Pin(_))) {
-            return self.user.default_hostgroup;
-        }
+    /// Also leaves the query's digest in `self.digest`.
+    pub(super) fn route(&mut self, sql: &[u8], a: &classify::Analysis) -> Decision {
+        digest::digest_into(sql, &mut self.digest);
+        let pinning = a.effects.iter().any(|e| matches!(e, Effect::Pin(_)));
         let text: Cow<str> = String::from_utf8_lossy(sql);
-        let digest = if self.rt.rules.needs_digest() {
-            digest::digest_into(sql, &mut self.digest);
-            Some(self.digest.as_str())
-        } else {
-            None
-        };
-        self.rt
+        let mut d = self
+            .rt
             .rules
-            .route(&self.user.name, self.vars.schema.as_deref(), &text, digest)
-            .map(|d| d.hostgroup)
-            .unwrap_or(self.user.default_hostgroup)
+            .route(&self.user.name, self.vars.schema.as_deref(), &text, Some(self.digest.as_str()))
+            .unwrap_or_default();
+        if pinning || d.hostgroup.is_none() {
+            d.hostgroup = Some(self.user.default_hostgroup);
+        }
+        d
     }
 
     /// The pinned connection, or one from a server of `hostgroup` (falling back to the
@@ -499,19 +504,131 @@ impl Session {
             let e = SqlError::new(1235, "42000", "KILL through Breakwater is not supported: connection ids are the proxy's, not the server's");
             self.send_err(1, &e).await
         } else {
-            let hg = self.route(sql, &a);
-            let retryable = a.read_only && !self.pins.any();
-            match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
-                Ok(Some((w, conn))) => {
-                    self.finish(&w, conn, &a.effects);
-                    Ok(())
+            let t0 = Instant::now();
+            let d = self.route(sql, &a);
+            let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
+            let cacheable = d.cache_ttl_ms > 0 && a.read_only && !a.multi && !self.pins.any();
+            let caches = self.rt.rules.caches();
+            let (res, hg_used, rows, failed) = if cacheable {
+                self.cached_query(&buf, &d, hg).await
+            } else {
+                let retryable = a.read_only && !self.pins.any();
+                match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
+                    Ok(Some((w, conn))) => {
+                        let (rows, err) = (w.rows, w.error.is_some());
+                        self.finish(&w, conn, &a.effects);
+                        (Ok(()), hg as i64, rows, err)
+                    }
+                    Ok(None) => (Ok(()), hg as i64, 0, true),
+                    Err(e) => (Err(e), hg as i64, 0, true),
                 }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
+            };
+            if caches && !a.read_only {
+                self.invalidate_after_write(sql, &a);
             }
+            let schema = self.vars.schema.clone();
+            self.proxy.digests.record(&self.digest, hg_used, &self.user.name, schema.as_deref(), t0.elapsed(), rows, failed);
+            res
         };
         self.buf = buf;
         result
+    }
+
+    /// A write went through: drop cached reads of its tables, now and, inside a
+    /// transaction, again when it ends (a read between the write and COMMIT could have put
+    /// the old rows back).
+    pub(super) fn invalidate_after_write(&mut self, sql: &[u8], a: &classify::Analysis) {
+        use classify::Kind as K;
+        let writes = a.multi
+            || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
+        if writes {
+            let t = if a.multi { None } else { tables::tables(sql, self.vars.schema.as_deref()) };
+            // `Other` without tables is DDL-ish text we cannot read (or harmless): drop all.
+            self.proxy.cache.invalidate(t.as_deref());
+            if self.pins.any() {
+                match (&mut self.txn_written, t) {
+                    (Some(Some(v)), Some(t)) => v.extend(t),
+                    (slot, t) => *slot = Some(t),
+                }
+            }
+        }
+        if !self.pins.any() {
+            if let Some(t) = self.txn_written.take() {
+                self.proxy.cache.invalidate(t.as_deref());
+            }
+        }
+    }
+
+    /// A read under a caching rule: served from the cache, or fetched once (others wait)
+    /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
+    async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32) -> (Result<(), ClientGone>, i64, u64, bool) {
+        let sql = &buf[1..];
+        let cache = self.proxy.cache.clone();
+        let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
+        let mut key = Vec::with_capacity(sql.len() + 64);
+        let var = |n: &str| self.vars.vars.get(n).map(String::as_str).unwrap_or("");
+        let eof = if self.caps & caps::DEPRECATE_EOF != 0 { "+okeof" } else { "" };
+        let charset = format!("{}/{}{eof}", self.vars.charset, self.vars.collation.as_deref().unwrap_or(""));
+        cache::key(&mut key, &self.user.name, self.vars.schema.as_deref(), &charset, var("sql_mode"), var("time_zone"), sql);
+        let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
+        let ttl = Duration::from_millis(d.cache_ttl_ms);
+        let stale = Duration::from_millis(d.cache_stale_ms);
+        let mut waited = false;
+        loop {
+            match cache.lookup(&key, &tables) {
+                Lookup::Hit(data) => {
+                    self.wr.buf_mut().extend_from_slice(&data);
+                    return (self.flush().await, -1, 0, false);
+                }
+                Lookup::Wait(n) if !waited => {
+                    waited = true;
+                    let _ = tokio::time::timeout(wait, n.notified()).await;
+                }
+                Lookup::Wait(_) => {
+                    // The filler is slow or failed twice: go to the backend without the cache.
+                    let (r, rows, err) = self.fetch(buf, hg, false).await;
+                    return (r, hg as i64, rows, err);
+                }
+                Lookup::Stale(data, fill) => {
+                    self.wr.buf_mut().extend_from_slice(&data);
+                    if let Err(e) = self.flush().await {
+                        return (Err(e), -1, 0, false);
+                    }
+                    // Refresh for the next clients; nothing of it reaches this one.
+                    self.wr.start_capture(cache.max_entry_bytes, true);
+                    let (r, _, err) = self.fetch(buf, hg, true).await;
+                    if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
+                        cache.store(fill, &data, tables, ttl, stale);
+                    }
+                    return (r, -1, 0, false);
+                }
+                Lookup::Fill(fill) => {
+                    // Right after a write to these tables a replica may not have it yet.
+                    let window = Duration::from_millis(self.rt.cfg.cache.fill_from_writer_after_write_ms);
+                    let hg = if !tables.is_empty() && cache.written_within(&tables, window) { self.user.default_hostgroup } else { hg };
+                    self.wr.start_capture(cache.max_entry_bytes, false);
+                    let (r, rows, err) = self.fetch(buf, hg, true).await;
+                    let data = self.wr.end_capture();
+                    if let (Some(data), false, Ok(())) = (data, err, &r) {
+                        cache.store(fill, &data, tables, ttl, stale);
+                    }
+                    return (r, hg as i64, rows, err);
+                }
+            }
+        }
+    }
+
+    /// Run a read on a backend; (result, rows, failed).
+    async fn fetch(&mut self, buf: &[u8], hg: u32, retryable: bool) -> (Result<(), ClientGone>, u64, bool) {
+        match self.run(hg, Command::Raw(buf), Kind::ResultSet, retryable).await {
+            Ok(Some((w, conn))) => {
+                let (rows, err) = (w.rows, w.error.is_some());
+                self.finish(&w, conn, &[]);
+                (Ok(()), rows, err)
+            }
+            Ok(None) => (Ok(()), 0, true),
+            Err(e) => (Err(e), 0, true),
+        }
     }
 
     async fn com_init_db(&mut self) -> Result<(), ClientGone> {

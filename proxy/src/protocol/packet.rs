@@ -98,11 +98,23 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
 pub struct PacketWriter<W> {
     inner: W,
     buf: Vec<u8>,
+    capture: Option<Capture>,
+}
+
+/// Copies of what is written to the client during one command (for the query cache).
+struct Capture {
+    data: Vec<u8>,
+    /// Bytes already buffered when the capture started (not part of it).
+    skip: usize,
+    limit: usize,
+    overflow: bool,
+    /// Capture only: nothing reaches the peer (a cache refresh nobody is waiting for).
+    discard: bool,
 }
 
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     pub fn new(w: W) -> Self {
-        Self { inner: w, buf: Vec::with_capacity(16 * 1024) }
+        Self { inner: w, buf: Vec::with_capacity(16 * 1024), capture: None }
     }
 
     /// Queue a payload with sequence id `seq`, splitting at 16 MiB. Returns the next sequence id.
@@ -135,7 +147,43 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
         self.buf.len()
     }
 
+    /// Start copying everything written from now on, up to `limit` bytes; with `discard`,
+    /// nothing is sent to the peer until [`Self::end_capture`].
+    pub fn start_capture(&mut self, limit: usize, discard: bool) {
+        self.capture = Some(Capture { data: Vec::new(), skip: self.buf.len(), limit, overflow: false, discard });
+    }
+
+    /// What was written since `start_capture` (None when it passed the limit).
+    pub fn end_capture(&mut self) -> Option<Vec<u8>> {
+        let mut c = self.capture.take()?;
+        self.take_into(&mut c);
+        if c.discard {
+            self.buf.truncate(c.skip.min(self.buf.len()));
+        }
+        (!c.overflow).then_some(c.data)
+    }
+
+    fn take_into(&self, c: &mut Capture) {
+        let new = self.buf.get(c.skip..).unwrap_or(&[]);
+        if c.data.len() + new.len() > c.limit {
+            c.overflow = true;
+        } else if !c.overflow {
+            c.data.extend_from_slice(new);
+        }
+        c.skip = self.buf.len();
+    }
+
     pub async fn flush(&mut self) -> io::Result<()> {
+        if let Some(mut c) = self.capture.take() {
+            let pre = c.skip;
+            self.take_into(&mut c);
+            if c.discard {
+                self.buf.truncate(pre.min(self.buf.len()));
+            }
+            // The buffer is empty after this flush.
+            c.skip = 0;
+            self.capture = Some(c);
+        }
         if !self.buf.is_empty() {
             self.inner.write_all(&self.buf).await?;
             self.buf.clear();

@@ -16,6 +16,8 @@ struct Compiled {
     negate: bool,
     destination: Option<u32>,
     apply: bool,
+    cache_ttl_ms: Option<u64>,
+    cache_stale_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -24,11 +26,14 @@ pub struct Rules {
     needs_digest: bool,
 }
 
-/// The rule that decided (for stats and logs) and its destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the matching rules decided: destination and caching (the last matching rule that
+/// sets each wins, up to the first rule with `apply`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Decision {
     pub rule_id: u32,
-    pub hostgroup: u32,
+    pub hostgroup: Option<u32>,
+    pub cache_ttl_ms: u64,
+    pub cache_stale_ms: u64,
 }
 
 fn compile(re: &str) -> Result<Regex, regex::Error> {
@@ -48,6 +53,8 @@ impl Rules {
                 negate: r.negate_match_pattern,
                 destination: r.destination_hostgroup,
                 apply: r.apply,
+                cache_ttl_ms: r.cache_ttl,
+                cache_stale_ms: r.cache_stale_while_revalidate,
             });
         }
         out.sort_by_key(|r| r.rule_id);
@@ -57,6 +64,11 @@ impl Rules {
 
     pub fn needs_digest(&self) -> bool {
         self.needs_digest
+    }
+
+    /// Whether any rule caches results (writes then invalidate by table).
+    pub fn caches(&self) -> bool {
+        self.rules.iter().any(|r| r.cache_ttl_ms.is_some_and(|t| t > 0))
     }
 
     /// Route a query. `digest` must be Some when `needs_digest()`.
@@ -79,8 +91,16 @@ impl Rules {
                     continue;
                 }
             }
+            let d = found.get_or_insert_with(Decision::default);
+            d.rule_id = r.rule_id;
             if let Some(hg) = r.destination {
-                found = Some(Decision { rule_id: r.rule_id, hostgroup: hg });
+                d.hostgroup = Some(hg);
+            }
+            if let Some(ttl) = r.cache_ttl_ms {
+                d.cache_ttl_ms = ttl;
+            }
+            if let Some(st) = r.cache_stale_ms {
+                d.cache_stale_ms = st;
             }
             if r.apply {
                 break;
@@ -98,7 +118,7 @@ mod tests {
 
     fn route(rules: &Rules, q: &str) -> Option<u32> {
         let d = digest(q.as_bytes());
-        rules.route("app", Some("sbtest"), q, Some(&d)).map(|d| d.hostgroup)
+        rules.route("app", Some("sbtest"), q, Some(&d)).and_then(|d| d.hostgroup)
     }
 
     #[test]
@@ -126,6 +146,7 @@ mod tests {
                 negate_match_pattern: false,
                 destination_hostgroup: Some(30),
                 apply: false,
+                ..Default::default()
             },
             QueryRule {
                 rule_id: 2,
@@ -137,11 +158,12 @@ mod tests {
                 negate_match_pattern: false,
                 destination_hostgroup: Some(40),
                 apply: true,
+                ..Default::default()
             },
         ])
         .unwrap();
-        assert_eq!(rules.route("report", Some("x"), "select 1", None).map(|d| d.hostgroup), Some(30));
-        assert_eq!(rules.route("report", Some("other"), "select 1", None).map(|d| d.hostgroup), Some(40));
-        assert_eq!(rules.route("app", Some("x"), "select 1", None), None);
+        assert_eq!(rules.route("report", Some("x"), "select 1", None).and_then(|d| d.hostgroup), Some(30));
+        assert_eq!(rules.route("report", Some("other"), "select 1", None).and_then(|d| d.hostgroup), Some(40));
+        assert_eq!(rules.route("app", Some("x"), "select 1", None).and_then(|d| d.hostgroup), None);
     }
 }

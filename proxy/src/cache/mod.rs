@@ -1,0 +1,358 @@
+//! The query cache: result sets of reads kept as the raw packets the server sent, served to
+//! later clients without touching a backend.
+//!
+//! - Key: user, schema, character set, sql_mode, time_zone and the query text (see
+//!   [`key`]); entries expire after their rule's cache_ttl and are never served after it
+//!   (or after ttl + stale-while-revalidate, for rules that allow stale reads while one
+//!   client refreshes).
+//! - Memory: entries + keys are bounded by `max_bytes`; the least recently used entry is
+//!   evicted first.
+//! - Stampede protection: one client fetches a missing key, the others wait for it
+//!   ([`QueryCache::lookup`] returns [`Lookup::Fill`] to exactly one of them).
+//! - Invalidation: a write that names tables drops every entry that read them; a write whose
+//!   tables cannot be told drops everything. A fill that started before an invalidation of
+//!   its tables is not stored.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// Build a cache key into `out`.
+pub fn key(out: &mut Vec<u8>, user: &str, schema: Option<&str>, charset: &str, sql_mode: &str, time_zone: &str, query: &[u8]) {
+    out.clear();
+    for part in [user.as_bytes(), schema.unwrap_or("").as_bytes(), charset.as_bytes(), sql_mode.as_bytes(), time_zone.as_bytes()] {
+        out.extend_from_slice(part);
+        out.push(0);
+    }
+    out.extend_from_slice(query);
+}
+
+struct Entry {
+    data: Arc<[u8]>,
+    tables: Vec<String>,
+    expires: Instant,
+    stale_until: Instant,
+    /// LRU position (key in `Inner::lru`).
+    used: u64,
+    bytes: usize,
+    refreshing: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Box<[u8]>, Entry>,
+    lru: BTreeMap<u64, Box<[u8]>>,
+    tick: u64,
+    bytes: usize,
+    by_table: HashMap<String, Vec<Box<[u8]>>>,
+    /// Invalidation generation per table, and for everything.
+    table_gen: HashMap<String, u64>,
+    all_gen: u64,
+    last_write: HashMap<String, Instant>,
+    filling: HashMap<Box<[u8]>, Arc<Notify>>,
+}
+
+#[derive(Default, Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub max_bytes: usize,
+    pub hits: u64,
+    pub stale_hits: u64,
+    pub misses: u64,
+    pub stores: u64,
+    pub evictions: u64,
+    pub invalidations: u64,
+    pub fill_waits: u64,
+}
+
+pub struct QueryCache {
+    inner: Mutex<Inner>,
+    pub max_bytes: usize,
+    pub max_entry_bytes: usize,
+    hits: AtomicU64,
+    stale_hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    evictions: AtomicU64,
+    invalidations: AtomicU64,
+    fill_waits: AtomicU64,
+}
+
+/// What a session should do for a cacheable read.
+pub enum Lookup {
+    /// Send these packets (sequence ids start at 1).
+    Hit(Arc<[u8]>),
+    /// Send these (expired, within stale-while-revalidate) packets, then refresh the entry
+    /// with the ticket.
+    Stale(Arc<[u8]>, Fill),
+    /// Fetch from a backend, then `store` (or drop the ticket) — other clients wait.
+    Fill(Fill),
+    /// Another client is filling: wait on this, then look up again.
+    Wait(Arc<Notify>),
+}
+
+/// The right to fill one key. Dropping it without storing wakes the waiters.
+pub struct Fill {
+    cache: Arc<QueryCache>,
+    key: Box<[u8]>,
+    gen_at_start: u64,
+    notify: Option<Arc<Notify>>,
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.cache.inner.lock() {
+            inner.filling.remove(&self.key);
+            if let Some(e) = inner.entries.get_mut(&self.key) {
+                e.refreshing = false;
+            }
+        }
+        if let Some(n) = self.notify.take() {
+            n.notify_waiters();
+        }
+    }
+}
+
+impl QueryCache {
+    pub fn new(max_bytes: usize, max_entry_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            inner: Mutex::new(Inner::default()),
+            max_bytes,
+            max_entry_bytes: max_entry_bytes.min(max_bytes),
+            hits: AtomicU64::new(0),
+            stale_hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            stores: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
+            invalidations: AtomicU64::new(0),
+            fill_waits: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn lookup(self: &Arc<Self>, key: &[u8], tables: &[String]) -> Lookup {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let gen = gen_of(&inner, tables);
+        inner.tick += 1;
+        let tick = inner.tick;
+        let mut expired = false;
+        if let Some(e) = inner.entries.get_mut(key) {
+            if now < e.expires {
+                let old = std::mem::replace(&mut e.used, tick);
+                let data = e.data.clone();
+                if let Some(k) = inner.lru.remove(&old) {
+                    inner.lru.insert(tick, k);
+                }
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Hit(data);
+            }
+            if now < e.stale_until && !e.refreshing {
+                e.refreshing = true;
+                let data = e.data.clone();
+                self.stale_hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Stale(data, Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: None });
+            }
+            if now < e.stale_until {
+                let data = e.data.clone();
+                self.stale_hits.fetch_add(1, Ordering::Relaxed);
+                return Lookup::Hit(data);
+            }
+            expired = true;
+        }
+        if expired {
+            remove(&mut inner, key);
+        }
+        if let Some(n) = inner.filling.get(key) {
+            self.fill_waits.fetch_add(1, Ordering::Relaxed);
+            return Lookup::Wait(n.clone());
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let n = Arc::new(Notify::new());
+        inner.filling.insert(key.into(), n.clone());
+        Lookup::Fill(Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: Some(n) })
+    }
+
+    /// Store a fetched result (raw packets, sequence ids from 1) for `ttl` (+ `stale`).
+    pub fn store(&self, fill: Fill, data: &[u8], tables: Vec<String>, ttl: Duration, stale: Duration) {
+        let bytes = data.len() + fill.key.len() + 64 + tables.iter().map(|t| t.len()).sum::<usize>();
+        if bytes > self.max_entry_bytes {
+            return;
+        }
+        {
+            let mut inner = self.lock();
+            // Invalidated while we were fetching: the result may predate a write.
+            if gen_of(&inner, &tables) != fill.gen_at_start {
+                return;
+            }
+            remove(&mut inner, &fill.key);
+            while inner.bytes + bytes > self.max_bytes {
+                let Some((_, k)) = inner.lru.pop_first() else { break };
+                remove_entry_only(&mut inner, &k);
+                self.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+            inner.tick += 1;
+            let tick = inner.tick;
+            let now = Instant::now();
+            for t in &tables {
+                inner.by_table.entry(t.clone()).or_default().push(fill.key.clone());
+            }
+            inner.lru.insert(tick, fill.key.clone());
+            inner.bytes += bytes;
+            inner.entries.insert(
+                fill.key.clone(),
+                Entry { data: data.into(), tables, expires: now + ttl, stale_until: now + ttl + stale, used: tick, bytes, refreshing: false },
+            );
+        }
+        self.stores.fetch_add(1, Ordering::Relaxed);
+        drop(fill);
+    }
+
+    /// A write named these tables (None: it could have written anything).
+    pub fn invalidate(&self, tables: Option<&[String]>) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        match tables {
+            None => {
+                let n = inner.entries.len() as u64;
+                inner.entries.clear();
+                inner.lru.clear();
+                inner.by_table.clear();
+                inner.bytes = 0;
+                inner.all_gen += 1;
+                self.invalidations.fetch_add(n, Ordering::Relaxed);
+            }
+            Some(tables) => {
+                for t in tables {
+                    *inner.table_gen.entry(t.clone()).or_default() += 1;
+                    inner.last_write.insert(t.clone(), now);
+                    let keys = inner.by_table.remove(t).unwrap_or_default();
+                    for k in keys {
+                        if inner.entries.contains_key(&k) {
+                            remove(&mut inner, &k);
+                            self.invalidations.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                // Bound the write log.
+                if inner.last_write.len() > 100_000 {
+                    inner.last_write.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+                }
+            }
+        }
+    }
+
+    /// Whether any of `tables` was written through the proxy within `window`.
+    pub fn written_within(&self, tables: &[String], window: Duration) -> bool {
+        let inner = self.lock();
+        let now = Instant::now();
+        tables.iter().any(|t| inner.last_write.get(t).is_some_and(|w| now.duration_since(*w) < window))
+    }
+
+    pub fn stats(&self) -> Stats {
+        let inner = self.lock();
+        Stats {
+            entries: inner.entries.len(),
+            bytes: inner.bytes,
+            max_bytes: self.max_bytes,
+            hits: self.hits.load(Ordering::Relaxed),
+            stale_hits: self.stale_hits.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+            stores: self.stores.load(Ordering::Relaxed),
+            evictions: self.evictions.load(Ordering::Relaxed),
+            invalidations: self.invalidations.load(Ordering::Relaxed),
+            fill_waits: self.fill_waits.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn gen_of(inner: &Inner, tables: &[String]) -> u64 {
+    inner.all_gen + tables.iter().map(|t| inner.table_gen.get(t).copied().unwrap_or(0)).sum::<u64>()
+}
+
+/// Remove an entry and its LRU and table index slots.
+fn remove(inner: &mut Inner, key: &[u8]) {
+    if let Some(e) = inner.entries.get(key) {
+        let used = e.used;
+        inner.lru.remove(&used);
+    }
+    remove_entry_only(inner, key);
+}
+
+/// Remove an entry whose LRU slot is already gone.
+fn remove_entry_only(inner: &mut Inner, key: &[u8]) {
+    if let Some(e) = inner.entries.remove(key) {
+        inner.bytes = inner.bytes.saturating_sub(e.bytes);
+        for t in &e.tables {
+            if let Some(v) = inner.by_table.get_mut(t) {
+                v.retain(|k| &**k != key);
+                if v.is_empty() {
+                    inner.by_table.remove(t);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fill(c: &Arc<QueryCache>, k: &[u8]) -> Fill {
+        match c.lookup(k, &["db.t".into()]) {
+            Lookup::Fill(f) => f,
+            _ => panic!("expected a fill"),
+        }
+    }
+
+    #[test]
+    fn ttl_lru_invalidation_and_single_fill() {
+        let c = QueryCache::new(10_000, 5_000);
+        let f = fill(&c, b"k1");
+        assert!(matches!(c.lookup(b"k1", &["db.t".into()]), Lookup::Wait(_)), "second client waits");
+        c.store(f, b"rows", vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        assert!(matches!(c.lookup(b"k1", &["db.t".into()]), Lookup::Hit(d) if &*d == b"rows"));
+        c.invalidate(Some(&["db.t".into()]));
+        assert_eq!(c.stats().entries, 0);
+        assert!(c.written_within(&["db.t".into()], Duration::from_secs(5)));
+        // A fill that straddles an invalidation is not stored.
+        let f = fill(&c, b"k2");
+        c.invalidate(Some(&["db.t".into()]));
+        c.store(f, b"old", vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        assert_eq!(c.stats().entries, 0);
+        // Expired entries are never served.
+        let f = fill(&c, b"k3");
+        c.store(f, b"x", vec!["db.t".into()], Duration::ZERO, Duration::ZERO);
+        assert!(matches!(c.lookup(b"k3", &["db.t".into()]), Lookup::Fill(_)));
+        // Memory bound: many keys, bytes never above max.
+        for i in 0..1000 {
+            let k = format!("key{i}");
+            let f = fill(&c, k.as_bytes());
+            c.store(f, &[0u8; 100], vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+            assert!(c.stats().bytes <= 10_000);
+        }
+        assert!(c.stats().evictions > 900);
+        assert!(matches!(c.lookup(b"key999", &["db.t".into()]), Lookup::Hit(_)), "most recent survives");
+    }
+
+    #[test]
+    fn stale_while_revalidate() {
+        let c = QueryCache::new(10_000, 5_000);
+        let f = fill(&c, b"k");
+        c.store(f, b"v1", vec![], Duration::ZERO, Duration::from_secs(60));
+        let Lookup::Stale(d, f) = c.lookup(b"k", &[]) else { panic!("stale expected") };
+        assert_eq!(&*d, b"v1");
+        assert!(matches!(c.lookup(b"k", &[]), Lookup::Hit(_)), "others get stale data while one refreshes");
+        c.store(f, b"v2", vec![], Duration::from_secs(60), Duration::ZERO);
+        assert!(matches!(c.lookup(b"k", &[]), Lookup::Hit(d) if &*d == b"v2"));
+    }
+}
