@@ -144,7 +144,52 @@ pub fn run(args: &[&str]) -> Result<()> {
     println!("\nproxy peak RSS: {:.1} MiB (release build, --worker-threads 1)", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
     println!("direct = sysbench to 3307; proxy = sysbench to 6033 (reads to 3308/3309 by the default rules)");
     drop(proxy);
+    cache_hit(&bin, secs)?;
     agent_overhead(secs)
+}
+
+/// point_select over the text protocol through a caching query rule vs direct, 32 threads.
+fn cache_hit(bin: &std::path::Path, secs: u32) -> Result<()> {
+    let base = std::fs::read_to_string(proc::root().join("proxy/breakwater.toml"))?;
+    let cfg = format!(
+        "{base}\n[[query_rules]]\nrule_id = 10\nmatch_digest = '^SELECT c FROM sbtest'\ndestination_hostgroup = 20\ncache_ttl = 600000\napply = true\n"
+    );
+    let path = proc::root().join("target/bench-cache.toml");
+    std::fs::write(&path, cfg)?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&path)
+        .args(["--listen", "127.0.0.1:6034", "--admin-listen", "", "--failover", "off", "--log-level", "warn", "--worker-threads", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let proxy = Proxy(child);
+    wait_port(6034)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let text = ["--db-ps-mode=disable"];
+    // Warm the cache (40000 distinct keys).
+    sysbench("oltp_point_select", 6034, 32, 5, &text)?;
+    let mut d = Vec::new();
+    let mut p = Vec::new();
+    for _ in 0..2 {
+        d.push(sysbench("oltp_point_select", 3307, 32, secs / 2, &text)?);
+        p.push(sysbench("oltp_point_select", 6034, 32, secs / 2, &text)?);
+    }
+    let mean = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let (dq, pq) = (mean(&d, |r| r.qps), mean(&p, |r| r.qps));
+    println!(
+        "{:<20} {:>7} {:>12.0} {:>12.0} {:>8.2} {:>9.2}ms {:>9.2}ms {:>7}   (query cache hits, text protocol; target ratio >= 2.0)",
+        "point_select cached",
+        32,
+        dq,
+        pq,
+        pq / dq,
+        mean(&d, |r| r.p95_ms),
+        mean(&p, |r| r.p95_ms),
+        p.iter().map(|r| r.errors).sum::<u64>()
+    );
+    println!("proxy (cache) peak RSS: {:.1} MiB", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
+    Ok(())
 }
 
 /// (run_time_ns, run_cnt) summed over the BPF programs a process holds, from
