@@ -33,18 +33,7 @@ fn wait_healthy(prom: u16) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap()
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
-}
+use breakwater_testkit::{free_port, http_get, Prometheus};
 
 /// metric line (name + labels) -> value, for the lines containing all `needles`.
 fn scrape(port: u16) -> BTreeMap<String, f64> {
@@ -210,84 +199,9 @@ fn otlp_hist(req: &ExportMetricsServiceRequest, op: &str) -> Option<(Vec<f64>, V
     Some((p.explicit_bounds.clone(), p.bucket_counts.clone(), p.count))
 }
 
-/// Run Debian's prometheus against the agent's /metrics until it has scraped it, then ask
-/// its query API for `expr`.
-fn prometheus_scrape(agent_port: u16, expr: &str, must_have_data: &[String]) -> f64 {
-    struct Prom(Child, std::path::PathBuf);
-    impl Drop for Prom {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-            let _ = std::fs::remove_dir_all(&self.1);
-        }
-    }
-    let dir = std::env::temp_dir().join(format!("bw-prom-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let cfg = dir.join("prometheus.yml");
-    std::fs::write(
-        &cfg,
-        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: breakwater-agent\n    static_configs:\n      - targets: ['127.0.0.1:{agent_port}']\n"),
-    )
-    .unwrap();
-    let web = free_port();
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{web}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("prometheus (apt-get install prometheus)");
-    let _prom = Prom(child, dir);
-    let encode = |e: &str| -> String {
-        e.bytes()
-            .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
-            .collect()
-    };
-    let t = Instant::now();
-    let value = loop {
-        if let Some(body) = http_get(web, &format!("/api/v1/query?query={}", encode(expr))) {
-            // {"status":"success","data":{"resultType":"vector","result":[{"metric":{...},"value":[ts,"24"]}]}}
-            if let Some(v) = body.rsplit_once("\"value\":[").and_then(|(_, r)| r.split('"').nth(1)).and_then(|v| v.parse().ok()) {
-                break v;
-            }
-        }
-        assert!(t.elapsed() < Duration::from_secs(30), "prometheus never returned {expr}");
-        std::thread::sleep(Duration::from_millis(250));
-    };
-    for e in must_have_data {
-        let e = e.replace("$host", ".*");
-        loop {
-            let body = http_get(web, &format!("/api/v1/query?query={}", encode(&e))).unwrap_or_default();
-            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
-            assert_ne!(v["status"], "error", "dashboard query fails in Prometheus: {e}: {body}");
-            if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
-                break;
-            }
-            assert!(t.elapsed() < Duration::from_secs(60), "dashboard query returns no data: {e}: {body}");
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-    value
-}
-
-/// Every Prometheus expression in dashboards/*.json.
+/// Every Prometheus expression of the agent's dashboard.
 fn dashboard_queries() -> Vec<String> {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards");
-    let mut out = Vec::new();
-    for f in std::fs::read_dir(&dir).unwrap().flatten() {
-        if f.path().extension().and_then(|e| e.to_str()) != Some("json") {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(f.path()).unwrap()).unwrap();
-        for p in v["panels"].as_array().unwrap() {
-            for t in p["targets"].as_array().unwrap() {
-                out.push(t["expr"].as_str().unwrap().to_string());
-            }
-        }
-    }
-    out
+    breakwater_testkit::dashboard_queries(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/breakwater-agent.json"))
 }
 
 /// COM_STMT_PREPARE; returns the statement id (one parameter and one column expected).
@@ -424,11 +338,14 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     // every query of the Grafana dashboards returns data.
     let dashboard_exprs = dashboard_queries();
     assert!(dashboard_exprs.len() >= 8, "{dashboard_exprs:?}");
-    let prom_value = prometheus_scrape(
-        prom,
+    let server = Prometheus::start("breakwater-agent", prom);
+    let prom_value = server.value(
         "breakwater_agent_peer_requests_total{client_address=\"127.0.0.55\",server_port=\"3307\"}",
-        &dashboard_exprs,
+        Duration::from_secs(30),
     );
+    let dashboard_exprs: Vec<String> = dashboard_exprs.iter().map(|e| e.replace("$host", ".*")).collect();
+    server.all_have_data(&dashboard_exprs, Duration::from_secs(60));
+    drop(server);
     assert_eq!(prom_value, get(&scrape(prom), "breakwater_agent_peer_requests_total", &[peer, port]));
 
     // OTLP: the numbers received by both receivers equal the ones counted above.

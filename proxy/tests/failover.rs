@@ -439,6 +439,20 @@ async fn cluster_survives_primary_failures() {
     assert!(v["cooldown"]["active"] == false, "a switchover is planned: no cooldown");
     let (_, m) = p.admin("GET", "/metrics").await;
     assert!(m.as_str().unwrap_or("").contains("breakwater_replication_lag_seconds{cluster=\"lab\",server_address=\"127.0.0.1:3307\"}"), "{m}");
+    // A real Prometheus scrapes the admin /metrics; every query of the proxy's Grafana
+    // dashboard returns data.
+    let admin_port = p.admin_port;
+    tokio::task::spawn_blocking(move || {
+        let prom = breakwater_testkit::Prometheus::start("breakwater-proxy", admin_port);
+        let v = prom.value("breakwater_failover_recoveries_total{kind=\"switchover\",result=\"ok\"}", Duration::from_secs(30));
+        assert_eq!(v, 1.0);
+        let exprs = breakwater_testkit::dashboard_queries(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/breakwater-proxy.json"));
+        assert!(exprs.len() >= 12, "{exprs:?}");
+        prom.all_have_data(&exprs, Duration::from_secs(60));
+    })
+    .await
+    .expect("prometheus check");
+    println!("phase 2: Prometheus scraped /metrics; every query of dashboards/breakwater-proxy.json returns data");
 
     // 3. kill -9 of the primary under load, semi-sync on.
     let tl = kill_primary_under_load(&p, 1_000_000, true).await;

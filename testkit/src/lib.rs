@@ -1,0 +1,118 @@
+//! Helpers shared by Breakwater's integration tests (proxy and agent): run Debian's
+//! Prometheus against an endpoint and query it, read the dashboards' queries, plain HTTP GET.
+//! Test code: failures panic with a message saying what was missing.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// GET a path on 127.0.0.1:port; the body, or None when nothing answered.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+/// A Prometheus server (Debian's package) scraping one target every second.
+pub struct Prometheus {
+    child: Child,
+    dir: PathBuf,
+    pub web_port: u16,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn encode(e: &str) -> String {
+    e.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+impl Prometheus {
+    pub fn start(job: &str, target_port: u16) -> Prometheus {
+        let dir = std::env::temp_dir().join(format!("bw-prom-{job}-{}-{target_port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let cfg = dir.join("prometheus.yml");
+        std::fs::write(
+            &cfg,
+            format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: {job}\n    static_configs:\n      - targets: ['127.0.0.1:{target_port}']\n"),
+        )
+        .expect("prometheus config");
+        let web_port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{web_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (apt-get install prometheus; cargo xtask deps does)");
+        Prometheus { child, dir, web_port }
+    }
+
+    /// The query API's answer for `expr` (JSON).
+    pub fn query(&self, expr: &str) -> serde_json::Value {
+        let body = http_get(self.web_port, &format!("/api/v1/query?query={}", encode(expr))).unwrap_or_default();
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Wait until `expr` has a value and return the first one.
+    pub fn value(&self, expr: &str, limit: Duration) -> f64 {
+        let t = Instant::now();
+        loop {
+            let v = self.query(expr);
+            if let Some(x) = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse().ok()) {
+                return x;
+            }
+            assert!(t.elapsed() < limit, "prometheus never returned {expr}: {v}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// Every expression must be valid and return data within `limit` (dashboards).
+    pub fn all_have_data(&self, exprs: &[String], limit: Duration) {
+        let t = Instant::now();
+        for e in exprs {
+            loop {
+                let v = self.query(e);
+                assert_ne!(v["status"], "error", "query fails in Prometheus: {e}: {v}");
+                if v["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+                    break;
+                }
+                assert!(t.elapsed() < limit, "query returns no data: {e}: {v}");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+}
+
+/// Every Prometheus expression of one Grafana dashboard file.
+pub fn dashboard_queries(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    for p in v["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                out.push(e.to_string());
+            }
+        }
+    }
+    out
+}
