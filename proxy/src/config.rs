@@ -40,17 +40,33 @@ pub struct Config {
     pub failover: FailoverConfig,
 }
 
-/// The admin HTTP interface: JSON API, Prometheus /metrics, the topology page.
+/// The admin interfaces: HTTP (JSON API, Prometheus /metrics, the topology page) and
+/// MySQL protocol (ProxySQL-style tables).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// Empty disables it.
+    /// The HTTP interface; empty disables it.
     pub listen: String,
+    /// The MySQL-protocol admin interface (ProxySQL-style tables); empty disables it.
+    /// Loopback only.
+    pub mysql_listen: String,
+    pub username: String,
+    pub password: String,
+    /// SQLite file behind SAVE ... TO DISK. When it holds a saved configuration, that
+    /// configuration is used at start instead of the TOML's servers, users and rules
+    /// (start with --initial to ignore it). Empty: SAVE ... TO DISK is refused.
+    pub db_file: String,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:6070".into() }
+        Self {
+            listen: "127.0.0.1:6070".into(),
+            mysql_listen: "127.0.0.1:6032".into(),
+            username: "admin".into(),
+            password: "admin".into(),
+            db_file: String::new(),
+        }
     }
 }
 
@@ -348,6 +364,18 @@ impl Config {
             }
             if !self.servers.iter().any(|s| s.hostgroup == u.default_hostgroup) {
                 return bad(format!("user {}: default_hostgroup {} has no servers", u.username, u.default_hostgroup));
+            }
+        }
+        if !self.admin.mysql_listen.is_empty() {
+            let ok = self.admin.mysql_listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            if !ok {
+                return bad(format!("admin mysql_listen {} must be a loopback address:port", self.admin.mysql_listen));
+            }
+        }
+        if !self.admin.mysql_listen.is_empty() {
+            let ok = self.admin.mysql_listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
+            if !ok {
+                return bad(format!("admin mysql_listen {} must be a loopback address:port", self.admin.mysql_listen));
             }
         }
         if self.failover.enabled {

@@ -38,6 +38,15 @@ struct Cli {
     /// Admin HTTP interface address (overrides [admin] listen; "" disables it).
     #[arg(long)]
     admin_listen: Option<String>,
+    /// MySQL-protocol admin address (overrides [admin] mysql_listen; "" disables it).
+    #[arg(long)]
+    admin_mysql_listen: Option<String>,
+    /// SQLite file for SAVE ... TO DISK (overrides [admin] db_file).
+    #[arg(long)]
+    admin_db: Option<String>,
+    /// Ignore a configuration saved in the admin db file: start from the TOML.
+    #[arg(long)]
+    initial: bool,
     /// Run the failover controller (overrides [failover] enabled).
     #[arg(long, value_name = "on|off")]
     failover: Option<OnOff>,
@@ -137,6 +146,16 @@ fn main() -> ExitCode {
     if let Some(a) = cli.admin_listen {
         cfg.admin.listen = a;
     }
+    if let Some(a) = cli.admin_mysql_listen {
+        cfg.admin.mysql_listen = a;
+    }
+    if let Some(a) = cli.admin_db {
+        cfg.admin.db_file = a;
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("breakwater-proxy: {e}");
+        return ExitCode::from(2);
+    }
     if let Some(f) = cli.failover {
         cfg.failover.enabled = matches!(f, OnOff::On);
     }
@@ -165,10 +184,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio_rt.block_on(run(rt))
+    tokio_rt.block_on(run(rt, cli.initial))
 }
 
-async fn run(rt: Runtime) -> ExitCode {
+async fn run(rt: Runtime, initial: bool) -> ExitCode {
     let listen = rt.cfg.proxy.listen.clone();
     let monitor_cfg = rt.cfg.monitor.clone();
     let proxy = Proxy::new(rt);
@@ -176,6 +195,26 @@ async fn run(rt: Runtime) -> ExitCode {
         Ok(l) => l,
         Err(e) => {
             eprintln!("breakwater-proxy: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The admin tables: a configuration saved to disk wins over the TOML (as in ProxySQL).
+    let admin_db = match admin::tables::AdminDb::open(&proxy, &proxy.rt.cfg.admin.db_file, initial) {
+        Ok((db, from_disk)) => {
+            if !from_disk.is_empty() {
+                for m in from_disk.iter().copied() {
+                    if let Err(e) = db.load_to_runtime(&proxy, m) {
+                        eprintln!("breakwater-proxy: saved {} in {} cannot be used: {e}", m.table(), proxy.rt.cfg.admin.db_file);
+                        return ExitCode::from(2);
+                    }
+                }
+                let tables: Vec<&str> = from_disk.iter().map(|m| m.table()).collect();
+                tracing::warn!(db = %proxy.rt.cfg.admin.db_file, ?tables, "these tables come from the admin db file (SAVE ... TO DISK), not the TOML; --initial ignores it");
+            }
+            db
+        }
+        Err(e) => {
+            eprintln!("breakwater-proxy: admin tables: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -187,11 +226,25 @@ async fn run(rt: Runtime) -> ExitCode {
         match tokio::net::TcpListener::bind(&admin_listen).await {
             Ok(l) => {
                 tracing::info!(listen = %admin_listen, "admin interface listening (/topology, /api/failover, /metrics)");
-                let a = std::sync::Arc::new(admin::http::Admin { proxy: proxy.clone(), failover });
+                let a = std::sync::Arc::new(admin::http::Admin { proxy: proxy.clone(), failover: failover.clone() });
                 tokio::spawn(admin::http::run(l, a, rx.clone()));
             }
             Err(e) => {
                 eprintln!("breakwater-proxy: cannot listen on admin address {admin_listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let mysql_admin = proxy.rt.cfg.admin.mysql_listen.clone();
+    if !mysql_admin.is_empty() {
+        match tokio::net::TcpListener::bind(&mysql_admin).await {
+            Ok(l) => {
+                tracing::info!(listen = %mysql_admin, "MySQL admin interface listening (mysql_servers, mysql_query_rules, stats_mysql_query_digest, ...)");
+                let a = admin::mysql::AdminSql::new(proxy.clone(), failover.clone(), admin_db);
+                tokio::spawn(admin::mysql::run(l, a, rx.clone()));
+            }
+            Err(e) => {
+                eprintln!("breakwater-proxy: cannot listen on admin MySQL address {mysql_admin}: {e}");
                 return ExitCode::FAILURE;
             }
         }

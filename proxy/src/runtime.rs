@@ -53,8 +53,8 @@ fn decode_sha2(s: &str) -> Option<[u8; 32]> {
 
 pub struct Runtime {
     pub cfg: Config,
-    pub users: HashMap<String, Arc<User>>,
-    pub rules: Rules,
+    users: RwLock<Arc<HashMap<String, Arc<User>>>>,
+    rules: RwLock<Arc<Rules>>,
     routing: RwLock<Arc<Routing>>,
     /// Every server entry ever built (one per hostgroup and address); the failover
     /// controller adds entries when it moves a server into another hostgroup.
@@ -64,30 +64,7 @@ pub struct Runtime {
 impl Runtime {
     pub fn build(cfg: Config) -> Result<Self, ConfigError> {
         cfg.validate()?;
-        let mut users = HashMap::new();
-        for u in &cfg.users {
-            let bad = |what: &str| ConfigError::Invalid(format!("user {}: malformed {what}", u.username));
-            let mut native = u.password_hash.as_deref().map(|h| decode_native(h).ok_or_else(|| bad("password_hash"))).transpose()?;
-            let mut sha2 = u.sha2_password_hash.as_deref().map(|h| decode_sha2(h).ok_or_else(|| bad("sha2_password_hash"))).transpose()?;
-            if let Some(pw) = &u.password {
-                native.get_or_insert(auth::native_stage2(pw.as_bytes()));
-                sha2.get_or_insert(auth::sha2_stage2(pw.as_bytes()));
-            }
-            let plugin = if u.auth_plugin == auth::CACHING_SHA2 { auth::CACHING_SHA2 } else { auth::NATIVE };
-            users.insert(
-                u.username.clone(),
-                Arc::new(User {
-                    name: u.username.clone(),
-                    native,
-                    sha2,
-                    plugin,
-                    backend_user: u.backend_username.clone().unwrap_or_else(|| u.username.clone()).into(),
-                    backend_password: u.backend_password.clone(),
-                    default_hostgroup: u.default_hostgroup,
-                    default_schema: u.default_schema.clone(),
-                }),
-            );
-        }
+        let users = build_users(&cfg.users)?;
         let rules = Rules::new(&cfg.query_rules).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut hostgroups: HashMap<u32, Hostgroup> = HashMap::new();
         let mut servers = Vec::new();
@@ -99,7 +76,44 @@ impl Runtime {
             hg.servers.push(server);
         }
         let routing = Routing { hostgroups: hostgroups.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), version: 0 };
-        Ok(Self { cfg, users, rules, routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
+        Ok(Self { cfg, users: RwLock::new(Arc::new(users)), rules: RwLock::new(Arc::new(rules)), routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
+    }
+
+    /// The query rules in force (swapped whole by LOAD MYSQL QUERY RULES TO RUNTIME).
+    pub fn rules(&self) -> Arc<Rules> {
+        match self.rules.read() {
+            Ok(r) => r.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn set_rules(&self, rules: Rules) {
+        match self.rules.write() {
+            Ok(mut r) => *r = Arc::new(rules),
+            Err(p) => *p.into_inner() = Arc::new(rules),
+        }
+    }
+
+    /// A proxy user by name (new logins see LOAD MYSQL USERS TO RUNTIME at once).
+    pub fn user(&self, name: &str) -> Option<Arc<User>> {
+        match self.users.read() {
+            Ok(u) => u.get(name).cloned(),
+            Err(p) => p.into_inner().get(name).cloned(),
+        }
+    }
+
+    pub fn user_names(&self) -> Vec<Arc<User>> {
+        match self.users.read() {
+            Ok(u) => u.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+
+    pub fn set_users(&self, users: HashMap<String, Arc<User>>) {
+        match self.users.write() {
+            Ok(mut u) => *u = Arc::new(users),
+            Err(p) => *p.into_inner() = Arc::new(users),
+        }
     }
 
     /// The current hostgroups (a cheap snapshot: one Arc clone under a read lock).
@@ -168,6 +182,40 @@ impl Runtime {
         *guard = Arc::new(next);
     }
 
+    /// Replace every hostgroup with the servers of `rows` (LOAD MYSQL SERVERS TO RUNTIME).
+    /// Unchanged entries keep their pools and connections; changed ones get a new entry
+    /// (the old one drains); gates (failover holds/blocks) are kept.
+    pub fn load_servers(&self, rows: Vec<ServerConfig>) {
+        let routing = self.routing();
+        let mut groups: BTreeMap<u32, Vec<Arc<Server>>> = BTreeMap::new();
+        for cfg in rows {
+            let existing = self.servers().into_iter().find(|s| s.cfg == cfg);
+            let s = match existing {
+                Some(s) => s,
+                None => {
+                    let s = Server::new(cfg.clone(), self.cfg.proxy.max_queue_waiters);
+                    match self.registry.write() {
+                        Ok(mut r) => r.push(s.clone()),
+                        Err(p) => p.into_inner().push(s.clone()),
+                    }
+                    s
+                }
+            };
+            groups.entry(cfg.hostgroup).or_default().push(s);
+        }
+        let mut changes: Vec<Hostgroup> = routing
+            .hostgroups
+            .keys()
+            .filter(|id| !groups.contains_key(id))
+            .map(|id| Hostgroup { id: *id, servers: Vec::new(), gate: Gate::Open })
+            .collect();
+        for (id, servers) in groups {
+            let gate = routing.hostgroups.get(&id).map(|h| h.gate.clone()).unwrap_or_default();
+            changes.push(Hostgroup { id, servers, gate });
+        }
+        self.switch(changes, "removed by LOAD MYSQL SERVERS TO RUNTIME");
+    }
+
     /// Change only the gate of one hostgroup.
     pub fn set_gate(&self, hostgroup: u32, gate: Gate) {
         let mut guard = match self.routing.write() {
@@ -185,6 +233,38 @@ impl Runtime {
         next.version += 1;
         *guard = Arc::new(next);
     }
+}
+
+/// Users with decoded hashes, from configuration rows.
+pub fn build_users(rows: &[crate::config::UserConfig]) -> Result<HashMap<String, Arc<User>>, ConfigError> {
+    let mut users = HashMap::new();
+    for u in rows {
+        if u.password_hash.is_none() && u.sha2_password_hash.is_none() && u.password.is_none() {
+            return Err(ConfigError::Invalid(format!("user {} has no password, password_hash or sha2_password_hash", u.username)));
+        }
+        let bad = |what: &str| ConfigError::Invalid(format!("user {}: malformed {what}", u.username));
+        let mut native = u.password_hash.as_deref().filter(|h| !h.is_empty()).map(|h| decode_native(h).ok_or_else(|| bad("password_hash"))).transpose()?;
+        let mut sha2 = u.sha2_password_hash.as_deref().filter(|h| !h.is_empty()).map(|h| decode_sha2(h).ok_or_else(|| bad("sha2_password_hash"))).transpose()?;
+        if let Some(pw) = u.password.as_deref().filter(|p| !p.is_empty()) {
+            native.get_or_insert(auth::native_stage2(pw.as_bytes()));
+            sha2.get_or_insert(auth::sha2_stage2(pw.as_bytes()));
+        }
+        let plugin = if u.auth_plugin == auth::CACHING_SHA2 { auth::CACHING_SHA2 } else { auth::NATIVE };
+        users.insert(
+            u.username.clone(),
+            Arc::new(User {
+                name: u.username.clone(),
+                native,
+                sha2,
+                plugin,
+                backend_user: u.backend_username.clone().unwrap_or_else(|| u.username.clone()).into(),
+                backend_password: u.backend_password.clone(),
+                default_hostgroup: u.default_hostgroup,
+                default_schema: u.default_schema.clone(),
+            }),
+        );
+    }
+    Ok(users)
 }
 
 /// Process-wide counters.

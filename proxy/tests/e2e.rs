@@ -645,3 +645,71 @@ async fn query_cache_and_digests() {
     assert!(!cached.is_empty(), "cache hits are recorded under hostgroup -1");
     let _ = c.disconnect().await;
 }
+
+/// The MySQL-protocol admin interface: ProxySQL tables, a rule changed with SQL and
+/// LOAD ... TO RUNTIME reroutes the next query of an already connected client, SAVE ... TO
+/// DISK survives a restart, stats_mysql_query_digest folds literals, bad SQL is an error.
+#[tokio::test]
+async fn admin_interface_reroutes_and_persists() {
+    let dir = std::env::temp_dir().join(format!("bw-admin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("admin.db").display().to_string();
+    let proxy = Proxy::start(&["--admin-db", &db]);
+    let rules = proxy.admin_sql("SELECT rule_id, destination_hostgroup FROM mysql_query_rules ORDER BY rule_id").unwrap();
+    assert_eq!(rules, "100\t10\n110\t10\n200\t20\n");
+    let servers = proxy.admin_sql("SELECT hostgroup_id, port, status FROM runtime_mysql_servers ORDER BY port").unwrap();
+    assert_eq!(servers, "10\t3307\tONLINE\n20\t3308\tONLINE\n20\t3309\tONLINE\n");
+    let mut c = proxy.conn().await;
+    let port: Option<u16> = c.query_first("SELECT @@port AS probe").await.unwrap();
+    assert!(matches!(port, Some(3308 | 3309)), "{port:?}");
+
+    // Edit in memory: nothing changes until LOAD ... TO RUNTIME.
+    proxy
+        .admin_sql("INSERT INTO mysql_query_rules (rule_id, match_digest, destination_hostgroup, apply) VALUES (150, '^SELECT @@port AS probe', 10, 1)")
+        .unwrap();
+    let port: Option<u16> = c.query_first("SELECT @@port AS probe").await.unwrap();
+    assert!(matches!(port, Some(3308 | 3309)), "memory only: {port:?}");
+    proxy.admin_sql("LOAD MYSQL QUERY RULES TO RUNTIME").unwrap();
+    let port: Option<u16> = c.query_first("SELECT @@port AS probe").await.unwrap();
+    assert_eq!(port, Some(3307), "the connected client's next query follows the new rule");
+    assert!(proxy.admin_sql("SELECT COUNT(*) FROM runtime_mysql_query_rules WHERE rule_id = 150").unwrap().starts_with('1'));
+
+    // A broken rule is refused and the runtime keeps the old rules.
+    proxy.admin_sql("INSERT INTO mysql_query_rules (rule_id, match_digest, destination_hostgroup, apply) VALUES (160, '(', 10, 1)").unwrap();
+    let e = proxy.admin_sql("LOAD MYSQL QUERY RULES TO RUNTIME").unwrap_err();
+    assert!(e.contains("bad regex"), "{e}");
+    proxy.admin_sql("DELETE FROM mysql_query_rules WHERE rule_id = 160").unwrap();
+    let e = proxy.admin_sql("SELECT * FROM no_such_table").unwrap_err();
+    assert!(e.contains("1105") && e.contains("no such table"), "{e}");
+
+    // Digests: id=1 and id=2 share a row.
+    for id in [1, 2] {
+        let _: Option<String> = c.query_first(format!("SELECT c FROM sbtest1 WHERE id={id}")).await.unwrap();
+    }
+    let d = proxy.admin_sql("SELECT count_star, digest_text FROM stats_mysql_query_digest WHERE digest_text LIKE '%FROM sbtest1 WHERE id%'").unwrap();
+    assert_eq!(d.lines().count(), 1, "{d}");
+    assert!(d.starts_with("2\t"), "{d}");
+    let pool = proxy.admin_sql("SELECT COUNT(*) FROM stats_mysql_connection_pool WHERE ConnOK > 0").unwrap();
+    assert!(pool.trim().parse::<u32>().unwrap() >= 2, "{pool}");
+
+    // SAVE ... TO DISK, restart: the rule is still in force.
+    proxy.admin_sql("SAVE MYSQL QUERY RULES TO DISK").unwrap();
+    drop(c);
+    drop(proxy);
+    let proxy = Proxy::start(&["--admin-db", &db]);
+    let mut c = proxy.conn().await;
+    let port: Option<u16> = c.query_first("SELECT @@port AS probe").await.unwrap();
+    assert_eq!(port, Some(3307), "the saved rule survives a restart");
+    assert!(proxy.log_text().contains("come from the admin db file"), "the origin is logged");
+    drop(c);
+    drop(proxy);
+    // --initial ignores the saved configuration.
+    let proxy = Proxy::start(&["--admin-db", &db, "--initial"]);
+    let mut c = proxy.conn().await;
+    let port: Option<u16> = c.query_first("SELECT @@port AS probe").await.unwrap();
+    assert!(matches!(port, Some(3308 | 3309)), "{port:?}");
+    drop(c);
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}

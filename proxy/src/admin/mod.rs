@@ -1,4 +1,5 @@
-//! The admin interface: a small HTTP/1.1 server on `[admin] listen` (default
+//! The admin interfaces: the MySQL-protocol one ([`mysql`], [`tables`]: ProxySQL-style
+//! tables on `[admin] mysql_listen`, default 127.0.0.1:6032) and a small HTTP/1.1 server on `[admin] listen` (default
 //! 127.0.0.1:6070) with the failover JSON API, Prometheus /metrics and the topology page,
 //! and the client the `breakwater-proxy failover …` commands use.
 //!
@@ -21,3 +22,5 @@
 pub mod client;
 pub mod http;
 pub mod metrics;
+pub mod mysql;
+pub mod tables;

@@ -22,30 +22,38 @@ pub struct Check {
 /// Start one monitor task per distinct address. A server may sit in several hostgroups (and
 /// the failover controller adds entries), so each check applies to every entry of that
 /// address known at that moment.
-pub fn spawn(rt: Arc<Runtime>, cfg: MonitorConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut addrs: std::collections::BTreeMap<String, Arc<Server>> = Default::default();
-    for s in rt.servers() {
-        addrs.entry(s.addr.to_string()).or_insert(s);
-    }
-    for (addr, first) in addrs {
-        let cfg = cfg.clone();
-        let rt = rt.clone();
-        let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let mut conn: Option<mysql_async::Conn> = None;
-            let interval = Duration::from_millis(cfg.interval_ms.max(50));
-            loop {
-                let res = check(&first, &cfg, &mut conn).await;
-                let entries: Vec<Arc<Server>> = rt.servers().into_iter().filter(|s| *s.addr == *addr).collect();
-                apply(&entries, res);
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => break,
+pub fn spawn(rt: Arc<Runtime>, cfg: MonitorConfig, shutdown: watch::Receiver<bool>) {
+    // A supervisor starts one checker per address, also for servers added at runtime.
+    tokio::spawn(async move {
+        let mut started: std::collections::BTreeSet<String> = Default::default();
+        let mut stop = shutdown.clone();
+        loop {
+            for s in rt.servers() {
+                if started.insert(s.addr.to_string()) {
+                    tokio::spawn(check_loop(rt.clone(), s, cfg.clone(), shutdown.clone()));
                 }
             }
-        });
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(cfg.interval_ms.max(50))) => {}
+                _ = stop.changed() => break,
+            }
+        }
+    });
+}
+
+async fn check_loop(rt: Arc<Runtime>, first: Arc<Server>, cfg: MonitorConfig, mut shutdown: watch::Receiver<bool>) {
+    let addr = first.addr.clone();
+    let mut conn: Option<mysql_async::Conn> = None;
+    let interval = Duration::from_millis(cfg.interval_ms.max(50));
+    loop {
+        let res = check(&first, &cfg, &mut conn).await;
+        let entries: Vec<Arc<Server>> = rt.servers().into_iter().filter(|s| s.addr == addr).collect();
+        apply(&entries, res);
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => break,
+        }
     }
-    let _ = shutdown.borrow_and_update();
 }
 
 async fn check(server: &Server, cfg: &MonitorConfig, conn: &mut Option<mysql_async::Conn>) -> Result<Check, String> {

@@ -3,7 +3,7 @@
 
 use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
 use crate::protocol::{auth, caps, codec, errcode, handshake};
-use crate::runtime::{Runtime, User};
+use crate::runtime::User;
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -31,12 +31,13 @@ pub enum LoginError {
 pub async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: &mut PacketReader<R>,
     wr: &mut PacketWriter<W>,
-    rt: &Runtime,
+    server_version: &str,
+    users: &(dyn Fn(&str) -> Option<Arc<User>> + Sync),
     conn_id: u32,
     peer_ip: &str,
 ) -> Result<Login, LoginError> {
     let scramble = auth::new_scramble();
-    wr.push(0, &handshake::greeting(&rt.cfg.proxy.server_version, conn_id, &scramble, auth::NATIVE, 45));
+    wr.push(0, &handshake::greeting(server_version, conn_id, &scramble, auth::NATIVE, 45));
     wr.flush().await.map_err(PacketError::from)?;
 
     let mut buf = Vec::new();
@@ -56,7 +57,7 @@ pub async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             if with_pw { "YES" } else { "NO" }
         )
     };
-    let Some(user) = rt.users.get(&resp.username).cloned() else {
+    let Some(user) = users(&resp.username) else {
         send_err(wr, next, errcode::ACCESS_DENIED, "28000", &denied(&resp.username, !resp.auth_response.is_empty())).await;
         return Err(LoginError::Denied(resp.username));
     };

@@ -144,7 +144,7 @@ impl Session {
             self.cursor_stmt = Some(id);
         }
         self.finish(&w, conn, &effects);
-        if !stmt.read_only && self.rt.rules.caches() {
+        if !stmt.read_only && self.rt.rules().caches() {
             let a = classify::analyze(stmt.sql.as_bytes());
             self.invalidate_after_write(stmt.sql.as_bytes(), &a);
         }

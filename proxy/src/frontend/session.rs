@@ -95,7 +95,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
     let rt = proxy.runtime();
     let login = tokio::time::timeout(
         Duration::from_secs(10),
-        login::login(&mut rd, &mut wr, &rt, conn_id, &peer_ip),
+        login::login(&mut rd, &mut wr, &rt.cfg.proxy.server_version, &|n: &str| rt.user(n), conn_id, &peer_ip),
     )
     .await;
     let Login { user, capabilities, collation, database, scramble } = match login {
@@ -248,7 +248,7 @@ impl Session {
         let text: Cow<str> = String::from_utf8_lossy(sql);
         let mut d = self
             .rt
-            .rules
+            .rules()
             .route(&self.user.name, self.vars.schema.as_deref(), &text, Some(self.digest.as_str()))
             .unwrap_or_default();
         if pinning || d.hostgroup.is_none() {
@@ -508,7 +508,7 @@ impl Session {
             let d = self.route(sql, &a);
             let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
             let cacheable = d.cache_ttl_ms > 0 && a.read_only && !a.multi && !self.pins.any();
-            let caches = self.rt.rules.caches();
+            let caches = self.rt.rules().caches();
             let (res, hg_used, rows, failed) = if cacheable {
                 self.cached_query(&buf, &d, hg).await
             } else {
@@ -685,7 +685,7 @@ impl Session {
             "28000",
             format!("Access denied for user '{}'@'{}' (using password: YES)", cu.username, self.peer_ip),
         );
-        let Some(user) = self.rt.users.get(&cu.username).cloned() else {
+        let Some(user) = self.rt.user(&cu.username) else {
             self.send_err(1, &denied).await?;
             return Err(ClientGone);
         };

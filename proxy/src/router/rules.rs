@@ -24,6 +24,7 @@ struct Compiled {
 pub struct Rules {
     rules: Vec<Compiled>,
     needs_digest: bool,
+    caches: bool,
 }
 
 /// What the matching rules decided: destination and caching (the last matching rule that
@@ -59,7 +60,8 @@ impl Rules {
         }
         out.sort_by_key(|r| r.rule_id);
         let needs_digest = out.iter().any(|r| r.digest.is_some());
-        Ok(Self { rules: out, needs_digest })
+        let caches = out.iter().any(|r| r.cache_ttl_ms.is_some_and(|t| t > 0));
+        Ok(Self { rules: out, needs_digest, caches })
     }
 
     pub fn needs_digest(&self) -> bool {
@@ -68,7 +70,7 @@ impl Rules {
 
     /// Whether any rule caches results (writes then invalidate by table).
     pub fn caches(&self) -> bool {
-        self.rules.iter().any(|r| r.cache_ttl_ms.is_some_and(|t| t > 0))
+        self.caches
     }
 
     /// Route a query. `digest` must be Some when `needs_digest()`.

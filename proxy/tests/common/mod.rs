@@ -28,6 +28,8 @@ pub struct Proxy {
     pub port: u16,
     /// The admin HTTP interface (JSON API, /metrics, /topology).
     pub admin_port: u16,
+    /// The MySQL-protocol admin interface (admin/admin).
+    pub admin_sql_port: u16,
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
     _dir: Option<PathBuf>,
@@ -55,6 +57,7 @@ impl Proxy {
     fn spawn(config: Option<&str>, args: &[&str], nobody: bool) -> Proxy {
         let port = free_port();
         let admin_port = free_port();
+        let admin_sql_port = free_port();
         let d = std::env::temp_dir().join(format!("bw-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         let mut cmd = if nobody {
@@ -79,6 +82,7 @@ impl Proxy {
             cmd.args(["--failover", "off"]);
         }
         cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")]);
+        cmd.args(["--admin-mysql-listen", &format!("127.0.0.1:{admin_sql_port}")]);
         cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "info,breakwater_proxy=debug"])
             .args(["--monitor-interval-ms", "300"])
             .args(args)
@@ -99,7 +103,7 @@ impl Proxy {
             assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {port}");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Proxy { port, admin_port, child: Some(child), log, _dir: dir }
+        Proxy { port, admin_port, admin_sql_port, child: Some(child), log, _dir: dir }
     }
 
     pub fn opts(&self, user: &str, pass: &str, db: Option<&str>) -> Opts {
@@ -124,6 +128,22 @@ impl Proxy {
             .await
             .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
         (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+    }
+
+    /// Run SQL on the admin interface with the mariadb client; tab-separated rows, or the
+    /// client's error text.
+    pub fn admin_sql(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-h127.0.0.1", "-uadmin", "-padmin", "-N", "-B"])
+            .arg(format!("-P{}", self.admin_sql_port))
+            .args(["-e", sql])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
     }
 
     /// The directory holding this proxy's config (writable by the proxy, also as nobody).

@@ -1,0 +1,210 @@
+//! The MySQL-protocol admin interface (ProxySQL's port 6032): a DBA connects with the
+//! mariadb client as the admin user and reads or edits the tables of [`super::tables`]
+//! with SQL; `LOAD … TO RUNTIME` applies, `SAVE … TO DISK` persists.
+
+use super::tables::{AdminDb, Module, Outcome};
+use crate::failover::Shared;
+use crate::frontend::login;
+use crate::protocol::packet::{PacketReader, PacketWriter};
+use crate::protocol::{auth, cmd, codec, errcode, status};
+use crate::runtime::{Proxy, User};
+use std::sync::{Arc, Mutex};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub struct AdminSql {
+    pub proxy: Arc<Proxy>,
+    pub failover: Option<Arc<Shared>>,
+    pub db: Mutex<AdminDb>,
+    user: Arc<User>,
+}
+
+impl AdminSql {
+    pub fn new(proxy: Arc<Proxy>, failover: Option<Arc<Shared>>, db: AdminDb) -> Arc<Self> {
+        let a = &proxy.rt.cfg.admin;
+        let user = Arc::new(User {
+            name: a.username.clone(),
+            native: Some(auth::native_stage2(a.password.as_bytes())),
+            sha2: Some(auth::sha2_stage2(a.password.as_bytes())),
+            plugin: auth::NATIVE,
+            backend_user: "".into(),
+            backend_password: String::new(),
+            default_hostgroup: 0,
+            default_schema: None,
+        });
+        Arc::new(Self { proxy, failover, db: Mutex::new(db), user })
+    }
+}
+
+pub async fn run(listener: TcpListener, admin: Arc<AdminSql>, mut shutdown: watch::Receiver<bool>) {
+    let mut next_id = 1u32;
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let admin = admin.clone();
+                next_id = next_id.wrapping_add(1);
+                let id = next_id;
+                tokio::spawn(async move {
+                    serve(admin, stream, id, peer.ip().to_string()).await;
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve(admin: Arc<AdminSql>, stream: TcpStream, id: u32, peer: String) {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut rd = PacketReader::new(r);
+    let mut wr = PacketWriter::new(w);
+    let user = admin.user.clone();
+    let lookup = move |n: &str| (n == user.name).then(|| user.clone());
+    let version = "5.5.30 (Breakwater Admin Module)";
+    if login::login(&mut rd, &mut wr, version, &lookup, id, &peer).await.is_err() {
+        return;
+    }
+    info!(%peer, "admin session opened");
+    let mut buf = Vec::new();
+    loop {
+        if rd.read_payload(&mut buf, 16 << 20).await.is_err() {
+            return;
+        }
+        let Some(&c) = buf.first() else { return };
+        match c {
+            cmd::QUIT => return,
+            cmd::PING | cmd::INIT_DB => {
+                wr.push(1, &codec::ok_packet(0, 0, status::AUTOCOMMIT, 0));
+            }
+            cmd::QUERY => {
+                let sql = String::from_utf8_lossy(&buf[1..]).trim().trim_end_matches(';').trim().to_string();
+                match statement(&admin, &sql) {
+                    Ok(Outcome::Affected(n)) => {
+                        wr.push(1, &codec::ok_packet(n, 0, status::AUTOCOMMIT, 0));
+                    }
+                    Ok(Outcome::Rows(cols, rows)) => result_set(&mut wr, &cols, &rows),
+                    Err(e) => {
+                        wr.push(1, &codec::err_packet(1105, "HY000", &e));
+                    }
+                }
+            }
+            other => {
+                wr.push(1, &codec::err_packet(errcode::UNKNOWN_COM, "08S01", &format!("Command {other:#04x} is not supported by the admin interface")));
+            }
+        }
+        if wr.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Admin commands (LOAD/SAVE, client chatter) first, then SQL on the tables.
+fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
+    let upper = sql.to_ascii_uppercase();
+    let words: Vec<&str> = upper.split_whitespace().collect();
+    let mut db = admin.db.lock().map_err(|_| "admin database lock poisoned".to_string())?;
+    if matches!(words.first(), Some(&"LOAD") | Some(&"SAVE")) {
+        let module = match words.get(1..3) {
+            Some(["MYSQL", "SERVERS"]) => Module::Servers,
+            Some(["MYSQL", "USERS"]) => Module::Users,
+            Some(["MYSQL", "QUERY"]) if words.get(3) == Some(&"RULES") => Module::QueryRules,
+            _ => return Err(format!("unknown admin command: {sql} (LOAD|SAVE MYSQL SERVERS|USERS|QUERY RULES TO|FROM RUNTIME|DISK|MEMORY)")),
+        };
+        let tail: Vec<&str> = words.iter().rev().take(2).rev().copied().collect();
+        if words[0] == "SAVE" && tail.as_slice() == ["FROM", "RUNTIME"] && module == Module::Servers {
+            db.refresh(&admin.proxy, admin.failover.as_deref())?;
+        }
+        let msg = match (words[0], tail.as_slice()) {
+            ("LOAD", ["TO", "RUNTIME"]) | ("LOAD", ["FROM", "MEMORY"]) => db.load_to_runtime(&admin.proxy, module)?,
+            ("SAVE", ["TO", "DISK"]) | ("SAVE", ["FROM", "MEMORY"]) => db.save_to_disk(module)?,
+            ("LOAD", ["FROM", "DISK"]) | ("LOAD", ["TO", "MEMORY"]) => db.load_from_disk(module)?,
+            ("SAVE", ["FROM", "RUNTIME"]) | ("SAVE", ["TO", "MEMORY"]) => db.save_from_runtime(module)?,
+            _ => return Err(format!("unknown admin command: {sql}")),
+        };
+        info!(command = %sql, result = %msg, "admin command");
+        return Ok(Outcome::Affected(0));
+    }
+    if upper.starts_with("SELECT @@") || upper.starts_with("SELECT DATABASE()") || upper.starts_with("SELECT USER()") {
+        // Client chatter (mariadb, connectors): `SELECT @@a, @@b [LIMIT 1]`.
+        let body = sql[6..].trim();
+        let body = match body.to_ascii_uppercase().rfind(" LIMIT ") {
+            Some(i) => &body[..i],
+            None => body,
+        };
+        let mut cols = Vec::new();
+        let mut vals = Vec::new();
+        for item in body.split(',').map(str::trim) {
+            let (expr, alias) = match item.to_ascii_uppercase().find(" AS ") {
+                Some(i) => (&item[..i], item[i + 4..].trim().to_string()),
+                None => (item, item.to_string()),
+            };
+            let name = expr.trim().trim_start_matches("@@").to_ascii_lowercase();
+            let name = name.rsplit('.').next().unwrap_or("");
+            let v = match name {
+                "version_comment" => Some("Breakwater admin".to_string()),
+                "version" => Some("5.5.30".into()),
+                "max_allowed_packet" => Some("16777216".into()),
+                "wait_timeout" | "interactive_timeout" => Some("28800".into()),
+                "autocommit" => Some("1".into()),
+                "database()" => Some("main".into()),
+                "user()" => Some(admin.user.name.clone()),
+                _ => None,
+            };
+            cols.push(alias);
+            vals.push(v);
+        }
+        return Ok(Outcome::Rows(cols, vec![vals]));
+    }
+    if matches!(words.first(), Some(&"SET") | Some(&"USE") | Some(&"BEGIN") | Some(&"COMMIT")) {
+        return Ok(Outcome::Affected(0));
+    }
+    if upper == "SHOW DATABASES" {
+        return Ok(Outcome::Rows(vec!["name".into()], vec![vec![Some("main".into())], vec![Some("disk".into())], vec![Some("stats".into())]]));
+    }
+    let sql = if upper == "SHOW TABLES" { "SELECT name AS tables FROM sqlite_master WHERE type = 'table' ORDER BY name" } else { sql };
+    db.refresh(&admin.proxy, admin.failover.as_deref())?;
+    db.execute(sql)
+}
+
+/// A text-protocol result set with every column a string (EOF-terminated: the proxy does
+/// not offer CLIENT_DEPRECATE_EOF).
+fn result_set<W: tokio::io::AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, cols: &[String], rows: &[Vec<Option<String>>]) {
+    let mut seq = 1u8;
+    let mut p = Vec::new();
+    codec::put_lenenc(&mut p, cols.len() as u64);
+    seq = wr.push(seq, &p);
+    for c in cols {
+        p.clear();
+        for s in ["def", "main", "", "", c.as_str(), c.as_str()] {
+            codec::put_lenenc_str(&mut p, s.as_bytes());
+        }
+        p.push(0x0c);
+        p.extend_from_slice(&33u16.to_le_bytes()); // utf8_general_ci
+        p.extend_from_slice(&1024u32.to_le_bytes());
+        p.push(0xfd); // VAR_STRING
+        p.extend_from_slice(&0u16.to_le_bytes());
+        p.push(0);
+        p.extend_from_slice(&[0, 0]);
+        seq = wr.push(seq, &p);
+    }
+    seq = wr.push(seq, &codec::eof_packet(status::AUTOCOMMIT, 0));
+    for r in rows {
+        p.clear();
+        for v in r {
+            match v {
+                Some(s) => codec::put_lenenc_str(&mut p, s.as_bytes()),
+                None => p.push(0xfb),
+            }
+        }
+        seq = wr.push(seq, &p);
+    }
+    wr.push(seq, &codec::eof_packet(status::AUTOCOMMIT, 0));
+}
