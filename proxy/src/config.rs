@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub cache: CacheConfig,
     #[serde(default)]
+    pub telemetry: TelemetryConfig,
+    #[serde(default)]
     pub digests: DigestConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
@@ -89,6 +91,36 @@ pub struct CacheConfig {
 impl Default for CacheConfig {
     fn default() -> Self {
         Self { max_bytes: 64 << 20, max_entry_bytes: 4 << 20, fill_wait_ms: 5000, fill_from_writer_after_write_ms: 2000 }
+    }
+}
+
+/// OTLP export of the proxy's traces (one span per sampled client query) and metrics.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint, e.g. http://127.0.0.1:4317. Empty: not used.
+    pub otlp_endpoint: String,
+    /// OTLP/HTTP base URL (protobuf), e.g. http://127.0.0.1:4318 (/v1/traces and
+    /// /v1/metrics are appended). Empty: not used.
+    pub otlp_http_endpoint: String,
+    /// Fraction of client queries traced (0.0 to 1.0).
+    pub trace_sample_ratio: f64,
+    pub export_interval_ms: u64,
+    /// Spans waiting for export beyond this are dropped (and counted).
+    pub max_queued_spans: usize,
+    pub service_name: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            otlp_http_endpoint: String::new(),
+            trace_sample_ratio: 0.01,
+            export_interval_ms: 1000,
+            max_queued_spans: 8192,
+            service_name: "breakwater-proxy".into(),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! - [`admin`]: the admin HTTP interface (JSON API, /metrics, topology page) and its CLI client.
 //! - [`cache`]: the query cache (TTL, LRU memory bound, single fill, invalidation by table).
 //! - [`stats`]: query digest statistics.
+//! - [`telemetry`]: OTLP traces (a span per sampled query) and metrics.
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
 
 pub mod admin;
@@ -23,3 +24,4 @@ pub mod protocol;
 pub mod router;
 pub mod runtime;
 pub mod stats;
+pub mod telemetry;

@@ -50,6 +50,15 @@ struct Cli {
     /// Run the failover controller (overrides [failover] enabled).
     #[arg(long, value_name = "on|off")]
     failover: Option<OnOff>,
+    /// OTLP/gRPC endpoint for traces and metrics (overrides [telemetry] otlp_endpoint).
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// OTLP/HTTP base URL (overrides [telemetry] otlp_http_endpoint).
+    #[arg(long)]
+    otlp_http_endpoint: Option<String>,
+    /// Fraction of queries traced (overrides [telemetry] trace_sample_ratio).
+    #[arg(long)]
+    trace_sample_ratio: Option<f64>,
     /// Cooldown after a recovery, in seconds (overrides [failover] recovery_block_seconds).
     #[arg(long)]
     recovery_block_seconds: Option<u64>,
@@ -149,6 +158,15 @@ fn main() -> ExitCode {
     if let Some(a) = cli.admin_mysql_listen {
         cfg.admin.mysql_listen = a;
     }
+    if let Some(e) = cli.otlp_endpoint {
+        cfg.telemetry.otlp_endpoint = e;
+    }
+    if let Some(e) = cli.otlp_http_endpoint {
+        cfg.telemetry.otlp_http_endpoint = e;
+    }
+    if let Some(r) = cli.trace_sample_ratio {
+        cfg.telemetry.trace_sample_ratio = r;
+    }
     if let Some(a) = cli.admin_db {
         cfg.admin.db_file = a;
     }
@@ -219,6 +237,8 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
         }
     };
     let (tx, rx) = watch::channel(false);
+    let span_rx = proxy.telemetry_rx.lock().ok().and_then(|mut r| r.take());
+    breakwater_proxy::telemetry::spawn(&proxy, span_rx, rx.clone());
     backend::monitor::spawn(proxy.runtime(), monitor_cfg.clone(), rx.clone());
     let failover = proxy.rt.cfg.failover.enabled.then(|| failover::spawn(proxy.runtime(), &monitor_cfg, rx.clone()));
     let admin_listen = proxy.rt.cfg.admin.listen.clone();

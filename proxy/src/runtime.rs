@@ -8,6 +8,7 @@ use crate::protocol::auth;
 use crate::cache::QueryCache;
 use crate::router::rules::Rules;
 use crate::stats::digests::Digests;
+use crate::telemetry::{SpanRecord, Telemetry};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -292,6 +293,9 @@ pub struct Proxy {
     pub stats: Stats,
     pub cache: Arc<QueryCache>,
     pub digests: Digests,
+    pub telemetry: Telemetry,
+    /// The span queue's receiving end, taken once by the exporter.
+    pub telemetry_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SpanRecord>>>,
     next_conn_id: AtomicU32,
 }
 
@@ -299,7 +303,16 @@ impl Proxy {
     pub fn new(rt: Runtime) -> Arc<Self> {
         let cache = QueryCache::new(rt.cfg.cache.max_bytes, rt.cfg.cache.max_entry_bytes);
         let digests = Digests::new(rt.cfg.digests.max_digests);
-        Arc::new(Self { rt: Arc::new(rt), stats: Stats::default(), cache, digests, next_conn_id: AtomicU32::new(1) })
+        let (telemetry, rx) = Telemetry::new(&rt.cfg.telemetry);
+        Arc::new(Self {
+            rt: Arc::new(rt),
+            stats: Stats::default(),
+            cache,
+            digests,
+            telemetry,
+            telemetry_rx: Mutex::new(rx),
+            next_conn_id: AtomicU32::new(1),
+        })
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {

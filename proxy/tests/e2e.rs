@@ -713,3 +713,173 @@ async fn admin_interface_reroutes_and_persists() {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+mod otlp_receiver {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsService;
+    use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::trace::v1::Span;
+    use prost::Message;
+    use std::sync::{Arc, Mutex};
+
+    /// Spans and metric names received, by transport.
+    #[derive(Default, Clone)]
+    pub struct Received {
+        pub spans: Arc<Mutex<Vec<(String, Span)>>>,
+        pub metrics: Arc<Mutex<Vec<(String, String)>>>,
+    }
+
+    impl Received {
+        fn traces(&self, via: &str, r: ExportTraceServiceRequest) {
+            let mut v = self.spans.lock().unwrap();
+            for rs in r.resource_spans {
+                for ss in rs.scope_spans {
+                    v.extend(ss.spans.into_iter().map(|s| (via.to_string(), s)));
+                }
+            }
+        }
+        fn metrics(&self, via: &str, r: ExportMetricsServiceRequest) {
+            let mut v = self.metrics.lock().unwrap();
+            for rm in r.resource_metrics {
+                for sm in rm.scope_metrics {
+                    v.extend(sm.metrics.into_iter().map(|m| (via.to_string(), m.name)));
+                }
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl TraceService for Received {
+        async fn export(&self, req: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.traces("grpc", req.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl MetricsService for Received {
+        async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+            self.metrics("grpc", req.into_inner());
+            Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+        }
+    }
+
+    /// OTLP/HTTP: POST /v1/traces and /v1/metrics with protobuf bodies.
+    pub async fn http(listener: tokio::net::TcpListener, rx: Received) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { continue };
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                let (head, head_end, len) = loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len: usize =
+                            head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
+                        break (head, i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = &buf[head_end..head_end + len];
+                if head.starts_with("post /v1/traces") {
+                    rx.traces("http", ExportTraceServiceRequest::decode(body).unwrap());
+                } else if head.starts_with("post /v1/metrics") {
+                    rx.metrics("http", ExportMetricsServiceRequest::decode(body).unwrap());
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+            });
+        }
+    }
+}
+
+fn span_attr(s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Option<String> {
+    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+    s.attributes.iter().find(|k| k.key == key).and_then(|k| match k.value.as_ref()?.value.as_ref()? {
+        Value::StringValue(s) => Some(s.clone()),
+        Value::IntValue(i) => Some(i.to_string()),
+        _ => None,
+    })
+}
+
+/// The proxy exports a span per query (sampled at 1.0 here) and its metrics, over OTLP/gRPC
+/// and OTLP/HTTP, to receivers started by the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_spans_and_metrics_for_queries() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+    fresh_schema("sbtest_otlp").await;
+    lab(PRIMARY).await.query_drop("CREATE TABLE sbtest_otlp.t (id INT PRIMARY KEY, v INT)").await.unwrap();
+    wait_replicas_caught_up().await;
+    let rx = otlp_receiver::Received::default();
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_port = grpc.local_addr().unwrap().port();
+    let incoming = tonic::transport::server::TcpIncoming::from(grpc);
+    let svc = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(rx.clone()))
+        .add_service(MetricsServiceServer::new(rx.clone()));
+    tokio::spawn(async move { svc.serve_with_incoming(incoming).await });
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    tokio::spawn(otlp_receiver::http(http, rx.clone()));
+
+    let proxy = Proxy::start(&[
+        "--otlp-endpoint",
+        &format!("http://127.0.0.1:{grpc_port}"),
+        "--otlp-http-endpoint",
+        &format!("http://127.0.0.1:{http_port}"),
+        "--trace-sample-ratio",
+        "1",
+    ]);
+    let mut c = Conn::new(proxy.opts("app", "app", Some("sbtest_otlp"))).await.unwrap();
+    c.query_drop("INSERT INTO t VALUES (1, 1)").await.unwrap();
+    let _: Option<i64> = c.query_first("SELECT v FROM t WHERE id = 7").await.unwrap();
+    let e = c.query_drop("SELECT * FROM no_such_table").await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1146));
+    let t = Instant::now();
+    let want = |via: &str| {
+        let spans = rx.spans.lock().unwrap();
+        let mine: Vec<&opentelemetry_proto::tonic::trace::v1::Span> =
+            spans.iter().filter(|(v, s)| v == via && span_attr(s, "db.namespace").as_deref() == Some("sbtest_otlp")).map(|(_, s)| s).collect();
+        let insert = mine.iter().find(|s| span_attr(s, "db.operation.name").as_deref() == Some("INSERT"));
+        let select = mine.iter().find(|s| span_attr(s, "db.query.summary").as_deref().is_some_and(|q| q.contains("WHERE id = ?")));
+        let failed = mine.iter().find(|s| span_attr(s, "db.response.status_code").as_deref() == Some("1146"));
+        match (insert, select, failed) {
+            (Some(i), Some(s), Some(f)) => {
+                assert_eq!(span_attr(i, "db.system.name").as_deref(), Some("mysql"));
+                assert_eq!(span_attr(i, "server.port").as_deref(), Some("3307"));
+                assert_eq!(span_attr(i, "breakwater.hostgroup").as_deref(), Some("10"));
+                assert!(matches!(span_attr(s, "server.port").as_deref(), Some("3308" | "3309")), "{s:?}");
+                assert_eq!(span_attr(s, "breakwater.hostgroup").as_deref(), Some("20"));
+                assert_eq!(span_attr(s, "breakwater.cache").as_deref(), Some("none"));
+                assert_eq!(s.name, "SELECT sbtest_otlp");
+                assert!(s.end_time_unix_nano > s.start_time_unix_nano && s.trace_id.len() == 16);
+                assert_eq!(f.status.as_ref().map(|st| st.code), Some(2), "error status");
+                true
+            }
+            _ => false,
+        }
+    };
+    while !(want("grpc") && want("http")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "spans not received over both transports");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = rx.metrics.lock().unwrap().clone();
+    for via in ["grpc", "http"] {
+        assert!(metrics.iter().any(|(v, m)| v == via && m == "breakwater.proxy.backend.commands"), "{via}: {metrics:?}");
+    }
+    let _ = c.disconnect().await;
+}

@@ -83,6 +83,9 @@ pub struct Session {
     /// Tables written inside the open transaction (Some(None): unknown, i.e. all), for the
     /// query cache to invalidate again when it ends.
     txn_written: Option<Option<Vec<String>>>,
+    /// The backend that served the last command, and the last error code sent (for spans).
+    last_backend: Option<Arc<str>>,
+    last_error: Option<u16>,
 }
 
 /// Serve one client until it quits, fails, or the proxy shuts down.
@@ -130,6 +133,8 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         cursor_stmt: None,
         digest: String::new(),
         txn_written: None,
+        last_backend: None,
+        last_error: None,
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
@@ -230,6 +235,7 @@ impl Session {
     }
 
     pub(super) async fn send_err(&mut self, seq: u8, e: &SqlError) -> Result<(), ClientGone> {
+        self.last_error = Some(e.code);
         self.wr.push(seq, &codec::err_packet(e.code, e.state, &e.message));
         self.flush().await
     }
@@ -391,6 +397,7 @@ impl Session {
             };
             let server = conn.server.clone();
             server.counters.queries.fetch_add(1, Ordering::Relaxed);
+            self.last_backend = Some(server.addr.clone());
             let res = conn.forward(0, payload, kind, &mut self.wr, rewrite).await;
             match res {
                 Ok(w) => {
@@ -516,6 +523,9 @@ impl Session {
                 match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
                     Ok(Some((w, conn))) => {
                         let (rows, err) = (w.rows, w.error.is_some());
+                        if let Some(e) = &w.error {
+                            self.last_error = Some(e.code);
+                        }
                         self.finish(&w, conn, &a.effects);
                         (Ok(()), hg as i64, rows, err)
                     }
@@ -526,8 +536,24 @@ impl Session {
             if caches && !a.read_only {
                 self.invalidate_after_write(sql, &a);
             }
-            let schema = self.vars.schema.clone();
-            self.proxy.digests.record(&self.digest, hg_used, &self.user.name, schema.as_deref(), t0.elapsed(), rows, failed);
+            let took = t0.elapsed();
+            self.proxy.digests.record(&self.digest, hg_used, &self.user.name, self.vars.schema.as_deref(), took, rows, failed);
+            if self.proxy.telemetry.sample() {
+                let end = crate::telemetry::now_ns();
+                self.proxy.telemetry.record(crate::telemetry::SpanRecord {
+                    start_ns: end.saturating_sub(took.as_nanos() as u64),
+                    end_ns: end,
+                    operation: a.kind.map(|k| k.name()).unwrap_or("OTHER"),
+                    schema: self.vars.schema.clone(),
+                    summary: self.digest.clone(),
+                    user: self.user.name.clone(),
+                    hostgroup: hg_used,
+                    backend: if hg_used < 0 { None } else { self.last_backend.clone() },
+                    cache: if !cacheable { "none" } else if hg_used < 0 { "hit" } else { "miss" },
+                    error: if failed { Some(self.last_error.unwrap_or(0)) } else { None },
+                    rows,
+                });
+            }
             res
         };
         self.buf = buf;
