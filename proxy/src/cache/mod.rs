@@ -19,10 +19,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Build a cache key into `out`.
-pub fn key(out: &mut Vec<u8>, user: &str, schema: Option<&str>, charset: &str, sql_mode: &str, time_zone: &str, query: &[u8]) {
+/// Build a cache key into `out`: the NUL-separated `parts` (user, schema, character set,
+/// collation, sql_mode, time_zone, protocol flags), then the query text.
+pub fn key(out: &mut Vec<u8>, parts: &[&[u8]], query: &[u8]) {
     out.clear();
-    for part in [user.as_bytes(), schema.unwrap_or("").as_bytes(), charset.as_bytes(), sql_mode.as_bytes(), time_zone.as_bytes()] {
+    for part in parts {
         out.extend_from_slice(part);
         out.push(0);
     }
@@ -94,12 +95,21 @@ pub enum Lookup {
     Wait(Arc<Notify>),
 }
 
-/// The right to fill one key. Dropping it without storing wakes the waiters.
+/// The right to fill one key. Dropping it without storing wakes the waiters. Call
+/// [`Fill::begin`] with the query's tables before fetching.
 pub struct Fill {
     cache: Arc<QueryCache>,
     key: Box<[u8]>,
     gen_at_start: u64,
     notify: Option<Arc<Notify>>,
+}
+
+impl Fill {
+    /// Snapshot the invalidation generation of `tables` (before the backend fetch).
+    pub fn begin(&mut self, tables: &[String]) {
+        let inner = self.cache.lock();
+        self.gen_at_start = gen_of(&inner, tables);
+    }
 }
 
 impl Drop for Fill {
@@ -139,19 +149,24 @@ impl QueryCache {
         }
     }
 
-    pub fn lookup(self: &Arc<Self>, key: &[u8], tables: &[String]) -> Lookup {
+    pub fn lookup(self: &Arc<Self>, key: &[u8]) -> Lookup {
         let now = Instant::now();
         let mut inner = self.lock();
-        let gen = gen_of(&inner, tables);
+        let gen = 0;
         inner.tick += 1;
         let tick = inner.tick;
+        // Approximate LRU: an entry used recently (within the newest half) is not moved,
+        // which keeps hot hits free of BTreeMap updates.
+        let recent = tick.saturating_sub(inner.entries.len() as u64 / 2 + 1);
         let mut expired = false;
         if let Some(e) = inner.entries.get_mut(key) {
             if now < e.expires {
-                let old = std::mem::replace(&mut e.used, tick);
                 let data = e.data.clone();
-                if let Some(k) = inner.lru.remove(&old) {
-                    inner.lru.insert(tick, k);
+                if e.used < recent {
+                    let old = std::mem::replace(&mut e.used, tick);
+                    if let Some(k) = inner.lru.remove(&old) {
+                        inner.lru.insert(tick, k);
+                    }
                 }
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(data);
@@ -308,8 +323,11 @@ mod tests {
     use super::*;
 
     fn fill(c: &Arc<QueryCache>, k: &[u8]) -> Fill {
-        match c.lookup(k, &["db.t".into()]) {
-            Lookup::Fill(f) => f,
+        match c.lookup(k) {
+            Lookup::Fill(mut f) => {
+                f.begin(&["db.t".into()]);
+                f
+            }
             _ => panic!("expected a fill"),
         }
     }
@@ -318,9 +336,9 @@ mod tests {
     fn ttl_lru_invalidation_and_single_fill() {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k1");
-        assert!(matches!(c.lookup(b"k1", &["db.t".into()]), Lookup::Wait(_)), "second client waits");
+        assert!(matches!(c.lookup(b"k1"), Lookup::Wait(_)), "second client waits");
         c.store(f, b"rows", vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
-        assert!(matches!(c.lookup(b"k1", &["db.t".into()]), Lookup::Hit(d) if &*d == b"rows"));
+        assert!(matches!(c.lookup(b"k1"), Lookup::Hit(d) if &*d == b"rows"));
         c.invalidate(Some(&["db.t".into()]));
         assert_eq!(c.stats().entries, 0);
         assert!(c.written_within(&["db.t".into()], Duration::from_secs(5)));
@@ -332,7 +350,7 @@ mod tests {
         // Expired entries are never served.
         let f = fill(&c, b"k3");
         c.store(f, b"x", vec!["db.t".into()], Duration::ZERO, Duration::ZERO);
-        assert!(matches!(c.lookup(b"k3", &["db.t".into()]), Lookup::Fill(_)));
+        assert!(matches!(c.lookup(b"k3"), Lookup::Fill(_)));
         // Memory bound: many keys, bytes never above max.
         for i in 0..1000 {
             let k = format!("key{i}");
@@ -341,7 +359,7 @@ mod tests {
             assert!(c.stats().bytes <= 10_000);
         }
         assert!(c.stats().evictions > 900);
-        assert!(matches!(c.lookup(b"key999", &["db.t".into()]), Lookup::Hit(_)), "most recent survives");
+        assert!(matches!(c.lookup(b"key999"), Lookup::Hit(_)), "most recent survives");
     }
 
     #[test]
@@ -349,10 +367,10 @@ mod tests {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k");
         c.store(f, b"v1", vec![], Duration::ZERO, Duration::from_secs(60));
-        let Lookup::Stale(d, f) = c.lookup(b"k", &[]) else { panic!("stale expected") };
+        let Lookup::Stale(d, f) = c.lookup(b"k") else { panic!("stale expected") };
         assert_eq!(&*d, b"v1");
-        assert!(matches!(c.lookup(b"k", &[]), Lookup::Hit(_)), "others get stale data while one refreshes");
+        assert!(matches!(c.lookup(b"k"), Lookup::Hit(_)), "others get stale data while one refreshes");
         c.store(f, b"v2", vec![], Duration::from_secs(60), Duration::ZERO);
-        assert!(matches!(c.lookup(b"k", &[]), Lookup::Hit(d) if &*d == b"v2"));
+        assert!(matches!(c.lookup(b"k"), Lookup::Hit(d) if &*d == b"v2"));
     }
 }

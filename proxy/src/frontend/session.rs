@@ -86,6 +86,8 @@ pub struct Session {
     /// The backend that served the last command, and the last error code sent (for spans).
     last_backend: Option<Arc<str>>,
     last_error: Option<u16>,
+    /// Reused buffer for query cache keys.
+    cache_key: Vec<u8>,
 }
 
 /// Serve one client until it quits, fails, or the proxy shuts down.
@@ -135,6 +137,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         txn_written: None,
         last_backend: None,
         last_error: None,
+        cache_key: Vec::new(),
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
@@ -590,18 +593,34 @@ impl Session {
     async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32) -> (Result<(), ClientGone>, i64, u64, bool) {
         let sql = &buf[1..];
         let cache = self.proxy.cache.clone();
-        let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
-        let mut key = Vec::with_capacity(sql.len() + 64);
-        let var = |n: &str| self.vars.vars.get(n).map(String::as_str).unwrap_or("");
-        let eof = if self.caps & caps::DEPRECATE_EOF != 0 { "+okeof" } else { "" };
-        let charset = format!("{}/{}{eof}", self.vars.charset, self.vars.collation.as_deref().unwrap_or(""));
-        cache::key(&mut key, &self.user.name, self.vars.schema.as_deref(), &charset, var("sql_mode"), var("time_zone"), sql);
+        let mut key = std::mem::take(&mut self.cache_key);
+        {
+            let var = |n: &str| self.vars.vars.get(n).map(|v| v.as_bytes()).unwrap_or(b"");
+            let eof: &[u8] = if self.caps & caps::DEPRECATE_EOF != 0 { b"okeof" } else { b"" };
+            let parts: [&[u8]; 7] = [
+                self.user.name.as_bytes(),
+                self.vars.schema.as_deref().unwrap_or("").as_bytes(),
+                self.vars.charset.as_bytes(),
+                self.vars.collation.as_deref().unwrap_or("").as_bytes(),
+                var("sql_mode"),
+                var("time_zone"),
+                eof,
+            ];
+            cache::key(&mut key, &parts, sql);
+        }
+        let r = self.cached_lookup(buf, d, hg, &cache, &key).await;
+        self.cache_key = key;
+        r
+    }
+
+    async fn cached_lookup(&mut self, buf: &[u8], d: &Decision, hg: u32, cache: &Arc<cache::QueryCache>, key: &[u8]) -> (Result<(), ClientGone>, i64, u64, bool) {
+        let sql = &buf[1..];
         let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
         let ttl = Duration::from_millis(d.cache_ttl_ms);
         let stale = Duration::from_millis(d.cache_stale_ms);
         let mut waited = false;
         loop {
-            match cache.lookup(&key, &tables) {
+            match cache.lookup(key) {
                 Lookup::Hit(data) => {
                     self.wr.buf_mut().extend_from_slice(&data);
                     return (self.flush().await, -1, 0, false);
@@ -615,7 +634,9 @@ impl Session {
                     let (r, rows, err) = self.fetch(buf, hg, false).await;
                     return (r, hg as i64, rows, err);
                 }
-                Lookup::Stale(data, fill) => {
+                Lookup::Stale(data, mut fill) => {
+                    let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
+                    fill.begin(&tables);
                     self.wr.buf_mut().extend_from_slice(&data);
                     if let Err(e) = self.flush().await {
                         return (Err(e), -1, 0, false);
@@ -628,7 +649,9 @@ impl Session {
                     }
                     return (r, -1, 0, false);
                 }
-                Lookup::Fill(fill) => {
+                Lookup::Fill(mut fill) => {
+                    let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
+                    fill.begin(&tables);
                     // Right after a write to these tables a replica may not have it yet.
                     let window = Duration::from_millis(self.rt.cfg.cache.fill_from_writer_after_write_ms);
                     let hg = if !tables.is_empty() && cache.written_within(&tables, window) { self.user.default_hostgroup } else { hg };
