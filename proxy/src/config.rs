@@ -37,6 +37,8 @@ pub struct Config {
     #[serde(default)]
     pub telemetry: TelemetryConfig,
     #[serde(default)]
+    pub access: AccessConfig,
+    #[serde(default)]
     pub digests: DigestConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
@@ -120,6 +122,42 @@ impl Default for TelemetryConfig {
             export_interval_ms: 1000,
             max_queued_spans: 8192,
             service_name: "breakwater-proxy".into(),
+        }
+    }
+}
+
+/// Temporary access: expiring database users (needs `[admin] db_file` as its store).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Account used to CREATE/DROP the temporary MariaDB users (empty: the monitor account).
+    pub admin_username: String,
+    pub admin_password: String,
+    /// Longest TTL a grant (or an extension) may reach, in seconds.
+    pub max_ttl_seconds: u64,
+    pub read_only_hostgroup: u32,
+    pub read_write_hostgroup: u32,
+    /// Every temporary MariaDB account starts with this marker; the reconciler removes
+    /// marked accounts that no active grant owns (and never touches others).
+    pub account_prefix: String,
+    /// JSON-lines audit log (empty: `<db_file>.audit.jsonl`).
+    pub audit_log: String,
+    pub expiry_check_ms: u64,
+    pub reconcile_interval_ms: u64,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        Self {
+            admin_username: String::new(),
+            admin_password: String::new(),
+            max_ttl_seconds: 86_400,
+            read_only_hostgroup: 20,
+            read_write_hostgroup: 10,
+            account_prefix: "bw_tmp_".into(),
+            audit_log: String::new(),
+            expiry_check_ms: 500,
+            reconcile_interval_ms: 10_000,
         }
     }
 }

@@ -7,12 +7,14 @@
 //! - [`router`]: query rules, digests, statement classification.
 //! - [`listener`]: accept loop, client limit, graceful shutdown.
 //! - [`failover`]: the failover controller (discovery, detection, promotion, cooldown).
+//! - [`access`]: temporary access (expiring database users, audit, reconciler).
 //! - [`admin`]: the admin HTTP interface (JSON API, /metrics, topology page) and its CLI client.
 //! - [`cache`]: the query cache (TTL, LRU memory bound, single fill, invalidation by table).
 //! - [`stats`]: query digest statistics.
 //! - [`telemetry`]: OTLP traces (a span per sampled query) and metrics.
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
 
+pub mod access;
 pub mod admin;
 pub mod backend;
 pub mod cache;

@@ -77,6 +77,13 @@ enum OnOff {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
+    /// Temporary access: expiring database users (through a running proxy's admin interface).
+    Access {
+        #[arg(long, global = true)]
+        admin: Option<String>,
+        #[command(subcommand)]
+        action: AccessCmd,
+    },
     /// Talk to the failover controller of a running proxy (its admin interface).
     Failover {
         /// Admin interface address (default: [admin] listen of --config, or 127.0.0.1:6070).
@@ -84,6 +91,45 @@ enum Cmd {
         admin: Option<String>,
         #[command(subcommand)]
         action: FailoverCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AccessCmd {
+    /// Create a temporary user; prints the password once.
+    Grant {
+        #[arg(long)]
+        user: String,
+        /// e.g. 30m, 4h (at most [access] max_ttl_seconds).
+        #[arg(long)]
+        ttl: String,
+        /// read_only, read_write, or a privilege list like "SELECT, INSERT".
+        #[arg(long, default_value = "read_only")]
+        role: String,
+        #[arg(long)]
+        schema: Option<String>,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// text or json (one object: user, password, expires_at).
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// Grants with who, why, granted at, expires at.
+    List {
+        #[arg(long, default_value = "text")]
+        output: String,
+    },
+    /// End a grant now.
+    Revoke {
+        #[arg(long)]
+        user: String,
+    },
+    /// Move the expiry to now + ttl (within max_ttl_seconds of the grant).
+    Extend {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        ttl: String,
     },
 }
 
@@ -124,6 +170,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Cmd::Failover { admin, action }) = &cli.command {
         return failover_cli(cli.config.as_deref(), admin.clone(), action);
+    }
+    if let Some(Cmd::Access { admin, action }) = &cli.command {
+        return access_cli(cli.config.as_deref(), admin.clone(), action);
     }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
@@ -237,6 +286,18 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
         }
     };
     let (tx, rx) = watch::channel(false);
+    match breakwater_proxy::access::Access::open(proxy.runtime()) {
+        Ok(Some(a)) => {
+            tracing::info!(audit = %a.audit.path(), "temporary access enabled");
+            a.spawn(rx.clone());
+            let _ = proxy.access.set(a);
+        }
+        Ok(None) => tracing::info!("temporary access disabled: it needs [admin] db_file (or --admin-db) as its store"),
+        Err(e) => {
+            eprintln!("breakwater-proxy: temporary access: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let span_rx = proxy.telemetry_rx.lock().ok().and_then(|mut r| r.take());
     breakwater_proxy::telemetry::spawn(&proxy, span_rx, rx.clone());
     backend::monitor::spawn(proxy.runtime(), monitor_cfg.clone(), rx.clone());
@@ -294,19 +355,107 @@ async fn wait_for_signal() {
     }
 }
 
-fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &FailoverCmd) -> ExitCode {
-    let admin = match admin {
-        Some(a) => a,
+fn admin_addr(config: Option<&std::path::Path>, admin: Option<String>) -> Result<String, String> {
+    match admin {
+        Some(a) => Ok(a),
         None => match Config::load(config) {
-            Ok(c) if !c.admin.listen.is_empty() => c.admin.listen,
-            Ok(_) => "127.0.0.1:6070".into(),
-            Err(e) => {
-                eprintln!("breakwater-proxy: {e}");
-                return ExitCode::from(2);
-            }
+            Ok(c) if !c.admin.listen.is_empty() => Ok(c.admin.listen),
+            Ok(_) => Ok("127.0.0.1:6070".into()),
+            Err(e) => Err(e.to_string()),
         },
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-_.:*".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+/// One admin HTTP call from the command line: (status, parsed body).
+fn admin_call(admin: &str, method: &str, path: &str) -> Result<(u16, serde_json::Value), String> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let (code, body) = rt.block_on(admin::client::call(admin, method, path, std::time::Duration::from_secs(120)))?;
+    Ok((code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body))))
+}
+
+fn access_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &AccessCmd) -> ExitCode {
+    let admin = match admin_addr(config, admin) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("breakwater-proxy: {e}");
+            return ExitCode::from(2);
+        }
     };
-    let enc = |s: &str| s.replace('%', "%25").replace('&', "%26").replace(' ', "%20").replace('+', "%2B");
+    let by = whoami();
+    let (method, path, output) = match action {
+        AccessCmd::Grant { user, ttl, role, schema, reason, output } => (
+            "POST",
+            format!(
+                "/api/access/grant?user={}&ttl={}&role={}&reason={}&by={}{}",
+                enc(user),
+                enc(ttl),
+                enc(role),
+                enc(reason),
+                enc(&by),
+                schema.as_ref().map(|s| format!("&schema={}", enc(s))).unwrap_or_default()
+            ),
+            output.as_str(),
+        ),
+        AccessCmd::List { output } => ("GET", "/api/access".to_string(), output.as_str()),
+        AccessCmd::Revoke { user } => ("POST", format!("/api/access/revoke?user={}&by={}", enc(user), enc(&by)), "text"),
+        AccessCmd::Extend { user, ttl } => ("POST", format!("/api/access/extend?user={}&ttl={}&by={}", enc(user), enc(ttl), enc(&by)), "text"),
+    };
+    let (code, v) = match admin_call(&admin, method, &path) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("breakwater-proxy: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if code != 200 {
+        eprintln!("breakwater-proxy: {}", v["error"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+        return ExitCode::FAILURE;
+    }
+    match (action, output) {
+        (_, "json") => println!("{v}"),
+        (AccessCmd::Grant { .. }, _) => {
+            println!("user:       {}", v["user"].as_str().unwrap_or(""));
+            println!("password:   {}   (shown once; not stored)", v["password"].as_str().unwrap_or(""));
+            println!("role:       {} on {}", v["role"].as_str().unwrap_or(""), v["schema"].as_str().unwrap_or(""));
+            println!("expires at: {}", v["expires_at"].as_str().unwrap_or(""));
+        }
+        (AccessCmd::List { .. }, _) => {
+            println!("{:<4} {:<16} {:<10} {:<8} {:<10} {:<25} {:<25} {:<12} reason", "id", "user", "role", "schema", "state", "granted_at", "expires_at", "by");
+            for g in v.as_array().into_iter().flatten() {
+                let t = |k: &str| g[k].as_u64().map(|s| breakwater_proxy::failover::controller::rfc3339(s * 1000)).unwrap_or_default();
+                println!(
+                    "{:<4} {:<16} {:<10} {:<8} {:<10} {:<25} {:<25} {:<12} {}",
+                    g["id"],
+                    g["username"].as_str().unwrap_or(""),
+                    g["role"].as_str().unwrap_or(""),
+                    g["schema"].as_str().unwrap_or(""),
+                    g["state"].as_str().unwrap_or(""),
+                    t("granted_at"),
+                    t("expires_at"),
+                    g["granted_by"].as_str().unwrap_or(""),
+                    g["reason"].as_str().unwrap_or("")
+                );
+            }
+        }
+        _ => println!("{}", v["message"].as_str().unwrap_or("")),
+    }
+    ExitCode::SUCCESS
+}
+
+fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &FailoverCmd) -> ExitCode {
+    let admin = match admin_addr(config, admin) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("breakwater-proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let (method, path) = match action {
         FailoverCmd::Status { .. } => ("GET", "/api/failover".to_string()),
         FailoverCmd::Switchover { to } => ("POST", format!("/api/failover/switchover{}", to.as_ref().map(|t| format!("?to={}", enc(t))).unwrap_or_default())),

@@ -24,6 +24,9 @@ pub struct User {
     pub backend_password: String,
     pub default_hostgroup: u32,
     pub default_schema: Option<String>,
+    /// A temporary user (see `access`): audited, and refused writes when `read_only`.
+    pub temporary: bool,
+    pub read_only: bool,
 }
 
 impl User {
@@ -55,6 +58,8 @@ fn decode_sha2(s: &str) -> Option<[u8; 32]> {
 pub struct Runtime {
     pub cfg: Config,
     users: RwLock<Arc<HashMap<String, Arc<User>>>>,
+    /// Temporary users (the access manager adds and removes them).
+    temp_users: RwLock<HashMap<String, Arc<User>>>,
     rules: RwLock<Arc<Rules>>,
     routing: RwLock<Arc<Routing>>,
     /// Every server entry ever built (one per hostgroup and address); the failover
@@ -77,7 +82,7 @@ impl Runtime {
             hg.servers.push(server);
         }
         let routing = Routing { hostgroups: hostgroups.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), version: 0 };
-        Ok(Self { cfg, users: RwLock::new(Arc::new(users)), rules: RwLock::new(Arc::new(rules)), routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
+        Ok(Self { cfg, users: RwLock::new(Arc::new(users)), temp_users: RwLock::new(HashMap::new()), rules: RwLock::new(Arc::new(rules)), routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
     }
 
     /// The query rules in force (swapped whole by LOAD MYSQL QUERY RULES TO RUNTIME).
@@ -97,10 +102,28 @@ impl Runtime {
 
     /// A proxy user by name (new logins see LOAD MYSQL USERS TO RUNTIME at once).
     pub fn user(&self, name: &str) -> Option<Arc<User>> {
-        match self.users.read() {
+        let found = match self.users.read() {
             Ok(u) => u.get(name).cloned(),
             Err(p) => p.into_inner().get(name).cloned(),
-        }
+        };
+        found.or_else(|| match self.temp_users.read() {
+            Ok(u) => u.get(name).cloned(),
+            Err(p) => p.into_inner().get(name).cloned(),
+        })
+    }
+
+    pub fn add_temp_user(&self, u: Arc<User>) {
+        match self.temp_users.write() {
+            Ok(mut m) => m.insert(u.name.clone(), u),
+            Err(p) => p.into_inner().insert(u.name.clone(), u),
+        };
+    }
+
+    pub fn remove_temp_user(&self, name: &str) {
+        match self.temp_users.write() {
+            Ok(mut m) => m.remove(name),
+            Err(p) => p.into_inner().remove(name),
+        };
     }
 
     pub fn user_names(&self) -> Vec<Arc<User>> {
@@ -262,6 +285,8 @@ pub fn build_users(rows: &[crate::config::UserConfig]) -> Result<HashMap<String,
                 backend_password: u.backend_password.clone(),
                 default_hostgroup: u.default_hostgroup,
                 default_schema: u.default_schema.clone(),
+                temporary: false,
+                read_only: false,
             }),
         );
     }
@@ -296,6 +321,8 @@ pub struct Proxy {
     pub telemetry: Telemetry,
     /// The span queue's receiving end, taken once by the exporter.
     pub telemetry_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SpanRecord>>>,
+    /// Temporary access (set at start when a store is configured).
+    pub access: std::sync::OnceLock<Arc<crate::access::Access>>,
     next_conn_id: AtomicU32,
 }
 
@@ -311,6 +338,7 @@ impl Proxy {
             digests,
             telemetry,
             telemetry_rx: Mutex::new(rx),
+            access: std::sync::OnceLock::new(),
             next_conn_id: AtomicU32::new(1),
         })
     }

@@ -883,3 +883,118 @@ async fn otlp_spans_and_metrics_for_queries() {
     }
     let _ = c.disconnect().await;
 }
+
+/// How many accounts named `account` each lab server has.
+async fn account_counts(account: &str) -> Vec<i64> {
+    let mut v = Vec::new();
+    for port in [PRIMARY, REPLICAS[0], REPLICAS[1]] {
+        let mut c = lab(port).await;
+        let n: Option<i64> = c.exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (account,)).await.unwrap();
+        v.push(n.unwrap_or(-1));
+    }
+    v
+}
+
+fn access_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Temporary access, all in one test (each proxy with a store reconciles every marked
+/// account it does not own, so these scenarios must not run side by side):
+/// expiry on time with sessions closed and accounts dropped everywhere; a grant outliving a
+/// kill -9 of the proxy is revoked at the next start; the reconciler removes marked orphans
+/// and never unmarked accounts; the audit log records it all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn temporary_access_expires_and_cleans_up() {
+    let dir = std::env::temp_dir().join(format!("bw-access-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("admin.db").display().to_string();
+    let p = Proxy::start(&["--admin-db", &db]);
+
+    // 1. A 5 s read_only grant.
+    let (ok, out) = access_cli(&p, &["grant", "--user", "alice", "--ttl", "5s", "--role", "read_only", "--schema", "sbtest", "--reason", "INC-42 look at orders", "--output", "json"]);
+    assert!(ok, "{out}");
+    let g: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let password = g["password"].as_str().unwrap().to_string();
+    let account = g["account"].as_str().unwrap().to_string();
+    assert!(account.starts_with("bw_tmp_alice_") && password.len() >= 20, "{g}");
+    assert!(g["expires_at"].as_str().is_some());
+    let granted = Instant::now();
+    assert_eq!(account_counts(&account).await, vec![1, 1, 1], "the account replicated");
+    let mut c = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.expect("temporary user logs in");
+    let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM sbtest1").await.unwrap();
+    assert_eq!(n, Some(10000));
+    let port: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+    assert!(matches!(port, Some(3308 | 3309)), "read_only users read from replicas: {port:?}");
+    let e = c.query_drop("DELETE FROM sbtest1 WHERE id = 1").await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1290), "{e}");
+    assert!(e.to_string().contains("read_only"), "{e}");
+    let (ok, list) = access_cli(&p, &["list"]);
+    assert!(ok && list.contains("alice") && list.contains("INC-42") && list.contains("active"), "{list}");
+    // Expiry: without any request from the user.
+    wait_for_accounts(&account, 0, Duration::from_secs(12)).await;
+    let took = granted.elapsed();
+    assert!(took < Duration::from_secs(9), "expired {took:?} after a 5 s grant");
+    let e = c.query_first::<i64, _>("SELECT 1").await.unwrap_err();
+    println!("open session after expiry: {e}");
+    let e = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1045), "{e}");
+
+    // 2. A grant outlives a kill -9 of the proxy: revoked within seconds of the next start.
+    let (ok, out) = access_cli(&p, &["grant", "--user", "bob", "--ttl", "3s", "--role", "read_write", "--schema", "sbtest", "--reason", "crash drill", "--output", "json"]);
+    assert!(ok, "{out}");
+    let bob: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let bob_account = bob["account"].as_str().unwrap().to_string();
+    p.signal("KILL");
+    drop(p);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(account_counts(&bob_account).await[0], 1, "nobody removed it while the proxy was down");
+    let started = Instant::now();
+    let p = Proxy::start(&["--admin-db", &db]);
+    wait_for_accounts(&bob_account, 0, Duration::from_secs(10)).await;
+    println!("grant expired during a proxy crash: removed {:?} after the restart", started.elapsed());
+
+    // 3. Orphans: a marked account nobody granted goes; an unmarked one stays.
+    let mut m = lab(PRIMARY).await;
+    m.query_drop(
+        "DROP USER IF EXISTS 'bw_tmp_orphan_abc123'@'%'; DROP USER IF EXISTS 'bwkeep_me'@'%'; \
+         CREATE USER 'bw_tmp_orphan_abc123'@'%' IDENTIFIED BY 'x'; CREATE USER 'bwkeep_me'@'%' IDENTIFIED BY 'x'",
+    )
+    .await
+    .unwrap();
+    drop(p);
+    let p = Proxy::start(&["--admin-db", &db]);
+    wait_for_accounts("bw_tmp_orphan_abc123", 0, Duration::from_secs(15)).await;
+    assert_eq!(account_counts("bwkeep_me").await, vec![1, 1, 1], "unmarked accounts are never touched");
+    m.query_drop("DROP USER 'bwkeep_me'@'%'").await.unwrap();
+
+    // The audit log has each event with user, time and reason.
+    let audit = std::fs::read_to_string(format!("{db}.audit.jsonl")).unwrap();
+    let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let has = |ev: &str, user: &str| events.iter().any(|e| e["event"] == ev && e["user"] == user && e["ts"].as_str().is_some());
+    for (ev, user) in [("grant", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", "bw_tmp_orphan_abc123")] {
+        assert!(has(ev, user), "audit lacks {ev} of {user}:\n{audit}");
+    }
+    assert!(events.iter().any(|e| e["event"] == "grant" && e["reason"] == "INC-42 look at orders"));
+    assert!(events.iter().any(|e| e["event"] == "statement" && e["digest"].as_str().is_some_and(|d| d.contains("sbtest1"))));
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn wait_for_accounts(account: &str, want: i64, limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let v = account_counts(account).await;
+        if v.iter().all(|n| *n == want) {
+            return;
+        }
+        assert!(t.elapsed() < limit, "account {account}: {v:?} after {limit:?}, want {want} everywhere");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -165,6 +165,7 @@ async fn route(admin: &Admin, method: &str, target: &str) -> Response {
             Response::json(200, &serde_json::json!({"ok": true}))
         }
         ("GET", "/" | "/topology") => Response { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.to_string() },
+        (_, p) if p.starts_with("/api/access") => access(admin, method, p, query).await,
         (_, p) if p.starts_with("/api/failover") => {
             let Some(f) = &admin.failover else {
                 return Response::json(503, &serde_json::json!({"error": "the failover controller is disabled ([failover] enabled = false)"}));
@@ -199,5 +200,45 @@ mod tests {
         assert_eq!(super::param("by=a+b", "by").as_deref(), Some("a b"));
         assert_eq!(super::param("to=", "to"), None);
         assert_eq!(super::percent_decode("%zz%4"), "%zz%4");
+    }
+}
+
+async fn access(admin: &Admin, method: &str, path: &str, query: &str) -> Response {
+    let Some(a) = admin.proxy.access.get() else {
+        return Response::json(503, &serde_json::json!({"error": "temporary access is disabled: set [admin] db_file (or --admin-db) for its store"}));
+    };
+    let need = |k: &str| param(query, k).ok_or_else(|| format!("missing ?{k}="));
+    let by = param(query, "by").unwrap_or_else(|| "admin api".into());
+    let res: Result<serde_json::Value, String> = match (method, path) {
+        ("GET", "/api/access") => a.list().map(|v| serde_json::to_value(v).unwrap_or_default()),
+        ("POST", "/api/access/grant") => {
+            let req = (|| {
+                Ok::<_, String>(crate::access::GrantRequest {
+                    user: need("user")?,
+                    ttl_seconds: crate::access::parse_ttl(&need("ttl")?)?,
+                    role: param(query, "role").unwrap_or_else(|| "read_only".into()),
+                    schema: param(query, "schema"),
+                    reason: param(query, "reason").unwrap_or_default(),
+                    by: by.clone(),
+                })
+            })();
+            match req {
+                Ok(r) => a.grant(r).await.map(|g| serde_json::to_value(g).unwrap_or_default()),
+                Err(e) => Err(e),
+            }
+        }
+        ("POST", "/api/access/revoke") => match need("user") {
+            Ok(u) => a.revoke(&u, "revoked", &by).await.map(|m| serde_json::json!({"ok": true, "message": m})),
+            Err(e) => Err(e),
+        },
+        ("POST", "/api/access/extend") => match (need("user"), need("ttl").and_then(|t| crate::access::parse_ttl(&t))) {
+            (Ok(u), Ok(ttl)) => a.extend(&u, ttl, &by).await.map(|m| serde_json::json!({"ok": true, "message": m})),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        },
+        _ => return Response::json(404, &serde_json::json!({"error": format!("no such resource {method} {path}")})),
+    };
+    match res {
+        Ok(v) => Response::json(200, &v),
+        Err(e) => Response::json(409, &serde_json::json!({"ok": false, "error": e})),
     }
 }

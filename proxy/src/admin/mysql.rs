@@ -32,6 +32,8 @@ impl AdminSql {
             backend_password: String::new(),
             default_hostgroup: 0,
             default_schema: None,
+            temporary: false,
+            read_only: false,
         });
         Arc::new(Self { proxy, failover, db: Mutex::new(db), user })
     }

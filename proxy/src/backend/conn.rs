@@ -413,6 +413,11 @@ impl BackendConn {
 
 /// The auth token for a backend login, for the plugin the server asks for.
 fn login_token(plugin: &str, password: &str, scramble: &[u8]) -> (&'static str, Vec<u8>) {
+    // A stored SHA1(password) (temporary users) can only answer mysql_native_password.
+    if let Some(stage1) = password.strip_prefix(auth::STAGE1_PREFIX).and_then(auth::from_hex).and_then(|v| <[u8; 20]>::try_from(v).ok()) {
+        let scramble = scramble.get(..20).unwrap_or(scramble);
+        return (auth::NATIVE, auth::native_token_from_stage1(&stage1, scramble));
+    }
     let scramble = scramble.get(..20).unwrap_or(scramble);
     if plugin == auth::CACHING_SHA2 {
         (auth::CACHING_SHA2, auth::sha2_token(password.as_bytes(), scramble))

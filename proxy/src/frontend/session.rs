@@ -88,6 +88,22 @@ pub struct Session {
     last_error: Option<u16>,
     /// Reused buffer for query cache keys.
     cache_key: Vec<u8>,
+    /// For temporary users: turns true when their access ends.
+    revoked: Option<watch::Receiver<bool>>,
+}
+
+/// Resolves when a temporary user's access ends (never for other users).
+async fn access_ended(r: &mut Option<watch::Receiver<bool>>) {
+    match r {
+        Some(rx) => {
+            while !*rx.borrow() {
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 /// Serve one client until it quits, fails, or the proxy shuts down.
@@ -107,6 +123,11 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             info!(conn_id, peer = %peer_ip, error = %e, "login failed");
+            if let (login::LoginError::Denied(name), Some(a)) = (&e, proxy.access.get()) {
+                if a.knows(name) {
+                    a.audit.event("login_failed", name, &[("peer", &peer_ip)]);
+                }
+            }
             return;
         }
         Err(_) => {
@@ -115,6 +136,14 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         }
     };
     debug!(conn_id, user = %user.name, peer = %peer_ip, "client logged in");
+    let revoked = if user.temporary {
+        proxy.access.get().and_then(|a| {
+            a.audit.event("login", &user.name, &[("peer", &peer_ip), ("session", &conn_id.to_string())]);
+            a.session_signal(&user.name)
+        })
+    } else {
+        None
+    };
     let mut s = Session {
         proxy,
         rt,
@@ -138,6 +167,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         last_backend: None,
         last_error: None,
         cache_key: Vec::new(),
+        revoked,
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
@@ -154,6 +184,11 @@ impl Session {
             let read = tokio::select! {
                 r = self.rd.read_payload(&mut self.buf, max) => r,
                 _ = shutdown.changed() => return Err(ClientGone),
+                _ = access_ended(&mut self.revoked) => {
+                    let msg = format!("Breakwater: temporary access of '{}' has ended (expired or revoked); connection closed", self.user.name);
+                    self.send_err(0, &SqlError::new(errcode::CONNECTION_KILLED, "70100", msg)).await?;
+                    return Err(ClientGone);
+                }
             };
             let seq = match read {
                 Ok(seq) => seq,
@@ -510,8 +545,23 @@ impl Session {
         let buf = std::mem::take(&mut self.buf);
         let sql = &buf[1..];
         let a = classify::analyze(sql);
+        if self.user.temporary {
+            digest::digest_into(sql, &mut self.digest);
+            if let Some(a) = self.proxy.access.get() {
+                a.audit.event("statement", &self.user.name, &[("digest", &self.digest), ("session", &self.id.to_string())]);
+            }
+        }
+        use classify::Kind as K;
+        let writes = a.multi || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
         let result = if is_kill(sql) {
             let e = SqlError::new(1235, "42000", "KILL through Breakwater is not supported: connection ids are the proxy's, not the server's");
+            self.send_err(1, &e).await
+        } else if self.user.read_only && writes {
+            let e = SqlError::new(
+                errcode::OPTION_PREVENTS_STATEMENT,
+                "HY000",
+                format!("Breakwater: '{}' has temporary read_only access; writes are refused", self.user.name),
+            );
             self.send_err(1, &e).await
         } else {
             let t0 = Instant::now();

@@ -61,6 +61,23 @@ pub fn native_token(password: &[u8], scramble: &[u8]) -> Vec<u8> {
     stage1.iter().zip(mix.iter()).map(|(a, b)| a ^ b).collect()
 }
 
+/// Marks a backend "password" that is really SHA1(password) in hex: enough to log in with
+/// mysql_native_password, and what the proxy stores for temporary users instead of the
+/// password itself.
+pub const STAGE1_PREFIX: &str = "\u{0}native-stage1:";
+
+/// mysql_native_password's token from SHA1(password).
+pub fn native_token_from_stage1(stage1: &[u8; 20], scramble: &[u8]) -> Vec<u8> {
+    let stage2 = sha1(&[stage1]);
+    let mix = sha1(&[scramble, &stage2]);
+    stage1.iter().zip(mix.iter()).map(|(a, b)| a ^ b).collect()
+}
+
+/// SHA1(password), the native plugin's first stage.
+pub fn native_stage1(password: &[u8]) -> [u8; 20] {
+    sha1(&[password])
+}
+
 /// The client side of caching_sha2_password's fast path:
 /// SHA256(pw) XOR SHA256(SHA256(SHA256(pw)) + scramble).
 pub fn sha2_token(password: &[u8], scramble: &[u8]) -> Vec<u8> {

@@ -1,0 +1,41 @@
+//! The audit log of temporary access: one JSON object per line (grant, extend, revoked,
+//! expired, revoke_failed, orphan_removed, login, login_failed, statement), each with the
+//! time, the event, the user and the event's details. Also mirrored to the tracing log.
+
+use crate::failover::controller::rfc3339;
+use std::io::Write;
+use std::sync::Mutex;
+
+pub struct Audit {
+    path: String,
+    file: Mutex<std::fs::File>,
+}
+
+impl Audit {
+    pub fn open(path: &str) -> Result<Self, String> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("cannot open audit log {path}: {e}"))?;
+        Ok(Self { path: path.to_string(), file: Mutex::new(file) })
+    }
+
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    pub fn event(&self, event: &str, user: &str, details: &[(&str, &str)]) {
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let mut obj = serde_json::Map::new();
+        obj.insert("ts".into(), rfc3339(ms).into());
+        obj.insert("event".into(), event.into());
+        obj.insert("user".into(), user.into());
+        for (k, v) in details {
+            obj.insert((*k).into(), (*v).into());
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        tracing::info!(target: "breakwater_proxy::audit", event, user, "{line}");
+        if let Ok(mut f) = self.file.lock() {
+            if let Err(e) = writeln!(f, "{line}") {
+                tracing::warn!(path = %self.path, error = %e, "audit log write failed");
+            }
+        }
+    }
+}
