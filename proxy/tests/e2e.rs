@@ -946,6 +946,17 @@ async fn temporary_access_expires_and_cleans_up() {
     let e = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.unwrap_err();
     assert_eq!(server_code(&e), Some(1045), "{e}");
 
+    // The same through the MySQL admin interface.
+    let row = p.admin_sql("ACCESS GRANT USER carol TTL 1h ROLE read_only SCHEMA sbtest REASON 'audit review'").unwrap();
+    let carol_pw = row.split('\t').nth(1).unwrap().to_string();
+    let mut cc = Conn::new(p.opts("carol", &carol_pw, Some("sbtest"))).await.expect("carol logs in");
+    let _: Option<i64> = cc.query_first("SELECT 1").await.unwrap();
+    let grants = p.admin_sql("SELECT username, role, state, reason FROM breakwater_access_grants ORDER BY id").unwrap();
+    assert!(grants.contains("alice\tread_only\texpired") && grants.contains("carol\tread_only\tactive\taudit review"), "{grants}");
+    p.admin_sql("ACCESS REVOKE USER carol").unwrap();
+    assert!(cc.query_first::<i64, _>("SELECT 1").await.is_err(), "revoked at once");
+    assert!(p.admin_sql("ACCESS EXTEND USER carol TTL 1h").unwrap_err().contains("no active grant"));
+
     // 2. A grant outlives a kill -9 of the proxy: revoked within seconds of the next start.
     let (ok, out) = access_cli(&p, &["grant", "--user", "bob", "--ttl", "3s", "--role", "read_write", "--schema", "sbtest", "--reason", "crash drill", "--output", "json"]);
     assert!(ok, "{out}");

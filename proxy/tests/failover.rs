@@ -378,7 +378,8 @@ async fn cluster_survives_primary_failures() {
         std::fs::set_permissions(&hooks_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     }
     let dir = hooks_dir.display().to_string();
-    let p = Proxy::start_as_nobody(Some(&config(&dir)), &["--failover", "on"]);
+    let admin_db = format!("{dir}/admin.db");
+    let p = Proxy::start_as_nobody(Some(&config(&dir)), &["--failover", "on", "--admin-db", &admin_db]);
     wait_for("controller sees 3307 as primary", Duration::from_secs(10), || async {
         let v = view(&p).await;
         v["primary"] == addr(3307) && v["polls"].as_u64().unwrap_or(0) >= 2
@@ -454,8 +455,40 @@ async fn cluster_survives_primary_failures() {
     .expect("prometheus check");
     println!("phase 2: Prometheus scraped /metrics; every query of dashboards/breakwater-proxy.json returns data");
 
+    // A temporary user granted before the failover.
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "grant", "--user", "dave", "--ttl", "1h", "--output", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dave: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dave_account = dave["account"].as_str().unwrap().to_string();
+
     // 3. kill -9 of the primary under load, semi-sync on.
     let tl = kill_primary_under_load(&p, 1_000_000, true).await;
+    // The grant survived: dave logs in through the proxy; revoking drops the account on the
+    // new primary (and so on the replica that follows it).
+    let mut d = Conn::new(p.opts("dave", dave["password"].as_str().unwrap(), Some(SCHEMA))).await.expect("dave after the failover");
+    let _: Option<i64> = d.query_first(format!("SELECT COUNT(*) FROM {SCHEMA}.w")).await.unwrap();
+    drop(d);
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "revoke", "--user", "dave"])
+        .output()
+        .unwrap();
+    let msg = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && msg.contains(&tl.promoted), "revoked on the new primary: {msg} {}", String::from_utf8_lossy(&out.stderr));
+    for port in ALL.iter().copied().filter(|x| *x != 3308) {
+        let acct = dave_account.clone();
+        wait_for("dave's account gone", Duration::from_secs(10), || {
+            let acct = acct.clone();
+            async move {
+                let mut c = lab(port).await;
+                let n: Option<i64> = c.exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (acct,)).await.unwrap();
+                n == Some(0)
+            }
+        })
+        .await;
+    }
     println!("phase 3: kill -9 of the primary with semi-sync replication:\n{tl}");
     let first_new = port_of(&tl.promoted);
     let pre = std::fs::read_to_string(hooks_dir.join("pre.log")).unwrap_or_default();

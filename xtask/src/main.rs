@@ -53,7 +53,10 @@ fn demo() -> Result<()> {
     println!("Topology page:  http://127.0.0.1:6070/topology   (failover: cargo run -p breakwater-proxy -- failover status)");
     println!("Stop with Ctrl-C; stop the lab with: cargo xtask lab down");
     println!();
-    let status = std::process::Command::new(bin).status()?;
+    let admin_db = lab::lab_dir().join("breakwater-admin.db");
+    println!("Admin (SQL):    mariadb -h127.0.0.1 -P6032 -uadmin -padmin   (saved config and access grants: {})", admin_db.display());
+    println!("Temporary user: cargo run -p breakwater-proxy -- access grant --user alice --ttl 1h --role read_only --schema sbtest");
+    let status = std::process::Command::new(bin).arg("--admin-db").arg(&admin_db).status()?;
     if !status.success() {
         bail!("proxy exited with {status}");
     }

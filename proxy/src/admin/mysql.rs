@@ -88,7 +88,12 @@ async fn serve(admin: Arc<AdminSql>, stream: TcpStream, id: u32, peer: String) {
             }
             cmd::QUERY => {
                 let sql = String::from_utf8_lossy(&buf[1..]).trim().trim_end_matches(';').trim().to_string();
-                match statement(&admin, &sql) {
+                let res = if sql.len() > 7 && sql[..7].eq_ignore_ascii_case("ACCESS ") {
+                    access_command(&admin, &sql).await
+                } else {
+                    statement(&admin, &sql)
+                };
+                match res {
                     Ok(Outcome::Affected(n)) => {
                         wr.push(1, &codec::ok_packet(n, 0, status::AUTOCOMMIT, 0));
                     }
@@ -105,6 +110,39 @@ async fn serve(admin: Arc<AdminSql>, stream: TcpStream, id: u32, peer: String) {
         if wr.flush().await.is_err() {
             return;
         }
+    }
+}
+
+/// `ACCESS GRANT USER u TTL 4h [ROLE r] [SCHEMA s] [REASON 'text']`, `ACCESS REVOKE USER u`,
+/// `ACCESS EXTEND USER u TTL 1h`, `ACCESS LIST`.
+async fn access_command(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
+    let a = admin.proxy.access.get().ok_or("temporary access is disabled: set [admin] db_file (or --admin-db)")?;
+    // Words, with one quoted REASON string.
+    let (head, reason) = match sql.find('\'') {
+        Some(i) => (&sql[..i], sql[i + 1..].trim_end().trim_end_matches('\'').to_string()),
+        None => (sql, String::new()),
+    };
+    let words: Vec<&str> = head.split_whitespace().collect();
+    let get = |k: &str| words.windows(2).find(|w| w[0].eq_ignore_ascii_case(k)).map(|w| w[1].to_string());
+    let user = get("USER").ok_or("missing USER <name>")?;
+    let by = format!("admin:{}", admin.user.name);
+    match words.get(1).map(|w| w.to_ascii_uppercase()).as_deref() {
+        Some("GRANT") => {
+            let ttl = crate::access::parse_ttl(&get("TTL").ok_or("missing TTL <duration>")?)?;
+            let g = a
+                .grant(crate::access::GrantRequest { user, ttl_seconds: ttl, role: get("ROLE").unwrap_or_else(|| "read_only".into()), schema: get("SCHEMA"), reason, by })
+                .await?;
+            Ok(Outcome::Rows(
+                vec!["user".into(), "password".into(), "expires_at".into(), "role".into(), "schema".into()],
+                vec![vec![Some(g.user), Some(g.password), Some(g.expires_at), Some(g.role), Some(g.schema)]],
+            ))
+        }
+        Some("REVOKE") => a.revoke(&user, "revoked", &by).await.map(|_| Outcome::Affected(1)),
+        Some("EXTEND") => {
+            let ttl = crate::access::parse_ttl(&get("TTL").ok_or("missing TTL <duration>")?)?;
+            a.extend(&user, ttl, &by).await.map(|_| Outcome::Affected(1))
+        }
+        _ => Err("usage: ACCESS GRANT|REVOKE|EXTEND USER <name> [TTL 4h] [ROLE read_only] [SCHEMA s] [REASON 'why']".into()),
     }
 }
 
@@ -173,6 +211,9 @@ fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
     }
     let sql = if upper == "SHOW TABLES" { "SELECT name AS tables FROM sqlite_master WHERE type = 'table' ORDER BY name" } else { sql };
     db.refresh(&admin.proxy, admin.failover.as_deref())?;
+    if let Some(a) = admin.proxy.access.get() {
+        db.refresh_access(&a.list()?)?;
+    }
     db.execute(sql)
 }
 

@@ -80,6 +80,8 @@ impl AdminDb {
              CREATE TABLE stats_mysql_global (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
              CREATE TABLE stats_breakwater_pins (reason VARCHAR PRIMARY KEY, count INT); \
              CREATE TABLE stats_breakwater_cache (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
+             CREATE TABLE breakwater_access_grants (id INT, username VARCHAR, account VARCHAR, role VARCHAR, schema_name VARCHAR, grants VARCHAR, \
+               reason VARCHAR, granted_by VARCHAR, granted_at INT, expires_at INT, state VARCHAR, ended_at INT); \
              CREATE TABLE breakwater_failover_events (id INT, at VARCHAR, kind VARCHAR, server VARCHAR, action VARCHAR, evidence VARCHAR);",
         )
         .map_err(sql_err)?;
@@ -394,6 +396,20 @@ impl AdminDb {
                 )
                 .map_err(sql_err)?;
             }
+        }
+        tx.commit().map_err(sql_err)
+    }
+
+    /// The temporary access grants (no hashes), for SELECT.
+    pub fn refresh_access(&mut self, grants: &[crate::access::store::Grant]) -> Result<(), String> {
+        let tx = self.conn.transaction().map_err(sql_err)?;
+        tx.execute("DELETE FROM breakwater_access_grants", []).map_err(sql_err)?;
+        for g in grants {
+            tx.execute(
+                "INSERT INTO breakwater_access_grants VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+                rusqlite::params![g.id, g.username, g.account, g.role, g.schema, g.grants, g.reason, g.granted_by, g.granted_at as i64, g.expires_at as i64, g.state, g.ended_at.map(|v| v as i64)],
+            )
+            .map_err(sql_err)?;
         }
         tx.commit().map_err(sql_err)
     }
