@@ -600,6 +600,22 @@ async fn query_cache_and_digests() {
     let _: Option<i64> = c.query_first(q).await.unwrap();
     assert_eq!(selects_of("bw_cache").await - before, 3, "an expired entry is never served");
 
+    // Prepared-statement reads are cached too (binary result sets), keyed by the bound values.
+    let ps = "SELECT v FROM t WHERE id = ?";
+    let v: Option<i64> = c.exec_first(ps, (2,)).await.unwrap();
+    assert_eq!(v, Some(20));
+    let after_first = selects_of("bw_cache").await;
+    for _ in 0..3 {
+        let v: Option<i64> = c.exec_first(ps, (2,)).await.unwrap();
+        assert_eq!(v, Some(20));
+    }
+    assert_eq!(selects_of("bw_cache").await, after_first, "cached prepared reads cost no backend query");
+    let v: Option<i64> = c.exec_first(ps, (1,)).await.unwrap();
+    assert_eq!(v, Some(11), "another value is another key");
+    c.query_drop("UPDATE t SET v = 21 WHERE id = 2").await.unwrap();
+    let v: Option<i64> = c.exec_first(ps, (2,)).await.unwrap();
+    assert_eq!(v, Some(21), "a write invalidates cached prepared reads of the table");
+
     // 100 concurrent identical reads on a cold key: one backend query.
     let mut conns = Vec::new();
     for _ in 0..100 {
@@ -618,7 +634,7 @@ async fn query_cache_and_digests() {
         }));
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), Some(20));
+        assert_eq!(t.await.unwrap(), Some(21));
     }
     assert_eq!(selects_of("bw_cache").await - before, 1, "stampede protection: one backend fetch");
 

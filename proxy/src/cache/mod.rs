@@ -30,6 +30,16 @@ pub fn key(out: &mut Vec<u8>, parts: &[&[u8]], query: &[u8]) {
     out.extend_from_slice(query);
 }
 
+/// Append more NUL-separated `parts` and a body to a key built by [`key`] (whose body was
+/// empty).
+pub fn key_append(out: &mut Vec<u8>, parts: &[&[u8]], body: &[u8]) {
+    for part in parts {
+        out.extend_from_slice(part);
+        out.push(0);
+    }
+    out.extend_from_slice(body);
+}
+
 struct Entry {
     data: Arc<[u8]>,
     tables: Vec<String>,

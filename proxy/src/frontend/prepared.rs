@@ -5,6 +5,7 @@
 //! not seen the statement, the proxy prepares it there first, transparently, and rewrites
 //! the statement id (and re-sends parameter types when the client relies on earlier ones).
 
+use super::session::CacheSrc;
 use super::session::{ClientGone, ClientStmt, Command, Session, SqlError};
 use crate::backend::conn::BackendError;
 use crate::backend::pool::PooledConn;
@@ -15,14 +16,14 @@ use std::sync::Arc;
 
 /// COM_STMT_EXECUTE / FETCH / RESET as sent to one backend connection.
 pub struct StmtCommand<'a> {
-    payload: &'a mut Vec<u8>,
-    sql: Arc<str>,
-    params: u16,
+    pub(super) payload: &'a mut Vec<u8>,
+    pub(super) sql: Arc<str>,
+    pub(super) params: u16,
     /// Types known from an earlier execute of this client statement.
-    known_types: Option<Vec<u8>>,
+    pub(super) known_types: Option<Vec<u8>>,
     /// Types this command sent (to remember on the connection).
-    sent_types: Option<Vec<u8>>,
-    execute: bool,
+    pub(super) sent_types: Option<Vec<u8>>,
+    pub(super) execute: bool,
 }
 
 impl<'a> StmtCommand<'a> {
@@ -86,7 +87,8 @@ impl Session {
         let buf = std::mem::take(&mut self.buf);
         let sql_bytes = &buf[1..];
         let a = classify::analyze(sql_bytes);
-        let hg = self.route(sql_bytes, &a).hostgroup.unwrap_or(self.user.default_hostgroup);
+        let d = self.route(sql_bytes, &a);
+        let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
         let sql: Arc<str> = String::from_utf8_lossy(sql_bytes).into();
         let client_id = self.next_stmt_id;
         let r = self.run(hg, Command::Prepare(&buf, client_id), Kind::Prepare, true).await;
@@ -97,7 +99,15 @@ impl Session {
             self.next_stmt_id = self.next_stmt_id.wrapping_add(1).max(1);
             self.stmts.insert(
                 client_id,
-                ClientStmt { sql, params: ok.params, hostgroup: hg, read_only: a.read_only, effects: a.effects, types: None },
+                ClientStmt {
+                    sql,
+                    params: ok.params,
+                    hostgroup: hg,
+                    read_only: a.read_only && !a.multi,
+                    effects: a.effects,
+                    types: None,
+                    cache: (d.cache_ttl_ms > 0).then_some(d),
+                },
             );
         }
         self.finish(&w, conn, &[]);
@@ -121,6 +131,23 @@ impl Session {
             client_types = buf.get(flag_pos + 1..flag_pos + 1 + 2 * n).map(|t| t.to_vec());
         }
         let retryable = stmt.read_only && !self.pins.any() && !cursor;
+        if let (Some(d), true) = (stmt.cache, retryable) {
+            // A cacheable read: the key holds the statement, the parameter types in force and
+            // the bound values (everything after the statement id, flags and iteration count).
+            let types = client_types.clone().or_else(|| stmt.types.clone()).unwrap_or_default();
+            let key = self.cache_key_for(&[b"PS", stmt.sql.as_bytes(), &types], buf.get(10..).unwrap_or(&[]));
+            let cache = self.proxy.cache.clone();
+            let src = CacheSrc::Stmt { stmt: stmt.clone(), payload: &mut buf };
+            let (r, _, _, _) = self.cached_lookup(src, &d, stmt.hostgroup, &cache, &key).await;
+            self.cache_key = key;
+            self.buf = buf;
+            if let Some(t) = client_types {
+                if let Some(s) = self.stmts.get_mut(&id) {
+                    s.types = Some(t);
+                }
+            }
+            return r;
+        }
         let cmd = StmtCommand {
             payload: &mut buf,
             sql: stmt.sql.clone(),

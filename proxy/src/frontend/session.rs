@@ -59,6 +59,16 @@ pub struct ClientStmt {
     pub effects: Vec<Effect>,
     /// Parameter types from the last execute that sent them (2 bytes per parameter).
     pub types: Option<Vec<u8>>,
+    /// The caching rule's decision, for reads under a rule with cache_ttl.
+    pub cache: Option<Decision>,
+}
+
+/// What a cached read runs on a miss.
+pub enum CacheSrc<'a> {
+    /// A COM_QUERY payload.
+    Query(&'a [u8]),
+    /// A COM_STMT_EXECUTE of a client statement.
+    Stmt { stmt: ClientStmt, payload: &'a mut Vec<u8> },
 }
 
 pub struct Session {
@@ -87,7 +97,7 @@ pub struct Session {
     last_backend: Option<Arc<str>>,
     last_error: Option<u16>,
     /// Reused buffer for query cache keys.
-    cache_key: Vec<u8>,
+    pub(super) cache_key: Vec<u8>,
     /// For temporary users: turns true when their access ends.
     revoked: Option<watch::Receiver<bool>>,
 }
@@ -641,30 +651,49 @@ impl Session {
     /// A read under a caching rule: served from the cache, or fetched once (others wait)
     /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
     async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32) -> (Result<(), ClientGone>, i64, u64, bool) {
-        let sql = &buf[1..];
+        let key = self.cache_key_for(&[], &buf[1..]);
         let cache = self.proxy.cache.clone();
-        let mut key = std::mem::take(&mut self.cache_key);
-        {
-            let var = |n: &str| self.vars.vars.get(n).map(|v| v.as_bytes()).unwrap_or(b"");
-            let eof: &[u8] = if self.caps & caps::DEPRECATE_EOF != 0 { b"okeof" } else { b"" };
-            let parts: [&[u8]; 7] = [
-                self.user.name.as_bytes(),
-                self.vars.schema.as_deref().unwrap_or("").as_bytes(),
-                self.vars.charset.as_bytes(),
-                self.vars.collation.as_deref().unwrap_or("").as_bytes(),
-                var("sql_mode"),
-                var("time_zone"),
-                eof,
-            ];
-            cache::key(&mut key, &parts, sql);
-        }
-        let r = self.cached_lookup(buf, d, hg, &cache, &key).await;
+        let r = self.cached_lookup(CacheSrc::Query(buf), d, hg, &cache, &key).await;
         self.cache_key = key;
         r
     }
 
-    async fn cached_lookup(&mut self, buf: &[u8], d: &Decision, hg: u32, cache: &Arc<cache::QueryCache>, key: &[u8]) -> (Result<(), ClientGone>, i64, u64, bool) {
-        let sql = &buf[1..];
+    /// The cache key of a read in this session's context (user, schema, character set,
+    /// collation, sql_mode, time_zone, protocol flags), then `extra` parts and `body`.
+    /// Reuses the session's key buffer: give it back with `self.cache_key = key`.
+    pub(super) fn cache_key_for(&mut self, extra: &[&[u8]], body: &[u8]) -> Vec<u8> {
+        let mut key = std::mem::take(&mut self.cache_key);
+        let var = |n: &str| self.vars.vars.get(n).map(|v| v.as_bytes()).unwrap_or(b"");
+        let eof: &[u8] = if self.caps & caps::DEPRECATE_EOF != 0 { b"okeof" } else { b"" };
+        let fixed: [&[u8]; 7] = [
+            self.user.name.as_bytes(),
+            self.vars.schema.as_deref().unwrap_or("").as_bytes(),
+            self.vars.charset.as_bytes(),
+            self.vars.collation.as_deref().unwrap_or("").as_bytes(),
+            var("sql_mode"),
+            var("time_zone"),
+            eof,
+        ];
+        cache::key(&mut key, &fixed, b"");
+        cache::key_append(&mut key, extra, body);
+        key
+    }
+
+    pub(super) async fn cached_lookup(
+        &mut self,
+        mut src: CacheSrc<'_>,
+        d: &Decision,
+        hg: u32,
+        cache: &Arc<cache::QueryCache>,
+        key: &[u8],
+    ) -> (Result<(), ClientGone>, i64, u64, bool) {
+        fn tables_of(src: &CacheSrc<'_>, schema: Option<&str>) -> Vec<String> {
+            let sql: &[u8] = match src {
+                CacheSrc::Query(b) => b.get(1..).unwrap_or(&[]),
+                CacheSrc::Stmt { stmt, .. } => stmt.sql.as_bytes(),
+            };
+            tables::tables(sql, schema).unwrap_or_default()
+        }
         let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
         let ttl = Duration::from_millis(d.cache_ttl_ms);
         let stale = Duration::from_millis(d.cache_stale_ms);
@@ -681,11 +710,11 @@ impl Session {
                 }
                 Lookup::Wait(_) => {
                     // The filler is slow or failed twice: go to the backend without the cache.
-                    let (r, rows, err) = self.fetch(buf, hg, false).await;
+                    let (r, rows, err) = self.fetch(&mut src, hg, false).await;
                     return (r, hg as i64, rows, err);
                 }
                 Lookup::Stale(data, mut fill) => {
-                    let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
+                    let tables = tables_of(&src, self.vars.schema.as_deref());
                     fill.begin(&tables);
                     self.wr.buf_mut().extend_from_slice(&data);
                     if let Err(e) = self.flush().await {
@@ -693,20 +722,20 @@ impl Session {
                     }
                     // Refresh for the next clients; nothing of it reaches this one.
                     self.wr.start_capture(cache.max_entry_bytes, true);
-                    let (r, _, err) = self.fetch(buf, hg, true).await;
+                    let (r, _, err) = self.fetch(&mut src, hg, true).await;
                     if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
                         cache.store(fill, &data, tables, ttl, stale);
                     }
                     return (r, -1, 0, false);
                 }
                 Lookup::Fill(mut fill) => {
-                    let tables = tables::tables(sql, self.vars.schema.as_deref()).unwrap_or_default();
+                    let tables = tables_of(&src, self.vars.schema.as_deref());
                     fill.begin(&tables);
                     // Right after a write to these tables a replica may not have it yet.
                     let window = Duration::from_millis(self.rt.cfg.cache.fill_from_writer_after_write_ms);
                     let hg = if !tables.is_empty() && cache.written_within(&tables, window) { self.user.default_hostgroup } else { hg };
                     self.wr.start_capture(cache.max_entry_bytes, false);
-                    let (r, rows, err) = self.fetch(buf, hg, true).await;
+                    let (r, rows, err) = self.fetch(&mut src, hg, true).await;
                     let data = self.wr.end_capture();
                     if let (Some(data), false, Ok(())) = (data, err, &r) {
                         cache.store(fill, &data, tables, ttl, stale);
@@ -718,11 +747,28 @@ impl Session {
     }
 
     /// Run a read on a backend; (result, rows, failed).
-    async fn fetch(&mut self, buf: &[u8], hg: u32, retryable: bool) -> (Result<(), ClientGone>, u64, bool) {
-        match self.run(hg, Command::Raw(buf), Kind::ResultSet, retryable).await {
+    async fn fetch(&mut self, src: &mut CacheSrc<'_>, hg: u32, retryable: bool) -> (Result<(), ClientGone>, u64, bool) {
+        let (r, effects) = match src {
+            CacheSrc::Query(buf) => (self.run(hg, Command::Raw(buf), Kind::ResultSet, retryable).await, Vec::new()),
+            CacheSrc::Stmt { stmt, payload } => {
+                let cmd = super::prepared::StmtCommand {
+                    payload,
+                    sql: stmt.sql.clone(),
+                    params: stmt.params,
+                    known_types: stmt.types.clone(),
+                    sent_types: None,
+                    execute: true,
+                };
+                (self.run(hg, Command::Stmt(cmd), Kind::ResultSet, retryable).await, stmt.effects.clone())
+            }
+        };
+        match r {
             Ok(Some((w, conn))) => {
                 let (rows, err) = (w.rows, w.error.is_some());
-                self.finish(&w, conn, &[]);
+                if let Some(e) = &w.error {
+                    self.last_error = Some(e.code);
+                }
+                self.finish(&w, conn, &effects);
                 (Ok(()), rows, err)
             }
             Ok(None) => (Ok(()), 0, true),

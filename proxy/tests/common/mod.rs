@@ -99,9 +99,12 @@ impl Proxy {
             });
         }
         let t = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {port}");
-            std::thread::sleep(Duration::from_millis(20));
+        // The client port is bound first; the admin ports come up last.
+        for p in [port, admin_port, admin_sql_port] {
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {p}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         Proxy { port, admin_port, admin_sql_port, child: Some(child), log, _dir: dir }
     }
