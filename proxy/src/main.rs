@@ -286,7 +286,7 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
         }
     };
     let (tx, rx) = watch::channel(false);
-    match breakwater_proxy::access::Access::open(proxy.runtime()) {
+    match breakwater_proxy::access::Access::open(proxy.runtime(), proxy.telemetry.log_sender()) {
         Ok(Some(a)) => {
             tracing::info!(audit = %a.audit.path(), "temporary access enabled");
             a.spawn(rx.clone());

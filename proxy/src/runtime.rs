@@ -8,7 +8,7 @@ use crate::protocol::auth;
 use crate::cache::QueryCache;
 use crate::router::rules::Rules;
 use crate::stats::digests::Digests;
-use crate::telemetry::{SpanRecord, Telemetry};
+use crate::telemetry::Telemetry;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -320,7 +320,7 @@ pub struct Proxy {
     pub digests: Digests,
     pub telemetry: Telemetry,
     /// The span queue's receiving end, taken once by the exporter.
-    pub telemetry_rx: Mutex<Option<tokio::sync::mpsc::Receiver<SpanRecord>>>,
+    pub telemetry_rx: Mutex<Option<crate::telemetry::Receivers>>,
     /// Temporary access (set at start when a store is configured).
     pub access: std::sync::OnceLock<Arc<crate::access::Access>>,
     next_conn_id: AtomicU32,

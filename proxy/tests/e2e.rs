@@ -735,15 +735,38 @@ mod otlp_receiver {
     use opentelemetry_proto::tonic::collector::metrics::v1::{ExportMetricsServiceRequest, ExportMetricsServiceResponse};
     use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService;
     use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService;
+    use opentelemetry_proto::tonic::collector::logs::v1::{ExportLogsServiceRequest, ExportLogsServiceResponse};
+    use opentelemetry_proto::tonic::logs::v1::LogRecord;
     use opentelemetry_proto::tonic::trace::v1::Span;
     use prost::Message;
+
+    /// Start gRPC and HTTP receivers; (grpc port, http port).
+    pub async fn start(rx: &Received) -> (u16, u16) {
+        use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+        use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
+        let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_port = grpc.local_addr().unwrap().port();
+        let incoming = tonic::transport::server::TcpIncoming::from(grpc);
+        let svc = tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(rx.clone()))
+            .add_service(MetricsServiceServer::new(rx.clone()))
+            .add_service(LogsServiceServer::new(rx.clone()));
+        tokio::spawn(async move { svc.serve_with_incoming(incoming).await });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http_port = listener.local_addr().unwrap().port();
+        tokio::spawn(http(listener, rx.clone()));
+        (grpc_port, http_port)
+    }
     use std::sync::{Arc, Mutex};
 
-    /// Spans and metric names received, by transport.
+    /// Spans, metric names and log records received, by transport.
     #[derive(Default, Clone)]
     pub struct Received {
         pub spans: Arc<Mutex<Vec<(String, Span)>>>,
         pub metrics: Arc<Mutex<Vec<(String, String)>>>,
+        pub logs: Arc<Mutex<Vec<(String, LogRecord)>>>,
     }
 
     impl Received {
@@ -752,6 +775,14 @@ mod otlp_receiver {
             for rs in r.resource_spans {
                 for ss in rs.scope_spans {
                     v.extend(ss.spans.into_iter().map(|s| (via.to_string(), s)));
+                }
+            }
+        }
+        fn logs(&self, via: &str, r: ExportLogsServiceRequest) {
+            let mut v = self.logs.lock().unwrap();
+            for rl in r.resource_logs {
+                for sl in rl.scope_logs {
+                    v.extend(sl.log_records.into_iter().map(|l| (via.to_string(), l)));
                 }
             }
         }
@@ -770,6 +801,14 @@ mod otlp_receiver {
         async fn export(&self, req: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
             self.traces("grpc", req.into_inner());
             Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+        }
+    }
+
+    #[tonic::async_trait]
+    impl LogsService for Received {
+        async fn export(&self, req: tonic::Request<ExportLogsServiceRequest>) -> Result<tonic::Response<ExportLogsServiceResponse>, tonic::Status> {
+            self.logs("grpc", req.into_inner());
+            Ok(tonic::Response::new(ExportLogsServiceResponse::default()))
         }
     }
 
@@ -813,6 +852,8 @@ mod otlp_receiver {
                 let body = &buf[head_end..head_end + len];
                 if head.starts_with("post /v1/traces") {
                     rx.traces("http", ExportTraceServiceRequest::decode(body).unwrap());
+                } else if head.starts_with("post /v1/logs") {
+                    rx.logs("http", ExportLogsServiceRequest::decode(body).unwrap());
                 } else if head.starts_with("post /v1/metrics") {
                     rx.metrics("http", ExportMetricsServiceRequest::decode(body).unwrap());
                 }
@@ -835,22 +876,11 @@ fn span_attr(s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str) -> Opti
 /// and OTLP/HTTP, to receivers started by the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn otlp_spans_and_metrics_for_queries() {
-    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::MetricsServiceServer;
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer;
     fresh_schema("sbtest_otlp").await;
     lab(PRIMARY).await.query_drop("CREATE TABLE sbtest_otlp.t (id INT PRIMARY KEY, v INT)").await.unwrap();
     wait_replicas_caught_up().await;
     let rx = otlp_receiver::Received::default();
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_port = grpc.local_addr().unwrap().port();
-    let incoming = tonic::transport::server::TcpIncoming::from(grpc);
-    let svc = tonic::transport::Server::builder()
-        .add_service(TraceServiceServer::new(rx.clone()))
-        .add_service(MetricsServiceServer::new(rx.clone()));
-    tokio::spawn(async move { svc.serve_with_incoming(incoming).await });
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http_port = http.local_addr().unwrap().port();
-    tokio::spawn(otlp_receiver::http(http, rx.clone()));
+    let (grpc_port, http_port) = otlp_receiver::start(&rx).await;
 
     let proxy = Proxy::start(&[
         "--otlp-endpoint",
@@ -931,7 +961,11 @@ async fn temporary_access_expires_and_cleans_up() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("admin.db").display().to_string();
-    let p = Proxy::start(&["--admin-db", &db]);
+    let rx = otlp_receiver::Received::default();
+    let (grpc_port, http_port) = otlp_receiver::start(&rx).await;
+    let grpc = format!("http://127.0.0.1:{grpc_port}");
+    let http = format!("http://127.0.0.1:{http_port}");
+    let p = Proxy::start(&["--admin-db", &db, "--otlp-endpoint", &grpc, "--otlp-http-endpoint", &http, "--trace-sample-ratio", "0"]);
 
     // 1. A 5 s read_only grant.
     let (ok, out) = access_cli(&p, &["grant", "--user", "alice", "--ttl", "5s", "--role", "read_only", "--schema", "sbtest", "--reason", "INC-42 look at orders", "--output", "json"]);
@@ -961,6 +995,26 @@ async fn temporary_access_expires_and_cleans_up() {
     println!("open session after expiry: {e}");
     let e = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.unwrap_err();
     assert_eq!(server_code(&e), Some(1045), "{e}");
+    // The audit events also went out as OTLP logs, over both transports.
+    let t = Instant::now();
+    loop {
+        let logs = rx.logs.lock().unwrap().clone();
+        let got = |via: &str, ev: &str| {
+            logs.iter().any(|(v, l)| {
+                v == via
+                    && l.attributes.iter().any(|k| {
+                        k.key == "event.name"
+                            && matches!(k.value.as_ref().and_then(|v| v.value.as_ref()),
+                                Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(s)) if s == &format!("breakwater.access.{ev}"))
+                    })
+            })
+        };
+        if ["grant", "login", "statement", "expired", "login_failed"].iter().all(|ev| got("grpc", ev) && got("http", ev)) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "audit events not all received as OTLP logs: {} records", logs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The same through the MySQL admin interface.
     let row = p.admin_sql("ACCESS GRANT USER carol TTL 1h ROLE read_only SCHEMA sbtest REASON 'audit review'").unwrap();

@@ -9,12 +9,14 @@ use std::sync::Mutex;
 pub struct Audit {
     path: String,
     file: Mutex<std::fs::File>,
+    /// Also sent as OTLP logs when the proxy exports telemetry.
+    otlp: Option<tokio::sync::mpsc::Sender<crate::telemetry::LogEvent>>,
 }
 
 impl Audit {
-    pub fn open(path: &str) -> Result<Self, String> {
+    pub fn open(path: &str, otlp: Option<tokio::sync::mpsc::Sender<crate::telemetry::LogEvent>>) -> Result<Self, String> {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("cannot open audit log {path}: {e}"))?;
-        Ok(Self { path: path.to_string(), file: Mutex::new(file) })
+        Ok(Self { path: path.to_string(), file: Mutex::new(file), otlp })
     }
 
     pub fn path(&self) -> &str {
@@ -36,6 +38,15 @@ impl Audit {
             if let Err(e) = writeln!(f, "{line}") {
                 tracing::warn!(path = %self.path, error = %e, "audit log write failed");
             }
+        }
+        if let Some(tx) = &self.otlp {
+            let _ = tx.try_send(crate::telemetry::LogEvent {
+                time_ns: ms * 1_000_000,
+                event: event.to_string(),
+                user: user.to_string(),
+                details: details.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                body: line,
+            });
         }
     }
 }

@@ -87,7 +87,7 @@ fn valid_name(s: &str) -> bool {
 
 impl Access {
     /// None when no store is configured (`[admin] db_file`).
-    pub fn open(rt: Arc<Runtime>) -> Result<Option<Arc<Self>>, String> {
+    pub fn open(rt: Arc<Runtime>, otlp_logs: Option<tokio::sync::mpsc::Sender<crate::telemetry::LogEvent>>) -> Result<Option<Arc<Self>>, String> {
         let db_file = rt.cfg.admin.db_file.clone();
         if db_file.is_empty() {
             return Ok(None);
@@ -95,7 +95,7 @@ impl Access {
         let cfg = rt.cfg.access.clone();
         let store = Store::open(&db_file)?;
         let audit_path = if cfg.audit_log.is_empty() { format!("{db_file}.audit.jsonl") } else { cfg.audit_log.clone() };
-        let audit = audit::Audit::open(&audit_path)?;
+        let audit = audit::Audit::open(&audit_path, otlp_logs)?;
         let (db_user, db_password) = if cfg.admin_username.is_empty() {
             (rt.cfg.monitor.username.clone(), rt.cfg.monitor.password.clone())
         } else {

@@ -1,14 +1,18 @@
 //! OpenTelemetry export of the proxy: one span per sampled client query (semantic-convention
 //! attributes: db.system.name, db.operation.name, db.namespace, db.query.summary,
 //! server.address/port of the backend, plus breakwater.hostgroup and breakwater.cache),
-//! and the proxy's counters as OTLP metrics; over OTLP/gRPC and/or OTLP/HTTP (protobuf).
+//! the proxy's counters as OTLP metrics, and the temporary-access audit events as OTLP logs;
+//! over OTLP/gRPC and/or OTLP/HTTP (protobuf).
 //!
 //! Sessions hand finished spans to a bounded queue without waiting; an exporter task sends
 //! them in batches every `export_interval_ms`. A full queue drops spans and counts them.
 
 use crate::config::TelemetryConfig;
 use crate::runtime::Proxy;
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
@@ -41,8 +45,19 @@ pub struct SpanRecord {
     pub rows: u64,
 }
 
+/// An audit event (temporary access) for OTLP logs.
+pub struct LogEvent {
+    pub time_ns: u64,
+    pub event: String,
+    pub user: String,
+    pub details: Vec<(String, String)>,
+    /// The JSON line, as the body.
+    pub body: String,
+}
+
 pub struct Telemetry {
     tx: Option<mpsc::Sender<SpanRecord>>,
+    log_tx: Option<mpsc::Sender<LogEvent>>,
     ratio: f64,
     pub dropped: AtomicU64,
     pub exported: AtomicU64,
@@ -67,21 +82,27 @@ fn i(v: i64) -> any_value::Value {
 
 impl Telemetry {
     /// Disabled unless an endpoint is configured; the exporter starts with [`spawn`].
-    pub fn new(cfg: &TelemetryConfig) -> (Self, Option<mpsc::Receiver<SpanRecord>>) {
+    pub fn new(cfg: &TelemetryConfig) -> (Self, Option<Receivers>) {
         let enabled = !cfg.otlp_endpoint.is_empty() || !cfg.otlp_http_endpoint.is_empty();
-        let (tx, rx) = if enabled {
+        let (tx, log_tx, rx) = if enabled {
             let (tx, rx) = mpsc::channel(cfg.max_queued_spans.max(1));
-            (Some(tx), Some(rx))
+            let (log_tx, log_rx) = mpsc::channel(cfg.max_queued_spans.max(1));
+            (Some(tx), Some(log_tx), Some(Receivers { spans: rx, logs: log_rx }))
         } else {
-            (None, None)
+            (None, None, None)
         };
-        let t = Self { tx, ratio: cfg.trace_sample_ratio.clamp(0.0, 1.0), dropped: AtomicU64::new(0), exported: AtomicU64::new(0), export_errors: AtomicU64::new(0) };
+        let t = Self { tx, log_tx, ratio: cfg.trace_sample_ratio.clamp(0.0, 1.0), dropped: AtomicU64::new(0), exported: AtomicU64::new(0), export_errors: AtomicU64::new(0) };
         (t, rx)
     }
 
     /// Whether to trace this query (cheap when tracing is off).
     pub fn sample(&self) -> bool {
         self.tx.is_some() && self.ratio > 0.0 && (self.ratio >= 1.0 || rand::random::<f64>() < self.ratio)
+    }
+
+    /// Where audit events go as OTLP logs (None when no endpoint is configured).
+    pub fn log_sender(&self) -> Option<mpsc::Sender<LogEvent>> {
+        self.log_tx.clone()
     }
 
     pub fn record(&self, span: SpanRecord) {
@@ -211,9 +232,29 @@ fn metrics_request(proxy: &Proxy, res: &Resource, start: u64) -> ExportMetricsSe
     }
 }
 
+/// The exporter's ends of the span and log queues.
+pub struct Receivers {
+    pub spans: mpsc::Receiver<SpanRecord>,
+    pub logs: mpsc::Receiver<LogEvent>,
+}
+
+fn to_log(e: LogEvent) -> LogRecord {
+    let mut attributes = vec![kv("event.name", s(format!("breakwater.access.{}", e.event))), kv("user.name", s(e.user))];
+    attributes.extend(e.details.into_iter().map(|(k, v)| kv(&format!("breakwater.access.{k}"), s(v))));
+    LogRecord {
+        time_unix_nano: e.time_ns,
+        observed_time_unix_nano: e.time_ns,
+        severity_number: 9, // INFO
+        severity_text: "INFO".into(),
+        body: Some(AnyValue { value: Some(s(e.body)) }),
+        attributes,
+        ..Default::default()
+    }
+}
+
 /// Start the exporter (holds the proxy weakly; stops on shutdown).
-pub fn spawn(proxy: &Arc<Proxy>, rx: Option<mpsc::Receiver<SpanRecord>>, mut shutdown: watch::Receiver<bool>) {
-    let Some(mut rx) = rx else { return };
+pub fn spawn(proxy: &Arc<Proxy>, rx: Option<Receivers>, mut shutdown: watch::Receiver<bool>) {
+    let Some(Receivers { spans: mut rx, logs: mut log_rx }) = rx else { return };
     let cfg = proxy.rt.cfg.telemetry.clone();
     let weak: Weak<Proxy> = Arc::downgrade(proxy);
     tokio::spawn(async move {
@@ -242,14 +283,31 @@ pub fn spawn(proxy: &Arc<Proxy>, rx: Option<mpsc::Receiver<SpanRecord>>, mut shu
                 }],
             });
             let metrics = metrics_request(&proxy, &res, start);
+            let mut records = Vec::new();
+            while records.len() < 4096 {
+                match log_rx.try_recv() {
+                    Ok(e) => records.push(to_log(e)),
+                    Err(_) => break,
+                }
+            }
+            let logs = (!records.is_empty()).then(|| ExportLogsServiceRequest {
+                resource_logs: vec![ResourceLogs {
+                    resource: Some(res.clone()),
+                    scope_logs: vec![ScopeLogs { scope: Some(scope()), log_records: records, ..Default::default() }],
+                    ..Default::default()
+                }],
+            });
             let mut ok = true;
             if !cfg.otlp_endpoint.is_empty() {
-                ok &= send_grpc(&cfg.otlp_endpoint, traces.clone(), metrics.clone()).await.map_err(|e| warn!(error = %e, "OTLP/gRPC export failed")).is_ok();
+                ok &= send_grpc(&cfg.otlp_endpoint, traces.clone(), metrics.clone(), logs.clone()).await.map_err(|e| warn!(error = %e, "OTLP/gRPC export failed")).is_ok();
             }
             if !cfg.otlp_http_endpoint.is_empty() {
                 let base = cfg.otlp_http_endpoint.trim_end_matches('/');
                 if let Some(t) = &traces {
                     ok &= send_http(&format!("{base}/v1/traces"), t.encode_to_vec()).await.map_err(|e| warn!(error = %e, "OTLP/HTTP trace export failed")).is_ok();
+                }
+                if let Some(l) = &logs {
+                    ok &= send_http(&format!("{base}/v1/logs"), l.encode_to_vec()).await.map_err(|e| warn!(error = %e, "OTLP/HTTP log export failed")).is_ok();
                 }
                 ok &= send_http(&format!("{base}/v1/metrics"), metrics.encode_to_vec()).await.map_err(|e| warn!(error = %e, "OTLP/HTTP metric export failed")).is_ok();
             }
@@ -265,11 +323,19 @@ pub fn spawn(proxy: &Arc<Proxy>, rx: Option<mpsc::Receiver<SpanRecord>>, mut shu
     });
 }
 
-async fn send_grpc(endpoint: &str, traces: Option<ExportTraceServiceRequest>, metrics: ExportMetricsServiceRequest) -> Result<(), String> {
+async fn send_grpc(
+    endpoint: &str,
+    traces: Option<ExportTraceServiceRequest>,
+    metrics: ExportMetricsServiceRequest,
+    logs: Option<ExportLogsServiceRequest>,
+) -> Result<(), String> {
     let fut = async {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
         if let Some(t) = traces {
             TraceServiceClient::new(channel.clone()).export(t).await.map_err(|e| e.to_string())?;
+        }
+        if let Some(l) = logs {
+            LogsServiceClient::new(channel.clone()).export(l).await.map_err(|e| e.to_string())?;
         }
         MetricsServiceClient::new(channel).export(metrics).await.map_err(|e| e.to_string())?;
         Ok::<(), String>(())
