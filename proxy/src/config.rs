@@ -258,6 +258,8 @@ impl PromotionRule {
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
     pub listen: String,
+    /// Accept queue length of the client listener (capped by net.core.somaxconn).
+    pub listen_backlog: u32,
     pub max_client_connections: usize,
     pub server_version: String,
     pub max_allowed_packet: usize,
@@ -272,6 +274,7 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:6033".into(),
+            listen_backlog: 4096,
             max_client_connections: 4096,
             server_version: "5.5.5-10.11.6-MariaDB-Breakwater".into(),
             max_allowed_packet: 64 << 20,

@@ -258,7 +258,7 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
     let listen = rt.cfg.proxy.listen.clone();
     let monitor_cfg = rt.cfg.monitor.clone();
     let proxy = Proxy::new(rt);
-    let listener = match tokio::net::TcpListener::bind(&listen).await {
+    let listener = match listener::bind(&listen, proxy.rt.cfg.proxy.listen_backlog).await {
         Ok(l) => l,
         Err(e) => {
             eprintln!("breakwater-proxy: cannot listen on {listen}: {e}");
