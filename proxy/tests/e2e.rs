@@ -975,7 +975,6 @@ async fn temporary_access_expires_and_cleans_up() {
     let account = g["account"].as_str().unwrap().to_string();
     assert!(account.starts_with("bw_tmp_alice_") && password.len() >= 20, "{g}");
     assert!(g["expires_at"].as_str().is_some());
-    let granted = Instant::now();
     assert_eq!(account_counts(&account).await, vec![1, 1, 1], "the account replicated");
     let mut c = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.expect("temporary user logs in");
     let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM sbtest1").await.unwrap();
@@ -987,8 +986,23 @@ async fn temporary_access_expires_and_cleans_up() {
     assert!(e.to_string().contains("read_only"), "{e}");
     let (ok, list) = access_cli(&p, &["list"]);
     assert!(ok && list.contains("alice") && list.contains("INC-42") && list.contains("active"), "{list}");
+    // Extend within max_ttl_seconds (default 24 h), not beyond.
+    let (ok, out) = access_cli(&p, &["extend", "--user", "alice", "--ttl", "5s"]);
+    assert!(ok && out.contains("expires at"), "{out}");
+    let granted = Instant::now();
+    let (ok, out) = access_cli(&p, &["extend", "--user", "alice", "--ttl", "25h"]);
+    assert!(!ok && out.contains("max_ttl_seconds"), "{out}");
+    // A statement running at expiry gets an error (its server connection is killed).
+    let mut busy = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.unwrap();
+    let started = Instant::now();
+    let in_flight = tokio::spawn(async move { busy.query_drop("SELECT SLEEP(30)").await.map_err(|e| (e, started.elapsed())) });
     // Expiry: without any request from the user.
     wait_for_accounts(&account, 0, Duration::from_secs(12)).await;
+    let r = tokio::time::timeout(Duration::from_secs(10), in_flight).await.expect("in-flight statement ended").unwrap();
+    let (e, after) = r.expect_err("the in-flight statement fails at expiry");
+    println!("in-flight statement at expiry ({after:?} after it started): {e}");
+    assert!(after > Duration::from_secs(2), "it ran until the expiry");
+    assert!(e.to_string().contains("temporary access of 'alice' has ended") || server_code(&e) == Some(1927), "a clear error: {e}");
     let took = granted.elapsed();
     assert!(took < Duration::from_secs(9), "expired {took:?} after a 5 s grant");
     let e = c.query_first::<i64, _>("SELECT 1").await.unwrap_err();
@@ -1059,7 +1073,7 @@ async fn temporary_access_expires_and_cleans_up() {
     let audit = std::fs::read_to_string(format!("{db}.audit.jsonl")).unwrap();
     let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let has = |ev: &str, user: &str| events.iter().any(|e| e["event"] == ev && e["user"] == user && e["ts"].as_str().is_some());
-    for (ev, user) in [("grant", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", "bw_tmp_orphan_abc123")] {
+    for (ev, user) in [("grant", "alice"), ("extend", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", "bw_tmp_orphan_abc123")] {
         assert!(has(ev, user), "audit lacks {ev} of {user}:\n{audit}");
     }
     assert!(events.iter().any(|e| e["event"] == "grant" && e["reason"] == "INC-42 look at orders"));

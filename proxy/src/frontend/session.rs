@@ -375,6 +375,13 @@ impl Session {
             let Some(server) = hg.pick(exclude) else { break };
             match server.checkout(&opts).await {
                 Ok(c) => return Ok(c),
+                Err(PoolError::Backend(BackendError::Login { .. })) if self.user.temporary && self.rt.user(&self.user.name).is_none() => {
+                    return Err(SqlError::new(
+                        errcode::CONNECTION_KILLED,
+                        "70100",
+                        format!("Breakwater: temporary access of '{}' has ended (expired or revoked)", self.user.name),
+                    ));
+                }
                 Err(PoolError::Backend(BackendError::Login { addr, code, msg })) => {
                     return Err(SqlError::new(
                         errcode::ACCESS_DENIED,
