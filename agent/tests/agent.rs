@@ -125,41 +125,16 @@ impl MetricsService for GrpcReceiver {
 
 /// An OTLP/HTTP receiver: POST /v1/metrics with a protobuf body.
 async fn http_receiver(listener: tokio::net::TcpListener, rx: Received) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let got: breakwater_testkit::HttpRequests = Default::default();
+    tokio::spawn(breakwater_testkit::http_receiver(listener, got.clone()));
     loop {
-        let Ok((mut s, _)) = listener.accept().await else { continue };
-        let rx = rx.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 65536];
-            let (head_end, len) = loop {
-                let n = s.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0)))
-                        .unwrap_or(0);
-                    assert!(head.starts_with("post /v1/metrics"), "{head}");
-                    assert!(head.contains("content-type: application/x-protobuf"), "{head}");
-                    break (i + 4, len);
-                }
-            };
-            while buf.len() < head_end + len {
-                let n = s.read(&mut chunk).await.unwrap_or(0);
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-            }
-            let req = ExportMetricsServiceRequest::decode(&buf[head_end..head_end + len]).unwrap();
-            rx.lock().unwrap().push(req);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-        });
+        let reqs: Vec<(String, Vec<u8>)> = std::mem::take(&mut *got.lock().unwrap());
+        for (head, body) in reqs {
+            assert!(head.starts_with("post /v1/metrics"), "{head}");
+            assert!(head.contains("content-type: application/x-protobuf"), "{head}");
+            rx.lock().unwrap().push(ExportMetricsServiceRequest::decode(&body[..]).unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -820,45 +820,22 @@ mod otlp_receiver {
         }
     }
 
-    /// OTLP/HTTP: POST /v1/traces and /v1/metrics with protobuf bodies.
+    /// OTLP/HTTP: POST /v1/traces, /v1/metrics and /v1/logs with protobuf bodies.
     pub async fn http(listener: tokio::net::TcpListener, rx: Received) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let got: breakwater_testkit::HttpRequests = Default::default();
+        tokio::spawn(breakwater_testkit::http_receiver(listener, got.clone()));
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { continue };
-            let rx = rx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 65536];
-                let (head, head_end, len) = loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                        let len: usize =
-                            head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
-                        break (head, i + 4, len);
-                    }
-                };
-                while buf.len() < head_end + len {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body = &buf[head_end..head_end + len];
+            let reqs: Vec<(String, Vec<u8>)> = std::mem::take(&mut *got.lock().unwrap());
+            for (head, body) in reqs {
                 if head.starts_with("post /v1/traces") {
-                    rx.traces("http", ExportTraceServiceRequest::decode(body).unwrap());
+                    rx.traces("http", ExportTraceServiceRequest::decode(&body[..]).unwrap());
                 } else if head.starts_with("post /v1/logs") {
-                    rx.logs("http", ExportLogsServiceRequest::decode(body).unwrap());
+                    rx.logs("http", ExportLogsServiceRequest::decode(&body[..]).unwrap());
                 } else if head.starts_with("post /v1/metrics") {
-                    rx.metrics("http", ExportMetricsServiceRequest::decode(body).unwrap());
+                    rx.metrics("http", ExportMetricsServiceRequest::decode(&body[..]).unwrap());
                 }
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
-            });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }

@@ -116,3 +116,41 @@ pub fn dashboard_queries(path: &Path) -> Vec<String> {
     }
     out
 }
+
+/// Requests an HTTP receiver got: (lowercased request head, body).
+pub type HttpRequests = std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>;
+
+/// A minimal HTTP/1.1 receiver (one request per connection, answers 200): enough for an
+/// OTLP/HTTP collector in tests; the test decodes the protobuf bodies it wants.
+pub async fn http_receiver(listener: tokio::net::TcpListener, got: HttpRequests) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else { continue };
+        let got = got.clone();
+        tokio::spawn(async move {
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 65536];
+            let (head, head_end, len) = loop {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                    let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap_or(0))).unwrap_or(0);
+                    break (head, i + 4, len);
+                }
+            };
+            while buf.len() < head_end + len {
+                let n = s.read(&mut chunk).await.unwrap_or(0);
+                if n == 0 {
+                    return;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            got.lock().unwrap_or_else(|p| p.into_inner()).push((head, buf[head_end..head_end + len].to_vec()));
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").await;
+        });
+    }
+}

@@ -94,6 +94,30 @@ fn wait_port(port: u16) -> Result<()> {
     bail!("nothing listening on {port}")
 }
 
+/// Interleave direct (3307) and proxied runs twice each; print the means and the ratio.
+fn compare(workload: &str, label: &str, threads: u32, proxy_port: u16, secs: u32, extra: &[&str], note: &str) -> Result<()> {
+    let mut d = Vec::new();
+    let mut p = Vec::new();
+    for _ in 0..2 {
+        d.push(sysbench(workload, 3307, threads, secs / 2, extra)?);
+        p.push(sysbench(workload, proxy_port, threads, secs / 2, extra)?);
+    }
+    let mean = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
+    let (dq, pq) = (mean(&d, |r| r.qps), mean(&p, |r| r.qps));
+    println!(
+        "{:<20} {:>7} {:>12.0} {:>12.0} {:>8.2} {:>9.2}ms {:>9.2}ms {:>7}{note}",
+        label,
+        threads,
+        dq,
+        pq,
+        pq / dq,
+        mean(&d, |r| r.p95_ms),
+        mean(&p, |r| r.p95_ms),
+        p.iter().map(|r| r.errors).sum::<u64>()
+    );
+    Ok(())
+}
+
 pub fn run(args: &[&str]) -> Result<()> {
     let secs: u32 = args
         .iter()
@@ -119,26 +143,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         "workload", "threads", "direct qps", "proxy qps", "ratio", "direct p95", "proxy p95", "errors");
     for workload in ["oltp_point_select", "oltp_read_only"] {
         for threads in [8u32, 32] {
-            // Interleave: direct, proxy, direct, proxy; report the mean of each.
-            let mut d = Vec::new();
-            let mut p = Vec::new();
-            for _ in 0..2 {
-                d.push(sysbench(workload, 3307, threads, secs / 2, &[])?);
-                p.push(sysbench(workload, 6033, threads, secs / 2, &[])?);
-            }
-            let mean = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
-            let (dq, pq) = (mean(&d, |r| r.qps), mean(&p, |r| r.qps));
-            println!(
-                "{:<20} {:>7} {:>12.0} {:>12.0} {:>8.2} {:>9.2}ms {:>9.2}ms {:>7}",
-                workload,
-                threads,
-                dq,
-                pq,
-                pq / dq,
-                mean(&d, |r| r.p95_ms),
-                mean(&p, |r| r.p95_ms),
-                p.iter().map(|r| r.errors).sum::<u64>()
-            );
+            compare(workload, workload, threads, 6033, secs, &[], "")?;
         }
     }
     println!("\nproxy peak RSS: {:.1} MiB (release build, --worker-threads 1)", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
@@ -169,25 +174,7 @@ fn cache_hit(bin: &std::path::Path, secs: u32) -> Result<()> {
     let text = ["--db-ps-mode=disable"];
     // Warm the cache (40000 distinct keys).
     sysbench("oltp_point_select", 6034, 32, 5, &text)?;
-    let mut d = Vec::new();
-    let mut p = Vec::new();
-    for _ in 0..2 {
-        d.push(sysbench("oltp_point_select", 3307, 32, secs / 2, &text)?);
-        p.push(sysbench("oltp_point_select", 6034, 32, secs / 2, &text)?);
-    }
-    let mean = |v: &[Run], f: fn(&Run) -> f64| v.iter().map(f).sum::<f64>() / v.len() as f64;
-    let (dq, pq) = (mean(&d, |r| r.qps), mean(&p, |r| r.qps));
-    println!(
-        "{:<20} {:>7} {:>12.0} {:>12.0} {:>8.2} {:>9.2}ms {:>9.2}ms {:>7}   (query cache hits, text protocol; target ratio >= 2.0)",
-        "point_select cached",
-        32,
-        dq,
-        pq,
-        pq / dq,
-        mean(&d, |r| r.p95_ms),
-        mean(&p, |r| r.p95_ms),
-        p.iter().map(|r| r.errors).sum::<u64>()
-    );
+    compare("oltp_point_select", "point_select cached", 32, 6034, secs, &text, "   (query cache hits, text protocol; target ratio >= 2.0)")?;
     println!("proxy (cache) peak RSS: {:.1} MiB", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
     Ok(())
 }
