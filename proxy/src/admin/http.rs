@@ -80,7 +80,14 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
             let text = String::from_utf8_lossy(&buf);
             let mut parts = text.lines().next().unwrap_or("").split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            route(admin, method, target).await
+            let local_peer = stream.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
+            if method != "GET" && !local_peer {
+                // Commands (failover, access grants) only from this host; reads may be remote
+                // (a Prometheus server scraping /metrics).
+                Response::json(403, &serde_json::json!({"error": "commands are accepted from loopback clients only"}))
+            } else {
+                route(admin, method, target).await
+            }
         }
         Ok(Ok(false)) => Response::text(400, "bad request\n"),
         Ok(Err(e)) => return Err(e),
@@ -89,6 +96,7 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let reason = match resp.status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
