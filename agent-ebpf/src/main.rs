@@ -286,20 +286,35 @@ unsafe fn on_send(sk: u64, ret: i32) -> Result<(), i32> {
         return Ok(());
     }
     let now = bpf_ktime_get_ns();
-    let mut first = [0u8; 12];
-    let err = match syscall_buffer() {
-        Some(buf) if bpf_probe_read_user_buf(buf as *const u8, &mut first).is_ok() => first[4] == 0xff,
-        _ => false,
-    };
     st.phase = PHASE_RESPONSE;
     st.requests += 1;
-    let mut ev = conn_event(EVENT_REQUEST, st, sk);
-    ev.response_err = err as u8;
-    ev.request_len = st.request_len;
-    ev.response = first;
-    ev.value_ns = now.saturating_sub(st.request_ns);
-    ev.request = st.request;
-    emit(&ev);
+    // Written in place in the ring buffer: no Event built on the stack and copied.
+    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
+        drop_count(DROP_RINGBUF_FULL);
+        return Ok(());
+    };
+    let ev = slot.as_mut_ptr();
+    (*ev).kind = EVENT_REQUEST;
+    (*ev).port = st.port;
+    (*ev).peer_port = st.peer_port;
+    (*ev).peer_addr = st.peer_addr;
+    (*ev)._pad = [0; 3];
+    (*ev).request_len = st.request_len;
+    (*ev).sock = sk;
+    (*ev).rtt_us = 0;
+    (*ev).value_ns = now.saturating_sub(st.request_ns);
+    (*ev).bytes_in = 0;
+    (*ev).bytes_out = 0;
+    (*ev).requests = 0;
+    (*ev).request = st.request;
+    (*ev).response = [0; 12];
+    (*ev).response_err = 0;
+    if let Some(buf) = syscall_buffer() {
+        if bpf_probe_read_user_buf(buf as *const u8, &mut (*ev).response).is_ok() {
+            (*ev).response_err = ((*ev).response[4] == 0xff) as u8;
+        }
+    }
+    slot.submit(BPF_RB_NO_WAKEUP);
     Ok(())
 }
 
