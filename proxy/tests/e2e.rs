@@ -1070,3 +1070,28 @@ async fn wait_for_accounts(account: &str, want: i64, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// LAST_INSERT_ID() after an autocommit INSERT: the next statement may run on another
+/// backend connection (a reader, even), so the proxy answers it from the INSERT's OK packet.
+#[tokio::test]
+async fn last_insert_id_survives_multiplexing() {
+    fresh_schema("sbtest_lastid").await;
+    lab(PRIMARY).await.query_drop("CREATE TABLE sbtest_lastid.t (id BIGINT AUTO_INCREMENT PRIMARY KEY, v INT) AUTO_INCREMENT = 1000").await.unwrap();
+    wait_replicas_caught_up().await;
+    let proxy = Proxy::start(&[]);
+    let mut c = Conn::new(proxy.opts("app", "app", Some("sbtest_lastid"))).await.unwrap();
+    let mut other = Conn::new(proxy.opts("app", "app", Some("sbtest_lastid"))).await.unwrap();
+    for want in [1000u64, 1001, 1002] {
+        c.query_drop("INSERT INTO t (v) VALUES (1)").await.unwrap();
+        // Another client inserts in between: it must not change this client's id.
+        other.query_drop("INSERT INTO t (v) VALUES (2)").await.unwrap();
+        let id: Option<u64> = c.query_first("SELECT LAST_INSERT_ID()").await.unwrap();
+        assert_eq!(id, Some(want + (want - 1000)), "this client's own last id");
+        let ident: Option<u64> = c.query_first("select @@identity as id").await.unwrap();
+        assert_eq!(ident, id);
+        let r: Vec<mysql_async::Row> = c.query("SELECT LAST_INSERT_ID() AS last").await.unwrap();
+        assert_eq!(r[0].columns_ref()[0].name_str(), "last");
+    }
+    let _ = c.disconnect().await;
+    let _ = other.disconnect().await;
+}

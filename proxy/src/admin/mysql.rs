@@ -217,37 +217,8 @@ fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
     db.execute(sql)
 }
 
-/// A text-protocol result set with every column a string (EOF-terminated: the proxy does
-/// not offer CLIENT_DEPRECATE_EOF).
+/// A text-protocol result set with every column a string.
 fn result_set<W: tokio::io::AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, cols: &[String], rows: &[Vec<Option<String>>]) {
-    let mut seq = 1u8;
-    let mut p = Vec::new();
-    codec::put_lenenc(&mut p, cols.len() as u64);
-    seq = wr.push(seq, &p);
-    for c in cols {
-        p.clear();
-        for s in ["def", "main", "", "", c.as_str(), c.as_str()] {
-            codec::put_lenenc_str(&mut p, s.as_bytes());
-        }
-        p.push(0x0c);
-        p.extend_from_slice(&33u16.to_le_bytes()); // utf8_general_ci
-        p.extend_from_slice(&1024u32.to_le_bytes());
-        p.push(0xfd); // VAR_STRING
-        p.extend_from_slice(&0u16.to_le_bytes());
-        p.push(0);
-        p.extend_from_slice(&[0, 0]);
-        seq = wr.push(seq, &p);
-    }
-    seq = wr.push(seq, &codec::eof_packet(status::AUTOCOMMIT, 0));
-    for r in rows {
-        p.clear();
-        for v in r {
-            match v {
-                Some(s) => codec::put_lenenc_str(&mut p, s.as_bytes()),
-                None => p.push(0xfb),
-            }
-        }
-        seq = wr.push(seq, &p);
-    }
-    wr.push(seq, &codec::eof_packet(status::AUTOCOMMIT, 0));
+    let cols: Vec<codec::Column> = cols.iter().map(|c| codec::Column { name: c, kind: codec::TYPE_VAR_STRING, flags: 0 }).collect();
+    codec::push_text_result_set(wr, &cols, rows, status::AUTOCOMMIT);
 }

@@ -100,6 +100,9 @@ pub struct Session {
     pub(super) cache_key: Vec<u8>,
     /// For temporary users: turns true when their access ends.
     revoked: Option<watch::Receiver<bool>>,
+    /// The last AUTO_INCREMENT id an OK packet reported: `SELECT LAST_INSERT_ID()` is answered
+    /// from it, since a multiplexed client's next statement may run on another connection.
+    last_insert_id: u64,
 }
 
 /// Resolves when a temporary user's access ends (never for other users).
@@ -178,6 +181,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         last_error: None,
         cache_key: Vec::new(),
         revoked,
+        last_insert_id: 0,
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
@@ -498,6 +502,9 @@ impl Session {
 
     /// Apply a finished statement's effects and decide whether the client stays pinned.
     pub(super) fn finish(&mut self, w: &Walker, mut conn: PooledConn, effects: &[Effect]) {
+        if w.last_insert_id != 0 {
+            self.last_insert_id = w.last_insert_id;
+        }
         if let Some(e) = &w.error {
             // The server ended this connection (KILL, shutdown): it cannot be used again.
             if matches!(e.code, errcode::CONNECTION_KILLED | errcode::SERVER_SHUTDOWN) {
@@ -570,7 +577,14 @@ impl Session {
         }
         use classify::Kind as K;
         let writes = a.multi || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
-        let result = if is_kill(sql) {
+        let local_id = if self.pins.any() { None } else { last_insert_id_query(sql) };
+        let result = if let Some(col) = local_id {
+            let v = self.last_insert_id.to_string();
+            let st = self.status_flags();
+            let cols = [codec::Column { name: &col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
+            codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some(v)]], st);
+            self.flush().await
+        } else if is_kill(sql) {
             let e = SqlError::new(1235, "42000", "KILL through Breakwater is not supported: connection ids are the proxy's, not the server's");
             self.send_err(1, &e).await
         } else if self.user.read_only && writes {
@@ -908,6 +922,41 @@ impl<'a> Command<'a> {
     }
 }
 
+/// `SELECT LAST_INSERT_ID()` / `SELECT @@IDENTITY` / `SELECT @@LAST_INSERT_ID` (optionally
+/// `AS alias`): the column name to answer with, or None. Looks only at short statements.
+fn last_insert_id_query(sql: &[u8]) -> Option<String> {
+    if sql.len() > 80 || !sql.get(..6).is_some_and(|p| p.eq_ignore_ascii_case(b"select")) {
+        return None;
+    }
+    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let (expr, alias) = match words.as_slice() {
+        [_, e] => (*e, None),
+        [_, e, a, name] if a.eq_ignore_ascii_case("as") => (*e, Some(*name)),
+        [_, e, name] => (*e, Some(*name)),
+        _ => return None,
+    };
+    let up = expr.to_ascii_uppercase();
+    if matches!(up.as_str(), "LAST_INSERT_ID()" | "@@IDENTITY" | "@@LAST_INSERT_ID" | "@@SESSION.IDENTITY" | "@@SESSION.LAST_INSERT_ID") {
+        Some(alias.unwrap_or(expr).trim_matches(|c| c == '`' || c == '"' || c == '\'').to_string())
+    } else {
+        None
+    }
+}
+
 fn is_kill(sql: &[u8]) -> bool {
     matches!(crate::router::lexer::Lexer::new(sql).next(), Some(crate::router::lexer::Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn last_insert_id_queries() {
+        use super::last_insert_id_query as q;
+        assert_eq!(q(b"SELECT LAST_INSERT_ID()").as_deref(), Some("LAST_INSERT_ID()"));
+        assert_eq!(q(b"select last_insert_id() as id;").as_deref(), Some("id"));
+        assert_eq!(q(b"SELECT @@IDENTITY").as_deref(), Some("@@IDENTITY"));
+        assert_eq!(q(b"SELECT LAST_INSERT_ID(5)"), None);
+        assert_eq!(q(b"SELECT c FROM t WHERE id = 1"), None);
+    }
 }

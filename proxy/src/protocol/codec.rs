@@ -173,3 +173,54 @@ mod tests {
         assert!(parse_ok(&[0x00, 0xfc]).is_none());
     }
 }
+
+pub const TYPE_LONGLONG: u8 = 0x08;
+pub const TYPE_VAR_STRING: u8 = 0xfd;
+pub const FLAG_UNSIGNED: u16 = 0x20;
+
+/// A column of a result set the proxy makes itself.
+pub struct Column<'a> {
+    pub name: &'a str,
+    pub kind: u8,
+    pub flags: u16,
+}
+
+/// Push a complete text-protocol result set (column count, definitions, EOF, rows, EOF;
+/// the proxy does not offer CLIENT_DEPRECATE_EOF), sequence ids from 1.
+pub fn push_text_result_set<W: tokio::io::AsyncWrite + Unpin>(
+    wr: &mut super::packet::PacketWriter<W>,
+    cols: &[Column<'_>],
+    rows: &[Vec<Option<String>>],
+    status_flags: u16,
+) {
+    let mut seq = 1u8;
+    let mut p = Vec::new();
+    put_lenenc(&mut p, cols.len() as u64);
+    seq = wr.push(seq, &p);
+    for c in cols {
+        p.clear();
+        for s in ["def", "", "", "", c.name, c.name] {
+            put_lenenc_str(&mut p, s.as_bytes());
+        }
+        p.push(0x0c);
+        p.extend_from_slice(&33u16.to_le_bytes()); // utf8_general_ci
+        p.extend_from_slice(&(if c.kind == TYPE_LONGLONG { 20u32 } else { 1024 }).to_le_bytes());
+        p.push(c.kind);
+        p.extend_from_slice(&c.flags.to_le_bytes());
+        p.push(0);
+        p.extend_from_slice(&[0, 0]);
+        seq = wr.push(seq, &p);
+    }
+    seq = wr.push(seq, &eof_packet(status_flags, 0));
+    for r in rows {
+        p.clear();
+        for v in r {
+            match v {
+                Some(s) => put_lenenc_str(&mut p, s.as_bytes()),
+                None => p.push(0xfb),
+            }
+        }
+        seq = wr.push(seq, &p);
+    }
+    wr.push(seq, &eof_packet(status_flags, 0));
+}
