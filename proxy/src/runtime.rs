@@ -293,6 +293,15 @@ pub fn build_users(rows: &[crate::config::UserConfig]) -> Result<HashMap<String,
     Ok(users)
 }
 
+/// What other sessions may know of a session: for KILL [QUERY|CONNECTION] <id>.
+pub struct SessionHandle {
+    pub user: String,
+    /// Turns true to close the session.
+    pub killed: tokio::sync::watch::Sender<bool>,
+    /// The backend connection running this session's statement now: (server, thread id).
+    pub running: Mutex<Option<(Arc<Server>, u32)>>,
+}
+
 /// Process-wide counters.
 #[derive(Default)]
 pub struct Stats {
@@ -323,6 +332,8 @@ pub struct Proxy {
     pub telemetry_rx: Mutex<Option<crate::telemetry::Receivers>>,
     /// Temporary access (set at start when a store is configured).
     pub access: std::sync::OnceLock<Arc<crate::access::Access>>,
+    /// Logged-in client sessions by the id clients see (KILL targets).
+    pub sessions: Mutex<HashMap<u32, Arc<SessionHandle>>>,
     next_conn_id: AtomicU32,
 }
 
@@ -339,6 +350,7 @@ impl Proxy {
             telemetry,
             telemetry_rx: Mutex::new(rx),
             access: std::sync::OnceLock::new(),
+            sessions: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU32::new(1),
         })
     }

@@ -1095,3 +1095,39 @@ async fn last_insert_id_survives_multiplexing() {
     let _ = c.disconnect().await;
     let _ = other.disconnect().await;
 }
+
+/// KILL through the proxy, with the ids clients see (CONNECTION_ID() is the proxy's session
+/// id): KILL QUERY stops the running statement on its backend, KILL closes the session, and
+/// the usual errors for unknown ids and other users' sessions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_query_and_connection_through_the_proxy() {
+    let proxy = Proxy::start(&[]);
+    let mut a = proxy.conn().await;
+    let mut b = proxy.conn().await;
+    let a_id: Option<u32> = a.query_first("SELECT CONNECTION_ID()").await.unwrap();
+    let a_id = a_id.unwrap();
+    assert_eq!(Some(a_id), Some(a.id()), "CONNECTION_ID() is the id of the handshake");
+    let t = Instant::now();
+    let sleeper = tokio::spawn(async move {
+        let r = a.query_drop("SELECT SLEEP(20)").await;
+        (r, a)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.query_drop(format!("KILL QUERY {a_id}")).await.expect("KILL QUERY");
+    let (r, mut a) = sleeper.await.unwrap();
+    // MariaDB ends a killed SLEEP() early: an error, or the value 1 (interrupted).
+    assert!(t.elapsed() < Duration::from_secs(5), "the statement was stopped: {r:?} after {:?}", t.elapsed());
+    let v: Option<i64> = a.query_first("SELECT 1").await.expect("the session survives KILL QUERY");
+    assert_eq!(v, Some(1));
+    let e = b.query_drop("KILL 999999").await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1094), "{e}");
+    b.query_drop(format!("KILL {a_id}")).await.expect("KILL CONNECTION");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(a.query_drop("SELECT 1").await.is_err(), "a killed session is closed");
+    let v: Option<i64> = b.query_first("SELECT 2").await.unwrap();
+    assert_eq!(v, Some(2), "the killer is unaffected");
+    // Another user's session cannot be killed.
+    let mut s = Conn::new(proxy.opts("app_sha2", "app", Some("sbtest"))).await.unwrap();
+    let e = s.query_drop(format!("KILL {}", b.id())).await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1095), "{e}");
+}

@@ -20,7 +20,8 @@ use crate::router::digest;
 use crate::router::rules::Decision;
 use crate::router::tables;
 use crate::cache::{self, Lookup};
-use crate::runtime::{Proxy, Runtime, User};
+use crate::runtime::{Proxy, Runtime, SessionHandle, User};
+use std::sync::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -100,9 +101,17 @@ pub struct Session {
     pub(super) cache_key: Vec<u8>,
     /// For temporary users: turns true when their access ends.
     revoked: Option<watch::Receiver<bool>>,
+    handle: Arc<SessionHandle>,
+    /// Turns true when another client KILLs this session.
+    killed: watch::Receiver<bool>,
     /// The last AUTO_INCREMENT id an OK packet reported: `SELECT LAST_INSERT_ID()` is answered
     /// from it, since a multiplexed client's next statement may run on another connection.
     last_insert_id: u64,
+}
+
+/// Resolves when another client KILLs this session.
+async fn was_killed(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|k| *k).await;
 }
 
 /// Resolves when a temporary user's access ends (never for other users).
@@ -157,6 +166,12 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
     } else {
         None
     };
+    let handle = Arc::new(SessionHandle { user: user.name.clone(), killed: watch::channel(false).0, running: Mutex::new(None) });
+    let killed = handle.killed.subscribe();
+    if let Ok(mut m) = proxy.sessions.lock() {
+        m.insert(conn_id, handle.clone());
+    }
+    let registry = proxy.clone();
     let mut s = Session {
         proxy,
         rt,
@@ -182,10 +197,15 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         cache_key: Vec::new(),
         revoked,
         last_insert_id: 0,
+        handle,
+        killed,
     };
     let _ = s.command_loop(&mut shutdown).await;
     s.release_pinned().await;
     s.wr.shutdown().await;
+    if let Ok(mut m) = registry.sessions.lock() {
+        m.remove(&conn_id);
+    };
 }
 
 impl Session {
@@ -198,6 +218,10 @@ impl Session {
             let read = tokio::select! {
                 r = self.rd.read_payload(&mut self.buf, max) => r,
                 _ = shutdown.changed() => return Err(ClientGone),
+                _ = was_killed(&mut self.killed) => {
+                    self.send_err(0, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
+                    return Err(ClientGone);
+                }
                 _ = access_ended(&mut self.revoked) => {
                     let msg = format!("Breakwater: temporary access of '{}' has ended (expired or revoked); connection closed", self.user.name);
                     self.send_err(0, &SqlError::new(errcode::CONNECTION_KILLED, "70100", msg)).await?;
@@ -457,7 +481,13 @@ impl Session {
             let server = conn.server.clone();
             server.counters.queries.fetch_add(1, Ordering::Relaxed);
             self.last_backend = Some(server.addr.clone());
+            if let Ok(mut r) = self.handle.running.lock() {
+                *r = Some((server.clone(), conn.thread_id));
+            }
             let res = conn.forward(0, payload, kind, &mut self.wr, rewrite).await;
+            if let Ok(mut r) = self.handle.running.lock() {
+                *r = None;
+            }
             match res {
                 Ok(w) => {
                     cmd.after(&mut conn);
@@ -577,16 +607,21 @@ impl Session {
         }
         use classify::Kind as K;
         let writes = a.multi || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
-        let local_id = if self.pins.any() { None } else { last_insert_id_query(sql) };
-        let result = if let Some(col) = local_id {
-            let v = self.last_insert_id.to_string();
+        // CONNECTION_ID() is always the proxy's session id (what KILL takes); LAST_INSERT_ID()
+        // comes from this session's last OK packet unless it is pinned to one connection.
+        let local = match local_query(sql) {
+            Some((Local::ConnectionId, col)) => Some((col, self.id as u64)),
+            Some((Local::LastInsertId, col)) if !self.pins.any() => Some((col, self.last_insert_id)),
+            _ => None,
+        };
+        let result = if let Some((col, value)) = local {
+            let v = value.to_string();
             let st = self.status_flags();
             let cols = [codec::Column { name: &col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
             codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some(v)]], st);
             self.flush().await
-        } else if is_kill(sql) {
-            let e = SqlError::new(1235, "42000", "KILL through Breakwater is not supported: connection ids are the proxy's, not the server's");
-            self.send_err(1, &e).await
+        } else if let Some(kill) = parse_kill(sql) {
+            self.kill(kill).await
         } else if self.user.read_only && writes {
             let e = SqlError::new(
                 errcode::OPTION_PREVENTS_STATEMENT,
@@ -642,6 +677,52 @@ impl Session {
         };
         self.buf = buf;
         result
+    }
+
+    /// KILL [QUERY|CONNECTION] <id> where id is a proxy session id (what CONNECTION_ID()
+    /// and the handshake report): the target's running statement is killed on its backend
+    /// (KILL QUERY <thread> there), and for CONNECTION the target session is closed.
+    async fn kill(&mut self, (query_only, id): (bool, Option<u32>)) -> Result<(), ClientGone> {
+        let Some(id) = id else {
+            let e = SqlError::new(1235, "42000", "Breakwater supports KILL [CONNECTION | QUERY] <id> with a session id from CONNECTION_ID()");
+            return self.send_err(1, &e).await;
+        };
+        let target = self.proxy.sessions.lock().ok().and_then(|m| m.get(&id).cloned());
+        let Some(target) = target else {
+            return self.send_err(1, &SqlError::new(1094, "HY000", format!("Unknown thread id: {id}"))).await;
+        };
+        if target.user != self.user.name {
+            return self.send_err(1, &SqlError::new(1095, "HY000", format!("You are not owner of thread {id}"))).await;
+        }
+        let running = target.running.lock().ok().and_then(|r| r.clone());
+        if let Some((server, thread)) = running {
+            let m = &self.rt.cfg.monitor;
+            let opts = mysql_async::OptsBuilder::default()
+                .ip_or_hostname(server.cfg.host.clone())
+                .tcp_port(server.cfg.port)
+                .user(Some(m.username.clone()))
+                .pass(Some(m.password.clone()))
+                .prefer_socket(false);
+            let r = tokio::time::timeout(Duration::from_secs(5), async {
+                use mysql_async::prelude::Queryable;
+                let mut c = mysql_async::Conn::new(opts).await?;
+                c.query_drop(format!("KILL QUERY {thread}")).await?;
+                c.disconnect().await
+            })
+            .await;
+            if !matches!(r, Ok(Ok(()))) {
+                let msg = format!("Could not kill the running statement of session {id} on {}: {r:?}", server.addr);
+                return self.send_err(1, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
+            }
+        }
+        if !query_only {
+            let _ = target.killed.send(true);
+            if id == self.id {
+                self.send_err(1, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
+                return Err(ClientGone);
+            }
+        }
+        self.send_ok().await
     }
 
     /// A write went through: drop cached reads of its tables, now and, inside a
@@ -922,9 +1003,15 @@ impl<'a> Command<'a> {
     }
 }
 
-/// `SELECT LAST_INSERT_ID()` / `SELECT @@IDENTITY` / `SELECT @@LAST_INSERT_ID` (optionally
-/// `AS alias`): the column name to answer with, or None. Looks only at short statements.
-fn last_insert_id_query(sql: &[u8]) -> Option<String> {
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Local {
+    LastInsertId,
+    ConnectionId,
+}
+
+/// `SELECT LAST_INSERT_ID()` / `@@IDENTITY` / `@@LAST_INSERT_ID` / `CONNECTION_ID()`
+/// (optionally `AS alias`): what to answer and the column name. Looks only at short statements.
+fn local_query(sql: &[u8]) -> Option<(Local, String)> {
     if sql.len() > 80 || !sql.get(..6).is_some_and(|p| p.eq_ignore_ascii_case(b"select")) {
         return None;
     }
@@ -936,27 +1023,50 @@ fn last_insert_id_query(sql: &[u8]) -> Option<String> {
         [_, e, name] => (*e, Some(*name)),
         _ => return None,
     };
-    let up = expr.to_ascii_uppercase();
-    if matches!(up.as_str(), "LAST_INSERT_ID()" | "@@IDENTITY" | "@@LAST_INSERT_ID" | "@@SESSION.IDENTITY" | "@@SESSION.LAST_INSERT_ID") {
-        Some(alias.unwrap_or(expr).trim_matches(|c| c == '`' || c == '"' || c == '\'').to_string())
-    } else {
-        None
-    }
+    let kind = match expr.to_ascii_uppercase().as_str() {
+        "LAST_INSERT_ID()" | "@@IDENTITY" | "@@LAST_INSERT_ID" | "@@SESSION.IDENTITY" | "@@SESSION.LAST_INSERT_ID" => Local::LastInsertId,
+        "CONNECTION_ID()" => Local::ConnectionId,
+        _ => return None,
+    };
+    Some((kind, alias.unwrap_or(expr).trim_matches(|c| c == '`' || c == '"' || c == '\'').to_string()))
 }
 
-fn is_kill(sql: &[u8]) -> bool {
-    matches!(crate::router::lexer::Lexer::new(sql).next(), Some(crate::router::lexer::Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL"))
+/// `KILL [CONNECTION | QUERY] <id>`: (query_only, id). Anything else starting with KILL
+/// (KILL USER, KILL ... QUERY ID) gives Some with id None, answered with an error.
+fn parse_kill(sql: &[u8]) -> Option<(bool, Option<u32>)> {
+    use crate::router::lexer::{Lexer, Tok};
+    let toks: Vec<Tok> = Lexer::new(sql).filter(|t| *t != Tok::Punct(b';')).collect();
+    match toks.first() {
+        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL") => {}
+        _ => return None,
+    }
+    let num = |t: Option<&Tok>| match t {
+        Some(Tok::Num(n)) => std::str::from_utf8(n).ok().and_then(|s| s.parse().ok()),
+        _ => None,
+    };
+    Some(match toks.get(1) {
+        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"QUERY") && toks.len() == 3 => (true, num(toks.get(2))),
+        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"CONNECTION") && toks.len() == 3 => (false, num(toks.get(2))),
+        Some(Tok::Num(_)) if toks.len() == 2 => (false, num(toks.get(1))),
+        _ => (false, None),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn last_insert_id_queries() {
-        use super::last_insert_id_query as q;
-        assert_eq!(q(b"SELECT LAST_INSERT_ID()").as_deref(), Some("LAST_INSERT_ID()"));
-        assert_eq!(q(b"select last_insert_id() as id;").as_deref(), Some("id"));
-        assert_eq!(q(b"SELECT @@IDENTITY").as_deref(), Some("@@IDENTITY"));
+        use super::{local_query as q, Local};
+        assert_eq!(q(b"SELECT LAST_INSERT_ID()"), Some((Local::LastInsertId, "LAST_INSERT_ID()".into())));
+        assert_eq!(q(b"select last_insert_id() as id;"), Some((Local::LastInsertId, "id".into())));
+        assert_eq!(q(b"SELECT @@IDENTITY"), Some((Local::LastInsertId, "@@IDENTITY".into())));
+        assert_eq!(q(b"SELECT CONNECTION_ID()"), Some((Local::ConnectionId, "CONNECTION_ID()".into())));
         assert_eq!(q(b"SELECT LAST_INSERT_ID(5)"), None);
         assert_eq!(q(b"SELECT c FROM t WHERE id = 1"), None);
+        assert_eq!(super::parse_kill(b"KILL QUERY 12"), Some((true, Some(12))));
+        assert_eq!(super::parse_kill(b"kill 7;"), Some((false, Some(7))));
+        assert_eq!(super::parse_kill(b"KILL CONNECTION 3"), Some((false, Some(3))));
+        assert_eq!(super::parse_kill(b"KILL USER app"), Some((false, None)));
+        assert_eq!(super::parse_kill(b"SELECT 1"), None);
     }
 }
