@@ -81,6 +81,8 @@ pub struct Access {
     ops: tokio::sync::Mutex<()>,
 }
 
+type HostPort = (String, u16);
+
 fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 16 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
@@ -163,11 +165,11 @@ impl Access {
 
     /// (host, port) of the writer now, then of the readers (the failover controller keeps
     /// the hostgroups current, so revocation follows a promotion).
-    fn targets(&self) -> (Option<(String, u16)>, Vec<(String, u16)>) {
+    fn targets(&self) -> (Option<HostPort>, Vec<HostPort>) {
         let routing = self.rt.routing();
         let hp = |s: &crate::backend::server::Server| (s.cfg.host.clone(), s.cfg.port);
         let writer = routing.hostgroups.get(&self.cfg.read_write_hostgroup).and_then(|h| h.servers.first()).map(|s| hp(s));
-        let mut readers: Vec<(String, u16)> = Vec::new();
+        let mut readers: Vec<HostPort> = Vec::new();
         for h in routing.hostgroups.values() {
             for s in &h.servers {
                 let t = hp(s);
@@ -306,9 +308,8 @@ impl Access {
         self.rt.remove_temp_user(&g.username);
         let (writer, readers) = self.targets();
         let (host, port) = writer.ok_or("no writer server to drop the account on")?;
-        let mut c = self.connect(&host, port).await.map_err(|e| {
-            self.audit.event("revoke_failed", &g.username, &[("account", &g.account), ("error", &e)]);
-            e
+        let mut c = self.connect(&host, port).await.inspect_err(|e| {
+            self.audit.event("revoke_failed", &g.username, &[("account", &g.account), ("error", e)]);
         })?;
         c.query_drop(format!("DROP USER IF EXISTS '{}'@'%'", g.account)).await.map_err(|e| e.to_string())?;
         // Running statements of the account end with an error (KILL), on every server.
@@ -383,7 +384,7 @@ impl Access {
                         warn!(user = %g.username, error = %e, "expiry failed; retrying");
                     }
                 }
-                if n % every == 0 {
+                if n.is_multiple_of(every) {
                     if let Err(e) = a.reconcile().await {
                         warn!(error = %e, "access reconcile failed");
                     }

@@ -200,16 +200,6 @@ async fn route(admin: &Admin, method: &str, target: &str) -> Response {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn params() {
-        assert_eq!(super::param("to=127.0.0.1%3A3308&x=1", "to").as_deref(), Some("127.0.0.1:3308"));
-        assert_eq!(super::param("by=a+b", "by").as_deref(), Some("a b"));
-        assert_eq!(super::param("to=", "to"), None);
-        assert_eq!(super::percent_decode("%zz%4"), "%zz%4");
-    }
-}
 
 async fn access(admin: &Admin, method: &str, path: &str, query: &str) -> Response {
     let Some(a) = admin.proxy.access.get() else {
@@ -248,5 +238,16 @@ async fn access(admin: &Admin, method: &str, path: &str, query: &str) -> Respons
     match res {
         Ok(v) => Response::json(200, &v),
         Err(e) => Response::json(409, &serde_json::json!({"ok": false, "error": e})),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn params() {
+        assert_eq!(super::param("to=127.0.0.1%3A3308&x=1", "to").as_deref(), Some("127.0.0.1:3308"));
+        assert_eq!(super::param("by=a+b", "by").as_deref(), Some("a b"));
+        assert_eq!(super::param("to=", "to"), None);
+        assert_eq!(super::percent_decode("%zz%4"), "%zz%4");
     }
 }

@@ -145,34 +145,6 @@ pub fn parse_err(payload: &[u8]) -> Option<Err> {
     Some(Err { code, sqlstate, message: String::from_utf8_lossy(msg).into_owned() })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lenenc_roundtrip() {
-        for v in [0u64, 1, 250, 251, 0xffff, 0x10000, 0xff_ffff, 0x100_0000, u64::MAX] {
-            let mut b = Vec::new();
-            put_lenenc(&mut b, v);
-            let mut pos = 0;
-            assert_eq!(read_lenenc(&b, &mut pos), Some(v));
-            assert_eq!(pos, b.len());
-        }
-        let mut pos = 0;
-        assert_eq!(read_lenenc(&[0xfc, 1], &mut pos), None, "truncated");
-        assert_eq!(read_lenenc(&[0xfb], &mut pos), None, "NULL");
-    }
-
-    #[test]
-    fn ok_and_err_roundtrip() {
-        let ok = parse_ok(&ok_packet(3, 70000, status::AUTOCOMMIT | status::IN_TRANS, 1)).unwrap();
-        assert_eq!((ok.affected_rows, ok.last_insert_id, ok.status, ok.warnings), (3, 70000, 3, 1));
-        let e = parse_err(&err_packet(1045, "28000", "Access denied")).unwrap();
-        assert_eq!((e.code, e.sqlstate.as_str(), e.message.as_str()), (1045, "28000", "Access denied"));
-        assert!(parse_err(&[0xff]).is_none());
-        assert!(parse_ok(&[0x00, 0xfc]).is_none());
-    }
-}
 
 pub const TYPE_LONGLONG: u8 = 0x08;
 pub const TYPE_VAR_STRING: u8 = 0xfd;
@@ -223,4 +195,33 @@ pub fn push_text_result_set<W: tokio::io::AsyncWrite + Unpin>(
         seq = wr.push(seq, &p);
     }
     wr.push(seq, &eof_packet(status_flags, 0));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenenc_roundtrip() {
+        for v in [0u64, 1, 250, 251, 0xffff, 0x10000, 0xff_ffff, 0x100_0000, u64::MAX] {
+            let mut b = Vec::new();
+            put_lenenc(&mut b, v);
+            let mut pos = 0;
+            assert_eq!(read_lenenc(&b, &mut pos), Some(v));
+            assert_eq!(pos, b.len());
+        }
+        let mut pos = 0;
+        assert_eq!(read_lenenc(&[0xfc, 1], &mut pos), None, "truncated");
+        assert_eq!(read_lenenc(&[0xfb], &mut pos), None, "NULL");
+    }
+
+    #[test]
+    fn ok_and_err_roundtrip() {
+        let ok = parse_ok(&ok_packet(3, 70000, status::AUTOCOMMIT | status::IN_TRANS, 1)).unwrap();
+        assert_eq!((ok.affected_rows, ok.last_insert_id, ok.status, ok.warnings), (3, 70000, 3, 1));
+        let e = parse_err(&err_packet(1045, "28000", "Access denied")).unwrap();
+        assert_eq!((e.code, e.sqlstate.as_str(), e.message.as_str()), (1045, "28000", "Access denied"));
+        assert!(parse_err(&[0xff]).is_none());
+        assert!(parse_ok(&[0x00, 0xfc]).is_none());
+    }
 }

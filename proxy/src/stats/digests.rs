@@ -177,7 +177,7 @@ impl Digests {
                 }
             })
             .collect();
-        out.sort_by(|a, b| b.sum_time_us.cmp(&a.sum_time_us));
+        out.sort_by_key(|r| std::cmp::Reverse(r.sum_time_us));
         out
     }
 
