@@ -260,6 +260,10 @@ pub struct ProxyConfig {
     pub listen: String,
     /// Accept queue length of the client listener (capped by net.core.somaxconn).
     pub listen_backlog: u32,
+    /// PEM certificate chain and private key: clients may then use TLS (SSLRequest).
+    /// Without them a TLS request gets a clear error 1043.
+    pub tls_cert: String,
+    pub tls_key: String,
     pub max_client_connections: usize,
     pub server_version: String,
     pub max_allowed_packet: usize,
@@ -275,6 +279,8 @@ impl Default for ProxyConfig {
         Self {
             listen: "127.0.0.1:6033".into(),
             listen_backlog: 4096,
+            tls_cert: String::new(),
+            tls_key: String::new(),
             max_client_connections: 4096,
             server_version: "5.5.5-10.11.6-MariaDB-Breakwater".into(),
             max_allowed_packet: 64 << 20,

@@ -38,6 +38,12 @@ struct Cli {
     /// Admin HTTP interface address (overrides [admin] listen; "" disables it).
     #[arg(long)]
     admin_listen: Option<String>,
+    /// PEM certificate chain for client TLS (overrides [proxy] tls_cert).
+    #[arg(long)]
+    tls_cert: Option<String>,
+    /// PEM private key for client TLS (overrides [proxy] tls_key).
+    #[arg(long)]
+    tls_key: Option<String>,
     /// MySQL-protocol admin address (overrides [admin] mysql_listen; "" disables it).
     #[arg(long)]
     admin_mysql_listen: Option<String>,
@@ -204,6 +210,12 @@ fn main() -> ExitCode {
     if let Some(a) = cli.admin_listen {
         cfg.admin.listen = a;
     }
+    if let Some(c) = cli.tls_cert {
+        cfg.proxy.tls_cert = c;
+    }
+    if let Some(k) = cli.tls_key {
+        cfg.proxy.tls_key = k;
+    }
     if let Some(a) = cli.admin_mysql_listen {
         cfg.admin.mysql_listen = a;
     }
@@ -258,6 +270,19 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
     let listen = rt.cfg.proxy.listen.clone();
     let monitor_cfg = rt.cfg.monitor.clone();
     let proxy = Proxy::new(rt);
+    let (cert, key) = (&proxy.rt.cfg.proxy.tls_cert, &proxy.rt.cfg.proxy.tls_key);
+    if !cert.is_empty() || !key.is_empty() {
+        match breakwater_proxy::frontend::stream::acceptor(cert, key) {
+            Ok(a) => {
+                let _ = proxy.tls.set(a);
+                tracing::info!(cert = %cert, "TLS enabled for clients that request it");
+            }
+            Err(e) => {
+                eprintln!("breakwater-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let listener = match listener::bind(&listen, proxy.rt.cfg.proxy.listen_backlog).await {
         Ok(l) => l,
         Err(e) => {

@@ -332,6 +332,8 @@ pub struct Proxy {
     pub telemetry_rx: Mutex<Option<crate::telemetry::Receivers>>,
     /// Temporary access (set at start when a store is configured).
     pub access: std::sync::OnceLock<Arc<crate::access::Access>>,
+    /// TLS for clients that ask for it (`[proxy] tls_cert` / `tls_key`).
+    pub tls: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     /// Logged-in client sessions by the id clients see (KILL targets).
     pub sessions: Mutex<HashMap<u32, Arc<SessionHandle>>>,
     next_conn_id: AtomicU32,
@@ -351,6 +353,7 @@ impl Proxy {
             telemetry_rx: Mutex::new(rx),
             access: std::sync::OnceLock::new(),
             sessions: Mutex::new(HashMap::new()),
+            tls: std::sync::OnceLock::new(),
             next_conn_id: AtomicU32::new(1),
         })
     }

@@ -950,7 +950,9 @@ async fn temporary_access_expires_and_cleans_up() {
     let g: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let password = g["password"].as_str().unwrap().to_string();
     let account = g["account"].as_str().unwrap().to_string();
-    assert!(account.starts_with("bw_tmp_alice_") && password.len() >= 20, "{g}");
+    // bw_tmp_<store tag>_alice_<random>
+    let tag = account.strip_prefix("bw_tmp_").and_then(|r| r.split('_').next()).unwrap().to_string();
+    assert!(account.starts_with(&format!("bw_tmp_{tag}_alice_")) && tag.len() == 4 && password.len() >= 20, "{g}");
     assert!(g["expires_at"].as_str().is_some());
     assert_eq!(account_counts(&account).await, vec![1, 1, 1], "the account replicated");
     let mut c = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.expect("temporary user logs in");
@@ -1032,25 +1034,28 @@ async fn temporary_access_expires_and_cleans_up() {
     wait_for_accounts(&bob_account, 0, Duration::from_secs(10)).await;
     println!("grant expired during a proxy crash: removed {:?} after the restart", started.elapsed());
 
-    // 3. Orphans: a marked account nobody granted goes; an unmarked one stays.
+    // 3. Orphans: an account with this store's marker that nobody granted goes; unmarked
+    // accounts and those of another proxy's store stay.
+    let orphan = format!("bw_tmp_{tag}_orphan_abc123");
+    let foreign = format!("bw_tmp_{}_other_abc123", if tag == "ffff" { "eeee" } else { "ffff" });
     let mut m = lab(PRIMARY).await;
-    m.query_drop(
-        "DROP USER IF EXISTS 'bw_tmp_orphan_abc123'@'%'; DROP USER IF EXISTS 'bwkeep_me'@'%'; \
-         CREATE USER 'bw_tmp_orphan_abc123'@'%' IDENTIFIED BY 'x'; CREATE USER 'bwkeep_me'@'%' IDENTIFIED BY 'x'",
-    )
-    .await
-    .unwrap();
+    for a in [orphan.as_str(), foreign.as_str(), "bwkeep_me"] {
+        m.query_drop(format!("DROP USER IF EXISTS '{a}'@'%'; CREATE USER '{a}'@'%' IDENTIFIED BY 'x'")).await.unwrap();
+    }
     drop(p);
     let p = Proxy::start(&["--admin-db", &db]);
-    wait_for_accounts("bw_tmp_orphan_abc123", 0, Duration::from_secs(15)).await;
-    assert_eq!(account_counts("bwkeep_me").await, vec![1, 1, 1], "unmarked accounts are never touched");
-    m.query_drop("DROP USER 'bwkeep_me'@'%'").await.unwrap();
+    wait_for_accounts(&orphan, 0, Duration::from_secs(15)).await;
+    wait_replicas_caught_up().await;
+    for keep in [foreign.as_str(), "bwkeep_me"] {
+        assert_eq!(account_counts(keep).await, vec![1, 1, 1], "{keep} is not this proxy's: never touched");
+        m.query_drop(format!("DROP USER '{keep}'@'%'")).await.unwrap();
+    }
 
     // The audit log has each event with user, time and reason.
     let audit = std::fs::read_to_string(format!("{db}.audit.jsonl")).unwrap();
     let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let has = |ev: &str, user: &str| events.iter().any(|e| e["event"] == ev && e["user"] == user && e["ts"].as_str().is_some());
-    for (ev, user) in [("grant", "alice"), ("extend", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", "bw_tmp_orphan_abc123")] {
+    for (ev, user) in [("grant", "alice"), ("extend", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", orphan.as_str())] {
         assert!(has(ev, user), "audit lacks {ev} of {user}:\n{audit}");
     }
     assert!(events.iter().any(|e| e["event"] == "grant" && e["reason"] == "INC-42 look at orders"));
@@ -1130,4 +1135,40 @@ async fn kill_query_and_connection_through_the_proxy() {
     let mut s = Conn::new(proxy.opts("app_sha2", "app", Some("sbtest"))).await.unwrap();
     let e = s.query_drop(format!("KILL {}", b.id())).await.unwrap_err();
     assert_eq!(server_code(&e), Some(1095), "{e}");
+}
+
+/// TLS on the client listener: the mariadb client with --ssl logs in (both auth plugins)
+/// over TLS and queries; a plain client still works on the same port.
+#[tokio::test]
+async fn clients_can_use_tls() {
+    let dir = std::env::temp_dir().join(format!("bw-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-days", "1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl req");
+    let proxy = Proxy::start(&["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap()]);
+    for user in ["app", "app_sha2"] {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-h127.0.0.1", &format!("-P{}", proxy.port), &format!("-u{user}"), "-papp", "--ssl", "--ssl-verify-server-cert=0", "sbtest"])
+            .args(["-e", "status; SELECT COUNT(*) FROM sbtest1"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{user}: {}{}", text, String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("Cipher in use is"), "{user}: not TLS: {text}");
+        assert!(text.contains("10000"), "{user}: {text}");
+    }
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "-h127.0.0.1", &format!("-P{}", proxy.port), "-uapp", "-papp", "--skip-ssl", "sbtest", "-N", "-e", "SELECT 1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1", "plain client: {:?}", out);
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,6 +12,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
+    ("openssl", "openssl"),
 ];
 
 pub fn ensure() -> Result<()> {

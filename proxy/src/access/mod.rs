@@ -8,7 +8,8 @@
 //! 1045), drops the account on whichever server is the writer then, kills its server
 //! connections (an in-flight query gets an error) and closes its client sessions with a
 //! clear error. Grants persist in the admin SQLite file: at start, expired ones are revoked
-//! and a reconciler removes any marked account no active grant owns. Every event goes to a
+//! and a reconciler removes any account with this store's marker (`bw_tmp_<tag>_…`) that no
+//! active grant owns. Every event goes to a
 //! JSON-lines audit log ([`audit`]).
 
 pub mod audit;
@@ -74,6 +75,8 @@ pub struct Access {
     db_user: String,
     db_password: String,
     store: Mutex<Store>,
+    /// `account_prefix` + this store's tag + `_`: the marker of the accounts this proxy owns.
+    marker: String,
     pub audit: audit::Audit,
     /// One signal per temporary user: sessions close when it turns true.
     revoked: Mutex<HashMap<String, watch::Sender<bool>>>,
@@ -96,6 +99,7 @@ impl Access {
         }
         let cfg = rt.cfg.access.clone();
         let store = Store::open(&db_file)?;
+        let marker = format!("{}{}_", cfg.account_prefix, store.tag);
         let audit_path = if cfg.audit_log.is_empty() { format!("{db_file}.audit.jsonl") } else { cfg.audit_log.clone() };
         let audit = audit::Audit::open(&audit_path, otlp_logs)?;
         let (db_user, db_password) = if cfg.admin_username.is_empty() {
@@ -109,6 +113,7 @@ impl Access {
             db_user,
             db_password,
             store: Mutex::new(store),
+            marker,
             audit,
             revoked: Mutex::new(HashMap::new()),
             ops: tokio::sync::Mutex::new(()),
@@ -222,7 +227,7 @@ impl Access {
             (0..24).map(|_| CHARS[r.gen_range(0..CHARS.len())] as char).collect()
         };
         let suffix: u32 = rand::random::<u32>() & 0xff_ffff;
-        let account = format!("{}{}_{suffix:06x}", self.cfg.account_prefix, req.user.to_ascii_lowercase());
+        let account = format!("{}{}_{suffix:06x}", self.marker, req.user.to_ascii_lowercase());
         let on = if schema == "*" { "*.*".to_string() } else { format!("`{schema}`.*") };
         let (writer, readers) = self.targets();
         let (host, port) = writer.ok_or("no writer server to create the account on")?;
@@ -339,11 +344,12 @@ impl Access {
         Ok(format!("{}: access {state}; account {} dropped on {host}:{port}", g.username, g.account))
     }
 
-    /// Drop marked accounts that no active grant owns, on every server; never touch others.
+    /// Drop accounts with this store's marker that no active grant owns, on every server;
+    /// never touch others (unmarked ones, or those of another proxy's store).
     pub async fn reconcile(&self) -> Result<usize, String> {
         let _op = self.ops.lock().await;
         let owned: BTreeSet<String> = self.with_store(|s| s.active())?.into_iter().map(|g| g.account).collect();
-        let like = format!("{}%", self.cfg.account_prefix.replace('_', "\\_"));
+        let like = format!("{}%", self.marker.replace('_', "\\_"));
         let (writer, readers) = self.targets();
         let mut removed = 0;
         for (i, (h, p)) in writer.into_iter().chain(readers).enumerate() {

@@ -29,6 +29,9 @@ pub struct Grant {
 
 pub struct Store {
     conn: Connection,
+    /// Identifies this store's accounts (several proxies may share a cluster, each with its
+    /// own store: a reconciler only ever removes accounts carrying its own tag).
+    pub tag: String,
 }
 
 fn e(err: rusqlite::Error) -> String {
@@ -50,7 +53,20 @@ impl Store {
                 stage1_hex TEXT NOT NULL, stage2_hex TEXT NOT NULL)",
         )
         .map_err(e)?;
-        Ok(Self { conn })
+        conn.execute_batch("CREATE TABLE IF NOT EXISTS breakwater_access_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)").map_err(e)?;
+        let tag: Option<String> = conn
+            .query_row("SELECT value FROM breakwater_access_meta WHERE name = 'store_tag'", [], |r| r.get(0))
+            .optional()
+            .map_err(e)?;
+        let tag = match tag {
+            Some(t) => t,
+            None => {
+                let t = format!("{:04x}", rand::random::<u16>());
+                conn.execute("INSERT INTO breakwater_access_meta VALUES ('store_tag', ?1)", [&t]).map_err(e)?;
+                t
+            }
+        };
+        Ok(Self { conn, tag })
     }
 
     pub fn insert(&self, g: &Grant) -> Result<i64, String> {

@@ -27,7 +27,8 @@ pub enum LoginError {
     TlsRequested,
 }
 
-/// Authenticate one client. On failure the error has already been sent to the client.
+/// Greet and authenticate one client on a plain connection (the admin interface). On
+/// failure the error has already been sent to the client.
 pub async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: &mut PacketReader<R>,
     wr: &mut PacketWriter<W>,
@@ -37,16 +38,34 @@ pub async fn login<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     peer_ip: &str,
 ) -> Result<Login, LoginError> {
     let scramble = auth::new_scramble();
-    wr.push(0, &handshake::greeting(server_version, conn_id, &scramble, auth::NATIVE, 45));
+    wr.push(0, &handshake::greeting(server_version, conn_id, &scramble, auth::NATIVE, 45, 0));
     wr.flush().await.map_err(PacketError::from)?;
-
     let mut buf = Vec::new();
     let seq = rd.read_payload(&mut buf, 1 << 20).await?;
-    let mut next = seq.wrapping_add(1);
-    if buf.len() == 32 && u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) & caps::SSL != 0 {
-        send_err(wr, next, 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
+    if is_ssl_request(&buf) {
+        send_err(wr, seq.wrapping_add(1), 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
         return Err(LoginError::TlsRequested);
     }
+    authenticate(rd, wr, buf, seq, scramble, users, peer_ip).await
+}
+
+/// An SSLRequest: the 32-byte head of a handshake response with CLIENT_SSL set.
+pub fn is_ssl_request(p: &[u8]) -> bool {
+    p.len() == 32 && u32::from_le_bytes([p[0], p[1], p[2], p[3]]) & caps::SSL != 0
+}
+
+/// Check a handshake response (`buf`, read with sequence id `seq`) against the users;
+/// switch the client's auth plugin when needed; send OK or the error.
+pub async fn authenticate<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut PacketReader<R>,
+    wr: &mut PacketWriter<W>,
+    mut buf: Vec<u8>,
+    seq: u8,
+    scramble: [u8; 20],
+    users: &(dyn Fn(&str) -> Option<Arc<User>> + Sync),
+    peer_ip: &str,
+) -> Result<Login, LoginError> {
+    let mut next = seq.wrapping_add(1);
     let Some(resp) = handshake::parse_handshake_response(&buf) else {
         send_err(wr, next, 1043, "08S01", "Bad handshake").await;
         return Err(LoginError::Malformed);

@@ -10,3 +10,4 @@ pub mod login;
 pub mod prepared;
 pub mod session;
 pub mod state;
+pub mod stream;

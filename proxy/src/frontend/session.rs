@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use super::stream::{ClientRead, ClientWrite};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -77,8 +77,8 @@ pub struct Session {
     pub(super) rt: Arc<Runtime>,
     pub(super) id: u32,
     peer_ip: String,
-    pub(super) wr: PacketWriter<OwnedWriteHalf>,
-    rd: PacketReader<OwnedReadHalf>,
+    pub(super) wr: PacketWriter<ClientWrite>,
+    rd: PacketReader<ClientRead>,
     pub(super) buf: Vec<u8>,
     pub(super) user: Arc<User>,
     caps: u32,
@@ -109,6 +109,57 @@ pub struct Session {
     last_insert_id: u64,
 }
 
+/// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
+/// The first packet is read with exact reads on the socket, so the TLS ClientHello that
+/// follows an SSLRequest is left for rustls.
+async fn handshake_and_login(
+    mut stream: TcpStream,
+    rt: &Runtime,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    conn_id: u32,
+    peer_ip: &str,
+) -> Result<(PacketReader<ClientRead>, PacketWriter<ClientWrite>, Login), login::LoginError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scramble = crate::protocol::auth::new_scramble();
+    let extra = if tls.is_some() { caps::SSL } else { 0 };
+    let greeting = handshake::greeting(&rt.cfg.proxy.server_version, conn_id, &scramble, crate::protocol::auth::NATIVE, 45, extra);
+    let mut out = Vec::with_capacity(greeting.len() + 4);
+    out.extend_from_slice(&(greeting.len() as u32).to_le_bytes()[..3]);
+    out.push(0);
+    out.extend_from_slice(&greeting);
+    stream.write_all(&out).await.map_err(PacketError::from)?;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await.map_err(PacketError::from)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    if len > 1 << 20 {
+        return Err(login::LoginError::Malformed);
+    }
+    let mut first = vec![0u8; len];
+    stream.read_exact(&mut first).await.map_err(PacketError::from)?;
+    let users = |n: &str| rt.user(n);
+    if login::is_ssl_request(&first) {
+        let Some(acceptor) = tls else {
+            let (_, w) = stream.into_split();
+            let mut wr = PacketWriter::new(ClientWrite::Plain(w));
+            login::send_err(&mut wr, head[3].wrapping_add(1), 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
+            return Err(login::LoginError::TlsRequested);
+        };
+        let tls_stream = acceptor.accept(stream).await.map_err(PacketError::from)?;
+        let (r, w) = tokio::io::split(tls_stream);
+        let mut rd = PacketReader::new(ClientRead::Tls(r));
+        let mut wr = PacketWriter::new(ClientWrite::Tls(w));
+        let mut buf = Vec::new();
+        let seq = rd.read_payload(&mut buf, 1 << 20).await?;
+        let l = login::authenticate(&mut rd, &mut wr, buf, seq, scramble, &users, peer_ip).await?;
+        return Ok((rd, wr, l));
+    }
+    let (r, w) = stream.into_split();
+    let mut rd = PacketReader::new(ClientRead::Plain(r));
+    let mut wr = PacketWriter::new(ClientWrite::Plain(w));
+    let l = login::authenticate(&mut rd, &mut wr, first, head[3], scramble, &users, peer_ip).await?;
+    Ok((rd, wr, l))
+}
+
 /// Resolves when another client KILLs this session.
 async fn was_killed(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|k| *k).await;
@@ -132,16 +183,10 @@ async fn access_ended(r: &mut Option<watch::Receiver<bool>>) {
 pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutdown: watch::Receiver<bool>) {
     let peer_ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "unknown".into());
     let _ = stream.set_nodelay(true);
-    let (r, w) = stream.into_split();
-    let mut rd = PacketReader::new(r);
-    let mut wr = PacketWriter::new(w);
     let rt = proxy.runtime();
-    let login = tokio::time::timeout(
-        Duration::from_secs(10),
-        login::login(&mut rd, &mut wr, &rt.cfg.proxy.server_version, &|n: &str| rt.user(n), conn_id, &peer_ip),
-    )
-    .await;
-    let Login { user, capabilities, collation, database, scramble } = match login {
+    let tls = proxy.tls.get().cloned();
+    let login = tokio::time::timeout(Duration::from_secs(10), handshake_and_login(stream, &rt, tls, conn_id, &peer_ip)).await;
+    let (rd, wr, Login { user, capabilities, collation, database, scramble }) = match login {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             info!(conn_id, peer = %peer_ip, error = %e, "login failed");

@@ -5,8 +5,9 @@
 use super::caps;
 use super::codec::{put_lenenc_str, read_lenenc_str, read_nul_str};
 
-/// Build the greeting the proxy sends to a new client.
-pub fn greeting(server_version: &str, conn_id: u32, scramble: &[u8; 20], plugin: &str, collation: u8) -> Vec<u8> {
+/// Build the greeting the proxy sends to a new client (`extra_caps`: CLIENT_SSL when TLS is
+/// configured).
+pub fn greeting(server_version: &str, conn_id: u32, scramble: &[u8; 20], plugin: &str, collation: u8, extra_caps: u32) -> Vec<u8> {
     let mut p = Vec::with_capacity(128);
     p.push(10);
     p.extend_from_slice(server_version.as_bytes());
@@ -14,7 +15,7 @@ pub fn greeting(server_version: &str, conn_id: u32, scramble: &[u8; 20], plugin:
     p.extend_from_slice(&conn_id.to_le_bytes());
     p.extend_from_slice(&scramble[..8]);
     p.push(0);
-    let c = caps::PROXY_SERVER;
+    let c = caps::PROXY_SERVER | extra_caps;
     p.extend_from_slice(&(c as u16).to_le_bytes());
     p.push(collation);
     p.extend_from_slice(&super::status::AUTOCOMMIT.to_le_bytes());
@@ -209,7 +210,7 @@ mod tests {
     #[test]
     fn greeting_roundtrip() {
         let s = crate::protocol::auth::new_scramble();
-        let g = parse_greeting(&greeting("5.5.5-10.11.6-MariaDB", 42, &s, "mysql_native_password", 45)).unwrap();
+        let g = parse_greeting(&greeting("5.5.5-10.11.6-MariaDB", 42, &s, "mysql_native_password", 45, 0)).unwrap();
         assert_eq!(g.connection_id, 42);
         assert_eq!(g.scramble, s.to_vec());
         assert_eq!(g.plugin, "mysql_native_password");
