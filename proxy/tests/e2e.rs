@@ -1038,11 +1038,13 @@ async fn temporary_access_expires_and_cleans_up() {
     // accounts and those of another proxy's store stay.
     let orphan = format!("bw_tmp_{tag}_orphan_abc123");
     let foreign = format!("bw_tmp_{}_other_abc123", if tag == "ffff" { "eeee" } else { "ffff" });
+    // The proxy is stopped first: its own first reconcile pass (right after the restart
+    // above) must not race the orphan's creation.
+    drop(p);
     let mut m = lab(PRIMARY).await;
     for a in [orphan.as_str(), foreign.as_str(), "bwkeep_me"] {
         m.query_drop(format!("DROP USER IF EXISTS '{a}'@'%'; CREATE USER '{a}'@'%' IDENTIFIED BY 'x'")).await.unwrap();
     }
-    drop(p);
     let p = Proxy::start(&["--admin-db", &db]);
     wait_for_accounts(&orphan, 0, Duration::from_secs(15)).await;
     wait_replicas_caught_up().await;
