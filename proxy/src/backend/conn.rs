@@ -2,6 +2,7 @@
 //! forwarding a command's response to a client packet by packet.
 
 use crate::frontend::state::SessionVars;
+use crate::protocol::either::Either;
 use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
 use crate::protocol::response::{Kind, Walker};
 use crate::protocol::{auth, caps, charset, cmd, codec, handshake};
@@ -107,13 +108,13 @@ impl BackendConn {
         let (r, w) = match socket {
             Some(path) => {
                 let (r, w) = UnixStream::connect(path).await.map_err(connect_err)?.into_split();
-                (BackendRead::Unix(r), BackendWrite::Unix(w))
+                (Either::Right(r), Either::Right(w))
             }
             None => {
                 let stream = TcpStream::connect(&*addr).await.map_err(connect_err)?;
                 let _ = stream.set_nodelay(true);
                 let (r, w) = stream.into_split();
-                (BackendRead::Tcp(r), BackendWrite::Tcp(w))
+                (Either::Left(r), Either::Left(w))
             }
         };
         let mut rd = PacketReader::new(r);

@@ -28,6 +28,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use super::stream::{ClientRead, ClientWrite};
+use crate::protocol::either::Either;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -140,22 +141,22 @@ async fn handshake_and_login(
     if login::is_ssl_request(&first) {
         let Some(acceptor) = tls else {
             let (_, w) = stream.into_split();
-            let mut wr = PacketWriter::new(ClientWrite::Plain(w));
+            let mut wr: PacketWriter<ClientWrite> = PacketWriter::new(Either::Left(w));
             login::send_err(&mut wr, head[3].wrapping_add(1), 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
             return Err(login::LoginError::TlsRequested);
         };
         let tls_stream = acceptor.accept(stream).await.map_err(PacketError::from)?;
         let (r, w) = tokio::io::split(tls_stream);
-        let mut rd = PacketReader::new(ClientRead::Tls(r));
-        let mut wr = PacketWriter::new(ClientWrite::Tls(w));
+        let mut rd = PacketReader::new(Either::Right(r));
+        let mut wr = PacketWriter::new(Either::Right(w));
         let mut buf = Vec::new();
         let seq = rd.read_payload(&mut buf, 1 << 20).await?;
         let l = login::authenticate(&mut rd, &mut wr, buf, seq, scramble, &users, peer_ip).await?;
         return Ok((rd, wr, l));
     }
     let (r, w) = stream.into_split();
-    let mut rd = PacketReader::new(ClientRead::Plain(r));
-    let mut wr = PacketWriter::new(ClientWrite::Plain(w));
+    let mut rd = PacketReader::new(Either::Left(r));
+    let mut wr = PacketWriter::new(Either::Left(w));
     let l = login::authenticate(&mut rd, &mut wr, first, head[3], scramble, &users, peer_ip).await?;
     Ok((rd, wr, l))
 }

@@ -2,59 +2,19 @@
 //!
 //! A client that sends an SSLRequest (and the proxy has `[proxy] tls_cert`/`tls_key`) gets
 //! its connection upgraded with rustls before the handshake response; everything after that
-//! (login, commands, results) goes through the TLS halves. An enum rather than a trait
-//! object: one match per read or write, no allocation.
+//! (login, commands, results) goes through the TLS halves.
 
+use crate::protocol::either::Either;
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-pub enum ClientRead {
-    Plain(OwnedReadHalf),
-    Tls(ReadHalf<TlsStream<TcpStream>>),
-}
-
-pub enum ClientWrite {
-    Plain(OwnedWriteHalf),
-    Tls(WriteHalf<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientRead {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientRead::Plain(r) => Pin::new(r).poll_read(cx, buf),
-            ClientRead::Tls(r) => Pin::new(r).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientWrite {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientWrite::Plain(w) => Pin::new(w).poll_write(cx, buf),
-            ClientWrite::Tls(w) => Pin::new(w).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientWrite::Plain(w) => Pin::new(w).poll_flush(cx),
-            ClientWrite::Tls(w) => Pin::new(w).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientWrite::Plain(w) => Pin::new(w).poll_shutdown(cx),
-            ClientWrite::Tls(w) => Pin::new(w).poll_shutdown(cx),
-        }
-    }
-}
+/// Plain TCP (Left) or TLS (Right).
+pub type ClientRead = Either<OwnedReadHalf, ReadHalf<TlsStream<TcpStream>>>;
+pub type ClientWrite = Either<OwnedWriteHalf, WriteHalf<TlsStream<TcpStream>>>;
 
 /// The TLS server configuration from PEM files (certificate chain and private key).
 pub fn acceptor(cert: &str, key: &str) -> Result<tokio_rustls::TlsAcceptor, String> {

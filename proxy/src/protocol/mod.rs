@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod charset;
 pub mod codec;
+pub mod either;
 pub mod handshake;
 pub mod packet;
 pub mod response;
