@@ -902,9 +902,13 @@ async fn otlp_spans_and_metrics_for_queries() {
         assert!(t.elapsed() < Duration::from_secs(10), "spans not received over both transports");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = rx.metrics.lock().unwrap().clone();
-    for via in ["grpc", "http"] {
-        assert!(metrics.iter().any(|(v, m)| v == via && m == "breakwater.proxy.backend.commands"), "{via}: {metrics:?}");
+    // Each export sends traces, then metrics: the metrics of the batch that carried the spans
+    // may land a moment after them.
+    let has_metrics = |via: &str| rx.metrics.lock().unwrap().iter().any(|(v, m)| v == via && m == "breakwater.proxy.backend.commands");
+    while !(has_metrics("grpc") && has_metrics("http")) {
+        let metrics = rx.metrics.lock().unwrap().clone();
+        assert!(t.elapsed() < Duration::from_secs(10), "metrics not received over both transports: {metrics:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = c.disconnect().await;
 }
