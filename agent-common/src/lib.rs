@@ -1,20 +1,34 @@
 //! Record types shared by the kernel programs (agent-ebpf) and the agent that loads them,
-//! so the two sides can never disagree on a layout.
+//! so the two sides can never disagree on a layout, and the request classifier the kernel
+//! runs (plain `no_std` code, unit-tested here in user space).
+//!
+//! Requests are counted in the kernel: per (watched port, operation) a per-CPU [`OpAgg`]
+//! holds counters and latency histograms, so answering a request costs a map update, not
+//! an event. Only connection events (open, close, retransmit) cross the ring buffer.
 #![no_std]
 
+mod classify;
+pub use classify::*;
+
 /// How many bytes of a request (packet header, command byte, start of the statement) the
-/// kernel copies for the agent to classify.
+/// kernel keeps to classify it.
 pub const REQ_PREFIX: usize = 32;
 
 pub const EVENT_OPEN: u32 = 1;
 pub const EVENT_CLOSE: u32 = 2;
-pub const EVENT_REQUEST: u32 = 3;
 pub const EVENT_RETRANSMIT: u32 = 4;
 
 /// Connection phases tracked in the kernel.
 pub const PHASE_IDLE: u8 = 0;
 pub const PHASE_REQUEST: u8 = 1;
 pub const PHASE_RESPONSE: u8 = 2;
+/// The 4-byte header of a command was read alone; its payload comes next.
+pub const PHASE_HEADER: u8 = 3;
+
+/// ConnState flags: the connection is authenticating (from the greeting to the server's
+/// OK; again after COM_CHANGE_USER); the client is sending a LOAD DATA LOCAL file.
+pub const FLAG_LOGIN: u8 = 1;
+pub const FLAG_INFILE: u8 = 2;
 
 /// Index in the CONFIG array: byte offset of tcp_sock.srtt_us (0 = unknown), from BTF.
 pub const CONFIG_SRTT_OFFSET: u32 = 0;
@@ -23,7 +37,10 @@ pub const CONFIG_SRTT_OFFSET: u32 = 0;
 pub const DROP_RINGBUF_FULL: u32 = 0;
 pub const DROP_CONNS_FULL: u32 = 1;
 
-/// One event from the kernel: a connection opened or closed, or a request answered.
+/// Most watched ports one agent handles (each has its block of [`OPS`] aggregates).
+pub const MAX_PORTS: usize = 32;
+
+/// One event from the kernel about a connection: opened, closed, or a retransmitted segment.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct Event {
@@ -33,36 +50,35 @@ pub struct Event {
     pub peer_port: u16,
     /// IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d).
     pub peer_addr: [u8; 16],
-    /// REQUEST: first byte of the response was 0xff (a MySQL ERR packet).
-    pub response_err: u8,
-    pub _pad: [u8; 3],
-    /// How many bytes of `request` are valid.
-    pub request_len: u32,
     /// The server socket's kernel address: identifies the connection.
     pub sock: u64,
-    /// REQUEST: the first bytes of the response (a PREPARE_OK carries the statement id).
-    pub response: [u8; 12],
     /// CLOSE: the smoothed RTT of the connection when it closed, in µs (0 = unknown).
     pub rtt_us: u32,
-    /// REQUEST: first request byte to first response byte. CLOSE: connection lifetime.
+    pub _pad: u32,
+    /// CLOSE: connection lifetime.
     pub value_ns: u64,
+    /// When the connection opened (kernel monotonic ns): with `sock`, names one connection.
+    pub opened_ns: u64,
     /// CLOSE: totals for the connection.
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub requests: u64,
-    pub request: [u8; REQ_PREFIX],
+    pub errors: u64,
 }
 
-/// Per-connection state kept in the kernel, keyed by socket address.
+/// Per-connection state kept in the kernel, keyed by socket address. The agent also reads
+/// the live counters (requests, errors, bytes) of open connections from this map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnState {
     pub port: u16,
     pub peer_port: u16,
     pub phase: u8,
-    /// The next read is the payload of a login packet whose header was read alone.
-    pub skip_payload: u8,
-    pub _pad: [u8; 2],
+    /// FLAG_LOGIN | FLAG_INFILE.
+    pub flags: u8,
+    /// Index of the port in the watched set (selects the block of aggregates).
+    pub port_slot: u8,
+    pub _pad: u8,
     pub request_len: u32,
     pub peer_addr: [u8; 16],
     pub opened_ns: u64,
@@ -70,11 +86,161 @@ pub struct ConnState {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub requests: u64,
+    pub errors: u64,
     pub request: [u8; REQ_PREFIX],
+    /// The connection's last prepared statements (id 0 = empty) and their operations.
+    pub stmt_ids: [u32; STMT_CACHE],
+    pub stmt_ops: [u8; STMT_CACHE],
+    pub stmt_next: u8,
+    pub _pad2: [u8; 7],
+}
+
+/// Prepared statements whose kind a connection keeps in its own state.
+pub const STMT_CACHE: usize = 8;
+
+/// Key of a prepared statement: its connection (socket address) and statement id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StmtKey {
+    pub sock: u64,
+    pub id: u32,
+    pub _pad: u32,
+}
+
+/// Latency histogram of the kernel: log-linear, 8 sub-buckets per power of two from
+/// 2^10 ns (about 1 µs) to 2^37 ns (about 137 s): every value is known within 12.5%.
+/// Bucket 0 holds everything under 1024 ns.
+pub const HIST_BUCKETS: usize = 1 + 27 * 8;
+const HIST_MIN_EXP: u32 = 10;
+const HIST_MAX_EXP: u32 = HIST_MIN_EXP + 26;
+
+/// Exact bucket bounds (ns) of the Prometheus histogram, counted in the kernel so that a
+/// request is never put on the wrong side of a published `le`.
+pub const LE_NS: [u64; 16] = [
+    100_000, 250_000, 500_000, 1_000_000, 2_500_000, 5_000_000, 10_000_000, 25_000_000, 50_000_000, 100_000_000, 250_000_000,
+    500_000_000, 1_000_000_000, 2_500_000_000, 5_000_000_000, 10_000_000_000,
+];
+
+/// Counters of one (port, operation), per CPU: summed (max-ed) over CPUs by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OpAgg {
+    pub count: u64,
+    pub errors: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    /// `le[i]`: requests with latency <= LE_NS[i] and > LE_NS[i-1]; `le[16]`: above all.
+    pub le: [u64; 17],
+    pub hist: [u64; HIST_BUCKETS],
+}
+
+/// floor(log2(v)) for v > 0, without a count-leading-zeros instruction (BPF has none).
+#[inline(always)]
+pub fn log2(v: u64) -> u32 {
+    let mut x = v;
+    let mut e = 0;
+    if x >= 1 << 32 {
+        x >>= 32;
+        e += 32;
+    }
+    if x >= 1 << 16 {
+        x >>= 16;
+        e += 16;
+    }
+    if x >= 1 << 8 {
+        x >>= 8;
+        e += 8;
+    }
+    if x >= 1 << 4 {
+        x >>= 4;
+        e += 4;
+    }
+    if x >= 1 << 2 {
+        x >>= 2;
+        e += 2;
+    }
+    if x >= 1 << 1 {
+        e += 1;
+    }
+    e
+}
+
+/// The histogram bucket of a latency in ns.
+#[inline(always)]
+pub fn hist_bucket(ns: u64) -> usize {
+    if ns < 1 << HIST_MIN_EXP {
+        return 0;
+    }
+    let e = log2(ns);
+    if e > HIST_MAX_EXP {
+        return HIST_BUCKETS - 1;
+    }
+    let sub = (ns >> (e - 3)) & 7;
+    1 + ((e - HIST_MIN_EXP) as usize) * 8 + sub as usize
+}
+
+/// The range [low, high] of ns values a bucket holds.
+pub fn hist_bucket_range(b: usize) -> (u64, u64) {
+    if b == 0 {
+        return (0, (1 << HIST_MIN_EXP) - 1);
+    }
+    let e = HIST_MIN_EXP as u64 + ((b - 1) / 8) as u64;
+    let sub = ((b - 1) % 8) as u64;
+    let width = 1u64 << (e - 3);
+    let low = (8 + sub) * width;
+    (low, low + width - 1)
+}
+
+/// The Prometheus bucket (index in [`OpAgg::le`]) of a latency in ns: a fixed chain of
+/// comparisons the compiler unrolls (no loop for the verifier to follow).
+#[inline(always)]
+pub fn le_bucket(ns: u64) -> usize {
+    let mut i = 0;
+    for b in LE_NS {
+        i += (ns > b) as usize;
+    }
+    i
 }
 
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::ConnState {}
+    unsafe impl aya::Pod for super::StmtKey {}
+    unsafe impl aya::Pod for super::OpAgg {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_hold_their_values() {
+        for v in [0u64, 1, 1023, 1024, 1500, 999_999, 1_000_000, 50_000_000, 50_123_456, 137_000_000_000] {
+            let (lo, hi) = hist_bucket_range(hist_bucket(v));
+            assert!(lo <= v && v <= hi, "{v} in [{lo}, {hi}]");
+            if v >= 1024 {
+                assert!((hi - lo) as f64 <= lo as f64 * 0.125, "{v}: [{lo}, {hi}] is within 12.5%");
+            }
+        }
+        assert_eq!(hist_bucket(u64::MAX), HIST_BUCKETS - 1);
+        for b in 1..HIST_BUCKETS {
+            assert_eq!(hist_bucket_range(b).0, hist_bucket_range(b - 1).1 + 1, "contiguous at {b}");
+        }
+        for e in 0..63 {
+            assert_eq!(log2(1 << e), e);
+            assert_eq!(log2((1 << e) | 1), e);
+        }
+    }
+
+    #[test]
+    fn prometheus_buckets_are_exact() {
+        assert_eq!(le_bucket(0), 0);
+        assert_eq!(le_bucket(100_000), 0);
+        assert_eq!(le_bucket(100_001), 1);
+        assert_eq!(le_bucket(50_000_000), 8);
+        assert_eq!(le_bucket(50_000_001), 9);
+        assert_eq!(le_bucket(10_000_000_000), 15);
+        assert_eq!(le_bucket(10_000_000_001), 16);
+    }
 }

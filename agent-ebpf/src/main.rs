@@ -5,9 +5,13 @@
 //!   address: the local port is already zero then).
 //! - `sock_recv_length` / `sock_send_length`: on tracked sockets, the first bytes received
 //!   with MySQL sequence id 0 start a request; the first bytes sent after it end it. The
-//!   request's first bytes and the response's first byte are read from the syscall's user
-//!   buffer, so the agent can name the command and count ERR responses.
-//!
+//!   request's first bytes are kept to name it (command, statement kind), and the response's
+//!   first bytes tell an ERR packet.
+//! - Requests are aggregated here, per CPU, per (port, operation): counts, errors, latency
+//!   sum/max, a log-linear histogram and the exact Prometheus buckets (agent-common's
+//!   OpAgg). Nothing crosses the ring buffer per request; the agent reads the aggregates.
+//! - Prepared statements: a PREPARE_OK stores the statement's kind under (socket, id), so an
+//!   EXECUTE is counted as the SELECT/UPDATE/... it runs.
 //! - `tcp_retransmit_skb`: retransmitted segments on tracked sockets.
 //! - At close, the connection's smoothed RTT (tcp_sock.srtt_us, at the offset the agent
 //!   found in the kernel's BTF).
@@ -20,20 +24,24 @@
 use aya_ebpf::bindings::pt_regs;
 use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
 use aya_ebpf::macros::{btf_tracepoint, map, tracepoint};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray, RingBuf};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, TracePointContext};
 use breakwater_agent_common::*;
 
-#[map]
-static WATCHED: HashMap<u16, u8> = HashMap::with_max_entries(64, 0);
-/// The same ports as an array indexed by port: the cheapest possible first filter for the
-/// recv/send hooks, which fire for every socket on the host.
+/// Watched ports, indexed by port: 0 = not watched, else 1 + the port's slot. The cheapest
+/// possible first filter for the recv/send hooks, which fire for every socket on the host.
 #[map]
 static WATCHED_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
+/// Request aggregates, per CPU, at slot * OPS + operation (sized by the agent at load).
+#[map]
+static AGG: PerCpuArray<OpAgg> = PerCpuArray::with_max_entries(1, 0);
+/// (socket, prepared statement id) -> the statement's operation; LRU-bounded.
+#[map]
+static STMTS: LruHashMap<StmtKey, u32> = LruHashMap::with_max_entries(65536, 0);
 #[map]
 static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
 /// Offsets the agent found in the kernel's BTF (see CONFIG_* in agent-common).
@@ -75,17 +83,15 @@ fn conn_event(kind: u32, st: &ConnState, sk: u64) -> Event {
         port: st.port,
         peer_port: st.peer_port,
         peer_addr: st.peer_addr,
-        response_err: 0,
-        _pad: [0; 3],
-        request_len: 0,
         sock: sk,
-        response: [0; 12],
         rtt_us: 0,
+        _pad: 0,
         value_ns: 0,
+        opened_ns: st.opened_ns,
         bytes_in: 0,
         bytes_out: 0,
         requests: 0,
-        request: [0; REQ_PREFIX],
+        errors: 0,
     }
 }
 
@@ -105,9 +111,10 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
     let new: i32 = ctx.read_at(20)?;
     if new == TCP_ESTABLISHED && old == TCP_SYN_RECV {
         let sport: u16 = ctx.read_at(24)?;
-        if WATCHED.get(&sport).is_none() {
-            return Ok(());
-        }
+        let slot = match WATCHED_PORTS.get(sport as u32) {
+            Some(&v) if v != 0 => v - 1,
+            _ => return Ok(()),
+        };
         let family: u16 = ctx.read_at(28)?;
         let mut peer = [0u8; 16];
         if family == AF_INET {
@@ -122,8 +129,9 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             port: sport,
             peer_port: ctx.read_at(26)?,
             phase: PHASE_IDLE,
-            skip_payload: 0,
-            _pad: [0; 2],
+            flags: FLAG_LOGIN,
+            port_slot: slot,
+            _pad: 0,
             request_len: 0,
             peer_addr: peer,
             opened_ns: bpf_ktime_get_ns(),
@@ -131,7 +139,12 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             bytes_in: 0,
             bytes_out: 0,
             requests: 0,
+            errors: 0,
             request: [0; REQ_PREFIX],
+            stmt_ids: [0; STMT_CACHE],
+            stmt_ops: [0; STMT_CACHE],
+            stmt_next: 0,
+            _pad2: [0; 7],
         };
         if CONNS.insert(&sk, &st, 0).is_err() {
             drop_count(DROP_CONNS_FULL);
@@ -155,6 +168,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             ev.bytes_in = st.bytes_in;
             ev.bytes_out = st.bytes_out;
             ev.requests = st.requests;
+            ev.errors = st.errors;
             emit(&ev);
             let _ = CONNS.remove(&sk);
         }
@@ -166,9 +180,18 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
 const SKC_NUM_OFFSET: u64 = 14;
 
 /// Whether this socket's local port is watched: one kernel read and one array lookup, so
-/// sockets of other programs (clients, replication, the agent) cost almost nothing.
-unsafe fn on_watched_port(sk: u64) -> bool {
-    let Ok(port) = bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) else { return false };
+/// sockets of other programs (clients, replication, the agent) cost almost nothing. BTF
+/// hooks get `sk` as a typed kernel pointer and read the field with a plain load.
+#[inline(always)]
+unsafe fn on_watched_port<const BTF: bool>(sk: u64) -> bool {
+    let port = if BTF {
+        core::ptr::read_volatile((sk + SKC_NUM_OFFSET) as *const u16)
+    } else {
+        match bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) {
+            Ok(p) => p,
+            Err(_) => return false,
+        }
+    };
     matches!(WATCHED_PORTS.get(port as u32), Some(v) if *v != 0)
 }
 
@@ -179,9 +202,11 @@ unsafe fn syscall_buffer() -> Option<u64> {
     if regs.is_null() {
         return None;
     }
-    let nr = bpf_probe_read_kernel(&(*regs).orig_rax).ok()?;
+    // Direct loads: the verifier knows `regs` as a trusted BTF pointer to pt_regs and turns
+    // them into inline probe loads, cheaper than two bpf_probe_read_kernel calls.
+    let nr = core::ptr::read_volatile(&(*regs).orig_rax);
     match nr {
-        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => bpf_probe_read_kernel(&(*regs).rsi).ok(),
+        SYS_READ | SYS_WRITE | SYS_SENDTO | SYS_RECVFROM => Some(core::ptr::read_volatile(&(*regs).rsi)),
         _ => None,
     }
 }
@@ -189,7 +214,7 @@ unsafe fn syscall_buffer() -> Option<u64> {
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
-        let _ = unsafe { on_recv(sk, ret) };
+        let _ = unsafe { on_recv::<false>(sk, ret) };
     }
     0
 }
@@ -201,38 +226,48 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let _ = unsafe { on_recv(sk as u64, ret) };
+    let _ = unsafe { on_recv::<true>(sk as u64, ret) };
     0
 }
 
-unsafe fn on_recv(sk: u64, ret: i32) -> Result<(), i32> {
+unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    if !on_watched_port(sk) {
+    if !on_watched_port::<BTF>(sk) {
         return Ok(());
     }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
     let st = &mut *st;
     st.bytes_in += ret as u64;
-    // COM_STMT_SEND_LONG_DATA (0x18) and COM_STMT_CLOSE (0x19) get no response: the next
-    // bytes are a new command.
-    let no_reply = st.request_len > 4 && (st.request[4] == 0x18 || st.request[4] == 0x19);
+    if st.flags & (FLAG_LOGIN | FLAG_INFILE) != 0 {
+        return Ok(()); // authentication packets, or the file of a LOAD DATA LOCAL: no commands
+    }
+    // COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response: the next bytes are a new
+    // command.
+    let no_reply = st.request_len > 4 && (st.request[4] == COM_STMT_SEND_LONG_DATA || st.request[4] == COM_STMT_CLOSE);
     if st.phase == PHASE_REQUEST && !no_reply {
-        // More bytes of the same request. MariaDB reads the 4-byte packet header first and
-        // the payload next: complete the prefix from the payload read.
-        if st.request_len == 4 {
-            if let Some(buf) = syscall_buffer() {
-                if bpf_probe_read_user_buf(buf as *const u8, &mut st.request[4..]).is_ok() {
-                    let more = if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
-                    st.request_len = 4 + more;
-                }
+        return Ok(()); // more bytes of the same request
+    }
+    if st.phase == PHASE_HEADER {
+        // The payload of a command whose 4-byte header was read alone (MariaDB and MySQL
+        // read a packet that way): its first bytes name the command.
+        st.phase = PHASE_REQUEST;
+        st.request_len = 4;
+        if let Some(buf) = syscall_buffer() {
+            if bpf_probe_read_user_buf(buf as *const u8, &mut st.request[4..]).is_ok() {
+                st.request_len = 4 + if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
             }
         }
+        forget_closed_statement(st, sk);
         return Ok(());
     }
-    if st.skip_payload != 0 {
-        st.skip_payload = 0;
+    if ret == 4 {
+        // A header alone, after login and outside a multi-packet request: a command starts
+        // (sequence id 0). Its payload, read next, names it; no need to read this.
+        st.phase = PHASE_HEADER;
+        st.request_ns = bpf_ktime_get_ns();
+        st.request_len = 0;
         return Ok(());
     }
     let Some(buf) = syscall_buffer() else { return Ok(()) };
@@ -240,24 +275,35 @@ unsafe fn on_recv(sk: u64, ret: i32) -> Result<(), i32> {
     if bpf_probe_read_user_buf(buf as *const u8, &mut head).is_err() {
         return Ok(());
     }
-    // A command starts a new exchange with sequence id 0 (login packets have 1 and up).
     if head[3] != 0 {
-        if ret == 4 {
-            st.skip_payload = 1; // its payload comes in the next read
-        }
-        return Ok(());
+        return Ok(()); // not the first packet of a command
     }
-    st.phase = PHASE_REQUEST;
     st.request_ns = bpf_ktime_get_ns();
+    st.phase = PHASE_REQUEST;
     st.request = head;
     st.request_len = if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 };
+    forget_closed_statement(st, sk);
     Ok(())
+}
+
+/// COM_STMT_CLOSE: the statement's kind is no longer needed.
+#[inline(always)]
+unsafe fn forget_closed_statement(st: &mut ConnState, sk: u64) {
+    if st.request[4] == COM_STMT_CLOSE && st.request_len >= 9 {
+        let id = u32::from_le_bytes([st.request[5], st.request[6], st.request[7], st.request[8]]);
+        for i in 0..STMT_CACHE {
+            if st.stmt_ids[i] == id {
+                st.stmt_ids[i] = 0;
+            }
+        }
+        let _ = STMTS.remove(&StmtKey { sock: sk, id, _pad: 0 });
+    }
 }
 
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
-        let _ = unsafe { on_send(sk, ret) };
+        let _ = unsafe { on_send::<false>(sk, ret) };
     }
     0
 }
@@ -267,55 +313,118 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let _ = unsafe { on_send(sk as u64, ret) };
+    let _ = unsafe { on_send::<true>(sk as u64, ret) };
     0
 }
 
-unsafe fn on_send(sk: u64, ret: i32) -> Result<(), i32> {
+unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    if !on_watched_port(sk) {
+    if !on_watched_port::<BTF>(sk) {
         return Ok(());
     }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
     let st = &mut *st;
     st.bytes_out += ret as u64;
-    if st.phase != PHASE_REQUEST {
+    if st.flags & FLAG_LOGIN != 0 {
+        // Authentication ends with the server's OK (also after caching_sha2's fast-auth
+        // 0x01 0x03, in the same write or the next one).
+        let mut resp = [0u8; 12];
+        if let Some(buf) = syscall_buffer() {
+            if bpf_probe_read_user_buf(buf as *const u8, &mut resp).is_ok()
+                && (resp[4] == 0x00 || (resp[4] == 0x01 && resp[5] == 0x03 && resp[10] == 0x00))
+            {
+                st.flags &= !FLAG_LOGIN;
+            }
+        }
         st.phase = PHASE_RESPONSE;
         return Ok(());
     }
-    let now = bpf_ktime_get_ns();
+    if st.phase != PHASE_REQUEST {
+        // The server's answer to the file of a LOAD DATA LOCAL ends it.
+        st.flags &= !FLAG_INFILE;
+        st.phase = PHASE_RESPONSE;
+        return Ok(());
+    }
+    let ns = bpf_ktime_get_ns().saturating_sub(st.request_ns);
     st.phase = PHASE_RESPONSE;
     st.requests += 1;
-    // Written in place in the ring buffer: no Event built on the stack and copied.
-    let Some(mut slot) = EVENTS.reserve::<Event>(0) else {
-        drop_count(DROP_RINGBUF_FULL);
-        return Ok(());
+    // The response's header and first payload bytes: 0xff = ERR; a PREPARE_OK (0x00)
+    // carries the statement id.
+    let mut resp = [0u8; 12];
+    let have_resp = match syscall_buffer() {
+        Some(buf) => bpf_probe_read_user_buf(buf as *const u8, &mut resp).is_ok(),
+        None => false,
     };
-    let ev = slot.as_mut_ptr();
-    (*ev).kind = EVENT_REQUEST;
-    (*ev).port = st.port;
-    (*ev).peer_port = st.peer_port;
-    (*ev).peer_addr = st.peer_addr;
-    (*ev)._pad = [0; 3];
-    (*ev).request_len = st.request_len;
-    (*ev).sock = sk;
-    (*ev).rtt_us = 0;
-    (*ev).value_ns = now.saturating_sub(st.request_ns);
-    (*ev).bytes_in = 0;
-    (*ev).bytes_out = 0;
-    (*ev).requests = 0;
-    (*ev).request = st.request;
-    (*ev).response = [0; 12];
-    (*ev).response_err = 0;
-    if let Some(buf) = syscall_buffer() {
-        if bpf_probe_read_user_buf(buf as *const u8, &mut (*ev).response).is_ok() {
-            (*ev).response_err = ((*ev).response[4] == 0xff) as u8;
+    if have_resp && st.request_len > 4 {
+        let cmd = st.request[4];
+        if cmd == COM_QUERY && resp[4] == 0xfb {
+            st.flags |= FLAG_INFILE; // LOAD DATA LOCAL: the client sends a file next
+        } else if cmd == COM_CHANGE_USER && (resp[4] == 0xfe || resp[4] == 0x01) {
+            st.flags |= FLAG_LOGIN; // authentication goes on
         }
     }
-    slot.submit(BPF_RB_NO_WAKEUP);
+    let err = have_resp && resp[4] == 0xff;
+    st.errors += err as u64;
+    let op = operation(st, sk, have_resp, &resp);
+    let Some(agg) = AGG.get_ptr_mut(st.port_slot as u32 * OPS as u32 + op) else { return Ok(()) };
+    let agg = &mut *agg;
+    agg.count += 1;
+    agg.errors += err as u64;
+    agg.sum_ns += ns;
+    if ns > agg.max_ns {
+        agg.max_ns = ns;
+    }
+    let le = le_bucket(ns);
+    if le < agg.le.len() {
+        agg.le[le] += 1;
+    }
+    let b = hist_bucket(ns);
+    if b < HIST_BUCKETS {
+        agg.hist[b] += 1;
+    }
     Ok(())
+}
+
+/// The operation the request just answered was, from its first bytes. A PREPARE_OK
+/// response records the prepared statement's kind; an EXECUTE is named by it.
+#[inline(always)]
+unsafe fn operation(st: &mut ConnState, sk: u64, have_resp: bool, resp: &[u8; 12]) -> u32 {
+    if st.request_len < 5 {
+        return OP_UNKNOWN;
+    }
+    let cmd = st.request[4];
+    if cmd == COM_QUERY {
+        return statement_kind(&st.request, st.request_len);
+    }
+    if cmd == COM_STMT_EXECUTE && st.request_len >= 9 {
+        let id = u32::from_le_bytes([st.request[5], st.request[6], st.request[7], st.request[8]]);
+        // The connection's own cache first: a shared LRU lookup costs several times more.
+        for i in 0..STMT_CACHE {
+            if st.stmt_ids[i] == id && id != 0 {
+                return st.stmt_ops[i] as u32;
+            }
+        }
+        if let Some(&kind) = STMTS.get(&StmtKey { sock: sk, id, _pad: 0 }) {
+            cache_statement(st, id, kind);
+            return kind;
+        }
+    } else if cmd == COM_STMT_PREPARE && have_resp && resp[4] == 0x00 {
+        let id = u32::from_le_bytes([resp[5], resp[6], resp[7], resp[8]]);
+        let kind = statement_kind(&st.request, st.request_len);
+        let _ = STMTS.insert(&StmtKey { sock: sk, id, _pad: 0 }, &kind, 0);
+        cache_statement(st, id, kind);
+    }
+    command_op(cmd)
+}
+
+#[inline(always)]
+fn cache_statement(st: &mut ConnState, id: u32, kind: u32) {
+    let i = (st.stmt_next as usize) % STMT_CACHE;
+    st.stmt_ids[i] = id;
+    st.stmt_ops[i] = kind as u8;
+    st.stmt_next = st.stmt_next.wrapping_add(1);
 }
 
 /// tcp:tcp_retransmit_skb on a tracked connection: one event per retransmitted segment.

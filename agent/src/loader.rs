@@ -9,14 +9,18 @@ use crate::prometheus::Shared;
 use anyhow::{anyhow, bail, Context};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
-use aya::{include_bytes_aligned, Btf, Ebpf};
-use breakwater_agent_common::{Event, DROP_CONNS_FULL, DROP_RINGBUF_FULL};
+use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
+use breakwater_agent_common::{ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, MAX_PORTS, OPS, OP_NAMES};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 pub struct Loaded {
     _ebpf: Ebpf,
+    /// The watched ports, in slot order.
+    ports: Vec<u16>,
     events: Option<RingBuf<MapData>>,
+    agg: Option<PerCpuArray<MapData, OpAgg>>,
+    conns: Option<HashMap<MapData, u64, ConnState>>,
     pub drops: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     pub hooks: String,
 }
@@ -42,7 +46,15 @@ fn ensure_tracefs() -> anyhow::Result<()> {
 
 pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     ensure_tracefs()?;
-    let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
+    let mut ports = ports.to_vec();
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.is_empty() || ports.len() > MAX_PORTS {
+        bail!("watch between 1 and {MAX_PORTS} ports (got {})", ports.len());
+    }
+    let mut ebpf = EbpfLoader::new()
+        .map_max_entries("AGG", (ports.len() * OPS) as u32)
+        .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
     let mut hooks = Vec::new();
     let state: &mut TracePoint = ebpf
@@ -86,14 +98,10 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
         Ok(_) => hooks.push("tcp:tcp_retransmit_skb".to_string()),
         Err(e) => tracing::warn!(hook = "tcp:tcp_retransmit_skb", error = %e, "hook unavailable: retransmits are not counted"),
     }
-    let mut watched: HashMap<_, u16, u8> = HashMap::try_from(ebpf.map_mut("WATCHED").ok_or_else(|| anyhow!("map WATCHED missing"))?)?;
-    for p in ports {
-        watched.insert(p, 1, 0).with_context(|| format!("watching port {p}"))?;
-    }
     let mut ports_array: aya::maps::Array<_, u8> =
         aya::maps::Array::try_from(ebpf.map_mut("WATCHED_PORTS").ok_or_else(|| anyhow!("map WATCHED_PORTS missing"))?)?;
-    for p in ports {
-        ports_array.set(*p as u32, 1, 0).with_context(|| format!("watching port {p}"))?;
+    for (slot, p) in ports.iter().enumerate() {
+        ports_array.set(*p as u32, slot as u8 + 1, 0).with_context(|| format!("watching port {p}"))?;
     }
     // RTT at close needs tcp_sock.srtt_us, whose offset depends on the kernel's config.
     let mut config: aya::maps::Array<_, u32> =
@@ -104,7 +112,17 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     }
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
-    Ok(Loaded { _ebpf: ebpf, events: Some(events), drops: Arc::new(Mutex::new(drops)), hooks: hooks.join(",") })
+    let agg = PerCpuArray::try_from(ebpf.take_map("AGG").ok_or_else(|| anyhow!("map AGG missing"))?)?;
+    let conns = HashMap::try_from(ebpf.take_map("CONNS").ok_or_else(|| anyhow!("map CONNS missing"))?)?;
+    Ok(Loaded {
+        _ebpf: ebpf,
+        ports,
+        events: Some(events),
+        agg: Some(agg),
+        conns: Some(conns),
+        drops: Arc::new(Mutex::new(drops)),
+        hooks: hooks.join(","),
+    })
 }
 
 /// Events lost in the kernel: [ring buffer full, connection map full].
@@ -114,12 +132,15 @@ pub fn read_drops(drops: &Arc<Mutex<PerCpuArray<MapData, u64>>>) -> [u64; 2] {
     [sum(DROP_RINGBUF_FULL), sum(DROP_CONNS_FULL)]
 }
 
-/// Drain the ring buffer every 50 ms, forever. The kernel side never wakes the agent up
-/// (BPF_RB_NO_WAKEUP), which keeps the per-request cost in the kernel small; the 4 MiB ring
-/// holds about 30k events, several times what 50 ms of a busy server produce.
+/// Every 250 ms: drain the ring buffer (connection events), then read the request
+/// aggregates and the open connections' counters. The kernel side never wakes the agent up
+/// (BPF_RB_NO_WAKEUP); the 1 MiB ring holds about 10k events, many times what 250 ms of
+/// connection churn produce (drops are counted).
 pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<()> {
     let mut rb = loaded.events.take().ok_or_else(|| anyhow!("event ring buffer already taken"))?;
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    let agg = loaded.agg.take().ok_or_else(|| anyhow!("aggregates already taken"))?;
+    let conns = loaded.conns.take().ok_or_else(|| anyhow!("connection map already taken"))?;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     let mut batch = Vec::with_capacity(4096);
     loop {
         tick.tick().await;
@@ -130,10 +151,29 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
             }
         }
+        let ops = read_aggregates(&agg, &loaded.ports);
+        let live: Vec<(u64, ConnState)> = conns.iter().filter_map(Result::ok).collect();
         if let Ok(mut s) = stats.lock() {
             for ev in &batch {
                 s.record(ev);
             }
+            s.refresh(ops, live.into_iter());
         }
     }
+}
+
+/// The kernel's request aggregates, summed over CPUs, per (port, operation).
+fn read_aggregates(agg: &PerCpuArray<MapData, OpAgg>, ports: &[u16]) -> Vec<((u16, &'static str), OpAgg)> {
+    let mut out = Vec::new();
+    for (slot, port) in ports.iter().enumerate() {
+        for (op, name) in OP_NAMES.iter().enumerate() {
+            if let Ok(per_cpu) = agg.get(&((slot * OPS + op) as u32), 0) {
+                let total = crate::stats::sum_cpus(per_cpu.iter());
+                if total.count > 0 {
+                    out.push(((*port, *name), total));
+                }
+            }
+        }
+    }
+    out
 }

@@ -2,7 +2,6 @@
 //! exports connections, request latency by operation, bytes and errors as Prometheus metrics.
 
 mod btf;
-mod classify;
 mod loader;
 mod otlp;
 mod procfs;
@@ -225,9 +224,9 @@ fn print_table(s: &stats::Stats) {
                 op,
                 o.count,
                 o.errors,
-                ms(o.hist.value_at_quantile(0.5)),
-                ms(o.hist.value_at_quantile(0.99)),
-                ms(o.hist.max())
+                ms(o.quantile_ns(0.5)),
+                ms(o.quantile_ns(0.99)),
+                ms(o.quantile_ns(1.0))
             );
         }
     }

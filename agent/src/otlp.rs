@@ -124,14 +124,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
     // Latency histogram with explicit bounds (seconds); bucket i counts (bound[i-1], bound[i]].
     let mut points = Vec::new();
     for ((p, op), s) in &stats.ops {
-        let mut counts = Vec::with_capacity(BUCKETS.len() + 1);
-        let mut below = 0;
-        for bound in BUCKETS {
-            let upto = s.hist.count_between(0, (bound * 1e9) as u64);
-            counts.push(upto.saturating_sub(below));
-            below = upto;
-        }
-        counts.push(s.count.saturating_sub(below));
+        let counts = s.le.to_vec();
         points.push(HistogramDataPoint {
             attributes: op_attrs(*p, op),
             start_time_unix_nano: start,
@@ -141,7 +134,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
             bucket_counts: counts,
             explicit_bounds: BUCKETS.to_vec(),
             min: Some(s.hist.min() as f64 / 1e9),
-            max: Some(s.hist.max() as f64 / 1e9),
+            max: Some(s.max_ns as f64 / 1e9),
             ..Default::default()
         });
     }

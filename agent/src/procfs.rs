@@ -5,7 +5,7 @@
 //! nothing per request is measured: the agent says so when it falls back.
 
 use crate::prometheus::Shared;
-use breakwater_agent_common::{Event, EVENT_CLOSE, EVENT_OPEN, REQ_PREFIX};
+use breakwater_agent_common::{Event, EVENT_CLOSE, EVENT_OPEN};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -55,17 +55,15 @@ fn event(kind: u32, k: &Key, value_ns: u64) -> Event {
         port: k.0,
         peer_port: k.2,
         peer_addr: k.1,
-        response_err: 0,
-        _pad: [0; 3],
-        request_len: 0,
         sock: k.3,
-        response: [0; 12],
         rtt_us: 0,
+        _pad: 0,
         value_ns,
+        opened_ns: 0,
         bytes_in: 0,
         bytes_out: 0,
         requests: 0,
-        request: [0; REQ_PREFIX],
+        errors: 0,
     }
 }
 

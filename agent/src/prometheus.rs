@@ -39,11 +39,11 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_connection_rtt_max_seconds{{{base},server_port=\"{port}\"}} {:.9}", p.rtt_seconds_max);
     }
-    family(&mut o, "breakwater_agent_received_bytes_total", "counter", "Bytes received on closed connections.");
+    family(&mut o, "breakwater_agent_received_bytes_total", "counter", "Bytes received on watched connections.");
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_received_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_in);
     }
-    family(&mut o, "breakwater_agent_sent_bytes_total", "counter", "Bytes sent on closed connections.");
+    family(&mut o, "breakwater_agent_sent_bytes_total", "counter", "Bytes sent on watched connections.");
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_sent_bytes_total{{{base},server_port=\"{port}\"}} {}", p.bytes_out);
     }
@@ -74,10 +74,8 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     family(&mut o, "breakwater_agent_request_duration_seconds", "histogram", "First request byte in to first response byte out.");
     for ((port, op), s) in &stats.ops {
         let labels = format!("{base},server_port=\"{port}\",db_operation_name=\"{op}\"");
-        for b in BUCKETS {
-            let le_ns = (b * 1e9) as u64;
-            let n = s.hist.count_between(0, le_ns);
-            let _ = writeln!(o, "breakwater_agent_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {n}");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "breakwater_agent_request_duration_seconds_bucket{{{labels},le=\"{b}\"}} {}", s.cumulative(i));
         }
         let _ = writeln!(o, "breakwater_agent_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", s.count);
         let _ = writeln!(o, "breakwater_agent_request_duration_seconds_sum{{{labels}}} {:.9}", s.sum_ns as f64 / 1e9);
@@ -85,7 +83,7 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     }
     family(&mut o, "breakwater_agent_request_duration_quantile_seconds", "gauge", "p50/p95/p99/max of request latency since start.");
     for ((port, op), s) in &stats.ops {
-        for (q, v) in [("0.5", s.hist.value_at_quantile(0.5)), ("0.95", s.hist.value_at_quantile(0.95)), ("0.99", s.hist.value_at_quantile(0.99)), ("1", s.hist.max())] {
+        for (q, v) in [("0.5", s.quantile_ns(0.5)), ("0.95", s.quantile_ns(0.95)), ("0.99", s.quantile_ns(0.99)), ("1", s.quantile_ns(1.0))] {
             let _ = writeln!(o, "breakwater_agent_request_duration_quantile_seconds{{{base},server_port=\"{port}\",db_operation_name=\"{op}\",quantile=\"{q}\"}} {:.9}", v as f64 / 1e9);
         }
     }

@@ -1,22 +1,31 @@
-//! Aggregation of kernel events: counters per server port and per peer, and latency
-//! histograms (hdrhistogram) per server port and operation. Fixed memory per key; the
-//! number of keys is bounded (peers beyond MAX_PEERS are folded into "other").
+//! What the agent knows, built from two sources:
+//! - connection events from the ring buffer (open, close with the connection's totals,
+//!   retransmit): counters per server port and per peer;
+//! - the kernel's request aggregates per (port, operation), summed over CPUs, and the live
+//!   counters of open connections, read together on every refresh.
+//!
+//! Every counter is cumulative since the agent started and never goes down: a connection's
+//! live counters are remembered until its close event brings the final ones.
+//! Fixed memory per key; the number of keys is bounded (peers beyond MAX_PEERS are folded
+//! into "::" = other).
 
-use crate::classify;
-use breakwater_agent_common::{Event, EVENT_CLOSE, EVENT_OPEN, EVENT_REQUEST, EVENT_RETRANSMIT};
+use breakwater_agent_common::{hist_bucket_range, ConnState, Event, OpAgg, EVENT_CLOSE, EVENT_OPEN, EVENT_RETRANSMIT, HIST_BUCKETS, LE_NS};
 use hdrhistogram::Histogram;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 
 pub const MAX_PEERS: usize = 1024;
 
-/// Latency bucket bounds (seconds) exposed as a Prometheus histogram.
+/// Latency bucket bounds (seconds) exposed as a Prometheus histogram: the kernel counts
+/// exactly these (agent-common's LE_NS).
 pub const BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const _: () = assert!(BUCKETS.len() == LE_NS.len());
 
 #[derive(Default, Clone, Debug)]
 pub struct PortStats {
     pub opened: u64,
     pub closed: u64,
+    /// Bytes of closed connections plus the live counters of open ones.
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub errors: u64,
@@ -26,42 +35,82 @@ pub struct PortStats {
     pub rtt_seconds_sum: f64,
     pub rtt_count: u64,
     pub rtt_seconds_max: f64,
+    closed_bytes_in: u64,
+    closed_bytes_out: u64,
 }
 
 #[derive(Default, Clone, Debug)]
 pub struct PeerStats {
     pub opened: u64,
     pub closed: u64,
+    /// Requests answered (closed connections plus the live counters of open ones).
     pub requests: u64,
     pub errors: u64,
+    closed_requests: u64,
+    closed_errors: u64,
 }
 
 pub struct OpStats {
     pub count: u64,
     pub errors: u64,
     pub sum_ns: u128,
+    /// Exact, from the kernel.
+    pub max_ns: u64,
+    /// Exact counts per Prometheus bucket: `le[i]` = requests in (BUCKETS[i-1], BUCKETS[i]],
+    /// `le[16]` = above the last bound.
+    pub le: [u64; 17],
+    /// For quantiles: the kernel's log-linear buckets (12.5% wide) recorded at their middle.
     pub hist: Histogram<u64>,
 }
 
 impl OpStats {
-    fn new() -> Self {
-        // 1 µs .. 60 s, 2 significant digits: a few KiB per (port, operation).
-        let hist = Histogram::new_with_bounds(1_000, 60_000_000_000, 2).unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()));
-        Self { count: 0, errors: 0, sum_ns: 0, hist }
+    fn from_kernel(a: &OpAgg) -> Self {
+        // 1 µs .. 150 s, 2 significant digits.
+        let mut hist = Histogram::new_with_bounds(1_000, 150_000_000_000, 2).unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()));
+        for (b, &n) in a.hist.iter().enumerate() {
+            if n > 0 {
+                let (lo, hi) = hist_bucket_range(b);
+                let _ = hist.record_n((lo / 2 + hi / 2).clamp(1_000, 150_000_000_000), n);
+            }
+        }
+        Self { count: a.count, errors: a.errors, sum_ns: a.sum_ns as u128, max_ns: a.max_ns, le: a.le, hist }
+    }
+
+    /// Requests with latency <= BUCKETS[i].
+    pub fn cumulative(&self, i: usize) -> u64 {
+        self.le.iter().take(i + 1).sum()
+    }
+
+    pub fn quantile_ns(&self, q: f64) -> u64 {
+        if q >= 1.0 {
+            self.max_ns
+        } else {
+            self.hist.value_at_quantile(q).min(self.max_ns)
+        }
     }
 }
 
-/// Prepared statements per connection, so an EXECUTE is named by its statement's kind.
-pub const MAX_STMTS: usize = 65536;
+/// The last live counters read for an open connection.
+#[derive(Clone, Copy)]
+struct Live {
+    port: u16,
+    peer: IpAddr,
+    requests: u64,
+    errors: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// Refreshes since the connection was last seen in the kernel's map.
+    missed: u8,
+}
 
 #[derive(Default)]
 pub struct Stats {
-    /// (server socket, statement id) -> the prepared statement's kind.
-    pub stmts: std::collections::HashMap<(u64, u32), &'static str>,
     pub ports: BTreeMap<u16, PortStats>,
     pub peers: BTreeMap<(u16, IpAddr), PeerStats>,
     pub ops: BTreeMap<(u16, &'static str), OpStats>,
     pub events: u64,
+    /// Open connections by (socket address, opened at).
+    live: HashMap<(u64, u64), Live>,
 }
 
 fn peer_ip(a: &[u8; 16]) -> IpAddr {
@@ -73,28 +122,34 @@ fn peer_ip(a: &[u8; 16]) -> IpAddr {
 }
 
 impl Stats {
+    /// The key a peer is counted under (bounded: beyond MAX_PEERS, "::").
+    fn peer_key(&self, port: u16, ip: IpAddr) -> (u16, IpAddr) {
+        if self.peers.len() < MAX_PEERS || self.peers.contains_key(&(port, ip)) {
+            (port, ip)
+        } else {
+            (port, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
+        }
+    }
+
+    /// A connection event from the ring buffer.
     pub fn record(&mut self, ev: &Event) {
         self.events += 1;
+        let key = self.peer_key(ev.port, peer_ip(&ev.peer_addr));
         let port = self.ports.entry(ev.port).or_default();
-        let ip = peer_ip(&ev.peer_addr);
-        let peer_key = if self.peers.len() < MAX_PEERS || self.peers.contains_key(&(ev.port, ip)) {
-            (ev.port, ip)
-        } else {
-            (ev.port, IpAddr::V6(Ipv6Addr::UNSPECIFIED))
-        };
-        let peer = self.peers.entry(peer_key).or_default();
+        let peer = self.peers.entry(key).or_default();
         match ev.kind {
             EVENT_OPEN => {
                 port.opened += 1;
                 peer.opened += 1;
             }
             EVENT_CLOSE => {
-                let sock = ev.sock;
-                self.stmts.retain(|(s, _), _| *s != sock);
+                self.live.remove(&(ev.sock, ev.opened_ns));
                 port.closed += 1;
                 peer.closed += 1;
-                port.bytes_in += ev.bytes_in;
-                port.bytes_out += ev.bytes_out;
+                peer.closed_requests += ev.requests;
+                peer.closed_errors += ev.errors;
+                port.closed_bytes_in += ev.bytes_in;
+                port.closed_bytes_out += ev.bytes_out;
                 port.conn_seconds_sum += ev.value_ns as f64 / 1e9;
                 if ev.rtt_us > 0 {
                     let rtt = ev.rtt_us as f64 / 1e6;
@@ -103,38 +158,85 @@ impl Stats {
                     port.rtt_seconds_max = port.rtt_seconds_max.max(rtt);
                 }
             }
-            EVENT_REQUEST => {
-                let len = (ev.request_len as usize).min(ev.request.len());
-                let req = &ev.request[..len];
-                let mut op = classify::operation(req);
-                if op == "COM_STMT_PREPARE" && ev.response[4] == 0x00 && self.stmts.len() < MAX_STMTS {
-                    // PREPARE_OK: statement id follows the status byte.
-                    let id = u32::from_le_bytes([ev.response[5], ev.response[6], ev.response[7], ev.response[8]]);
-                    self.stmts.insert((ev.sock, id), classify::prepared_kind(req));
-                } else if op == "COM_STMT_EXECUTE" && len >= 9 {
-                    let id = u32::from_le_bytes([req[5], req[6], req[7], req[8]]);
-                    if let Some(kind) = self.stmts.get(&(ev.sock, id)) {
-                        op = kind;
-                    }
-                }
-                peer.requests += 1;
-                let err = ev.response_err != 0;
-                if err {
-                    port.errors += 1;
-                    peer.errors += 1;
-                }
-                let s = self.ops.entry((ev.port, op)).or_insert_with(OpStats::new);
-                s.count += 1;
-                s.errors += err as u64;
-                s.sum_ns += ev.value_ns as u128;
-                let _ = s.hist.record(ev.value_ns.clamp(1_000, 60_000_000_000));
-            }
             EVENT_RETRANSMIT => port.retransmits += 1,
             _ => {}
+        }
+    }
+
+    /// The kernel's state after the events read so far: request aggregates per (port,
+    /// operation), summed over CPUs, and the open connections' live counters.
+    pub fn refresh(&mut self, ops: Vec<((u16, &'static str), OpAgg)>, conns: impl Iterator<Item = (u64, ConnState)>) {
+        self.ops = ops.iter().filter(|(_, a)| a.count > 0).map(|(k, a)| (*k, OpStats::from_kernel(a))).collect();
+        for p in self.ports.values_mut() {
+            p.errors = 0;
+        }
+        for ((port, _), o) in &self.ops {
+            self.ports.entry(*port).or_default().errors += o.errors;
+        }
+        // A connection gone from the kernel's map keeps its last live counters until its
+        // close event (already in the ring buffer) brings the final ones at the next drain.
+        // Gone for two refreshes: its event was dropped; its last counters are kept as final.
+        for l in self.live.values_mut() {
+            l.missed = l.missed.saturating_add(1);
+        }
+        for (sock, c) in conns {
+            let peer = peer_ip(&c.peer_addr);
+            let l = Live { port: c.port, peer, requests: c.requests, errors: c.errors, bytes_in: c.bytes_in, bytes_out: c.bytes_out, missed: 0 };
+            self.live.insert((sock, c.opened_ns), l);
+        }
+        let lost: Vec<(u64, u64)> = self.live.iter().filter(|(_, l)| l.missed > 2).map(|(k, _)| *k).collect();
+        for k in lost {
+            if let Some(l) = self.live.remove(&k) {
+                let key = self.peer_key(l.port, l.peer);
+                let peer = self.peers.entry(key).or_default();
+                peer.closed += 1;
+                peer.closed_requests += l.requests;
+                peer.closed_errors += l.errors;
+                let port = self.ports.entry(l.port).or_default();
+                port.closed += 1;
+                port.closed_bytes_in += l.bytes_in;
+                port.closed_bytes_out += l.bytes_out;
+            }
+        }
+        for p in self.ports.values_mut() {
+            p.bytes_in = p.closed_bytes_in;
+            p.bytes_out = p.closed_bytes_out;
+        }
+        for p in self.peers.values_mut() {
+            p.requests = p.closed_requests;
+            p.errors = p.closed_errors;
+        }
+        let live: Vec<Live> = self.live.values().copied().collect();
+        for l in live {
+            let key = self.peer_key(l.port, l.peer);
+            let peer = self.peers.entry(key).or_default();
+            peer.requests += l.requests;
+            peer.errors += l.errors;
+            let port = self.ports.entry(l.port).or_default();
+            port.bytes_in += l.bytes_in;
+            port.bytes_out += l.bytes_out;
         }
     }
 
     pub fn active(&self, port: u16) -> u64 {
         self.ports.get(&port).map(|p| p.opened.saturating_sub(p.closed)).unwrap_or(0)
     }
+}
+
+/// Sum of one (port, operation)'s per-CPU aggregates (max for the max).
+pub fn sum_cpus<'a>(per_cpu: impl Iterator<Item = &'a OpAgg>) -> OpAgg {
+    let mut t = OpAgg { count: 0, errors: 0, sum_ns: 0, max_ns: 0, le: [0; 17], hist: [0; HIST_BUCKETS] };
+    for a in per_cpu {
+        t.count += a.count;
+        t.errors += a.errors;
+        t.sum_ns += a.sum_ns;
+        t.max_ns = t.max_ns.max(a.max_ns);
+        for (x, y) in t.le.iter_mut().zip(a.le.iter()) {
+            *x += y;
+        }
+        for (x, y) in t.hist.iter_mut().zip(a.hist.iter()) {
+            *x += y;
+        }
+    }
+    t
 }
