@@ -66,13 +66,11 @@ pub struct Event {
     pub errors: u64,
 }
 
-/// Per-connection state kept in the kernel, in a table of CONN_SLOTS slots. The agent also
-/// reads the live counters (requests, errors, bytes) of open connections from it.
+/// Per-connection state kept in the kernel, keyed by socket address. The agent also reads
+/// the live counters (requests, errors, bytes) of open connections from this map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnState {
-    /// The server socket's kernel address (0 = free slot).
-    pub sock: u64,
     pub port: u16,
     pub peer_port: u16,
     pub phase: u8,
@@ -96,10 +94,6 @@ pub struct ConnState {
     pub stmt_next: u8,
     pub _pad2: [u8; 7],
 }
-
-/// Slots of the connection table (a power of two) and how many a socket may use.
-pub const CONN_SLOTS: u32 = 65536;
-pub const CONN_PROBES: u32 = 4;
 
 /// Prepared statements whose kind a connection keeps in its own state.
 pub const STMT_CACHE: usize = 8;

@@ -7,11 +7,10 @@
 
 use crate::prometheus::Shared;
 use anyhow::{anyhow, bail, Context};
-use aya::maps::{Map, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
-use breakwater_agent_common::{ConnState, Event, OpAgg, CONN_SLOTS, DROP_CONNS_FULL, DROP_RINGBUF_FULL, MAX_PORTS, OPS, OP_NAMES};
-use std::os::fd::{AsFd, AsRawFd};
+use breakwater_agent_common::{ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, MAX_PORTS, OPS, OP_NAMES};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -21,7 +20,7 @@ pub struct Loaded {
     ports: Vec<u16>,
     events: Option<RingBuf<MapData>>,
     agg: Option<PerCpuArray<MapData, OpAgg>>,
-    conns: Option<ConnTable>,
+    conns: Option<HashMap<MapData, u64, ConnState>>,
     pub drops: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     pub hooks: String,
 }
@@ -114,10 +113,7 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
     let agg = PerCpuArray::try_from(ebpf.take_map("AGG").ok_or_else(|| anyhow!("map AGG missing"))?)?;
-    let conns = match ebpf.take_map("CONNS") {
-        Some(Map::Array(data)) => ConnTable::map(data)?,
-        _ => bail!("map CONNS missing or not an array"),
-    };
+    let conns = HashMap::try_from(ebpf.take_map("CONNS").ok_or_else(|| anyhow!("map CONNS missing"))?)?;
     Ok(Loaded {
         _ebpf: ebpf,
         ports,
@@ -127,6 +123,21 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
         drops: Arc::new(Mutex::new(drops)),
         hooks: hooks.join(","),
     })
+}
+
+/// `--calibrate-noop`: attach only the programs that do nothing to the recv/send hooks, and
+/// keep them until the process ends (for the bench's baseline).
+pub fn load_noop() -> anyhow::Result<Ebpf> {
+    let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
+        .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
+    let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
+    for name in ["sock_recv_length", "sock_send_length"] {
+        let prog: &mut BtfTracePoint =
+            ebpf.program_mut(&format!("{name}_noop")).ok_or_else(|| anyhow!("program {name}_noop missing"))?.try_into()?;
+        prog.load(name, &btf)?;
+        prog.attach()?;
+    }
+    Ok(ebpf)
 }
 
 /// Events lost in the kernel: [ring buffer full, connection map full].
@@ -156,7 +167,7 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
             }
         }
         let ops = read_aggregates(&agg, &loaded.ports);
-        let live = conns.live();
+        let live: Vec<(u64, ConnState)> = conns.iter().filter_map(Result::ok).collect();
         if let Ok(mut s) = stats.lock() {
             for ev in &batch {
                 s.record(ev);
@@ -180,59 +191,4 @@ fn read_aggregates(agg: &PerCpuArray<MapData, OpAgg>, ports: &[u16]) -> Vec<((u1
         }
     }
     out
-}
-
-/// The kernel's connection table, mapped read-only into the agent (BPF_F_MMAPABLE): a scan
-/// costs no system call per connection.
-struct ConnTable {
-    _map: MapData,
-    base: *const ConnState,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and lives as long as the table; reads are volatile.
-unsafe impl Send for ConnTable {}
-
-impl ConnTable {
-    fn map(data: MapData) -> anyhow::Result<Self> {
-        let bytes = CONN_SLOTS as usize * std::mem::size_of::<ConnState>();
-        let fd = data.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array map of `bytes` bytes, read-only and shared.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ, libc::MAP_SHARED, fd, 0) };
-        if p == libc::MAP_FAILED {
-            bail!("mapping the connection table: {}", std::io::Error::last_os_error());
-        }
-        Ok(Self { _map: data, base: p as *const ConnState, len: CONN_SLOTS as usize })
-    }
-
-    /// Open connections, by socket address. The kernel writes while this reads: a slot is
-    /// taken only when its identity (socket, opened at) is the same before and after the copy.
-    fn live(&self) -> Vec<(u64, ConnState)> {
-        let mut out = Vec::new();
-        for i in 0..self.len {
-            // SAFETY: i < len slots of the mapping; volatile reads of plain integers.
-            unsafe {
-                let p = self.base.add(i);
-                let sock = std::ptr::read_volatile(std::ptr::addr_of!((*p).sock));
-                if sock == 0 {
-                    continue;
-                }
-                let opened = std::ptr::read_volatile(std::ptr::addr_of!((*p).opened_ns));
-                let c = std::ptr::read_volatile(p);
-                let sock2 = std::ptr::read_volatile(std::ptr::addr_of!((*p).sock));
-                let opened2 = std::ptr::read_volatile(std::ptr::addr_of!((*p).opened_ns));
-                if c.sock == sock && sock2 == sock && c.opened_ns == opened && opened2 == opened {
-                    out.push((sock, c));
-                }
-            }
-        }
-        out
-    }
-}
-
-impl Drop for ConnTable {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped.
-        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len * std::mem::size_of::<ConnState>()) };
-    }
 }

@@ -43,6 +43,10 @@ struct Cli {
     /// automatically when the programs cannot be loaded).
     #[arg(long)]
     procfs_only: bool,
+    /// For benchmarks: attach programs that do nothing to the recv/send hooks and serve an
+    /// empty /metrics, to measure the kernel's cost of running any program there.
+    #[arg(long, hide = true)]
+    calibrate_noop: bool,
     /// Log filter (tracing EnvFilter syntax).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -110,6 +114,26 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if cli.calibrate_noop {
+        let listen = cli.prometheus_listen.clone().unwrap_or_else(|| "127.0.0.1:9435".into());
+        let result = loader::load_noop().and_then(|ebpf| {
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen).await?;
+                let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(String::new);
+                tokio::select! {
+                    _ = prometheus::serve(listener, render) => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                drop(ebpf);
+                Ok(())
+            })
+        });
+        if let Err(e) = result {
+            eprintln!("breakwater-agent: {e:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let result = settings(cli).and_then(|s| rt.block_on(run(s)));
     if let Err(e) = result {
         eprintln!("breakwater-agent: {e:#}");

@@ -343,6 +343,55 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     }
     drop(rt);
 
+    // An open connection's requests and bytes count while it is open (the agent reads the
+    // kernel's live per-connection counters), and are not counted again when it closes.
+    let before = scrape(prom);
+    let mut s = connect();
+    for _ in 0..3 {
+        assert!(!query(&mut s, "SELECT 1"));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let open = scrape(prom);
+    let dd = |a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>, name: &str, labels: &[&str]| get(b, name, labels) - get(a, name, labels);
+    assert_eq!(dd(&before, &open, "breakwater_agent_peer_requests_total", &[peer, port]), 3.0, "live requests");
+    assert!(dd(&before, &open, "breakwater_agent_received_bytes_total", &[port]) > 0.0, "live bytes in");
+    assert!(dd(&before, &open, "breakwater_agent_sent_bytes_total", &[port]) > 0.0, "live bytes out");
+    assert_eq!(dd(&before, &open, "breakwater_agent_connections_active", &[port]), 1.0);
+    s.write_all(&packet(0, &[0x01])).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    drop(s);
+    std::thread::sleep(Duration::from_millis(800));
+    let closed = scrape(prom);
+    assert_eq!(dd(&before, &closed, "breakwater_agent_peer_requests_total", &[peer, port]), 3.0, "counted once");
+    assert_eq!(dd(&before, &closed, "breakwater_agent_peer_connections_closed_total", &[peer, port]), 1.0);
+    assert!(
+        dd(&open, &closed, "breakwater_agent_received_bytes_total", &[port]) >= 0.0
+            && dd(&open, &closed, "breakwater_agent_sent_bytes_total", &[port]) >= 0.0,
+        "byte counters never go down"
+    );
+
+    // LOAD DATA LOCAL INFILE: the file the client streams after the server's 0xFB request is
+    // not counted as requests; the statements after it are.
+    let csv = std::env::temp_dir().join(format!("bw-agent-{}.csv", std::process::id()));
+    std::fs::write(&csv, "100,1\n101,2\n102,3\n").unwrap();
+    let before = scrape(prom);
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "--local-infile=1", "-h127.0.0.1", "-P3307", "-uapp", "-papp", "sbtest_agent", "-e"])
+        .arg(format!(
+            "LOAD DATA LOCAL INFILE '{}' INTO TABLE t FIELDS TERMINATED BY ','; SELECT COUNT(*) FROM t; DELETE FROM t WHERE id >= 100; SELECT 1",
+            csv.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains('3'), "3 rows loaded");
+    std::thread::sleep(Duration::from_millis(800));
+    let after = scrape(prom);
+    let ops = |o: &str| dd(&before, &after, "breakwater_agent_request_duration_seconds_count", &[port, &op(o)]);
+    assert_eq!((ops("OTHER"), ops("SELECT"), ops("DELETE")), (1.0, 2.0, 1.0), "LOAD DATA, 2 SELECTs, DELETE");
+    let _ = std::fs::remove_file(&csv);
+
     // Retransmits: drop the server's segments to 127.0.0.55 for a moment (nftables).
     let before = scrape(prom);
     let snmp_before = retrans_segs();

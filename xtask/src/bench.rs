@@ -219,10 +219,13 @@ struct AgentSample {
     host_us: f64,
 }
 
-fn agent_sample(bin: &std::path::Path, attached: bool, secs: u32, extra: &[&str]) -> Result<AgentSample> {
-    let agent = if attached {
+const AGENT_ARGS: &[&str] = &["--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
+const NOOP_ARGS: &[&str] = &["--calibrate-noop", "--prometheus-listen", "127.0.0.1:9435"];
+
+fn agent_sample(bin: &std::path::Path, agent_args: Option<&[&str]>, secs: u32, extra: &[&str]) -> Result<AgentSample> {
+    let agent = if let Some(args) = agent_args {
         let child = Command::new(bin)
-            .args(["--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"])
+            .args(args)
             .stdout(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -259,12 +262,18 @@ fn agent_overhead(secs: u32) -> Result<()> {
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for round in 0..8 {
         for attached in if round % 2 == 0 { [false, true] } else { [true, false] } {
-            let s = agent_sample(&bin, attached, run_secs, &[])?;
+            let s = agent_sample(&bin, attached.then_some(AGENT_ARGS), run_secs, &[])?;
             if attached { with.push(s) } else { without.push(s) }
         }
     }
     let mean = |v: &[AgentSample], f: fn(&AgentSample) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
     let (a, b) = (mean(&without, |s| s.qps), mean(&with, |s| s.qps));
+    // The same hooks with programs that do nothing: what running any program there costs,
+    // bpf_stats accounting included (the local sysbench client's own socket calls fire them too).
+    let mut noop = Vec::new();
+    for _ in 0..2 {
+        noop.push(agent_sample(&bin, Some(NOOP_ARGS), run_secs, &[])?);
+    }
     let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
     let bpf_ns = mean(&with, |s| s.bpf_ns);
     let agent_cpu = mean(&with, |s| s.agent_cpu);
@@ -274,6 +283,7 @@ fn agent_overhead(secs: u32) -> Result<()> {
     println!("{:<34} {:>12.0} {:>12.0} {:>8.1}%   loss < 3%", "QPS", a, b, (b - a) / a * 100.0);
     println!("{:<34} {:>12.1} {:>12.1} {:>8.1}%", "host busy CPU per query (us)", hu0, hu1, (hu1 - hu0) / hu0 * 100.0);
     println!("{:<34} {:>12} {:>12.0} {:>9}   < 1000 ns", "BPF run time per query (ns)", "", bpf_ns, "");
+    println!("{:<34} {:>12} {:>12.0}", "  same hooks, empty programs (ns)", "", mean(&noop, |s| s.bpf_ns));
     println!("{:<34} {:>12} {:>11.1}%", "agent process CPU (% of a core)", "", agent_cpu);
     let pairs: Vec<String> = without.iter().zip(&with).map(|(w, x)| format!("{:.0}/{:.0}", w.qps, x.qps)).collect();
     println!("saturated pairs (without/with): {}", pairs.join(", "));
