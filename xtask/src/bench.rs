@@ -84,6 +84,14 @@ impl Drop for Proxy {
     }
 }
 
+/// Fail when something already listens on `port` (a stray process would be measured instead).
+fn ensure_free(port: u16) -> Result<()> {
+    if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        anyhow::bail!("127.0.0.1:{port} is already in use: stop what listens there first");
+    }
+    Ok(())
+}
+
 fn wait_port(port: u16) -> Result<()> {
     for _ in 0..100 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -128,6 +136,9 @@ pub fn run(args: &[&str]) -> Result<()> {
     lab::up()?;
     proc::cargo(&["build", "--release", "-p", "breakwater-proxy"])?;
     let bin = proc::target_bin("release", "breakwater-proxy");
+    for port in [6033, 6034, 9435] {
+        ensure_free(port)?;
+    }
     // `cargo xtask bench agent` / `bench cache`: one part only.
     match args.iter().find(|a| !a.starts_with("--")).copied() {
         Some("agent") => return agent_overhead(secs),

@@ -5,15 +5,16 @@
 //!   [`key`]); entries expire after their rule's cache_ttl and are never served after it
 //!   (or after ttl + stale-while-revalidate, for rules that allow stale reads while one
 //!   client refreshes).
-//! - Memory: entries + keys are bounded by `max_bytes`; the least recently used entry is
-//!   evicted first.
+//! - Memory: entries + keys are bounded by `max_bytes`; eviction is CLOCK (second chance),
+//!   an approximation of LRU where a hit only sets a bit: entries are evicted in insertion
+//!   order, except that one used since the hand last passed gets another round.
 //! - Stampede protection: one client fetches a missing key, the others wait for it
 //!   ([`QueryCache::lookup`] returns [`Lookup::Fill`] to exactly one of them).
 //! - Invalidation: a write that names tables drops every entry that read them; a write whose
 //!   tables cannot be told drops everything. A fill that started before an invalidation of
 //!   its tables is not stored.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -45,24 +46,33 @@ struct Entry {
     tables: Vec<String>,
     expires: Instant,
     stale_until: Instant,
-    /// LRU position (key in `Inner::lru`).
-    used: u64,
+    /// Which insertion this is (its slot in `Inner::ring` carries the same id).
+    id: u64,
+    /// Used since the CLOCK hand last passed it.
+    referenced: bool,
     bytes: usize,
     refreshing: bool,
 }
 
+/// foldhash (randomly seeded per process): hashing the key is on every hit's path, and
+/// SipHash over 60-100 byte keys cost several per cent of the proxy's CPU there.
+type FastMap<K, V> = HashMap<K, V, foldhash::quality::RandomState>;
+
 #[derive(Default)]
 struct Inner {
-    entries: HashMap<Box<[u8]>, Entry>,
-    lru: BTreeMap<u64, Box<[u8]>>,
+    entries: FastMap<Box<[u8]>, Entry>,
+    /// CLOCK ring: (entry id, key) in insertion order. Slots of entries removed since are
+    /// skipped (their id no longer matches) and compacted away.
+    ring: VecDeque<(u64, Box<[u8]>)>,
     tick: u64,
     bytes: usize,
-    by_table: HashMap<String, Vec<Box<[u8]>>>,
+    /// Keys of the entries that read each table (a set: removing one is O(1)).
+    by_table: HashMap<String, std::collections::HashSet<Box<[u8]>, foldhash::quality::RandomState>>,
     /// Invalidation generation per table, and for everything.
     table_gen: HashMap<String, u64>,
     all_gen: u64,
     last_write: HashMap<String, Instant>,
-    filling: HashMap<Box<[u8]>, Arc<Notify>>,
+    filling: FastMap<Box<[u8]>, Arc<Notify>>,
 }
 
 #[derive(Default, Debug, Clone, serde::Serialize)]
@@ -163,21 +173,11 @@ impl QueryCache {
         let now = Instant::now();
         let mut inner = self.lock();
         let gen = 0;
-        inner.tick += 1;
-        let tick = inner.tick;
-        // Approximate LRU: an entry used recently (within the newest half) is not moved,
-        // which keeps hot hits free of BTreeMap updates.
-        let recent = tick.saturating_sub(inner.entries.len() as u64 / 2 + 1);
         let mut expired = false;
         if let Some(e) = inner.entries.get_mut(key) {
             if now < e.expires {
                 let data = e.data.clone();
-                if e.used < recent {
-                    let old = std::mem::replace(&mut e.used, tick);
-                    if let Some(k) = inner.lru.remove(&old) {
-                        inner.lru.insert(tick, k);
-                    }
-                }
+                e.referenced = true;
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(data);
             }
@@ -220,22 +220,37 @@ impl QueryCache {
                 return;
             }
             remove(&mut inner, &fill.key);
+            // CLOCK: evict from the oldest end; a referenced entry loses its bit and goes
+            // round again (so at most two passes).
             while inner.bytes + bytes > self.max_bytes {
-                let Some((_, k)) = inner.lru.pop_first() else { break };
-                remove_entry_only(&mut inner, &k);
-                self.evictions.fetch_add(1, Ordering::Relaxed);
+                let Some((id, k)) = inner.ring.pop_front() else { break };
+                match inner.entries.get_mut(&k) {
+                    Some(e) if e.id == id && e.referenced => {
+                        e.referenced = false;
+                        inner.ring.push_back((id, k));
+                    }
+                    Some(e) if e.id == id => {
+                        remove(&mut inner, &k);
+                        self.evictions.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {} // a slot of an entry already gone
+                }
+            }
+            if inner.ring.len() > 2 * inner.entries.len() + 1024 {
+                let Inner { ring, entries, .. } = &mut *inner;
+                ring.retain(|(id, k)| entries.get(k).is_some_and(|e| e.id == *id));
             }
             inner.tick += 1;
-            let tick = inner.tick;
+            let id = inner.tick;
             let now = Instant::now();
             for t in &tables {
-                inner.by_table.entry(t.clone()).or_default().push(fill.key.clone());
+                inner.by_table.entry(t.clone()).or_default().insert(fill.key.clone());
             }
-            inner.lru.insert(tick, fill.key.clone());
+            inner.ring.push_back((id, fill.key.clone()));
             inner.bytes += bytes;
             inner.entries.insert(
                 fill.key.clone(),
-                Entry { data: data.into(), tables, expires: now + ttl, stale_until: now + ttl + stale, used: tick, bytes, refreshing: false },
+                Entry { data: data.into(), tables, expires: now + ttl, stale_until: now + ttl + stale, id, referenced: false, bytes, refreshing: false },
             );
         }
         self.stores.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +265,7 @@ impl QueryCache {
             None => {
                 let n = inner.entries.len() as u64;
                 inner.entries.clear();
-                inner.lru.clear();
+                inner.ring.clear();
                 inner.by_table.clear();
                 inner.bytes = 0;
                 inner.all_gen += 1;
@@ -304,22 +319,14 @@ fn gen_of(inner: &Inner, tables: &[String]) -> u64 {
     inner.all_gen + tables.iter().map(|t| inner.table_gen.get(t).copied().unwrap_or(0)).sum::<u64>()
 }
 
-/// Remove an entry and its LRU and table index slots.
+/// Remove an entry and its table index slots (its CLOCK slot is skipped when the hand
+/// reaches it).
 fn remove(inner: &mut Inner, key: &[u8]) {
-    if let Some(e) = inner.entries.get(key) {
-        let used = e.used;
-        inner.lru.remove(&used);
-    }
-    remove_entry_only(inner, key);
-}
-
-/// Remove an entry whose LRU slot is already gone.
-fn remove_entry_only(inner: &mut Inner, key: &[u8]) {
     if let Some(e) = inner.entries.remove(key) {
         inner.bytes = inner.bytes.saturating_sub(e.bytes);
         for t in &e.tables {
             if let Some(v) = inner.by_table.get_mut(t) {
-                v.retain(|k| &**k != key);
+                v.remove(key);
                 if v.is_empty() {
                     inner.by_table.remove(t);
                 }
@@ -370,6 +377,16 @@ mod tests {
         }
         assert!(c.stats().evictions > 900);
         assert!(matches!(c.lookup(b"key999"), Lookup::Hit(_)), "most recent survives");
+        // CLOCK: an entry hit since the hand last passed survives the next evictions; one
+        // not hit goes first.
+        let hot = c.stats().entries;
+        assert!(hot >= 2, "{hot} entries fit");
+        let keys: Vec<String> = (1000 - hot..1000).map(|i| format!("key{i}")).collect();
+        assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the oldest is still there");
+        let f = fill(&c, b"new");
+        c.store(f, &[0u8; 100], vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the referenced oldest got a second chance");
+        assert!(!matches!(c.lookup(keys[1].as_bytes()), Lookup::Hit(_)), "the unreferenced next oldest was evicted");
     }
 
     #[test]
