@@ -367,6 +367,40 @@ fn chromium_dom(url: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A replica added at runtime through the admin interface (LOAD MYSQL SERVERS TO RUNTIME)
+/// joins the controller: probed, shown as a replica, a promotion candidate by its rule.
+/// Changes no topology.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_servers_join_the_controller() {
+    let without_3309 = breakwater_proxy::config::DEFAULT_TOML.replace(
+        "[[servers]]\nhostgroup = 20\nhost = \"127.0.0.1\"\nport = 3309\n",
+        "[[servers]]\nhostgroup = 99\nhost = \"127.0.0.1\"\nport = 3309\n",
+    );
+    assert_ne!(without_3309, breakwater_proxy::config::DEFAULT_TOML, "the default config lists 3309 in hostgroup 20");
+    let p = Proxy::start_with(Some(&without_3309), &["--failover", "on", "--initial"]);
+    let members = |v: &serde_json::Value| -> Vec<(String, String, String)> {
+        v["servers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| (s["addr"].as_str().unwrap_or("").to_string(), s["role"].as_str().unwrap_or("").to_string(), s["promotion_rule"].as_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    wait_for("controller polls", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    let v = view(&p).await;
+    assert!(!members(&v).iter().any(|m| m.0 == addr(3309)), "3309 is not in the cluster's hostgroups yet: {:?}", members(&v));
+    p.admin_sql("INSERT INTO mysql_servers (hostgroup_id, hostname, port, max_replication_lag, promotion_rule) VALUES (20, '127.0.0.1', 3309, 10, 'prefer')")
+        .unwrap();
+    p.admin_sql("LOAD MYSQL SERVERS TO RUNTIME").unwrap();
+    wait_for("3309 joins as a replica", Duration::from_secs(10), || async {
+        members(&view(&p).await).contains(&(addr(3309), "replica".to_string(), "prefer".to_string()))
+    })
+    .await;
+    let v = view(&p).await;
+    assert!(events(&v).iter().any(|e| e == "MemberAdded"), "{:?}", events(&v));
+    assert_eq!(v["primary"], addr(3307), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_survives_primary_failures() {
     assert_initial_topology().await;

@@ -158,6 +158,7 @@ pub struct Controller {
     next_event: u64,
     discovered: bool,
     dead_since: Option<SystemTime>,
+    monitor: MonitorConfig,
 }
 
 fn now_ms(t: SystemTime) -> u64 {
@@ -230,6 +231,7 @@ pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receive
         next_event: 1,
         discovered: false,
         dead_since: None,
+        monitor: monitor.clone(),
         cfg,
     };
     tokio::spawn(c.run(rx, shutdown));
@@ -328,7 +330,40 @@ impl Controller {
         }
     }
 
+    /// Servers put in the writer or reader hostgroup at runtime (admin `LOAD MYSQL SERVERS
+    /// TO RUNTIME`) become members: probed, and promotion candidates by their rule. Members
+    /// are not dropped when they leave the hostgroups: the controller itself takes failed and
+    /// fenced servers out and must keep watching them.
+    fn sync_members(&mut self) {
+        let routing = self.rt.routing();
+        let mut added = Vec::new();
+        for id in [self.cfg.writer_hostgroup, self.cfg.reader_hostgroup] {
+            let Some(h) = routing.hostgroups.get(&id) else { continue };
+            for s in &h.servers {
+                let addr = s.cfg.address();
+                match self.members.iter_mut().find(|m| m.addr == addr) {
+                    Some(m) => {
+                        if s.cfg.promotion_rule != PromotionRule::Neutral {
+                            m.rule = s.cfg.promotion_rule;
+                        }
+                    }
+                    None => {
+                        let timeout = Duration::from_millis(self.cfg.probe_timeout_ms);
+                        let prober = Prober::new(&s.cfg.host, s.cfg.port, &self.monitor.username, &self.monitor.password, timeout);
+                        self.members.push(Member { addr: addr.clone(), rule: s.cfg.promotion_rule, prober });
+                        added.push((addr, id));
+                    }
+                }
+            }
+        }
+        for (addr, hg) in added {
+            info!(cluster = %self.cfg.cluster, %addr, hostgroup = hg, "failover: new member from the runtime configuration");
+            self.event("MemberAdded", &addr, vec![format!("in hostgroup {hg} of the runtime configuration")], "probed from now on");
+        }
+    }
+
     async fn tick(&mut self) {
+        self.sync_members();
         self.probe_all().await;
         if !self.discovered {
             self.discover_primary();
