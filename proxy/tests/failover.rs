@@ -369,9 +369,11 @@ fn chromium_dom(url: &str) -> String {
 
 /// A replica added at runtime through the admin interface (LOAD MYSQL SERVERS TO RUNTIME)
 /// joins the controller: probed, shown as a replica, a promotion candidate by its rule.
-/// Changes no topology.
+/// Changes no topology, but needs the initial one: its name sorts it before
+/// `cluster_survives_primary_failures` (libtest runs them in name order, one at a time here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_servers_join_the_controller() {
+async fn admin_added_server_joins_the_controller() {
+    assert_initial_topology().await;
     let without_3309 = breakwater_proxy::config::DEFAULT_TOML.replace(
         "[[servers]]\nhostgroup = 20\nhost = \"127.0.0.1\"\nport = 3309\n",
         "[[servers]]\nhostgroup = 99\nhost = \"127.0.0.1\"\nport = 3309\n",
