@@ -9,7 +9,7 @@
 //! - [`failover`]: the failover controller (discovery, detection, promotion, cooldown).
 //! - [`access`]: temporary access (expiring database users, audit, reconciler).
 //! - [`admin`]: the admin HTTP interface (JSON API, /metrics, topology page) and its CLI client.
-//! - [`cache`]: the query cache (TTL, LRU memory bound, single fill, invalidation by table).
+//! - [`cache`]: the query cache (TTL, memory bound with CLOCK (approximate LRU) eviction, single fill, invalidation by table).
 //! - [`stats`]: query digest statistics.
 //! - [`telemetry`]: OTLP traces (a span per sampled query) and metrics.
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
