@@ -133,7 +133,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
             sum: Some(s.sum_ns as f64 / 1e9),
             bucket_counts: counts,
             explicit_bounds: BUCKETS.to_vec(),
-            min: Some(s.hist.min() as f64 / 1e9),
+            min: Some(s.min_ns() as f64 / 1e9),
             max: Some(s.max_ns as f64 / 1e9),
             ..Default::default()
         });
@@ -177,9 +177,12 @@ pub enum Target {
 
 /// Send over OTLP/gRPC.
 pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
-    let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
-    client.export(req).await.map_err(|e| e.to_string())?;
-    Ok(())
+    let exchange = async {
+        let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
+        client.export(req).await.map_err(|e| e.to_string())?;
+        Ok::<(), String>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| "timed out".to_string())?
 }
 
 /// Send over OTLP/HTTP with a protobuf body (plain http:// only).
@@ -190,15 +193,21 @@ pub async fn send_http(url: &str, req: ExportMetricsServiceRequest) -> Result<()
         None => (rest, "/v1/metrics"),
     };
     let body = req.encode_to_vec();
-    let mut s = tokio::net::TcpStream::connect(hostport).await.map_err(|e| e.to_string())?;
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
-    s.write_all(&body).await.map_err(|e| e.to_string())?;
-    let mut resp = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+    // Connect, send and read under one deadline: a collector that never answers the SYN
+    // must not hold the export loop for the kernel's connect timeout.
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(hostport).await?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).await?;
+        s.write_all(&body).await?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).await?;
+        Ok::<_, std::io::Error>(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
         .map_err(|_| "timed out".to_string())?
         .map_err(|e| e.to_string())?;

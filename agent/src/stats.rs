@@ -11,6 +11,7 @@
 
 use breakwater_agent_common::{hist_bucket_range, ConnState, Event, OpAgg, EVENT_CLOSE, EVENT_OPEN, EVENT_RETRANSMIT, HIST_BUCKETS, LE_NS};
 use hdrhistogram::Histogram;
+use std::cell::OnceCell;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 
@@ -59,21 +60,38 @@ pub struct OpStats {
     /// Exact counts per Prometheus bucket: `le[i]` = requests in (BUCKETS[i-1], BUCKETS[i]],
     /// `le[16]` = above the last bound.
     pub le: [u64; 17],
-    /// For quantiles: the kernel's log-linear buckets (12.5% wide) recorded at their middle.
-    pub hist: Histogram<u64>,
+    /// The kernel's log-linear bucket counts (12.5% wide).
+    buckets: Vec<u64>,
+    /// For quantiles: `buckets` recorded at their middle into an hdrhistogram, built on first
+    /// use (a scrape, an export, a printed table), not on every 250 ms refresh.
+    hist: OnceCell<Histogram<u64>>,
 }
 
 impl OpStats {
     fn from_kernel(a: &OpAgg) -> Self {
-        // 1 µs .. 150 s, 2 significant digits.
-        let mut hist = Histogram::new_with_bounds(1_000, 150_000_000_000, 2).unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()));
-        for (b, &n) in a.hist.iter().enumerate() {
-            if n > 0 {
-                let (lo, hi) = hist_bucket_range(b);
-                let _ = hist.record_n((lo / 2 + hi / 2).clamp(1_000, 150_000_000_000), n);
-            }
+        Self {
+            count: a.count,
+            errors: a.errors,
+            sum_ns: a.sum_ns as u128,
+            max_ns: a.max_ns,
+            le: a.le,
+            buckets: a.hist.to_vec(),
+            hist: OnceCell::new(),
         }
-        Self { count: a.count, errors: a.errors, sum_ns: a.sum_ns as u128, max_ns: a.max_ns, le: a.le, hist }
+    }
+
+    fn hist(&self) -> &Histogram<u64> {
+        self.hist.get_or_init(|| {
+            // 1 µs .. 150 s, 2 significant digits.
+            let mut h = Histogram::new_with_bounds(1_000, 150_000_000_000, 2).unwrap_or_else(|_| Histogram::new(2).unwrap_or_else(|_| unreachable!()));
+            for (b, &n) in self.buckets.iter().enumerate() {
+                if n > 0 {
+                    let (lo, hi) = hist_bucket_range(b);
+                    let _ = h.record_n((lo / 2 + hi / 2).clamp(1_000, 150_000_000_000), n);
+                }
+            }
+            h
+        })
     }
 
     /// Requests with latency <= BUCKETS[i].
@@ -85,8 +103,13 @@ impl OpStats {
         if q >= 1.0 {
             self.max_ns
         } else {
-            self.hist.value_at_quantile(q).min(self.max_ns)
+            self.hist().value_at_quantile(q).min(self.max_ns)
         }
+    }
+
+    /// The low end of the lowest non-empty bucket (the true minimum is within 12.5% above).
+    pub fn min_ns(&self) -> u64 {
+        self.buckets.iter().position(|&n| n > 0).map(|b| hist_bucket_range(b).0).unwrap_or(0)
     }
 }
 
