@@ -661,6 +661,22 @@ async fn query_cache_and_digests() {
     assert_eq!(rows[0]["sum_rows_sent"], 2);
     let cached: Vec<&serde_json::Value> = d.as_array().unwrap().iter().filter(|r| r["hostgroup"] == -1).collect();
     assert!(!cached.is_empty(), "cache hits are recorded under hostgroup -1");
+
+    // A hit skips routing only under the rules it was stored with: once a new rule (added
+    // through the admin interface, rule 50 still caching) sends this query to the writer
+    // uncached, it goes to a backend.
+    let q = "SELECT v FROM t WHERE id = 1 /* rules */";
+    let before = selects_of("bw_cache").await;
+    for _ in 0..2 {
+        let _: Option<i64> = c.query_first(q).await.unwrap();
+    }
+    assert_eq!(selects_of("bw_cache").await - before, 1, "filled once, then a hit");
+    proxy
+        .admin_sql("INSERT INTO mysql_query_rules (rule_id, match_pattern, destination_hostgroup, apply) VALUES (40, 'rules', 10, 1)")
+        .unwrap();
+    proxy.admin_sql("LOAD MYSQL QUERY RULES TO RUNTIME").unwrap();
+    let _: Option<i64> = c.query_first(q).await.unwrap();
+    assert_eq!(selects_of("bw_cache").await - before, 2, "new rules: routed again, not served from the cache");
     let _ = c.disconnect().await;
 }
 

@@ -330,7 +330,7 @@ fn agent_overhead(secs: u32) -> Result<()> {
     proc::cargo(&["build", "--release", "-p", "breakwater-agent"])?;
     let bin = proc::target_bin("release", "breakwater-agent");
     let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
-    let cycles = (secs / 2).max(6);
+    let cycles = (secs * 2 / 3).max(8);
     let per_cycle = agent_toggled(&bin, cycles, 4)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let without: Vec<f64> = per_cycle.iter().flat_map(|c| c.0.iter().copied()).collect();

@@ -41,8 +41,22 @@ pub fn key_append(out: &mut Vec<u8>, parts: &[&[u8]], body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// How a text query was routed when its result was stored. The query rules decide on user,
+/// schema and query text only, and all three are in the key, so under the same rules (the
+/// same generation) the same key routes the same way: a hit can skip lexing, digesting and
+/// routing the query again (see `QueryCache::hit`).
+#[derive(Debug)]
+pub struct Route {
+    pub rules_generation: u64,
+    pub digest: Arc<str>,
+    /// db.operation.name of the statement.
+    pub operation: &'static str,
+}
+
 struct Entry {
     data: Arc<[u8]>,
+    /// Set for text queries (prepared statements take the full path).
+    route: Option<Arc<Route>>,
     tables: Vec<String>,
     expires: Instant,
     stale_until: Instant,
@@ -218,6 +232,25 @@ impl QueryCache {
         }
     }
 
+    /// A fresh entry stored by a text query routed under `rules_generation`, or None, with
+    /// no other effect (no fill is started): the caller then takes the full path, which
+    /// handles misses, stale entries and waits.
+    pub fn hit(&self, key: &[u8], rules_generation: u64) -> Option<(Arc<[u8]>, Arc<Route>)> {
+        if rules_generation == 0 {
+            return None;
+        }
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let e = inner.entries.get_mut(key)?;
+        let route = e.route.as_ref().filter(|r| r.rules_generation == rules_generation)?.clone();
+        if now >= e.expires {
+            return None;
+        }
+        e.referenced = true;
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some((e.data.clone(), route))
+    }
+
     pub fn lookup(self: &Arc<Self>, key: &[u8]) -> Lookup {
         let now = Instant::now();
         let mut inner = self.lock();
@@ -257,7 +290,7 @@ impl QueryCache {
     }
 
     /// Store a fetched result (raw packets, sequence ids from 1) for `ttl` (+ `stale`).
-    pub fn store(&self, fill: Fill, data: &[u8], tables: Vec<String>, ttl: Duration, stale: Duration) {
+    pub fn store(&self, fill: Fill, data: &[u8], route: Option<Arc<Route>>, tables: Vec<String>, ttl: Duration, stale: Duration) {
         let bytes = data.len() + fill.key.len() + 64 + tables.iter().map(|t| t.len()).sum::<usize>();
         if bytes > self.max_entry_bytes {
             return;
@@ -299,7 +332,7 @@ impl QueryCache {
             inner.bytes += bytes;
             inner.entries.insert(
                 InlineKey::new(&fill.key),
-                Entry { data: data.into(), tables, expires: now + ttl, stale_until: now + ttl + stale, id, referenced: false, bytes, refreshing: false },
+                Entry { data: data.into(), route, tables, expires: now + ttl, stale_until: now + ttl + stale, id, referenced: false, bytes, refreshing: false },
             );
         }
         self.stores.fetch_add(1, Ordering::Relaxed);
@@ -403,7 +436,7 @@ mod tests {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k1");
         assert!(matches!(c.lookup(b"k1"), Lookup::Wait(_)), "second client waits");
-        c.store(f, b"rows", vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"rows", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
         assert!(matches!(c.lookup(b"k1"), Lookup::Hit(d) if &*d == b"rows"));
         c.invalidate(Some(&["db.t".into()]));
         assert_eq!(c.stats().entries, 0);
@@ -411,17 +444,17 @@ mod tests {
         // A fill that straddles an invalidation is not stored.
         let f = fill(&c, b"k2");
         c.invalidate(Some(&["db.t".into()]));
-        c.store(f, b"old", vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"old", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
         assert_eq!(c.stats().entries, 0);
         // Expired entries are never served.
         let f = fill(&c, b"k3");
-        c.store(f, b"x", vec!["db.t".into()], Duration::ZERO, Duration::ZERO);
+        c.store(f, b"x", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(b"k3"), Lookup::Fill(_)));
         // Memory bound: many keys, bytes never above max.
         for i in 0..1000 {
             let k = format!("key{i}");
             let f = fill(&c, k.as_bytes());
-            c.store(f, &[0u8; 100], vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+            c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
             assert!(c.stats().bytes <= 10_000);
         }
         assert!(c.stats().evictions > 900);
@@ -433,7 +466,7 @@ mod tests {
         let keys: Vec<String> = (1000 - hot..1000).map(|i| format!("key{i}")).collect();
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the oldest is still there");
         let f = fill(&c, b"new");
-        c.store(f, &[0u8; 100], vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the referenced oldest got a second chance");
         assert!(!matches!(c.lookup(keys[1].as_bytes()), Lookup::Hit(_)), "the unreferenced next oldest was evicted");
     }
@@ -442,11 +475,33 @@ mod tests {
     fn stale_while_revalidate() {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k");
-        c.store(f, b"v1", vec![], Duration::ZERO, Duration::from_secs(60));
+        c.store(f, b"v1", None, vec![], Duration::ZERO, Duration::from_secs(60));
         let Lookup::Stale(d, f) = c.lookup(b"k") else { panic!("stale expected") };
         assert_eq!(&*d, b"v1");
         assert!(matches!(c.lookup(b"k"), Lookup::Hit(_)), "others get stale data while one refreshes");
-        c.store(f, b"v2", vec![], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"v2", None, vec![], Duration::from_secs(60), Duration::ZERO);
         assert!(matches!(c.lookup(b"k"), Lookup::Hit(d) if &*d == b"v2"));
+    }
+
+    #[test]
+    fn fast_hit_only_under_the_same_rules() {
+        let c = QueryCache::new(10_000, 5_000);
+        let route = Arc::new(Route { rules_generation: 7, digest: Arc::from("SELECT ?"), operation: "SELECT" });
+        assert!(c.hit(b"k", 7).is_none(), "nothing stored");
+        assert!(matches!(c.lookup(b"k"), Lookup::Fill(_)), "a failed fast hit started no fill");
+        let f = fill(&c, b"k2");
+        c.store(f, b"rows", Some(route.clone()), vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        let (d, r) = c.hit(b"k2", 7).expect("hit under generation 7");
+        assert_eq!((&*d, &*r.digest), (&b"rows"[..], "SELECT ?"));
+        assert!(c.hit(b"k2", 8).is_none(), "other rules must route it again");
+        assert!(c.hit(b"k2", 0).is_none());
+        // Statements (no route) and expired entries take the full path.
+        let f = fill(&c, b"k3");
+        c.store(f, b"x", None, vec![], Duration::from_secs(60), Duration::ZERO);
+        assert!(c.hit(b"k3", 7).is_none());
+        let f = fill(&c, b"k4");
+        c.store(f, b"x", Some(route), vec![], Duration::ZERO, Duration::from_secs(60));
+        assert!(c.hit(b"k4", 7).is_none(), "stale: the full path refreshes it");
+        assert!(matches!(c.lookup(b"k4"), Lookup::Stale(..)));
     }
 }

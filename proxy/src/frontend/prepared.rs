@@ -138,7 +138,7 @@ impl Session {
             let key = self.cache_key_for(&[b"PS", stmt.sql.as_bytes(), &types], buf.get(10..).unwrap_or(&[]));
             let cache = self.proxy.cache.clone();
             let src = CacheSrc::Stmt { stmt: stmt.clone(), payload: &mut buf };
-            let (r, _, _, _) = self.cached_lookup(src, &d, stmt.hostgroup, &cache, &key).await;
+            let (r, _, _, _) = self.cached_lookup(src, &d, stmt.hostgroup, &cache, &key, None).await;
             self.cache_key = key;
             self.buf = buf;
             if let Some(t) = client_types {

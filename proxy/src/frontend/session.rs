@@ -643,6 +643,10 @@ impl Session {
 
     async fn com_query(&mut self) -> Result<(), ClientGone> {
         let buf = std::mem::take(&mut self.buf);
+        if let Some(r) = self.cached_hit(&buf).await {
+            self.buf = buf;
+            return r;
+        }
         let sql = &buf[1..];
         let a = classify::analyze(sql);
         if self.user.temporary {
@@ -682,7 +686,7 @@ impl Session {
             let cacheable = d.cache_ttl_ms > 0 && a.read_only && !a.multi && !self.pins.any();
             let caches = self.rt.rules().caches();
             let (res, hg_used, rows, failed) = if cacheable {
-                self.cached_query(&buf, &d, hg).await
+                self.cached_query(&buf, &d, hg, a.kind.map(|k| k.name()).unwrap_or("OTHER")).await
             } else {
                 let retryable = a.read_only && !self.pins.any();
                 match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
@@ -798,10 +802,54 @@ impl Session {
 
     /// A read under a caching rule: served from the cache, or fetched once (others wait)
     /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
-    async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32) -> (Result<(), ClientGone>, i64, u64, bool) {
+    /// The fast path of a query cache hit: a text query whose exact key was stored under the
+    /// query rules in force is answered without lexing, digesting or routing it again (the
+    /// rules decide on user, schema and text, all in the key). None, with nothing done, when
+    /// the session is not in a cacheable state (pinned: a transaction, locks, ...; a
+    /// temporary user, whose statements are audited) or there is no such fresh entry: the
+    /// full path runs.
+    async fn cached_hit(&mut self, buf: &[u8]) -> Option<Result<(), ClientGone>> {
+        if self.pins.any() || self.user.temporary {
+            return None;
+        }
+        let rules = self.rt.rules();
+        if !rules.caches() {
+            return None;
+        }
+        let t0 = Instant::now();
+        let key = self.cache_key_for(&[], buf.get(1..)?);
+        let hit = self.proxy.cache.hit(&key, rules.generation());
+        self.cache_key = key;
+        let (data, route) = hit?;
+        self.wr.buf_mut().extend_from_slice(&data);
+        let res = self.flush().await;
+        let took = t0.elapsed();
+        self.digest.clear();
+        self.digest.push_str(&route.digest);
+        self.proxy.digests.record(&route.digest, -1, &self.user.name, self.vars.schema.as_deref(), took, 0, false);
+        if self.proxy.telemetry.sample() {
+            let end = crate::telemetry::now_ns();
+            self.proxy.telemetry.record(crate::telemetry::SpanRecord {
+                start_ns: end.saturating_sub(took.as_nanos() as u64),
+                end_ns: end,
+                operation: route.operation,
+                schema: self.vars.schema.clone(),
+                summary: self.digest.clone(),
+                user: self.user.name.clone(),
+                hostgroup: -1,
+                backend: None,
+                cache: "hit",
+                error: None,
+                rows: 0,
+            });
+        }
+        Some(res)
+    }
+
+    async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32, operation: &'static str) -> (Result<(), ClientGone>, i64, u64, bool) {
         let key = self.cache_key_for(&[], &buf[1..]);
         let cache = self.proxy.cache.clone();
-        let r = self.cached_lookup(CacheSrc::Query(buf), d, hg, &cache, &key).await;
+        let r = self.cached_lookup(CacheSrc::Query(buf), d, hg, &cache, &key, Some(operation)).await;
         self.cache_key = key;
         r
     }
@@ -834,6 +882,7 @@ impl Session {
         hg: u32,
         cache: &Arc<cache::QueryCache>,
         key: &[u8],
+        operation: Option<&'static str>,
     ) -> (Result<(), ClientGone>, i64, u64, bool) {
         fn tables_of(src: &CacheSrc<'_>, schema: Option<&str>) -> Vec<String> {
             let sql: &[u8] = match src {
@@ -842,6 +891,12 @@ impl Session {
             };
             tables::tables(sql, schema).unwrap_or_default()
         }
+        // Text queries record how they were routed, for the fast path of later hits.
+        let route = |s: &Self| {
+            operation.map(|op| {
+                Arc::new(cache::Route { rules_generation: d.rules_generation, digest: Arc::from(s.digest.as_str()), operation: op })
+            })
+        };
         let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
         let ttl = Duration::from_millis(d.cache_ttl_ms);
         let stale = Duration::from_millis(d.cache_stale_ms);
@@ -872,7 +927,7 @@ impl Session {
                     self.wr.start_capture(cache.max_entry_bytes, true);
                     let (r, _, err) = self.fetch(&mut src, hg, true).await;
                     if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
-                        cache.store(fill, &data, tables, ttl, stale);
+                        cache.store(fill, &data, route(self), tables, ttl, stale);
                     }
                     return (r, -1, 0, false);
                 }
@@ -886,7 +941,7 @@ impl Session {
                     let (r, rows, err) = self.fetch(&mut src, hg, true).await;
                     let data = self.wr.end_capture();
                     if let (Some(data), false, Ok(())) = (data, err, &r) {
-                        cache.store(fill, &data, tables, ttl, stale);
+                        cache.store(fill, &data, route(self), tables, ttl, stale);
                     }
                     return (r, hg as i64, rows, err);
                 }

@@ -25,7 +25,11 @@ pub struct Rules {
     rules: Vec<Compiled>,
     needs_digest: bool,
     caches: bool,
+    /// Unique per loaded rule set (0: none loaded); see cache::Route.
+    generation: u64,
 }
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What the matching rules decided: destination and caching (the last matching rule that
 /// sets each wins, up to the first rule with `apply`).
@@ -35,6 +39,8 @@ pub struct Decision {
     pub hostgroup: Option<u32>,
     pub cache_ttl_ms: u64,
     pub cache_stale_ms: u64,
+    /// The generation of the rules that decided (cache::Route).
+    pub rules_generation: u64,
 }
 
 fn compile(re: &str) -> Result<Regex, regex::Error> {
@@ -61,11 +67,16 @@ impl Rules {
         out.sort_by_key(|r| r.rule_id);
         let needs_digest = out.iter().any(|r| r.digest.is_some());
         let caches = out.iter().any(|r| r.cache_ttl_ms.is_some_and(|t| t > 0));
-        Ok(Self { rules: out, needs_digest, caches })
+        let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Self { rules: out, needs_digest, caches, generation })
     }
 
     pub fn needs_digest(&self) -> bool {
         self.needs_digest
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Whether any rule caches results (writes then invalidate by table).
@@ -93,7 +104,7 @@ impl Rules {
                     continue;
                 }
             }
-            let d = found.get_or_insert_with(Decision::default);
+            let d = found.get_or_insert_with(|| Decision { rules_generation: self.generation, ..Decision::default() });
             d.rule_id = r.rule_id;
             if let Some(hg) = r.destination {
                 d.hostgroup = Some(hg);
