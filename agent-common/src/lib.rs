@@ -32,6 +32,11 @@ pub const FLAG_INFILE: u8 = 2;
 
 /// Index in the CONFIG array: byte offset of tcp_sock.srtt_us (0 = unknown), from BTF.
 pub const CONFIG_SRTT_OFFSET: u32 = 0;
+/// Index in the CONFIG array: byte offset of tcp_sock.tcp_clock_cache (0 = unknown), from
+/// BTF: the socket's own clock, refreshed (CLOCK_MONOTONIC ns) when segments arrive and when
+/// it transmits. Requests are timed with it from arrival to transmission, for the price of
+/// one kernel read instead of a clock read.
+pub const CONFIG_CLOCK_OFFSET: u32 = 1;
 
 /// Indexes of the DROPS per-CPU counters.
 pub const DROP_RINGBUF_FULL: u32 = 0;

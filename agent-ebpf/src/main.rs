@@ -4,7 +4,9 @@
 //!   starts tracking the socket; its transition to CLOSE ends it (matched by socket
 //!   address: the local port is already zero then).
 //! - `sock_recv_length` / `sock_send_length`: on tracked sockets, the first bytes received
-//!   with MySQL sequence id 0 start a request; the first bytes sent after it end it. The
+//!   with MySQL sequence id 0 start a request; the first bytes sent after it end it. Its
+//!   latency runs from the request's arrival to the response's transmission, by the socket's
+//!   own clock (see `sock_clock`). The
 //!   request's first bytes are kept to name it (command, statement kind), and the response's
 //!   first bytes tell an ERR packet.
 //! - Requests are aggregated here, per CPU, per (port, operation): counts, errors, latency
@@ -195,6 +197,23 @@ unsafe fn on_watched_port<const BTF: bool>(sk: u64) -> bool {
     matches!(WATCHED_PORTS.get(port as u32), Some(v) if *v != 0)
 }
 
+/// The socket's clock (tcp_sock.tcp_clock_cache, at the offset the agent found in BTF): the
+/// kernel sets it to the time (CLOCK_MONOTONIC ns) it processed the last arriving segment or
+/// started the last transmission. Read when the server reads a request, it is the request's
+/// arrival (time queued in the socket included); when the server has sent, the response's
+/// departure. Without the offset, the current time.
+#[inline(always)]
+unsafe fn sock_clock(sk: u64) -> u64 {
+    if let Some(&off) = CONFIG.get(CONFIG_CLOCK_OFFSET) {
+        if off != 0 {
+            if let Ok(t) = bpf_probe_read_kernel((sk + off as u64) as *const u64) {
+                return t;
+            }
+        }
+    }
+    bpf_ktime_get_ns()
+}
+
 /// The user buffer of the current recv/send syscall, when it is read/write/recvfrom/sendto.
 unsafe fn syscall_buffer() -> Option<u64> {
     let task = bpf_get_current_task_btf();
@@ -254,9 +273,7 @@ unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         // read a packet that way): its first bytes name the command.
         st.phase = PHASE_REQUEST;
         st.request_len = 4;
-        // The request's clock starts here rather than at the header read: a few µs later
-        // (one system call), one clock read fewer per request.
-        st.request_ns = bpf_ktime_get_ns();
+        st.request_ns = sock_clock(sk);
         if let Some(buf) = syscall_buffer() {
             if bpf_probe_read_user_buf(buf as *const u8, &mut st.request[4..]).is_ok() {
                 st.request_len = 4 + if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
@@ -280,7 +297,7 @@ unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     if head[3] != 0 {
         return Ok(()); // not the first packet of a command
     }
-    st.request_ns = bpf_ktime_get_ns();
+    st.request_ns = sock_clock(sk);
     st.phase = PHASE_REQUEST;
     st.request = head;
     st.request_len = if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 };
@@ -349,7 +366,12 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         st.phase = PHASE_RESPONSE;
         return Ok(());
     }
-    let ns = bpf_ktime_get_ns().saturating_sub(st.request_ns);
+    let mut end = sock_clock(sk);
+    if end <= st.request_ns {
+        // Nothing transmitted yet (the data waits in the socket): the time it was handed over.
+        end = bpf_ktime_get_ns();
+    }
+    let ns = end.saturating_sub(st.request_ns);
     st.phase = PHASE_RESPONSE;
     st.requests += 1;
     // The response's header and first payload bytes: 0xff = ERR; a PREPARE_OK (0x00)

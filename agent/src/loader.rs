@@ -106,9 +106,16 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     // RTT at close needs tcp_sock.srtt_us, whose offset depends on the kernel's config.
     let mut config: aya::maps::Array<_, u32> =
         aya::maps::Array::try_from(ebpf.map_mut("CONFIG").ok_or_else(|| anyhow!("map CONFIG missing"))?)?;
-    match std::fs::read("/sys/kernel/btf/vmlinux").map_err(anyhow::Error::from).and_then(|b| crate::btf::member_offset(&b, "tcp_sock", "srtt_us")) {
+    // Request timing reads tcp_sock.tcp_clock_cache (kernels since 4.20); without it, the
+    // programs read the clock themselves.
+    let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(anyhow::Error::from);
+    match btf.as_ref().map_err(|e| anyhow!("{e}")).and_then(|b| crate::btf::member_offset(b, "tcp_sock", "srtt_us")) {
         Ok(off) => config.set(breakwater_agent_common::CONFIG_SRTT_OFFSET, off, 0)?,
         Err(e) => tracing::warn!(error = %e, "RTT at close unavailable: no offset for tcp_sock.srtt_us in the kernel's BTF"),
+    }
+    match btf.as_ref().map_err(|e| anyhow!("{e}")).and_then(|b| crate::btf::member_offset(b, "tcp_sock", "tcp_clock_cache")) {
+        Ok(off) => config.set(breakwater_agent_common::CONFIG_CLOCK_OFFSET, off, 0)?,
+        Err(e) => tracing::info!(error = %e, "no tcp_sock.tcp_clock_cache: requests are timed from the reads and writes of the server"),
     }
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
