@@ -321,7 +321,7 @@ fn agent_toggled(bin: &std::path::Path, cycles: u32, window: u64) -> Result<Vec<
 }
 
 /// The eBPF agent's cost on 3307, sysbench oltp_point_select at full speed, 32 threads:
-/// - QPS with and without the agent, alternating every 4 s inside one sysbench run
+/// - QPS with and without the agent, alternating every 3 s inside one sysbench run
 ///   (kernel.bpf_stats_enabled off, as in production: its clock reads cost too);
 /// - the BPF run time per query (kernel.bpf_stats_enabled on), and what empty programs
 ///   on the same hooks cost;
@@ -330,8 +330,8 @@ fn agent_overhead(secs: u32) -> Result<()> {
     proc::cargo(&["build", "--release", "-p", "breakwater-agent"])?;
     let bin = proc::target_bin("release", "breakwater-agent");
     let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
-    let cycles = (secs * 2 / 3).max(8);
-    let per_cycle = agent_toggled(&bin, cycles, 4)?;
+    let cycles = (secs * 4 / 3).max(20);
+    let per_cycle = agent_toggled(&bin, cycles, 3)?;
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     let without: Vec<f64> = per_cycle.iter().flat_map(|c| c.0.iter().copied()).collect();
     let with: Vec<f64> = per_cycle.iter().flat_map(|c| c.1.iter().copied()).collect();
@@ -355,7 +355,7 @@ fn agent_overhead(secs: u32) -> Result<()> {
     let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
     let smean = |v: &[AgentSample], f: fn(&AgentSample) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
     println!(
-        "\nagent overhead: sysbench oltp_point_select on 3307, 32 threads; one run, the agent attached every other 4 s ({cycles} cycles, {} + {} seconds counted)",
+        "\nagent overhead: sysbench oltp_point_select on 3307, 32 threads; one run, the agent attached every other 3 s ({cycles} cycles, {} + {} seconds counted)",
         without.len(),
         with.len()
     );
