@@ -28,6 +28,8 @@ use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_re
 use aya_ebpf::macros::{btf_tracepoint, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, TracePointContext};
+use aya_ebpf::EbpfContext;
+use aya_log_ebpf::warn;
 use breakwater_agent_common::*;
 
 /// Watched ports, indexed by port: 0 = not watched, else 1 + the port's slot. The cheapest
@@ -61,9 +63,14 @@ const SYS_WRITE: u64 = 1;
 const SYS_SENDTO: u64 = 44;
 const SYS_RECVFROM: u64 = 45;
 
-fn drop_count(idx: u32) {
-    if let Some(p) = DROPS.get_ptr_mut(idx) {
-        unsafe { *p += 1 };
+/// Count a drop; the new count on this CPU.
+fn drop_count(idx: u32) -> u64 {
+    match DROPS.get_ptr_mut(idx) {
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
     }
 }
 
@@ -71,9 +78,13 @@ fn drop_count(idx: u32) {
 /// waking it up.
 const BPF_RB_NO_WAKEUP: u64 = 1;
 
-fn emit(ev: &Event) {
+fn emit<C: EbpfContext>(ctx: &C, ev: &Event) {
     if EVENTS.output::<Event>(ev, BPF_RB_NO_WAKEUP).is_err() {
-        drop_count(DROP_RINGBUF_FULL);
+        let n = drop_count(DROP_RINGBUF_FULL);
+        // Logged at the 1st, 2nd, 4th, 8th... drop on a CPU: a flood of drops stays a few lines.
+        if n.is_power_of_two() {
+            warn!(ctx, "event ring buffer full: {} events dropped on this CPU (the agent is not draining it)", n);
+        }
     }
 }
 
@@ -149,11 +160,14 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             _pad2: [0; 7],
         };
         if CONNS.insert(&sk, &st, 0).is_err() {
-            drop_count(DROP_CONNS_FULL);
+            let n = drop_count(DROP_CONNS_FULL);
+            if n.is_power_of_two() {
+                warn!(ctx, "connection map full: a connection to port {} is not traced ({} on this CPU)", sport, n);
+            }
             return Ok(());
         }
         let ev = conn_event(EVENT_OPEN, &st, sk);
-        emit(&ev);
+        emit(ctx, &ev);
     } else if new == TCP_CLOSE {
         if let Some(st) = CONNS.get(&sk) {
             let mut rtt_us = 0;
@@ -171,7 +185,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             ev.bytes_out = st.bytes_out;
             ev.requests = st.requests;
             ev.errors = st.errors;
-            emit(&ev);
+            emit(ctx, &ev);
             let _ = CONNS.remove(&sk);
         }
     }
@@ -475,7 +489,7 @@ unsafe fn on_retransmit(ctx: &TracePointContext) -> Result<(), i32> {
     let sk: u64 = ctx.read_at(16)?;
     let Some(st) = CONNS.get(&sk) else { return Ok(()) };
     let ev = conn_event(EVENT_RETRANSMIT, st, sk);
-    emit(&ev);
+    emit(ctx, &ev);
     Ok(())
 }
 

@@ -75,7 +75,7 @@ mod tests {
         let srtt = member_offset(&btf, "tcp_sock", "srtt_us").unwrap();
         assert!(srtt > 1000 && srtt < 4096, "{srtt}");
         let clock = member_offset(&btf, "tcp_sock", "tcp_clock_cache").unwrap();
-        assert!(clock > 1000 && clock < 4096 && clock % 8 == 0, "{clock}");
+        assert!(clock > 1000 && clock < 4096 && clock.is_multiple_of(8), "{clock}");
         assert!(member_offset(&btf, "tcp_sock", "no_such_member").is_err());
         assert!(member_offset(&[0u8; 8], "x", "y").is_err());
     }

@@ -21,6 +21,9 @@ pub struct Loaded {
     events: Option<RingBuf<MapData>>,
     agg: Option<PerCpuArray<MapData, OpAgg>>,
     conns: Option<HashMap<MapData, u64, ConnState>>,
+    /// The kernel programs' own log lines (aya-log: rare conditions such as a full map),
+    /// written to this process's log at each pump.
+    logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub drops: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     pub hooks: String,
 }
@@ -44,7 +47,7 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
+pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
     ensure_tracefs()?;
     let mut ports = ports.to_vec();
     ports.sort_unstable();
@@ -52,10 +55,19 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
     if ports.is_empty() || ports.len() > MAX_PORTS {
         bail!("watch between 1 and {MAX_PORTS} ports (got {})", ports.len());
     }
+
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("AGG", (ports.len() * OPS) as u32)
+        .map_max_entries("CONNS", max_connections)
         .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "the kernel programs' log lines will not be shown");
+            None
+        }
+    };
     let mut hooks = Vec::new();
     let state: &mut TracePoint = ebpf
         .program_mut("inet_sock_set_state")
@@ -127,6 +139,7 @@ pub fn load(ports: &[u16]) -> anyhow::Result<Loaded> {
         events: Some(events),
         agg: Some(agg),
         conns: Some(conns),
+        logger,
         drops: Arc::new(Mutex::new(drops)),
         hooks: hooks.join(","),
     })
@@ -166,6 +179,9 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
     let mut batch = Vec::with_capacity(4096);
     loop {
         tick.tick().await;
+        if let Some(l) = loaded.logger.as_mut() {
+            l.flush();
+        }
         batch.clear();
         while let Some(item) = rb.next() {
             if item.len() >= std::mem::size_of::<Event>() {

@@ -39,6 +39,10 @@ struct Cli {
     /// OTLP export interval, in ms (default 10000).
     #[arg(long)]
     export_interval_ms: Option<u64>,
+    /// Most connections traced at once (the kernel's connection map; default 65536). Beyond
+    /// it, new connections are not traced and are counted as drops.
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// Do not load eBPF programs: count connections by polling /proc/net/tcp (also used
     /// automatically when the programs cannot be loaded).
     #[arg(long)]
@@ -63,6 +67,7 @@ struct FileConfig {
     otlp_endpoints: Option<Vec<String>>,
     otlp_http_endpoints: Option<Vec<String>>,
     export_interval_ms: Option<u64>,
+    max_connections: Option<u32>,
     procfs_only: Option<bool>,
 }
 
@@ -76,6 +81,7 @@ struct Settings {
     otlp_endpoint: Vec<String>,
     otlp_http_endpoint: Vec<String>,
     export_interval_ms: u64,
+    max_connections: u32,
     procfs_only: bool,
 }
 
@@ -87,6 +93,10 @@ fn settings(cli: Cli) -> anyhow::Result<Settings> {
         }
         None => FileConfig::default(),
     };
+    let max_connections = cli.max_connections.or(file.max_connections).unwrap_or(65536);
+    if !(1..=(1 << 22)).contains(&max_connections) {
+        anyhow::bail!("max_connections must be between 1 and {} (got {max_connections})", 1 << 22);
+    }
     let or_file = |flag: Vec<String>, file: Option<Vec<String>>| if flag.is_empty() { file.unwrap_or_default() } else { flag };
     Ok(Settings {
         ports: cli.ports.or(file.ports).unwrap_or_else(|| vec![3306]),
@@ -96,6 +106,7 @@ fn settings(cli: Cli) -> anyhow::Result<Settings> {
         otlp_endpoint: or_file(cli.otlp_endpoint, file.otlp_endpoints),
         otlp_http_endpoint: or_file(cli.otlp_http_endpoint, file.otlp_http_endpoints),
         export_interval_ms: cli.export_interval_ms.or(file.export_interval_ms).unwrap_or(10_000),
+        max_connections,
         procfs_only: cli.procfs_only || file.procfs_only.unwrap_or(false),
     })
 }
@@ -105,7 +116,9 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).unwrap_or_else(|_| "info".into()))
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+        // Logs on stderr; stdout is --print's table.
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
         Ok(r) => r,
@@ -148,7 +161,7 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
     let mut loaded = if cli.procfs_only {
         None
     } else {
-        match loader::load(&cli.ports) {
+        match loader::load(&cli.ports, cli.max_connections) {
             Ok(l) => Some(l),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "eBPF unavailable: falling back to polling /proc/net/tcp (connection counts only; no requests, latency, bytes, errors or retransmits)");

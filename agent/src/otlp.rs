@@ -3,7 +3,7 @@
 //! attributes (db.system.name, db.operation.name, server.port, client.address,
 //! network.io.direction) and a resource naming the host.
 
-use crate::stats::{Stats, BUCKETS};
+use crate::stats::{Stats, BUCKETS, CONN_BUCKETS};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
@@ -121,7 +121,31 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
         stats.ops.iter().map(|((p, op), s)| (op_attrs(*p, op), s.errors)).collect());
     b.sum("breakwater.agent.dropped_events", "{event}", "Events lost because a fixed-size kernel map was full.", true,
         vec![(vec![kv("reason", "ringbuf_full")], drops[0]), (vec![kv("reason", "conns_map_full")], drops[1])]);
-    // Latency histogram with explicit bounds (seconds); bucket i counts (bound[i-1], bound[i]].
+    // Histograms with explicit bounds (seconds); bucket i counts (bound[i-1], bound[i]].
+    let conn_points = stats
+        .ports
+        .iter()
+        .map(|(p, s)| HistogramDataPoint {
+            attributes: port_attrs(*p),
+            start_time_unix_nano: start,
+            time_unix_nano: now,
+            count: s.closed,
+            sum: Some(s.conn_seconds_sum),
+            bucket_counts: s.conn_le.to_vec(),
+            explicit_bounds: CONN_BUCKETS.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    b.metrics.push(Metric {
+        name: "breakwater.agent.connection.duration".into(),
+        description: "Lifetime of closed connections.".into(),
+        unit: "s".into(),
+        data: Some(metric::Data::Histogram(Histogram {
+            data_points: conn_points,
+            aggregation_temporality: AggregationTemporality::Cumulative as i32,
+        })),
+        ..Default::default()
+    });
     let mut points = Vec::new();
     for ((p, op), s) in &stats.ops {
         let counts = s.le.to_vec();

@@ -2,7 +2,7 @@
 //! Names follow Prometheus conventions; labels follow OpenTelemetry's semantic conventions
 //! (server_port, client_address, db_operation_name, db_system_name="mysql").
 
-use crate::stats::{Stats, BUCKETS};
+use crate::stats::{Stats, BUCKETS, CONN_BUCKETS};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -26,9 +26,17 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     for port in stats.ports.keys() {
         let _ = writeln!(o, "breakwater_agent_connections_active{{{base},server_port=\"{port}\"}} {}", stats.active(*port));
     }
-    family(&mut o, "breakwater_agent_connection_duration_seconds_sum", "counter", "Total lifetime of closed connections.");
+    family(&mut o, "breakwater_agent_connection_duration_seconds", "histogram", "Lifetime of closed connections.");
     for (port, p) in &stats.ports {
-        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_sum{{{base},server_port=\"{port}\"}} {:.6}", p.conn_seconds_sum);
+        let labels = format!("{base},server_port=\"{port}\"");
+        let mut cumulative = 0;
+        for (i, b) in CONN_BUCKETS.iter().enumerate() {
+            cumulative += p.conn_le[i];
+            let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_bucket{{{labels},le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", p.closed);
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_sum{{{labels}}} {:.6}", p.conn_seconds_sum);
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_count{{{labels}}} {}", p.closed);
     }
     family(&mut o, "breakwater_agent_connection_rtt_seconds", "summary", "Smoothed TCP RTT of connections when they closed.");
     for (port, p) in &stats.ports {

@@ -22,6 +22,10 @@ pub const MAX_PEERS: usize = 1024;
 pub const BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 const _: () = assert!(BUCKETS.len() == LE_NS.len());
 
+/// Connection lifetime bucket bounds (seconds): one-query connections, application pools
+/// that recycle their connections, long-lived ones.
+pub const CONN_BUCKETS: &[f64] = &[0.01, 0.1, 1.0, 10.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0, 86400.0];
+
 #[derive(Default, Clone, Debug)]
 pub struct PortStats {
     pub opened: u64,
@@ -32,6 +36,9 @@ pub struct PortStats {
     pub errors: u64,
     pub retransmits: u64,
     pub conn_seconds_sum: f64,
+    /// Closed connections per lifetime bucket: `conn_le[i]` counts (CONN_BUCKETS[i-1],
+    /// CONN_BUCKETS[i]], the last one those above all bounds.
+    pub conn_le: [u64; CONN_BUCKETS.len() + 1],
     /// Smoothed RTT at close: sum and count of connections with a known RTT, and the max.
     pub rtt_seconds_sum: f64,
     pub rtt_count: u64,
@@ -173,7 +180,9 @@ impl Stats {
                 peer.closed_errors += ev.errors;
                 port.closed_bytes_in += ev.bytes_in;
                 port.closed_bytes_out += ev.bytes_out;
-                port.conn_seconds_sum += ev.value_ns as f64 / 1e9;
+                let secs = ev.value_ns as f64 / 1e9;
+                port.conn_seconds_sum += secs;
+                port.conn_le[CONN_BUCKETS.iter().take_while(|b| secs > **b).count()] += 1;
                 if ev.rtt_us > 0 {
                     let rtt = ev.rtt_us as f64 / 1e6;
                     port.rtt_seconds_sum += rtt;

@@ -308,6 +308,12 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
     assert_eq!(d("breakwater_agent_connection_rtt_seconds_count", &[port]), CONNS as f64);
     let rtt_sum = d("breakwater_agent_connection_rtt_seconds_sum", &[port]);
     assert!(rtt_sum > 0.0 && rtt_sum < 0.1 * CONNS as f64, "RTT sum {rtt_sum}");
+    // Each connection lived longer than its SLEEP(0.06) and far less than 10 s.
+    let lived = |le: &str| d("breakwater_agent_connection_duration_seconds_bucket", &[port, &format!("le=\"{le}\"")]);
+    assert_eq!(d("breakwater_agent_connection_duration_seconds_count", &[port]), CONNS as f64);
+    assert_eq!(lived("0.01"), 0.0, "no connection was shorter than its slow query");
+    assert_eq!(lived("10"), CONNS as f64);
+    assert!(d("breakwater_agent_connection_duration_seconds_sum", &[port]) > 0.06 * CONNS as f64);
 
     // A real Prometheus (Debian's package) scrapes /metrics and sees the same numbers, and
     // every query of the Grafana dashboards returns data.
@@ -503,6 +509,39 @@ fn procfs_fallback_counts_connections() {
         get(&after, "breakwater_agent_peer_connections_closed_total", &[peer]) - get(&before, "breakwater_agent_peer_connections_closed_total", &[peer]),
         3.0
     );
+}
+
+/// Bounded memory: with room for 2 connections in the kernel's map, the 3rd and 4th are not
+/// traced, counted as drops, and the kernel programs say so in the agent's log (aya-log).
+#[test]
+fn full_connection_map_counts_drops_and_logs() {
+    let prom = free_port();
+    let log = std::env::temp_dir().join(format!("bw-agent-drops-{}.log", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
+        .args(["--ports", "3307", "--prometheus-listen", &format!("127.0.0.1:{prom}"), "--max-connections", "2"])
+        .stdout(Stdio::inherit())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Agent(child);
+    wait_healthy(prom);
+    let before = scrape(prom);
+    let mut conns: Vec<TcpStream> = (0..4).map(|_| connect()).collect();
+    for s in conns.iter_mut() {
+        assert!(!query(s, "SELECT 1"));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let after = scrape(prom);
+    let d = |name: &str, labels: &[&str]| get(&after, name, labels) - get(&before, name, labels);
+    let peer = "client_address=\"127.0.0.55\"";
+    assert_eq!(d("breakwater_agent_dropped_events_total", &["reason=\"conns_map_full\""]), 2.0);
+    assert_eq!(d("breakwater_agent_peer_connections_opened_total", &[peer]), 2.0, "only the traced ones");
+    assert_eq!(d("breakwater_agent_peer_requests_total", &[peer]), 2.0);
+    drop(conns);
+    drop(agent);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("connection map full: a connection to port 3307 is not traced"), "{text}");
+    let _ = std::fs::remove_file(log);
 }
 
 /// A bad configuration file gets one clear error line.
