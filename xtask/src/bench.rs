@@ -261,6 +261,69 @@ fn agent_sample(bin: &std::path::Path, agent_args: &[&str], secs: u32) -> Result
     })
 }
 
+/// Kernel symbols of the agent's cost: its programs, the tracepoint-to-BPF dispatch, and the
+/// helpers and map code its programs call. (Not shared ones such as read_tsc or retpoline
+/// thunks, which the rest of the kernel uses as much.)
+const AGENT_SYMBOLS: &[&str] = &[
+    "bpf_prog_",
+    "bpf_trace_run",
+    "__bpf_trace_sock",
+    "__traceiter_sock",
+    "lookup_nulls_elem_raw",
+    "htab_map_hash",
+    "__htab_map_lookup_elem",
+    "htab_map_lookup_elem",
+    "copy_from_user_nofault",
+    "copy_from_kernel_nofault",
+    "bpf_probe_read_",
+    "bpf_task_pt_regs",
+    "bpf_get_current_task",
+    "bpf_ktime_get_ns",
+    "ktime_get_mono_fast_ns",
+];
+
+/// Share (%) of all CPU samples in the agent's kernel code while sysbench saturates the
+/// host: `perf record -a` for 5 s. In a CPU-bound run that share is the QPS the agent takes
+/// away, measured in one run instead of between runs whose speed drifts.
+fn agent_cpu_share(bin: &std::path::Path, args: &[&str]) -> Result<f64> {
+    let _agent = start_agent(bin, args)?;
+    let data = proc::root().join("target/bench-agent.perf");
+    let mut load = Command::new("sysbench")
+        .arg("oltp_point_select")
+        .args(["--db-driver=mysql", "--mysql-host=127.0.0.1", "--mysql-port=3307", "--mysql-user=app", "--mysql-password=app"])
+        .args(["--mysql-db=sbtest", "--tables=4", "--table-size=10000", "--threads=32", "--time=9", "run"])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting sysbench")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let rec = Command::new("perf")
+        .args(["record", "-a", "-F", "999", "-o"])
+        .arg(&data)
+        .args(["--", "sleep", "5"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("perf record")?;
+    let _ = load.wait();
+    if !rec.success() {
+        bail!("perf record failed");
+    }
+    let out = Command::new("perf").args(["report", "--stdio", "--no-children", "--sort", "sym", "-i"]).arg(&data).output().context("perf report")?;
+    let _ = std::fs::remove_file(&data);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut share = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let mut f = line.split_whitespace();
+        let (Some(pct), Some(_), Some(sym)) = (f.next(), f.next(), f.next()) else { continue };
+        if let Ok(p) = pct.trim_end_matches('%').parse::<f64>() {
+            if AGENT_SYMBOLS.iter().any(|s| sym.starts_with(s)) {
+                share += p;
+            }
+        }
+    }
+    Ok(share)
+}
+
 /// QPS of one second of a sysbench `--report-interval=1` line: "[ 5s ] thds: 32 tps: ... qps: 61234.56 (r/w/o: ...".
 fn report_qps(line: &str) -> Option<f64> {
     let rest = line.split("qps:").nth(1)?;
@@ -344,6 +407,9 @@ fn agent_overhead(secs: u32) -> Result<()> {
     changes.sort_by(|x, y| x.total_cmp(y));
     let median = changes.get(changes.len() / 2).copied().unwrap_or(f64::NAN);
 
+    // The same cost as a share of the CPU, from one run each (agent, empty programs).
+    let shares = crate::deps::ensure_perf().and_then(|_| Ok((agent_cpu_share(&bin, AGENT_ARGS)?, agent_cpu_share(&bin, NOOP_ARGS)?)));
+
     proc::run_inherit(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
     let run_secs = 5;
     let mut with_stats = Vec::new();
@@ -362,6 +428,13 @@ fn agent_overhead(secs: u32) -> Result<()> {
     println!("{:<34} {:>12} {:>12} {:>9}   target", "", "without", "with agent", "change");
     println!("{:<34} {:>12.0} {:>12.0} {:>8.1}%   loss < 3%", "QPS (mean of counted seconds)", a, b, (b - a) / a * 100.0);
     println!("{:<34} {:>12} {:>12} {:>8.1}%", "  median change of the cycles", "", "", median);
+    match &shares {
+        Ok((agent, noop)) => {
+            println!("{:<34} {:>12} {:>11.2}% {:>9}   QPS it costs (CPU-bound)", "CPU share of the agent's kernel code", "", agent, "");
+            println!("{:<34} {:>12} {:>11.2}%", "  same hooks, empty programs", "", noop);
+        }
+        Err(e) => println!("CPU share not measured: {e:#}"),
+    }
     println!("{:<34} {:>12} {:>12.0} {:>9}   < 1000 ns", "BPF run time per query (ns)", "", smean(&with_stats, |s| s.bpf_ns), "");
     println!("{:<34} {:>12} {:>12.0}", "  same hooks, empty programs (ns)", "", smean(&noop, |s| s.bpf_ns));
     println!("{:<34} {:>12} {:>11.1}%", "agent process CPU (% of a core)", "", smean(&with_stats, |s| s.agent_cpu));

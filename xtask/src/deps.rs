@@ -47,6 +47,20 @@ fn ensure_packages() -> Result<()> {
     Ok(())
 }
 
+/// `perf` (Debian's linux-perf), for `cargo xtask bench` only.
+pub fn ensure_perf() -> Result<()> {
+    if proc::have("perf") {
+        return Ok(());
+    }
+    println!("xtask: installing linux-perf");
+    apt_get(&["update", "-qq"])?;
+    apt_get(&["install", "-y", "-qq", "--no-install-recommends", "linux-perf"])?;
+    if !proc::have("perf") {
+        bail!("linux-perf was installed but perf is still missing");
+    }
+    Ok(())
+}
+
 /// Where the eBPF toolchain is unpacked (agent/build.rs looks here too).
 pub const EBPF_TOOLCHAIN: &str = "/opt/breakwater/ebpf-toolchain";
 
