@@ -137,9 +137,7 @@ pub fn statement_kind(req: &[u8; super::REQ_PREFIX], len: u32) -> u32 {
                     prev = 0; // "/*/" does not close the comment
                     i += 1;
                     continue;
-                } else if b == b'-' && prev == b'-' {
-                    state = LINE_COMMENT;
-                } else if b == b'#' {
+                } else if (b == b'-' && prev == b'-') || b == b'#' {
                     state = LINE_COMMENT;
                 } else if b.is_ascii_alphabetic() {
                     state = WORD;

@@ -78,6 +78,20 @@ impl Builder {
             ..Default::default()
         });
     }
+
+    /// A cumulative histogram in seconds.
+    fn histogram(&mut self, name: &str, desc: &str, data_points: Vec<HistogramDataPoint>) {
+        self.metrics.push(Metric {
+            name: name.into(),
+            description: desc.into(),
+            unit: "s".into(),
+            data: Some(metric::Data::Histogram(Histogram {
+                data_points,
+                aggregation_temporality: AggregationTemporality::Cumulative as i32,
+            })),
+            ..Default::default()
+        });
+    }
 }
 
 /// The whole cumulative state as one OTLP request.
@@ -136,16 +150,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
             ..Default::default()
         })
         .collect();
-    b.metrics.push(Metric {
-        name: "breakwater.agent.connection.duration".into(),
-        description: "Lifetime of closed connections.".into(),
-        unit: "s".into(),
-        data: Some(metric::Data::Histogram(Histogram {
-            data_points: conn_points,
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-        })),
-        ..Default::default()
-    });
+    b.histogram("breakwater.agent.connection.duration", "Lifetime of closed connections.", conn_points);
     let mut points = Vec::new();
     for ((p, op), s) in &stats.ops {
         let counts = s.le.to_vec();
@@ -162,16 +167,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
             ..Default::default()
         });
     }
-    b.metrics.push(Metric {
-        name: "breakwater.agent.request.duration".into(),
-        description: "First request byte in to first response byte out, per operation.".into(),
-        unit: "s".into(),
-        data: Some(metric::Data::Histogram(Histogram {
-            data_points: points,
-            aggregation_temporality: AggregationTemporality::Cumulative as i32,
-        })),
-        ..Default::default()
-    });
+    b.histogram("breakwater.agent.request.duration", "From a request's arrival to its response's departure, per operation.", points);
     ExportMetricsServiceRequest {
         resource_metrics: vec![ResourceMetrics {
             resource: Some(Resource {

@@ -79,7 +79,7 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
     for ((port, op), s) in &stats.ops {
         let _ = writeln!(o, "breakwater_agent_request_errors_total{{{base},server_port=\"{port}\",db_operation_name=\"{op}\"}} {}", s.errors);
     }
-    family(&mut o, "breakwater_agent_request_duration_seconds", "histogram", "First request byte in to first response byte out.");
+    family(&mut o, "breakwater_agent_request_duration_seconds", "histogram", "From a request's arrival to its response's departure.");
     for ((port, op), s) in &stats.ops {
         let labels = format!("{base},server_port=\"{port}\",db_operation_name=\"{op}\"");
         for (i, b) in BUCKETS.iter().enumerate() {

@@ -812,6 +812,12 @@ impl Session {
         if self.pins.any() || self.user.temporary {
             return None;
         }
+        // Only reads are stored: writes and transaction control (which cannot hit) skip the
+        // key and the lookup. A miss here costs nothing else: the full path runs.
+        let first = buf.get(1..)?.iter().find(|b| !b.is_ascii_whitespace());
+        if !matches!(first, Some(b'S' | b's' | b'W' | b'w' | b'(' | b'/' | b'-' | b'#')) {
+            return None;
+        }
         let rules = self.rt.rules();
         if !rules.caches() {
             return None;
