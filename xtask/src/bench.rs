@@ -406,6 +406,10 @@ fn agent_overhead(secs: u32) -> Result<()> {
         .collect();
     changes.sort_by(|x, y| x.total_cmp(y));
     let median = changes.get(changes.len() / 2).copied().unwrap_or(f64::NAN);
+    // Standard error of the cycles' mean change: how far the noise alone moves it.
+    let n = changes.len() as f64;
+    let cm = changes.iter().sum::<f64>() / n;
+    let se = (changes.iter().map(|c| (c - cm).powi(2)).sum::<f64>() / (n - 1.0).max(1.0) / n).sqrt();
 
     // The same cost as a share of the CPU, from one run each (agent, empty programs).
     let shares = crate::deps::ensure_perf().and_then(|_| Ok((agent_cpu_share(&bin, AGENT_ARGS)?, agent_cpu_share(&bin, NOOP_ARGS)?)));
@@ -428,6 +432,8 @@ fn agent_overhead(secs: u32) -> Result<()> {
     println!("{:<34} {:>12} {:>12} {:>9}   target", "", "without", "with agent", "change");
     println!("{:<34} {:>12.0} {:>12.0} {:>8.1}%   loss < 3%", "QPS (mean of counted seconds)", a, b, (b - a) / a * 100.0);
     println!("{:<34} {:>12} {:>12} {:>8.1}%", "  median change of the cycles", "", "", median);
+    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  mean change of the cycles", "", "", cm);
+    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  standard error of that mean", "", "", se);
     match &shares {
         Ok((agent, noop)) => {
             println!("{:<34} {:>12} {:>11.2}% {:>9}   QPS it costs (CPU-bound)", "CPU share of the agent's kernel code", "", agent, "");
