@@ -157,7 +157,6 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             stmt_ids: [0; STMT_CACHE],
             stmt_ops: [0; STMT_CACHE],
             stmt_next: 0,
-            _pad2: [0; 7],
         };
         if CONNS.insert(&sk, &st, 0).is_err() {
             let n = drop_count(DROP_CONNS_FULL);
