@@ -800,8 +800,6 @@ impl Session {
         }
     }
 
-    /// A read under a caching rule: served from the cache, or fetched once (others wait)
-    /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
     /// The fast path of a query cache hit: a text query whose exact key was stored under the
     /// query rules in force is answered without lexing, digesting or routing it again (the
     /// rules decide on user, schema and text, all in the key). None, with nothing done, when
@@ -852,6 +850,8 @@ impl Session {
         Some(res)
     }
 
+    /// A read under a caching rule: served from the cache, or fetched once (others wait)
+    /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
     async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32, operation: &'static str) -> (Result<(), ClientGone>, i64, u64, bool) {
         let key = self.cache_key_for(&[], &buf[1..]);
         let cache = self.proxy.cache.clone();
