@@ -146,30 +146,13 @@ pub struct OpAgg {
 /// floor(log2(v)) for v > 0, without a count-leading-zeros instruction (BPF has none).
 #[inline(always)]
 pub fn log2(v: u64) -> u32 {
-    let mut x = v;
-    let mut e = 0;
-    if x >= 1 << 32 {
-        x >>= 32;
-        e += 32;
-    }
-    if x >= 1 << 16 {
-        x >>= 16;
-        e += 16;
-    }
-    if x >= 1 << 8 {
-        x >>= 8;
-        e += 8;
-    }
-    if x >= 1 << 4 {
-        x >>= 4;
-        e += 4;
-    }
-    if x >= 1 << 2 {
-        x >>= 2;
-        e += 2;
-    }
-    if x >= 1 << 1 {
-        e += 1;
+    // A binary search over the bit positions; the constant loop unrolls into six compares.
+    let (mut x, mut e) = (v, 0);
+    for shift in [32, 16, 8, 4, 2, 1] {
+        if x >> shift != 0 {
+            x >>= shift;
+            e += shift;
+        }
     }
     e
 }
@@ -222,6 +205,15 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log2_is_the_highest_set_bit() {
+        for k in 0..64 {
+            for v in [1u64 << k, (1u64 << k) | 1, (1u64 << k).wrapping_mul(2).wrapping_sub(1).max(1 << k)] {
+                assert_eq!(log2(v), 63 - v.leading_zeros(), "{v}");
+            }
+        }
+    }
 
     #[test]
     fn buckets_hold_their_values() {
