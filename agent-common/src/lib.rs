@@ -30,13 +30,14 @@ pub const PHASE_HEADER: u8 = 3;
 pub const FLAG_LOGIN: u8 = 1;
 pub const FLAG_INFILE: u8 = 2;
 
-/// Index in the CONFIG array: byte offset of tcp_sock.srtt_us (0 = unknown), from BTF.
-pub const CONFIG_SRTT_OFFSET: u32 = 0;
-/// Index in the CONFIG array: byte offset of tcp_sock.tcp_clock_cache (0 = unknown), from
+/// Global (read-only data) of the kernel programs: byte offset of tcp_sock.srtt_us (0 =
+/// unknown), from BTF, set by the agent before it loads them.
+pub const GLOBAL_SRTT_OFFSET: &str = "SRTT_OFFSET";
+/// Global of the kernel programs: byte offset of tcp_sock.tcp_clock_cache (0 = unknown), from
 /// BTF: the socket's own clock, refreshed (CLOCK_MONOTONIC ns) when segments arrive and when
 /// it transmits. Requests are timed with it from arrival to transmission, for the price of
-/// one kernel read instead of a clock read.
-pub const CONFIG_CLOCK_OFFSET: u32 = 1;
+/// one load instead of a clock read.
+pub const GLOBAL_CLOCK_OFFSET: &str = "CLOCK_OFFSET";
 
 /// Indexes of the DROPS per-CPU counters.
 pub const DROP_RINGBUF_FULL: u32 = 0;
@@ -74,10 +75,11 @@ pub struct Event {
 /// Per-connection state kept in the kernel, keyed by socket address. The agent also reads
 /// the live counters (requests, errors, bytes) of open connections from this map.
 ///
-/// Laid out by use: what every read and write of the connection touches comes first, so it
-/// shares cache lines with the map entry's own header (each hook call after the server ran a
-/// query starts with cold lines); the prepared statements next; what only the open and close
-/// events need last.
+/// Laid out by use: what every read and write of the connection touches comes first and
+/// fits in 56 bytes, so with the map entry's own header it spans as few cache lines as
+/// possible (each hook call after the server ran a query starts with cold lines). A request
+/// is named when it is read (command, statement kind), so its bytes are not kept. The
+/// prepared statements next; what only the open and close events need last.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ConnState {
@@ -86,20 +88,24 @@ pub struct ConnState {
     pub flags: u8,
     /// Index of the port in the watched set (selects the block of aggregates).
     pub port_slot: u8,
+    /// The current request's command byte (0 = not known).
+    pub cmd: u8,
+    /// The operation the current request is counted as (OP_*); for COM_STMT_PREPARE, the
+    /// kind of the statement it prepares.
+    pub op: u8,
     pub stmt_next: u8,
-    pub request_len: u32,
+    pub _pad: u16,
     pub request_ns: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub requests: u64,
     pub errors: u64,
-    pub request: [u8; REQ_PREFIX],
     /// The connection's last prepared statements (id 0 = empty) and their operations.
     pub stmt_ids: [u32; STMT_CACHE],
     pub stmt_ops: [u8; STMT_CACHE],
     pub port: u16,
     pub peer_port: u16,
-    pub _pad: u32,
+    pub _pad2: u32,
     pub peer_addr: [u8; 16],
     pub opened_ns: u64,
 }

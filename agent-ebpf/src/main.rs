@@ -24,7 +24,7 @@
 #![no_main]
 
 use aya_ebpf::bindings::pt_regs;
-use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
 use aya_ebpf::macros::{btf_tracepoint, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
 use aya_ebpf::programs::{BtfTracePointContext, TracePointContext};
@@ -48,9 +48,13 @@ static CONNS: HashMap<u64, ConnState> = HashMap::with_max_entries(65536, 0);
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(4, 0);
-/// Offsets the agent found in the kernel's BTF (see CONFIG_* in agent-common).
-#[map]
-static CONFIG: Array<u32> = Array::with_max_entries(4, 0);
+/// Byte offsets in `struct tcp_sock` that the agent found in the kernel's BTF (0 = not
+/// found), set before the programs are loaded: read-only data the verifier sees as
+/// constants, so the BTF programs read these fields with a plain load.
+#[unsafe(no_mangle)]
+static SRTT_OFFSET: u32 = 0;
+#[unsafe(no_mangle)]
+static CLOCK_OFFSET: u32 = 0;
 
 const TCP_ESTABLISHED: i32 = 1;
 const TCP_SYN_RECV: i32 = 3;
@@ -144,8 +148,10 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             phase: PHASE_IDLE,
             flags: FLAG_LOGIN,
             port_slot: slot,
+            cmd: 0,
+            op: 0,
             _pad: 0,
-            request_len: 0,
+            _pad2: 0,
             peer_addr: peer,
             opened_ns: bpf_ktime_get_ns(),
             request_ns: 0,
@@ -153,7 +159,6 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             bytes_out: 0,
             requests: 0,
             errors: 0,
-            request: [0; REQ_PREFIX],
             stmt_ids: [0; STMT_CACHE],
             stmt_ops: [0; STMT_CACHE],
             stmt_next: 0,
@@ -170,11 +175,10 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
     } else if new == TCP_CLOSE {
         if let Some(st) = CONNS.get(&sk) {
             let mut rtt_us = 0;
-            if let Some(&off) = CONFIG.get(CONFIG_SRTT_OFFSET) {
-                if off != 0 {
-                    if let Ok(srtt) = bpf_probe_read_kernel((sk + off as u64) as *const u32) {
-                        rtt_us = srtt >> 3; // srtt_us holds 8 x the smoothed RTT
-                    }
+            let off = core::ptr::read_volatile(&SRTT_OFFSET);
+            if off != 0 {
+                if let Ok(srtt) = bpf_probe_read_kernel((sk + off as u64) as *const u32) {
+                    rtt_us = srtt >> 3; // srtt_us holds 8 x the smoothed RTT
                 }
             }
             let mut ev = conn_event(EVENT_CLOSE, st, sk);
@@ -215,13 +219,21 @@ unsafe fn on_watched_port<const BTF: bool>(sk: u64) -> bool {
 /// started the last transmission. Read when the server reads a request, it is the request's
 /// arrival (time queued in the socket included); when the server has sent, the response's
 /// departure. Without the offset, the current time.
+///
+/// BTF programs turn `sk` into a typed `tcp_sock` pointer (bpf_skc_to_tcp_sock) and load the
+/// field directly: the offset is a constant to the verifier, which checks the access against
+/// the kernel's own layout. Classic tracepoints copy it with bpf_probe_read_kernel.
 #[inline(always)]
-unsafe fn sock_clock(sk: u64) -> u64 {
-    if let Some(&off) = CONFIG.get(CONFIG_CLOCK_OFFSET) {
-        if off != 0 {
-            if let Ok(t) = bpf_probe_read_kernel((sk + off as u64) as *const u64) {
-                return t;
+unsafe fn sock_clock<const BTF: bool>(sk: u64) -> u64 {
+    let off = core::ptr::read_volatile(&CLOCK_OFFSET);
+    if off != 0 {
+        if BTF {
+            let tp = bpf_skc_to_tcp_sock(sk as *mut core::ffi::c_void);
+            if !tp.is_null() {
+                return core::ptr::read_volatile((tp as u64 + off as u64) as *const u64);
             }
+        } else if let Ok(t) = bpf_probe_read_kernel((sk + off as u64) as *const u64) {
+            return t;
         }
     }
     bpf_ktime_get_ns()
@@ -277,52 +289,69 @@ unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     }
     // COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response: the next bytes are a new
     // command.
-    let no_reply = st.request_len > 4 && (st.request[4] == COM_STMT_SEND_LONG_DATA || st.request[4] == COM_STMT_CLOSE);
+    let no_reply = st.cmd == COM_STMT_SEND_LONG_DATA || st.cmd == COM_STMT_CLOSE;
     if st.phase == PHASE_REQUEST && !no_reply {
         return Ok(()); // more bytes of the same request
     }
+    let mut req = [0u8; REQ_PREFIX];
     if st.phase == PHASE_HEADER {
         // The payload of a command whose 4-byte header was read alone (MariaDB and MySQL
         // read a packet that way): its first bytes name the command.
-        st.phase = PHASE_REQUEST;
-        st.request_len = 4;
-        st.request_ns = sock_clock(sk);
+        st.request_ns = sock_clock::<BTF>(sk);
+        let mut len = 4;
         if let Some(buf) = syscall_buffer() {
-            if bpf_probe_read_user_buf(buf as *const u8, &mut st.request[4..]).is_ok() {
-                st.request_len = 4 + if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
+            if bpf_probe_read_user_buf(buf as *const u8, &mut req[4..]).is_ok() {
+                len = 4 + if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
             }
         }
-        forget_closed_statement(st, sk);
+        start_request(st, sk, &req, len);
         return Ok(());
     }
     if ret == 4 {
         // A header alone, after login and outside a multi-packet request: a command starts
         // (sequence id 0). Its payload, read next, names it; no need to read this.
         st.phase = PHASE_HEADER;
-        st.request_len = 0;
+        st.cmd = 0;
         return Ok(());
     }
     let Some(buf) = syscall_buffer() else { return Ok(()) };
-    let mut head = [0u8; REQ_PREFIX];
-    if bpf_probe_read_user_buf(buf as *const u8, &mut head).is_err() {
+    if bpf_probe_read_user_buf(buf as *const u8, &mut req).is_err() {
         return Ok(());
     }
-    if head[3] != 0 {
+    if req[3] != 0 {
         return Ok(()); // not the first packet of a command
     }
-    st.request_ns = sock_clock(sk);
-    st.phase = PHASE_REQUEST;
-    st.request = head;
-    st.request_len = if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 };
-    forget_closed_statement(st, sk);
+    st.request_ns = sock_clock::<BTF>(sk);
+    start_request(st, sk, &req, if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 });
     Ok(())
 }
 
-/// COM_STMT_CLOSE: the statement's kind is no longer needed.
+/// A request starts; `req` holds its first `len` bytes (packet header, command, start of
+/// the statement). It is named now, while its bytes are at hand: the connection keeps the
+/// command and the operation, not the bytes.
+/// - COM_QUERY, COM_STMT_PREPARE: the statement's kind (a PREPARE is counted as such when
+///   answered; the kind is what its statement id will execute as).
+/// - COM_STMT_EXECUTE: the kind its PREPARE recorded, when the kernel saw it.
+/// - COM_STMT_CLOSE: the statement's kind is forgotten.
 #[inline(always)]
-unsafe fn forget_closed_statement(st: &mut ConnState, sk: u64) {
-    if st.request[4] == COM_STMT_CLOSE && st.request_len >= 9 {
-        let id = u32::from_le_bytes([st.request[5], st.request[6], st.request[7], st.request[8]]);
+unsafe fn start_request(st: &mut ConnState, sk: u64, req: &[u8; REQ_PREFIX], len: u32) {
+    st.phase = PHASE_REQUEST;
+    if len < 5 {
+        st.cmd = 0;
+        st.op = OP_UNKNOWN as u8;
+        return;
+    }
+    let cmd = req[4];
+    st.cmd = cmd;
+    let id = if len >= 9 { u32::from_le_bytes([req[5], req[6], req[7], req[8]]) } else { 0 };
+    st.op = if cmd == COM_QUERY || cmd == COM_STMT_PREPARE {
+        statement_kind(req, len)
+    } else if cmd == COM_STMT_EXECUTE && id != 0 {
+        executed_kind(st, sk, id)
+    } else {
+        command_op(cmd)
+    } as u8;
+    if cmd == COM_STMT_CLOSE && id != 0 {
         for i in 0..STMT_CACHE {
             if st.stmt_ids[i] == id {
                 st.stmt_ids[i] = 0;
@@ -330,6 +359,22 @@ unsafe fn forget_closed_statement(st: &mut ConnState, sk: u64) {
         }
         let _ = STMTS.remove(&StmtKey { sock: sk, id, _pad: 0 });
     }
+}
+
+/// The kind of prepared statement `id` (recorded at its PREPARE_OK): the connection's own
+/// cache first (a shared LRU lookup costs several times more), then the shared map.
+#[inline(always)]
+unsafe fn executed_kind(st: &mut ConnState, sk: u64, id: u32) -> u32 {
+    for i in 0..STMT_CACHE {
+        if st.stmt_ids[i] == id {
+            return st.stmt_ops[i] as u32;
+        }
+    }
+    if let Some(&kind) = STMTS.get(&StmtKey { sock: sk, id, _pad: 0 }) {
+        cache_statement(st, id, kind);
+        return kind;
+    }
+    OP_STMT_EXECUTE
 }
 
 #[tracepoint]
@@ -379,7 +424,7 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         st.phase = PHASE_RESPONSE;
         return Ok(());
     }
-    let mut end = sock_clock(sk);
+    let mut end = sock_clock::<BTF>(sk);
     if end <= st.request_ns {
         // Nothing transmitted yet (the data waits in the socket): the time it was handed over.
         end = bpf_ktime_get_ns();
@@ -394,17 +439,25 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         Some(buf) => bpf_probe_read_user_buf(buf as *const u8, &mut resp).is_ok(),
         None => false,
     };
-    if have_resp && st.request_len > 4 {
-        let cmd = st.request[4];
+    let cmd = st.cmd;
+    let mut op = st.op as u32;
+    if have_resp {
         if cmd == COM_QUERY && resp[4] == 0xfb {
             st.flags |= FLAG_INFILE; // LOAD DATA LOCAL: the client sends a file next
         } else if cmd == COM_CHANGE_USER && (resp[4] == 0xfe || resp[4] == 0x01) {
             st.flags |= FLAG_LOGIN; // authentication goes on
+        } else if cmd == COM_STMT_PREPARE && resp[4] == 0x00 {
+            // PREPARE_OK: what this statement id executes as.
+            let id = u32::from_le_bytes([resp[5], resp[6], resp[7], resp[8]]);
+            let _ = STMTS.insert(&StmtKey { sock: sk, id, _pad: 0 }, &op, 0);
+            cache_statement(st, id, op);
         }
+    }
+    if cmd == COM_STMT_PREPARE {
+        op = OP_STMT_PREPARE;
     }
     let err = have_resp && resp[4] == 0xff;
     st.errors += err as u64;
-    let op = operation(st, sk, have_resp, &resp);
     let Some(agg) = AGG.get_ptr_mut(st.port_slot as u32 * OPS as u32 + op) else { return Ok(()) };
     let agg = &mut *agg;
     agg.count += 1;
@@ -422,38 +475,6 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         agg.hist[b] += 1;
     }
     Ok(())
-}
-
-/// The operation the request just answered was, from its first bytes. A PREPARE_OK
-/// response records the prepared statement's kind; an EXECUTE is named by it.
-#[inline(always)]
-unsafe fn operation(st: &mut ConnState, sk: u64, have_resp: bool, resp: &[u8; 12]) -> u32 {
-    if st.request_len < 5 {
-        return OP_UNKNOWN;
-    }
-    let cmd = st.request[4];
-    if cmd == COM_QUERY {
-        return statement_kind(&st.request, st.request_len);
-    }
-    if cmd == COM_STMT_EXECUTE && st.request_len >= 9 {
-        let id = u32::from_le_bytes([st.request[5], st.request[6], st.request[7], st.request[8]]);
-        // The connection's own cache first: a shared LRU lookup costs several times more.
-        for i in 0..STMT_CACHE {
-            if st.stmt_ids[i] == id && id != 0 {
-                return st.stmt_ops[i] as u32;
-            }
-        }
-        if let Some(&kind) = STMTS.get(&StmtKey { sock: sk, id, _pad: 0 }) {
-            cache_statement(st, id, kind);
-            return kind;
-        }
-    } else if cmd == COM_STMT_PREPARE && have_resp && resp[4] == 0x00 {
-        let id = u32::from_le_bytes([resp[5], resp[6], resp[7], resp[8]]);
-        let kind = statement_kind(&st.request, st.request_len);
-        let _ = STMTS.insert(&StmtKey { sock: sk, id, _pad: 0 }, &kind, 0);
-        cache_statement(st, id, kind);
-    }
-    command_op(cmd)
 }
 
 #[inline(always)]

@@ -10,7 +10,9 @@ use anyhow::{anyhow, bail, Context};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, TracePoint};
 use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
-use breakwater_agent_common::{ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, MAX_PORTS, OPS, OP_NAMES};
+use breakwater_agent_common::{
+    ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, GLOBAL_CLOCK_OFFSET, GLOBAL_SRTT_OFFSET, MAX_PORTS, OPS, OP_NAMES,
+};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -56,9 +58,12 @@ pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
         bail!("watch between 1 and {MAX_PORTS} ports (got {})", ports.len());
     }
 
+    let (srtt_offset, clock_offset) = tcp_sock_offsets();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries("AGG", (ports.len() * OPS) as u32)
         .map_max_entries("CONNS", max_connections)
+        .override_global(GLOBAL_SRTT_OFFSET, &srtt_offset, true)
+        .override_global(GLOBAL_CLOCK_OFFSET, &clock_offset, true)
         .load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -115,20 +120,6 @@ pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
     for (slot, p) in ports.iter().enumerate() {
         ports_array.set(*p as u32, slot as u8 + 1, 0).with_context(|| format!("watching port {p}"))?;
     }
-    // RTT at close needs tcp_sock.srtt_us, whose offset depends on the kernel's config.
-    let mut config: aya::maps::Array<_, u32> =
-        aya::maps::Array::try_from(ebpf.map_mut("CONFIG").ok_or_else(|| anyhow!("map CONFIG missing"))?)?;
-    // Request timing reads tcp_sock.tcp_clock_cache (kernels since 4.20); without it, the
-    // programs read the clock themselves.
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux").map_err(anyhow::Error::from);
-    match btf.as_ref().map_err(|e| anyhow!("{e}")).and_then(|b| crate::btf::member_offset(b, "tcp_sock", "srtt_us")) {
-        Ok(off) => config.set(breakwater_agent_common::CONFIG_SRTT_OFFSET, off, 0)?,
-        Err(e) => tracing::warn!(error = %e, "RTT at close unavailable: no offset for tcp_sock.srtt_us in the kernel's BTF"),
-    }
-    match btf.as_ref().map_err(|e| anyhow!("{e}")).and_then(|b| crate::btf::member_offset(b, "tcp_sock", "tcp_clock_cache")) {
-        Ok(off) => config.set(breakwater_agent_common::CONFIG_CLOCK_OFFSET, off, 0)?,
-        Err(e) => tracing::info!(error = %e, "no tcp_sock.tcp_clock_cache: requests are timed from the reads and writes of the server"),
-    }
     let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
     let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
     let agg = PerCpuArray::try_from(ebpf.take_map("AGG").ok_or_else(|| anyhow!("map AGG missing"))?)?;
@@ -143,6 +134,30 @@ pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
         drops: Arc::new(Mutex::new(drops)),
         hooks: hooks.join(","),
     })
+}
+
+/// Offsets in `struct tcp_sock` (which depend on the kernel's version and configuration),
+/// from the kernel's BTF: (srtt_us, tcp_clock_cache), 0 where unknown.
+/// - RTT at close reads srtt_us.
+/// - Request timing reads tcp_clock_cache (kernels since 4.20); without it, the programs
+///   read the clock themselves.
+fn tcp_sock_offsets() -> (u32, u32) {
+    let btf = match std::fs::read("/sys/kernel/btf/vmlinux") {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "no kernel BTF: RTT at close unavailable, requests timed from the server's reads and writes");
+            return (0, 0);
+        }
+    };
+    let srtt = crate::btf::member_offset(&btf, "tcp_sock", "srtt_us").unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "RTT at close unavailable: no offset for tcp_sock.srtt_us in the kernel's BTF");
+        0
+    });
+    let clock = crate::btf::member_offset(&btf, "tcp_sock", "tcp_clock_cache").unwrap_or_else(|e| {
+        tracing::info!(error = %e, "no tcp_sock.tcp_clock_cache: requests are timed from the reads and writes of the server");
+        0
+    });
+    (srtt, clock)
 }
 
 /// `--calibrate-noop`: attach only the programs that do nothing to the recv/send hooks, and
