@@ -29,6 +29,9 @@ pub const PHASE_HEADER: u8 = 3;
 /// OK; again after COM_CHANGE_USER); the client is sending a LOAD DATA LOCAL file.
 pub const FLAG_LOGIN: u8 = 1;
 pub const FLAG_INFILE: u8 = 2;
+/// ConnState flags of the cgroup_skb hooks: `rcv_next` / `snd_next` hold a sequence number.
+pub const FLAG_SEQ_IN: u8 = 4;
+pub const FLAG_SEQ_OUT: u8 = 8;
 
 /// Global (read-only data) of the kernel programs: byte offset of tcp_sock.srtt_us (0 =
 /// unknown), from BTF, set by the agent before it loads them.
@@ -42,6 +45,8 @@ pub const GLOBAL_CLOCK_OFFSET: &str = "CLOCK_OFFSET";
 /// Indexes of the DROPS per-CPU counters.
 pub const DROP_RINGBUF_FULL: u32 = 0;
 pub const DROP_CONNS_FULL: u32 = 1;
+/// A segment arrived (or left) after a gap in the sequence numbers the programs saw.
+pub const DROP_TCP_GAP: u32 = 2;
 
 /// Most watched ports one agent handles (each has its block of [`OPS`] aggregates).
 pub const MAX_PORTS: usize = 32;
@@ -95,6 +100,9 @@ pub struct ConnState {
     pub op: u8,
     pub stmt_next: u8,
     pub _pad: u16,
+    /// cgroup_skb hooks: the next sequence number expected from the client / the server.
+    pub rcv_next: u32,
+    pub snd_next: u32,
     pub request_ns: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,

@@ -24,10 +24,10 @@
 #![no_main]
 
 use aya_ebpf::bindings::pt_regs;
-use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_task_pt_regs};
-use aya_ebpf::macros::{btf_tracepoint, map, tracepoint};
+use aya_ebpf::helpers::{bpf_get_current_task_btf, bpf_skc_to_tcp_sock, bpf_ktime_get_ns, bpf_probe_read_kernel, bpf_probe_read_user_buf, bpf_skb_load_bytes, bpf_task_pt_regs};
+use aya_ebpf::macros::{btf_tracepoint, cgroup_skb, map, tracepoint};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf};
-use aya_ebpf::programs::{BtfTracePointContext, TracePointContext};
+use aya_ebpf::programs::{BtfTracePointContext, SkBuffContext, TracePointContext};
 use aya_ebpf::EbpfContext;
 use aya_log_ebpf::warn;
 use breakwater_agent_common::*;
@@ -150,6 +150,8 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
             port_slot: slot,
             cmd: 0,
             op: 0,
+            rcv_next: 0,
+            snd_next: 0,
             _pad: 0,
             _pad2: 0,
             peer_addr: peer,
@@ -282,48 +284,116 @@ unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         return Ok(());
     }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
-    let st = &mut *st;
-    st.bytes_in += ret as u64;
+    client_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
+    Ok(())
+}
+
+/// Where the programs read a connection's bytes from, and when they were seen.
+trait Bytes {
+    /// Copy the first bytes into `dst` (up to its length); false when unreadable.
+    unsafe fn read(&self, dst: &mut [u8]) -> bool;
+    /// The time the client's bytes arrived.
+    unsafe fn arrived(&self) -> u64;
+    /// The time the server's bytes left, for a request that arrived at `start`.
+    unsafe fn left(&self, start: u64) -> u64;
+}
+
+/// The user buffer of the server's recv/send syscall (tracepoint hooks).
+struct UserBuffer<const BTF: bool> {
+    sk: u64,
+}
+
+impl<const BTF: bool> Bytes for UserBuffer<BTF> {
+    #[inline(always)]
+    unsafe fn read(&self, dst: &mut [u8]) -> bool {
+        match syscall_buffer() {
+            Some(buf) => bpf_probe_read_user_buf(buf as *const u8, dst).is_ok(),
+            None => false,
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn arrived(&self) -> u64 {
+        sock_clock::<BTF>(self.sk)
+    }
+
+    #[inline(always)]
+    unsafe fn left(&self, start: u64) -> u64 {
+        let end = sock_clock::<BTF>(self.sk);
+        // Nothing transmitted yet (the data waits in the socket): the time it was handed over.
+        if end <= start { bpf_ktime_get_ns() } else { end }
+    }
+}
+
+/// The payload of a TCP segment (cgroup_skb hooks): `len` bytes at `off` in the packet.
+struct Segment<'a> {
+    ctx: &'a SkBuffContext,
+    off: u32,
+    len: u32,
+}
+
+impl Bytes for Segment<'_> {
+    #[inline(always)]
+    unsafe fn read(&self, dst: &mut [u8]) -> bool {
+        let n = if self.len < dst.len() as u32 { self.len } else { dst.len() as u32 };
+        // Read back opaquely, so the compiler checks the very value passed: the verifier
+        // wants the helper's length proven within 1..=dst.len().
+        let n = core::ptr::read_volatile(&n);
+        if n == 0 || n > dst.len() as u32 {
+            return false;
+        }
+        bpf_skb_load_bytes(self.ctx.skb.skb as *const _, self.off, dst.as_mut_ptr() as *mut _, n) == 0
+    }
+
+    #[inline(always)]
+    unsafe fn arrived(&self) -> u64 {
+        bpf_ktime_get_ns()
+    }
+
+    #[inline(always)]
+    unsafe fn left(&self, _start: u64) -> u64 {
+        bpf_ktime_get_ns()
+    }
+}
+
+/// `n` new bytes from the client on a tracked connection. The first bytes received with
+/// MySQL sequence id 0 after a response start a request.
+#[inline(always)]
+unsafe fn client_bytes<B: Bytes>(st: &mut ConnState, sk: u64, n: u32, src: &B) {
+    st.bytes_in += n as u64;
     if st.flags & (FLAG_LOGIN | FLAG_INFILE) != 0 {
-        return Ok(()); // authentication packets, or the file of a LOAD DATA LOCAL: no commands
+        return; // authentication packets, or the file of a LOAD DATA LOCAL: no commands
     }
     // COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response: the next bytes are a new
     // command.
     let no_reply = st.cmd == COM_STMT_SEND_LONG_DATA || st.cmd == COM_STMT_CLOSE;
     if st.phase == PHASE_REQUEST && !no_reply {
-        return Ok(()); // more bytes of the same request
+        return; // more bytes of the same request
     }
     let mut req = [0u8; REQ_PREFIX];
     if st.phase == PHASE_HEADER {
-        // The payload of a command whose 4-byte header was read alone (MariaDB and MySQL
-        // read a packet that way): its first bytes name the command.
-        st.request_ns = sock_clock::<BTF>(sk);
+        // The payload of a command whose 4-byte header came alone (MariaDB and MySQL read a
+        // packet that way; a client may write it that way): its first bytes name the command.
         let mut len = 4;
-        if let Some(buf) = syscall_buffer() {
-            if bpf_probe_read_user_buf(buf as *const u8, &mut req[4..]).is_ok() {
-                len = 4 + if (ret as u32) < (REQ_PREFIX as u32 - 4) { ret as u32 } else { REQ_PREFIX as u32 - 4 };
-            }
+        if src.read(&mut req[4..]) {
+            len = 4 + if n < (REQ_PREFIX as u32 - 4) { n } else { REQ_PREFIX as u32 - 4 };
         }
         start_request(st, sk, &req, len);
-        return Ok(());
+        return;
     }
-    if ret == 4 {
+    if n == 4 {
         // A header alone, after login and outside a multi-packet request: a command starts
-        // (sequence id 0). Its payload, read next, names it; no need to read this.
+        // (sequence id 0), timed from now. Its payload, next, names it.
+        st.request_ns = src.arrived();
         st.phase = PHASE_HEADER;
         st.cmd = 0;
-        return Ok(());
+        return;
     }
-    let Some(buf) = syscall_buffer() else { return Ok(()) };
-    if bpf_probe_read_user_buf(buf as *const u8, &mut req).is_err() {
-        return Ok(());
+    if !src.read(&mut req) || req[3] != 0 {
+        return; // unreadable, or not the first packet of a command
     }
-    if req[3] != 0 {
-        return Ok(()); // not the first packet of a command
-    }
-    st.request_ns = sock_clock::<BTF>(sk);
-    start_request(st, sk, &req, if (ret as u32) < REQ_PREFIX as u32 { ret as u32 } else { REQ_PREFIX as u32 });
-    Ok(())
+    st.request_ns = src.arrived();
+    start_request(st, sk, &req, if n < REQ_PREFIX as u32 { n } else { REQ_PREFIX as u32 });
 }
 
 /// A request starts; `req` holds its first `len` bytes (packet header, command, start of
@@ -402,43 +472,38 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
         return Ok(());
     }
     let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
-    let st = &mut *st;
-    st.bytes_out += ret as u64;
+    server_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
+    Ok(())
+}
+
+/// `n` new bytes from the server on a tracked connection: the first ones after a request
+/// answer it.
+#[inline(always)]
+unsafe fn server_bytes<B: Bytes>(st: &mut ConnState, sk: u64, n: u32, src: &B) {
+    st.bytes_out += n as u64;
     if st.flags & FLAG_LOGIN != 0 {
         // Authentication ends with the server's OK (also after caching_sha2's fast-auth
         // 0x01 0x03, in the same write or the next one).
         let mut resp = [0u8; 12];
-        if let Some(buf) = syscall_buffer() {
-            if bpf_probe_read_user_buf(buf as *const u8, &mut resp).is_ok()
-                && (resp[4] == 0x00 || (resp[4] == 0x01 && resp[5] == 0x03 && resp[10] == 0x00))
-            {
-                st.flags &= !FLAG_LOGIN;
-            }
+        if src.read(&mut resp) && (resp[4] == 0x00 || (resp[4] == 0x01 && resp[5] == 0x03 && resp[10] == 0x00)) {
+            st.flags &= !FLAG_LOGIN;
         }
         st.phase = PHASE_RESPONSE;
-        return Ok(());
+        return;
     }
     if st.phase != PHASE_REQUEST {
         // The server's answer to the file of a LOAD DATA LOCAL ends it.
         st.flags &= !FLAG_INFILE;
         st.phase = PHASE_RESPONSE;
-        return Ok(());
+        return;
     }
-    let mut end = sock_clock::<BTF>(sk);
-    if end <= st.request_ns {
-        // Nothing transmitted yet (the data waits in the socket): the time it was handed over.
-        end = bpf_ktime_get_ns();
-    }
-    let ns = end.saturating_sub(st.request_ns);
+    let ns = src.left(st.request_ns).saturating_sub(st.request_ns);
     st.phase = PHASE_RESPONSE;
     st.requests += 1;
     // The response's header and first payload bytes: 0xff = ERR; a PREPARE_OK (0x00)
     // carries the statement id.
     let mut resp = [0u8; 12];
-    let have_resp = match syscall_buffer() {
-        Some(buf) => bpf_probe_read_user_buf(buf as *const u8, &mut resp).is_ok(),
-        None => false,
-    };
+    let have_resp = src.read(&mut resp);
     let cmd = st.cmd;
     let mut op = st.op as u32;
     if have_resp {
@@ -458,7 +523,7 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     }
     let err = have_resp && resp[4] == 0xff;
     st.errors += err as u64;
-    let Some(agg) = AGG.get_ptr_mut(st.port_slot as u32 * OPS as u32 + op) else { return Ok(()) };
+    let Some(agg) = AGG.get_ptr_mut(st.port_slot as u32 * OPS as u32 + op) else { return };
     let agg = &mut *agg;
     agg.count += 1;
     agg.errors += err as u64;
@@ -474,7 +539,6 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
     if b < HIST_BUCKETS {
         agg.hist[b] += 1;
     }
-    Ok(())
 }
 
 #[inline(always)]
@@ -496,6 +560,122 @@ pub fn sock_recv_length_noop(_ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length_noop(_ctx: BtfTracePointContext) -> i32 {
     0
+}
+
+/// cgroup_skb/ingress, on the cgroups of the MySQL servers: every TCP segment that reaches
+/// a server socket. Only segments with new payload on tracked connections do anything, and
+/// the programs run for the servers' sockets alone (a tracepoint runs for every socket on
+/// the host). Always lets the packet through.
+#[cgroup_skb(ingress)]
+pub fn mysql_ingress(ctx: SkBuffContext) -> i32 {
+    let _ = unsafe { on_segment::<true>(&ctx) };
+    1
+}
+
+/// cgroup_skb/egress: every TCP segment a server socket sends (see mysql_ingress).
+#[cgroup_skb(egress)]
+pub fn mysql_egress(ctx: SkBuffContext) -> i32 {
+    let _ = unsafe { on_segment::<false>(&ctx) };
+    1
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+
+/// (offset of the TCP payload, sequence number) of a TCP segment over IPv4 or IPv6 (without
+/// extension headers). The headers are read in place when they are in the packet's linear
+/// part, as they usually are; else copied out.
+#[inline(always)]
+unsafe fn tcp_segment(ctx: &SkBuffContext) -> Option<(u32, u32)> {
+    let skb = ctx.skb.skb;
+    let v4 = match u16::from_be((*skb).protocol as u16) {
+        ETH_P_IP => true,
+        ETH_P_IPV6 => false,
+        _ => return None,
+    };
+    let data = (*skb).data as usize;
+    let end = (*skb).data_end as usize;
+    let (proto, ip_len) = if v4 {
+        if data + 20 > end {
+            return tcp_segment_copied(ctx, v4);
+        }
+        (*((data + 9) as *const u8), ((*(data as *const u8) & 0x0f) as usize) * 4)
+    } else {
+        if data + 40 > end {
+            return tcp_segment_copied(ctx, v4);
+        }
+        (*((data + 6) as *const u8), 40)
+    };
+    if proto != IPPROTO_TCP as u8 {
+        return None;
+    }
+    let tcp = data + ip_len;
+    if tcp + 20 > end {
+        return tcp_segment_copied(ctx, v4);
+    }
+    let seq = u32::from_be(core::ptr::read_unaligned((tcp + 4) as *const u32));
+    let doff = *((tcp + 12) as *const u8);
+    Some((ip_len as u32 + (doff >> 4) as u32 * 4, seq))
+}
+
+/// tcp_segment for headers outside the linear part: copied with bpf_skb_load_bytes.
+#[inline(never)]
+unsafe fn tcp_segment_copied(ctx: &SkBuffContext, v4: bool) -> Option<(u32, u32)> {
+    let (proto, ip_len) = if v4 {
+        (ctx.load::<u8>(9).ok()?, (ctx.load::<u8>(0).ok()? & 0x0f) as u32 * 4)
+    } else {
+        (ctx.load::<u8>(6).ok()?, 40)
+    };
+    if proto != IPPROTO_TCP as u8 {
+        return None;
+    }
+    let doff: u8 = ctx.load(ip_len as usize + 12).ok()?;
+    let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
+    Some((ip_len + (doff >> 4) as u32 * 4, seq))
+}
+
+/// A segment's payload on a tracked connection, in order: retransmitted bytes (already
+/// seen) are skipped, so each byte counts once. Segments that arrive after a gap (reordered
+/// or lost on the way) are taken as they come and counted in DROPS: the bytes of the gap
+/// are not seen, and a request that started in them is not timed.
+unsafe fn on_segment<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<(), i32> {
+    let skb = ctx.skb.skb;
+    // The socket's own port: the server's for its sockets, an ephemeral one for clients
+    // that share the cgroup.
+    if !matches!(WATCHED_PORTS.get((*skb).local_port), Some(v) if *v != 0) {
+        return Ok(());
+    }
+    let len = (*skb).len;
+    let Some((off, seq)) = tcp_segment(ctx) else { return Ok(()) };
+    if off >= len {
+        return Ok(()); // no payload: ACK, SYN, FIN
+    }
+    let n = len - off;
+    let sk = (*skb).__bindgen_anon_2.sk as u64;
+    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let st = &mut *st;
+    let (known, next) = if INGRESS { (FLAG_SEQ_IN, &mut st.rcv_next) } else { (FLAG_SEQ_OUT, &mut st.snd_next) };
+    let mut skip = 0;
+    if st.flags & known != 0 {
+        let behind = next.wrapping_sub(seq) as i32;
+        if behind >= n as i32 {
+            return Ok(()); // a retransmission of bytes already seen
+        }
+        if behind > 0 {
+            skip = behind as u32;
+        } else if behind < 0 {
+            drop_count(DROP_TCP_GAP);
+        }
+    }
+    *next = seq.wrapping_add(n);
+    st.flags |= known;
+    let src = Segment { ctx, off: off + skip, len: n - skip };
+    if INGRESS {
+        client_bytes(st, sk, n - skip, &src);
+    } else {
+        server_bytes(st, sk, n - skip, &src);
+    }
+    Ok(())
 }
 
 /// tcp:tcp_retransmit_skb on a tracked connection: one event per retransmitted segment.

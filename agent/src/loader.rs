@@ -8,7 +8,7 @@
 use crate::prometheus::Shared;
 use anyhow::{anyhow, bail, Context};
 use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
-use aya::programs::{BtfTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
 use breakwater_agent_common::{
     ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, GLOBAL_CLOCK_OFFSET, GLOBAL_SRTT_OFFSET, MAX_PORTS, OPS, OP_NAMES,
@@ -49,7 +49,40 @@ fn ensure_tracefs() -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
+/// Which hooks see the servers' bytes (`--hooks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Hooks {
+    /// cgroup_skb where it attaches, else the tracepoints.
+    Auto,
+    /// cgroup_skb on the servers' cgroups: runs for the servers' packets only.
+    Cgroup,
+    /// sock_recv_length / sock_send_length: run for every socket's reads and writes.
+    Tracepoints,
+}
+
+/// Attach the segment programs to the cgroups of the servers on `ports`; a description of
+/// where, for the log.
+fn attach_cgroup_skb(ebpf: &mut Ebpf, ports: &[u16]) -> anyhow::Result<String> {
+    let cgroups = crate::cgroup::server_cgroups(ports)?;
+    let mut names = Vec::new();
+    for (prog, kind) in [("mysql_ingress", CgroupSkbAttachType::Ingress), ("mysql_egress", CgroupSkbAttachType::Egress)] {
+        let p: &mut CgroupSkb = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing"))?.try_into()?;
+        p.load().with_context(|| format!("loading {prog}"))?;
+        for (dir, _) in &cgroups {
+            let f = std::fs::File::open(dir).with_context(|| format!("opening cgroup {}", dir.display()))?;
+            // A BPF link (kernels since 5.7): other programs on the cgroup (systemd's IP
+            // accounting, ...) stay attached and keep running.
+            p.attach(f, kind, CgroupAttachMode::Single).with_context(|| format!("attaching {prog} to {}", dir.display()))?;
+        }
+    }
+    for (dir, why) in &cgroups {
+        names.push(format!("cgroup_skb:{} ({why})", dir.display()));
+    }
+    Ok(names.join(","))
+}
+
+pub fn load(ports: &[u16], max_connections: u32, choice: Hooks) -> anyhow::Result<Loaded> {
     ensure_tracefs()?;
     let mut ports = ports.to_vec();
     ports.sort_unstable();
@@ -81,6 +114,49 @@ pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
     state.load()?;
     state.attach("sock", "inet_sock_set_state").context("attaching tracepoint sock:inet_sock_set_state")?;
     hooks.push("sock:inet_sock_set_state".to_string());
+    let mut on_segments = false;
+    if choice != Hooks::Tracepoints {
+        match attach_cgroup_skb(&mut ebpf, &ports) {
+            Ok(desc) => {
+                hooks.push(desc);
+                on_segments = true;
+            }
+            Err(e) if choice == Hooks::Cgroup => return Err(e.context("cgroup_skb hooks (--hooks cgroup)")),
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "cgroup_skb hooks unavailable: using the recv/send tracepoints, which run for every socket on the host"),
+        }
+    }
+    if !on_segments {
+        attach_tracepoints(&mut ebpf, &mut hooks)?;
+    }
+    let retrans: &mut TracePoint =
+        ebpf.program_mut("tcp_retransmit_skb").ok_or_else(|| anyhow!("program tcp_retransmit_skb missing"))?.try_into()?;
+    match retrans.load().map_err(anyhow::Error::from).and_then(|_| retrans.attach("tcp", "tcp_retransmit_skb").map_err(anyhow::Error::from)) {
+        Ok(_) => hooks.push("tcp:tcp_retransmit_skb".to_string()),
+        Err(e) => tracing::warn!(hook = "tcp:tcp_retransmit_skb", error = %e, "hook unavailable: retransmits are not counted"),
+    }
+    let mut ports_array: aya::maps::Array<_, u8> =
+        aya::maps::Array::try_from(ebpf.map_mut("WATCHED_PORTS").ok_or_else(|| anyhow!("map WATCHED_PORTS missing"))?)?;
+    for (slot, p) in ports.iter().enumerate() {
+        ports_array.set(*p as u32, slot as u8 + 1, 0).with_context(|| format!("watching port {p}"))?;
+    }
+    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
+    let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
+    let agg = PerCpuArray::try_from(ebpf.take_map("AGG").ok_or_else(|| anyhow!("map AGG missing"))?)?;
+    let conns = HashMap::try_from(ebpf.take_map("CONNS").ok_or_else(|| anyhow!("map CONNS missing"))?)?;
+    Ok(Loaded {
+        _ebpf: ebpf,
+        ports,
+        events: Some(events),
+        agg: Some(agg),
+        conns: Some(conns),
+        logger,
+        drops: Arc::new(Mutex::new(drops)),
+        hooks: hooks.join(","),
+    })
+}
+
+/// The recv/send tracepoints: BTF ones where the kernel allows, else the classic ones.
+fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Result<()> {
     let btf = Btf::from_sys_fs().ok();
     for name in ["sock_recv_length", "sock_send_length"] {
         // Prefer the BTF tracepoint (cheaper); fall back to the classic one.
@@ -109,31 +185,7 @@ pub fn load(ports: &[u16], max_connections: u32) -> anyhow::Result<Loaded> {
             ),
         }
     }
-    let retrans: &mut TracePoint =
-        ebpf.program_mut("tcp_retransmit_skb").ok_or_else(|| anyhow!("program tcp_retransmit_skb missing"))?.try_into()?;
-    match retrans.load().map_err(anyhow::Error::from).and_then(|_| retrans.attach("tcp", "tcp_retransmit_skb").map_err(anyhow::Error::from)) {
-        Ok(_) => hooks.push("tcp:tcp_retransmit_skb".to_string()),
-        Err(e) => tracing::warn!(hook = "tcp:tcp_retransmit_skb", error = %e, "hook unavailable: retransmits are not counted"),
-    }
-    let mut ports_array: aya::maps::Array<_, u8> =
-        aya::maps::Array::try_from(ebpf.map_mut("WATCHED_PORTS").ok_or_else(|| anyhow!("map WATCHED_PORTS missing"))?)?;
-    for (slot, p) in ports.iter().enumerate() {
-        ports_array.set(*p as u32, slot as u8 + 1, 0).with_context(|| format!("watching port {p}"))?;
-    }
-    let events = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or_else(|| anyhow!("map EVENTS missing"))?)?;
-    let drops = PerCpuArray::try_from(ebpf.take_map("DROPS").ok_or_else(|| anyhow!("map DROPS missing"))?)?;
-    let agg = PerCpuArray::try_from(ebpf.take_map("AGG").ok_or_else(|| anyhow!("map AGG missing"))?)?;
-    let conns = HashMap::try_from(ebpf.take_map("CONNS").ok_or_else(|| anyhow!("map CONNS missing"))?)?;
-    Ok(Loaded {
-        _ebpf: ebpf,
-        ports,
-        events: Some(events),
-        agg: Some(agg),
-        conns: Some(conns),
-        logger,
-        drops: Arc::new(Mutex::new(drops)),
-        hooks: hooks.join(","),
-    })
+    Ok(())
 }
 
 /// Offsets in `struct tcp_sock` (which depend on the kernel's version and configuration),

@@ -2,6 +2,7 @@
 //! exports connections, request latency by operation, bytes and errors as Prometheus metrics.
 
 mod btf;
+mod cgroup;
 mod loader;
 mod otlp;
 mod procfs;
@@ -47,6 +48,11 @@ struct Cli {
     /// automatically when the programs cannot be loaded).
     #[arg(long)]
     procfs_only: bool,
+    /// Hooks that see the servers' bytes: auto (cgroup where it attaches, else tracepoints),
+    /// cgroup (cgroup_skb on the servers' cgroups) or tracepoints (sock_recv_length /
+    /// sock_send_length).
+    #[arg(long, value_enum)]
+    hooks: Option<loader::Hooks>,
     /// For benchmarks: attach programs that do nothing to the recv/send hooks and serve an
     /// empty /metrics, to measure the kernel's cost of running any program there.
     #[arg(long, hide = true)]
@@ -69,6 +75,7 @@ struct FileConfig {
     export_interval_ms: Option<u64>,
     max_connections: Option<u32>,
     procfs_only: Option<bool>,
+    hooks: Option<loader::Hooks>,
 }
 
 /// Effective settings: flags, then the file, then defaults.
@@ -83,6 +90,7 @@ struct Settings {
     export_interval_ms: u64,
     max_connections: u32,
     procfs_only: bool,
+    hooks: loader::Hooks,
 }
 
 fn settings(cli: Cli) -> anyhow::Result<Settings> {
@@ -108,6 +116,7 @@ fn settings(cli: Cli) -> anyhow::Result<Settings> {
         export_interval_ms: cli.export_interval_ms.or(file.export_interval_ms).unwrap_or(10_000),
         max_connections,
         procfs_only: cli.procfs_only || file.procfs_only.unwrap_or(false),
+        hooks: cli.hooks.or(file.hooks).unwrap_or(loader::Hooks::Auto),
     })
 }
 
@@ -161,8 +170,9 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
     let mut loaded = if cli.procfs_only {
         None
     } else {
-        match loader::load(&cli.ports, cli.max_connections) {
+        match loader::load(&cli.ports, cli.max_connections, cli.hooks) {
             Ok(l) => Some(l),
+            Err(e) if cli.hooks != loader::Hooks::Auto => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "eBPF unavailable: falling back to polling /proc/net/tcp (connection counts only; no requests, latency, bytes, errors or retransmits)");
                 None

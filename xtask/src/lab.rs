@@ -40,7 +40,7 @@ fn node_dir(port: u16) -> PathBuf {
     lab_dir().join(format!("node{port}"))
 }
 
-fn socket(port: u16) -> PathBuf {
+pub fn socket(port: u16) -> PathBuf {
     node_dir(port).join("mysqld.sock")
 }
 
