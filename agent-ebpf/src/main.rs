@@ -550,8 +550,8 @@ fn cache_statement(st: &mut ConnState, id: u32, kind: u32) {
 }
 
 /// Programs that do nothing, on the same hooks: `breakwater-agent --calibrate-noop` attaches
-/// only these, so the bench can tell the kernel's own cost of running any program on
-/// these hooks (with bpf_stats accounting) from the agent's.
+/// only these (to the hooks the agent would pick), so the bench can tell the kernel's own
+/// cost of running any program on these hooks (with bpf_stats accounting) from the agent's.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length_noop(_ctx: BtfTracePointContext) -> i32 {
     0
@@ -560,6 +560,16 @@ pub fn sock_recv_length_noop(_ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length_noop(_ctx: BtfTracePointContext) -> i32 {
     0
+}
+
+#[cgroup_skb(ingress)]
+pub fn ingress_noop(_ctx: SkBuffContext) -> i32 {
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn egress_noop(_ctx: SkBuffContext) -> i32 {
+    1
 }
 
 /// cgroup_skb/ingress, on the cgroups of the MySQL servers: every TCP segment that reaches

@@ -212,11 +212,23 @@ fn tcp_sock_offsets() -> (u32, u32) {
     (srtt, clock)
 }
 
-/// `--calibrate-noop`: attach only the programs that do nothing to the recv/send hooks, and
-/// keep them until the process ends (for the bench's baseline).
-pub fn load_noop() -> anyhow::Result<Ebpf> {
+/// `--calibrate-noop`: attach only the programs that do nothing, to the hooks `load` would
+/// pick for `ports`, and keep them until the process ends (for the bench's baseline).
+pub fn load_noop(ports: &[u16], choice: Hooks) -> anyhow::Result<(Ebpf, String)> {
     let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
+    if choice != Hooks::Tracepoints {
+        let cgroups = crate::cgroup::server_cgroups(ports)?;
+        for (prog, kind) in [("ingress_noop", CgroupSkbAttachType::Ingress), ("egress_noop", CgroupSkbAttachType::Egress)] {
+            let p: &mut CgroupSkb = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing"))?.try_into()?;
+            p.load()?;
+            for (dir, _) in &cgroups {
+                p.attach(std::fs::File::open(dir)?, kind, CgroupAttachMode::Single)?;
+            }
+        }
+        let names: Vec<String> = cgroups.iter().map(|(d, _)| format!("cgroup_skb:{}", d.display())).collect();
+        return Ok((ebpf, names.join(",")));
+    }
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     for name in ["sock_recv_length", "sock_send_length"] {
         let prog: &mut BtfTracePoint =
@@ -224,7 +236,7 @@ pub fn load_noop() -> anyhow::Result<Ebpf> {
         prog.load(name, &btf)?;
         prog.attach()?;
     }
-    Ok(ebpf)
+    Ok((ebpf, "tp_btf:sock_recv_length,tp_btf:sock_send_length".into()))
 }
 
 /// Events lost in the kernel: [ring buffer full, connection map full].

@@ -138,7 +138,9 @@ fn main() {
     };
     if cli.calibrate_noop {
         let listen = cli.prometheus_listen.clone().unwrap_or_else(|| "127.0.0.1:9435".into());
-        let result = loader::load_noop().and_then(|ebpf| {
+        let ports = cli.ports.clone().unwrap_or_else(|| vec![3306]);
+        let result = loader::load_noop(&ports, cli.hooks.unwrap_or(loader::Hooks::Auto)).and_then(|(ebpf, hooks)| {
+            tracing::info!(hooks, "empty programs attached");
             rt.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(&listen).await?;
                 let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(String::new);

@@ -219,8 +219,19 @@ fn execute_one_bigint(s: &mut TcpStream, id: u32, v: i64) {
     }
 }
 
+/// Both hook sets see the same: cgroup_skb (the servers' TCP segments) and, the fallback,
+/// the recv/send tracepoints (the servers' reads and writes).
 #[test]
 fn agent_counts_connections_requests_errors_and_latency_exactly() {
+    counts_exactly("cgroup");
+}
+
+#[test]
+fn tracepoint_hooks_count_the_same() {
+    counts_exactly("tracepoints");
+}
+
+fn counts_exactly(hooks: &str) {
     // Schema first, before the agent watches.
     let out = Command::new("mariadb")
         .args(["--no-defaults", "-h127.0.0.1", "-P3307", "-umonitor", "-pmonitor", "-e"])
@@ -245,7 +256,7 @@ fn agent_counts_connections_requests_errors_and_latency_exactly() {
 
     let prom = free_port();
     let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
-        .args(["--ports", "3307", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .args(["--ports", "3307", "--prometheus-listen", &format!("127.0.0.1:{prom}"), "--hooks", hooks])
         .args(["--otlp-endpoint", &format!("http://127.0.0.1:{grpc_port}")])
         .args(["--otlp-http-endpoint", &format!("http://127.0.0.1:{http_port}/v1/metrics")])
         .args(["--export-interval-ms", "300"])

@@ -229,7 +229,9 @@ struct AgentSample {
 }
 
 const AGENT_ARGS: &[&str] = &["--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
-const NOOP_ARGS: &[&str] = &["--calibrate-noop", "--prometheus-listen", "127.0.0.1:9435"];
+const NOOP_ARGS: &[&str] = &["--calibrate-noop", "--ports", "3307", "--prometheus-listen", "127.0.0.1:9435"];
+const TRACEPOINT_ARGS: &[&str] =
+    &["--ports", "3307", "--hooks", "tracepoints", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
 
 fn start_agent(bin: &std::path::Path, args: &[&str]) -> Result<Proxy> {
     let child = Command::new(bin)
@@ -270,6 +272,9 @@ const AGENT_SYMBOLS: &[&str] = &[
     "__bpf_trace_sock",
     "__traceiter_sock",
     "call_trace_sock_",
+    "__cgroup_bpf_run_filter_skb",
+    "__bpf_prog_run_save_cb",
+    "bpf_skb_load_bytes",
     "lookup_nulls_elem_raw",
     "htab_map_hash",
     "__htab_map_lookup_elem",
@@ -438,57 +443,48 @@ fn change_stats(changes: &[f64]) -> (f64, f64, f64) {
 fn agent_overhead(secs: u32) -> Result<()> {
     proc::cargo(&["build", "--release", "-p", "breakwater-agent"])?;
     let bin = proc::target_bin("release", "breakwater-agent");
-    let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
-    let cycles = (secs * 2).max(30);
-    let window = Duration::from_secs(2);
-    let (without, with) = agent_toggled(&bin, AGENT_ARGS, cycles, window)?;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    let (a, b) = (mean(&without), mean(&with));
-    let changes = window_changes(&without, &with);
-    let (cm, median, se) = change_stats(&changes);
-    // The same toggling with empty programs: what attaching anything to these hooks (and
-    // the method itself) shows.
-    let (nw, nwith) = agent_toggled(&bin, NOOP_ARGS, cycles / 2, window)?;
-    let (noop_mean, _, noop_se) = change_stats(&window_changes(&nw, &nwith));
-
-    // The same cost as a share of the CPU, from one run each (agent, empty programs).
-    let shares = crate::deps::ensure_perf().and_then(|_| Ok((agent_cpu_share(&bin, AGENT_ARGS)?, agent_cpu_share(&bin, NOOP_ARGS)?)));
-
-    proc::run_inherit(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
-    let run_secs = 5;
-    let mut with_stats = Vec::new();
-    let mut noop = Vec::new();
-    for _ in 0..2 {
-        with_stats.push(agent_sample(&bin, AGENT_ARGS, run_secs)?);
-        noop.push(agent_sample(&bin, NOOP_ARGS, run_secs)?);
+    let perf = crate::deps::ensure_perf();
+    let window = Duration::from_millis(500);
+    let cycles = (secs * 6).max(100);
+    // (label, agent arguments, windows): the agent with the hooks it picks here (cgroup_skb
+    // on the server's cgroup), empty programs on the same hooks, and the tracepoint
+    // fallback.
+    let runs: [(&str, &[&str], u32); 3] = [
+        ("agent, cgroup_skb hooks", AGENT_ARGS, cycles),
+        ("  empty programs, same hooks", NOOP_ARGS, cycles / 2),
+        ("agent, tracepoint hooks (fallback)", TRACEPOINT_ARGS, cycles / 2),
+    ];
+    let mut rows = Vec::new();
+    for (label, args, n) in runs {
+        let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
+        let (without, with) = agent_toggled(&bin, args, n, window)?;
+        let changes = window_changes(&without, &with);
+        let share = match &perf {
+            Ok(()) => agent_cpu_share(&bin, args).map(|s| format!("{s:.2}%")).unwrap_or_else(|e| format!("({e})")),
+            Err(_) => "(no perf)".to_string(),
+        };
+        proc::run_inherit(Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=1"]))?;
+        let samples = [agent_sample(&bin, args, 5)?, agent_sample(&bin, args, 5)?];
+        let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
+        rows.push((label, n, change_stats(&changes), share, samples, without, with));
     }
-    let _ = Command::new("sysctl").args(["-q", "-w", "kernel.bpf_stats_enabled=0"]).status();
-    let smean = |v: &[AgentSample], f: fn(&AgentSample) -> f64| v.iter().map(f).sum::<f64>() / v.len().max(1) as f64;
     println!(
-        "\nagent overhead: sysbench oltp_point_select on 3307, 32 threads; one run, the agent attached for {cycles} windows of {}s, each between two without",
-        window.as_secs()
+        "\nagent overhead: sysbench oltp_point_select on 3307, 32 threads. QPS: one sysbench run per row, the agent attached for\n\
+         `windows` windows of {} ms, each compared with the windows without it on either side. BPF time: kernel.bpf_stats_enabled,\n\
+         two 5 s runs. CPU share: perf record -a, 5 s, the agent's programs and the kernel code that runs them.",
+        window.as_millis()
     );
-    println!("{:<34} {:>12} {:>12} {:>9}   target", "", "without", "with agent", "change");
-    println!("{:<34} {:>12.0} {:>12.0} {:>8.1}%   loss < 3%", "QPS (mean of the windows)", a, b, (b - a) / a * 100.0);
-    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  mean change against neighbours", "", "", cm);
-    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  standard error of that mean", "", "", se);
-    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  median change", "", "", median);
-    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  empty programs, same method", "", "", noop_mean);
-    println!("{:<34} {:>12} {:>12} {:>8.1}%", "  standard error of that mean", "", "", noop_se);
-    match &shares {
-        Ok((agent, noop)) => {
-            println!("{:<34} {:>12} {:>11.2}% {:>9}   QPS it costs (CPU-bound)", "CPU share of the agent's kernel code", "", agent, "");
-            println!("{:<34} {:>12} {:>11.2}%", "  same hooks, empty programs", "", noop);
-        }
-        Err(e) => println!("CPU share not measured: {e:#}"),
+    println!("{:<36} {:>7} {:>10} {:>6} {:>8} {:>10} {:>10} {:>8}", "", "windows", "QPS", "± SE", "median", "BPF ns/q", "CPU share", "agent");
+    for (label, n, (mean, median, se), share, samples, _, _) in &rows {
+        let bpf = samples.iter().map(|s| s.bpf_ns).sum::<f64>() / samples.len() as f64;
+        let cpu = samples.iter().map(|s| s.agent_cpu).sum::<f64>() / samples.len() as f64;
+        println!("{label:<36} {n:>7} {mean:>+9.1}% {se:>5.1}% {median:>+7.1}% {bpf:>10.0} {share:>10} {cpu:>7.1}%");
     }
-    println!("{:<34} {:>12} {:>12.0} {:>9}   < 1000 ns", "BPF run time per query (ns)", "", smean(&with_stats, |s| s.bpf_ns), "");
-    println!("{:<34} {:>12} {:>12.0}", "  same hooks, empty programs (ns)", "", smean(&noop, |s| s.bpf_ns));
-    println!("{:<34} {:>12} {:>11.1}%", "agent process CPU (% of a core)", "", smean(&with_stats, |s| s.agent_cpu));
-    let mut sorted = changes.clone();
-    sorted.sort_by(|x, y| x.total_cmp(y));
-    let pairs: Vec<String> = sorted.iter().map(|c| format!("{c:+.1}%")).collect();
-    println!("per-window changes, sorted: {}", pairs.join(" "));
+    println!("targets: QPS loss < 3%, BPF run time < 1000 ns per query. `agent`: the agent process's own CPU, % of one core.");
+    if let Some((_, _, _, _, _, without, with)) = rows.first() {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        println!("first row: {:.0} QPS without, {:.0} with (means of the windows)", mean(without), mean(with));
+    }
     Ok(())
 }
 
