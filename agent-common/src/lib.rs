@@ -47,6 +47,8 @@ pub const DROP_RINGBUF_FULL: u32 = 0;
 pub const DROP_CONNS_FULL: u32 = 1;
 /// A segment arrived (or left) after a gap in the sequence numbers the programs saw.
 pub const DROP_TCP_GAP: u32 = 2;
+/// The `reason` label of each DROPS counter, by index.
+pub const DROP_REASONS: [&str; 3] = ["ringbuf_full", "conns_map_full", "tcp_gap"];
 
 /// Most watched ports one agent handles (each has its block of [`OPS`] aggregates).
 pub const MAX_PORTS: usize = 32;

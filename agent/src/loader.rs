@@ -11,7 +11,7 @@ use aya::maps::{HashMap, MapData, PerCpuArray, RingBuf};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, TracePoint};
 use aya::{include_bytes_aligned, Btf, Ebpf, EbpfLoader};
 use breakwater_agent_common::{
-    ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_RINGBUF_FULL, GLOBAL_CLOCK_OFFSET, GLOBAL_SRTT_OFFSET, MAX_PORTS, OPS, OP_NAMES,
+    ConnState, Event, OpAgg, DROP_CONNS_FULL, DROP_REASONS, DROP_RINGBUF_FULL, DROP_TCP_GAP, GLOBAL_CLOCK_OFFSET, GLOBAL_SRTT_OFFSET, MAX_PORTS, OPS, OP_NAMES,
 };
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -239,11 +239,14 @@ pub fn load_noop(ports: &[u16], choice: Hooks) -> anyhow::Result<(Ebpf, String)>
     Ok((ebpf, "tp_btf:sock_recv_length,tp_btf:sock_send_length".into()))
 }
 
+/// Counts of what the kernel could not trace, by reason (agent-common's DROP_REASONS).
+pub type Drops = [u64; DROP_REASONS.len()];
+
 /// Events lost in the kernel: [ring buffer full, connection map full].
-pub fn read_drops(drops: &Arc<Mutex<PerCpuArray<MapData, u64>>>) -> [u64; 2] {
-    let Ok(d) = drops.lock() else { return [0, 0] };
+pub fn read_drops(drops: &Arc<Mutex<PerCpuArray<MapData, u64>>>) -> Drops {
+    let Ok(d) = drops.lock() else { return [0; DROP_REASONS.len()] };
     let sum = |i: u32| d.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-    [sum(DROP_RINGBUF_FULL), sum(DROP_CONNS_FULL)]
+    [sum(DROP_RINGBUF_FULL), sum(DROP_CONNS_FULL), sum(DROP_TCP_GAP)]
 }
 
 /// Every 250 ms: drain the ring buffer (connection events), then read the request

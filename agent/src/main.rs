@@ -191,7 +191,7 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         let stats = stats.clone();
         let host = host.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
-            let d = drops.as_ref().map(loader::read_drops).unwrap_or([0, 0]);
+            let d = drops.as_ref().map(loader::read_drops).unwrap_or_default();
             match stats.lock() {
                 Ok(s) => prometheus::render(&s, &d, &host),
                 Err(_) => String::new(),
@@ -226,7 +226,7 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let d = drops.as_ref().map(loader::read_drops).unwrap_or([0, 0]);
+                let d = drops.as_ref().map(loader::read_drops).unwrap_or_default();
                 let req = match stats.lock() {
                     Ok(s) => otlp::build_request(&s, &d, &host, start, otlp::now_ns()),
                     Err(_) => continue,

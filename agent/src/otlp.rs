@@ -95,7 +95,7 @@ impl Builder {
 }
 
 /// The whole cumulative state as one OTLP request.
-pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, now: u64) -> ExportMetricsServiceRequest {
+pub fn build_request(stats: &Stats, drops: &crate::loader::Drops, host: &str, start: u64, now: u64) -> ExportMetricsServiceRequest {
     let mut b = Builder { start, now, metrics: Vec::new() };
     let sys = || kv("db.system.name", "mysql");
     let port_attrs = |p: u16| vec![sys(), kv("server.port", p)];
@@ -134,7 +134,7 @@ pub fn build_request(stats: &Stats, drops: &[u64; 2], host: &str, start: u64, no
     b.sum("breakwater.agent.request.errors", "{request}", "Requests answered with a MySQL ERR packet.", true,
         stats.ops.iter().map(|((p, op), s)| (op_attrs(*p, op), s.errors)).collect());
     b.sum("breakwater.agent.dropped_events", "{event}", "Events lost because a fixed-size kernel map was full.", true,
-        vec![(vec![kv("reason", "ringbuf_full")], drops[0]), (vec![kv("reason", "conns_map_full")], drops[1])]);
+        breakwater_agent_common::DROP_REASONS.iter().zip(drops).map(|(r, n)| (vec![kv("reason", *r)], *n)).collect());
     // Histograms with explicit bounds (seconds); bucket i counts (bound[i-1], bound[i]].
     let conn_points = stats
         .ports

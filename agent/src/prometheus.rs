@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
+pub fn render(stats: &Stats, drops: &crate::loader::Drops, host: &str) -> String {
     let mut o = String::with_capacity(8192);
     let base = format!("db_system_name=\"mysql\",host_name=\"{host}\"");
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
@@ -96,8 +96,9 @@ pub fn render(stats: &Stats, drops: &[u64; 2], host: &str) -> String {
         }
     }
     family(&mut o, "breakwater_agent_dropped_events_total", "counter", "Events lost because a fixed-size kernel map was full.");
-    let _ = writeln!(o, "breakwater_agent_dropped_events_total{{{base},reason=\"ringbuf_full\"}} {}", drops[0]);
-    let _ = writeln!(o, "breakwater_agent_dropped_events_total{{{base},reason=\"conns_map_full\"}} {}", drops[1]);
+    for (reason, n) in breakwater_agent_common::DROP_REASONS.iter().zip(drops) {
+        let _ = writeln!(o, "breakwater_agent_dropped_events_total{{{base},reason=\"{reason}\"}} {n}");
+    }
     o
 }
 

@@ -426,6 +426,11 @@ fn counts_exactly(hooks: &str) {
     let retrans = get(&after, "breakwater_agent_tcp_retransmits_total", &[port]) - get(&before, "breakwater_agent_tcp_retransmits_total", &[port]);
     println!("retransmits counted: {retrans}\n{}", http_get(prom, "/metrics").unwrap_or_default().lines().filter(|l| l.contains("retransmits_total{")).collect::<Vec<_>>().join("\n"));
     assert!(retrans >= 1.0, "retransmits seen: {retrans}");
+    // The retransmitted response answered one request, counted once, and no bytes were
+    // missed on the way.
+    let d = |name: &str, labels: &[&str]| get(&after, name, labels) - get(&before, name, labels);
+    assert_eq!(d("breakwater_agent_peer_requests_total", &[peer, port]), 1.0, "one request despite the retransmits");
+    assert_eq!(d("breakwater_agent_dropped_events_total", &[]), 0.0);
 }
 
 /// The kernel's own count of retransmitted segments (/proc/net/snmp Tcp: RetransSegs).

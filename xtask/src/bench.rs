@@ -229,7 +229,7 @@ struct AgentSample {
 }
 
 const AGENT_ARGS: &[&str] = &["--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
-const NOOP_ARGS: &[&str] = &["--calibrate-noop", "--ports", "3307", "--prometheus-listen", "127.0.0.1:9435"];
+const NOOP_ARGS: &[&str] = &["--calibrate-noop", "--ports", "3307", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
 const TRACEPOINT_ARGS: &[&str] =
     &["--ports", "3307", "--hooks", "tracepoints", "--prometheus-listen", "127.0.0.1:9435", "--log-level", "warn"];
 
