@@ -254,6 +254,13 @@ pub fn down() -> Result<()> {
             }
         }
     }
+    // The nodes' cgroups, once empty (a cgroup with processes left is not removed).
+    if let Some(root) = cgroup2_root() {
+        for port in PORTS {
+            let _ = std::fs::remove_dir(root.join(format!("breakwater-lab/node{port}")));
+        }
+        let _ = std::fs::remove_dir(root.join("breakwater-lab"));
+    }
     Ok(())
 }
 
