@@ -187,13 +187,19 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cli.prometheus_listen))?;
     let drops = loaded.as_ref().map(|l| l.drops.clone());
+    let mode = match &loaded {
+        Some(l) if l.hooks.contains("cgroup_skb:") => "cgroup_skb",
+        Some(l) if l.hooks.contains("sock_recv_length") => "tracepoints",
+        Some(_) => "connections_only",
+        None => "procfs",
+    };
     {
         let stats = stats.clone();
         let host = host.clone();
         let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
             let d = drops.as_ref().map(loader::read_drops).unwrap_or_default();
             match stats.lock() {
-                Ok(s) => prometheus::render(&s, &d, &host),
+                Ok(s) => prometheus::render(&s, &d, &host, mode),
                 Err(_) => String::new(),
             }
         });

@@ -8,12 +8,16 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-pub fn render(stats: &Stats, drops: &crate::loader::Drops, host: &str) -> String {
+/// `hooks`: what sees the servers' bytes (cgroup_skb, tracepoints, or procfs when nothing
+/// per request is measured).
+pub fn render(stats: &Stats, drops: &crate::loader::Drops, host: &str, hooks: &str) -> String {
     let mut o = String::with_capacity(8192);
     let base = format!("db_system_name=\"mysql\",host_name=\"{host}\"");
     let family = |o: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
+    family(&mut o, "breakwater_agent_hooks_info", "gauge", "The hooks the agent measures with (1): cgroup_skb, tracepoints or procfs.");
+    let _ = writeln!(o, "breakwater_agent_hooks_info{{{base},hooks=\"{hooks}\"}} 1");
     family(&mut o, "breakwater_agent_connections_opened_total", "counter", "Connections accepted on a watched MySQL port.");
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_connections_opened_total{{{base},server_port=\"{port}\"}} {}", p.opened);

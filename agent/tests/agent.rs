@@ -267,6 +267,8 @@ fn counts_exactly(hooks: &str) {
     let _agent = Agent(child);
     wait_healthy(prom);
     let before = scrape(prom);
+    let mode = if hooks == "cgroup" { "cgroup_skb" } else { "tracepoints" };
+    assert_eq!(get(&before, "breakwater_agent_hooks_info", &[&format!("hooks=\"{mode}\"")]), 1.0, "measuring with {mode}");
 
     const CONNS: usize = 4;
     let mut errors = 0;
