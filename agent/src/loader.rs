@@ -259,6 +259,8 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
     let conns = loaded.conns.take().ok_or_else(|| anyhow!("connection map already taken"))?;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     let mut batch = Vec::with_capacity(4096);
+    let on_segments = loaded.hooks.contains("cgroup_skb:");
+    let mut blind = BlindSpot::default();
     loop {
         tick.tick().await;
         if let Some(l) = loaded.logger.as_mut() {
@@ -271,6 +273,9 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
                 batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Event) });
             }
         }
+        if on_segments {
+            blind.check(&batch);
+        }
         let ops = read_aggregates(&agg, &loaded.ports);
         let live: Vec<(u64, ConnState)> = conns.iter().filter_map(Result::ok).collect();
         if let Ok(mut s) = stats.lock() {
@@ -278,6 +283,37 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
                 s.record(ev);
             }
             s.refresh(ops, live.into_iter());
+        }
+    }
+}
+
+/// Tells when the cgroup_skb programs do not see a port's connections: a MySQL server sends
+/// a greeting on every connection it accepts, so connections that close with no byte seen
+/// at all, and none with bytes, mean the server's sockets are in a cgroup the programs are
+/// not attached to (the server was moved after it started listening). Said once per port.
+#[derive(Default)]
+struct BlindSpot {
+    /// Per port: (connections closed with no byte seen, some connection had bytes, said).
+    ports: std::collections::HashMap<u16, (u32, bool, bool)>,
+}
+
+impl BlindSpot {
+    fn check(&mut self, events: &[Event]) {
+        for ev in events.iter().filter(|e| e.kind == breakwater_agent_common::EVENT_CLOSE) {
+            let (silent, seen, said) = self.ports.entry(ev.port).or_default();
+            if ev.bytes_in + ev.bytes_out > 0 {
+                *seen = true;
+            } else {
+                *silent += 1;
+            }
+            if *silent >= 3 && !*seen && !*said {
+                *said = true;
+                tracing::warn!(
+                    port = ev.port,
+                    connections = *silent,
+                    "the cgroup_skb programs see no bytes on this port's connections: the server's sockets are in another cgroup (was it moved after it started listening?); run the agent with --hooks tracepoints"
+                );
+            }
         }
     }
 }

@@ -573,3 +573,57 @@ fn bad_config_one_clear_error_line() {
     assert!(stderr.contains("invalid configuration") && stderr.contains("portz"), "{stderr}");
     let _ = std::fs::remove_file(cfg);
 }
+
+/// A server moved to another cgroup after it started listening keeps its sockets in the old
+/// one, where the cgroup_skb programs are not attached: the agent says so (a MySQL server
+/// greets every connection, so connections with no byte seen give it away).
+#[test]
+fn cgroup_blind_spot_is_reported() {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let root = info
+        .lines()
+        .find_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(str::to_string))?
+        })
+        .expect("cgroup v2 mounted");
+    let moved = std::path::PathBuf::from(root).join(format!("breakwater-test-moved-{}", std::process::id()));
+    std::fs::create_dir_all(&moved).unwrap();
+    // A greeting server: listens first, is moved after.
+    let port = free_port();
+    let script = format!(
+        "import socket,sys\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+         s.bind(('127.0.0.1',{port}));s.listen(16);print('ready',flush=True)\n\
+         while True:\n c,_=s.accept();c.sendall(b'\\x0a\\x00\\x00\\x00\\x0agreeting');c.close()\n"
+    );
+    let mut server = Command::new("python3").args(["-c", &script]).stdout(Stdio::piped()).spawn().expect("python3");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    std::fs::write(moved.join("cgroup.procs"), server.id().to_string()).unwrap();
+    let server = Agent(server);
+
+    let prom = free_port();
+    let log = std::env::temp_dir().join(format!("bw-agent-blind-{}.log", std::process::id()));
+    let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
+        .args(["--ports", &port.to_string(), "--hooks", "cgroup", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Agent(child);
+    wait_healthy(prom);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut greeting = Vec::new();
+        let _ = s.read_to_end(&mut greeting);
+        assert!(greeting.ends_with(b"greeting"));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    drop(agent);
+    drop(server);
+    let _ = std::fs::remove_dir(&moved);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    assert!(text.contains(&format!("in /{}", moved.file_name().unwrap().to_string_lossy())), "attached to the server's cgroup now: {text}");
+    assert!(text.contains("the cgroup_skb programs see no bytes on this port's connections"), "{text}");
+}
