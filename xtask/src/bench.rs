@@ -240,14 +240,17 @@ fn start_agent(bin: &std::path::Path, args: &[&str]) -> Result<Proxy> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let agent = Proxy(child);
-    // The agent listens on 9435 once its programs are attached.
-    for _ in 0..500 {
+    // The agent listens on 9435 once its programs are attached. Loading them (BTF, the
+    // verifier) takes about 150 ms of CPU, many times that while sysbench saturates both
+    // cores.
+    let t = std::time::Instant::now();
+    while t.elapsed() < Duration::from_secs(30) {
         if std::net::TcpStream::connect(("127.0.0.1", 9435)).is_ok() {
             return Ok(agent);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    bail!("the agent did not come up on 9435")
+    bail!("the agent did not come up on 9435 within 30 s")
 }
 
 fn agent_sample(bin: &std::path::Path, agent_args: &[&str], secs: u32) -> Result<AgentSample> {
