@@ -61,12 +61,12 @@ pub enum Hooks {
     Tracepoints,
 }
 
-/// Attach the segment programs to the cgroups of the servers on `ports`; a description of
-/// where, for the log.
-fn attach_cgroup_skb(ebpf: &mut Ebpf, ports: &[u16]) -> anyhow::Result<String> {
+/// Attach the segment programs `ingress` and `egress` to the cgroups of the servers on
+/// `ports`; a description of where, for the log.
+fn attach_cgroup_skb(ebpf: &mut Ebpf, ports: &[u16], ingress: &str, egress: &str) -> anyhow::Result<String> {
     let cgroups = crate::cgroup::server_cgroups(ports)?;
     let mut names = Vec::new();
-    for (prog, kind) in [("mysql_ingress", CgroupSkbAttachType::Ingress), ("mysql_egress", CgroupSkbAttachType::Egress)] {
+    for (prog, kind) in [(ingress, CgroupSkbAttachType::Ingress), (egress, CgroupSkbAttachType::Egress)] {
         let p: &mut CgroupSkb = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing"))?.try_into()?;
         p.load().with_context(|| format!("loading {prog}"))?;
         for (dir, _) in &cgroups {
@@ -116,7 +116,7 @@ pub fn load(ports: &[u16], max_connections: u32, choice: Hooks) -> anyhow::Resul
     hooks.push("sock:inet_sock_set_state".to_string());
     let mut on_segments = false;
     if choice != Hooks::Tracepoints {
-        match attach_cgroup_skb(&mut ebpf, &ports) {
+        match attach_cgroup_skb(&mut ebpf, &ports, "mysql_ingress", "mysql_egress") {
             Ok(desc) => {
                 hooks.push(desc);
                 on_segments = true;
@@ -218,16 +218,8 @@ pub fn load_noop(ports: &[u16], choice: Hooks) -> anyhow::Result<(Ebpf, String)>
     let mut ebpf = Ebpf::load(include_bytes_aligned!(concat!(env!("OUT_DIR"), "/breakwater-agent-ebpf.o")))
         .context("loading the eBPF object into the kernel (is BPF enabled?)")?;
     if choice != Hooks::Tracepoints {
-        let cgroups = crate::cgroup::server_cgroups(ports)?;
-        for (prog, kind) in [("ingress_noop", CgroupSkbAttachType::Ingress), ("egress_noop", CgroupSkbAttachType::Egress)] {
-            let p: &mut CgroupSkb = ebpf.program_mut(prog).ok_or_else(|| anyhow!("program {prog} missing"))?.try_into()?;
-            p.load()?;
-            for (dir, _) in &cgroups {
-                p.attach(std::fs::File::open(dir)?, kind, CgroupAttachMode::Single)?;
-            }
-        }
-        let names: Vec<String> = cgroups.iter().map(|(d, _)| format!("cgroup_skb:{}", d.display())).collect();
-        return Ok((ebpf, names.join(",")));
+        let hooks = attach_cgroup_skb(&mut ebpf, ports, "ingress_noop", "egress_noop")?;
+        return Ok((ebpf, hooks));
     }
     let btf = Btf::from_sys_fs().context("reading the kernel's BTF")?;
     for name in ["sock_recv_length", "sock_send_length"] {
