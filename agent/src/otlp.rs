@@ -14,7 +14,6 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use prost::Message;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn kv(k: &str, v: impl Into<AttrValue>) -> KeyValue {
     let value = match v.into() {
@@ -207,34 +206,5 @@ pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest) -> Resu
 
 /// Send over OTLP/HTTP with a protobuf body (plain http:// only).
 pub async fn send_http(url: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
-    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported for OTLP/HTTP")?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/v1/metrics"),
-    };
-    let body = req.encode_to_vec();
-    // Connect, send and read under one deadline: a collector that never answers the SYN
-    // must not hold the export loop for the kernel's connect timeout.
-    let exchange = async {
-        let mut s = tokio::net::TcpStream::connect(hostport).await?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).await?;
-        s.write_all(&body).await?;
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp).await?;
-        Ok::<_, std::io::Error>(resp)
-    };
-    let resp = tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .map_err(|_| "timed out".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = String::from_utf8_lossy(resp.split(|b| *b == b'\n').next().unwrap_or(&[])).to_string();
-    if status.contains(" 200") || status.contains(" 202") {
-        Ok(())
-    } else {
-        Err(format!("collector answered {}", status.trim()))
-    }
+    breakwater_otlp_http::post_protobuf(url, "/v1/metrics", &req.encode_to_vec(), Duration::from_secs(10)).await
 }

@@ -24,7 +24,6 @@ use prost::Message;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tracing::warn;
 
@@ -345,27 +344,5 @@ async fn send_grpc(
 
 /// POST a protobuf body to a plain http:// URL.
 async fn send_http(url: &str, body: Vec<u8>) -> Result<(), String> {
-    let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported for OTLP/HTTP")?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let fut = async {
-        let mut st = tokio::net::TcpStream::connect(hostport).await.map_err(|e| e.to_string())?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        st.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
-        st.write_all(&body).await.map_err(|e| e.to_string())?;
-        let mut resp = Vec::new();
-        st.read_to_end(&mut resp).await.map_err(|e| e.to_string())?;
-        let line = String::from_utf8_lossy(resp.split(|b| *b == b'\n').next().unwrap_or(&[])).to_string();
-        if line.contains(" 200") || line.contains(" 202") {
-            Ok(())
-        } else {
-            Err(format!("collector answered {}", line.trim()))
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), fut).await.map_err(|_| "timed out".to_string())?
+    breakwater_otlp_http::post_protobuf(url, "/", &body, Duration::from_secs(10)).await
 }
