@@ -39,20 +39,9 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 /// Inodes of the sockets listening on `port` (IPv4 and IPv6).
 fn listening_inodes(port: u16) -> BTreeSet<u64> {
     let mut out = BTreeSet::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
         let Ok(text) = std::fs::read_to_string(file) else { continue };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || f[3] != "0A" {
-                continue; // 0A = TCP_LISTEN
-            }
-            let lport = f[1].rsplit_once(':').and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if lport == Some(port) {
-                if let Ok(inode) = f[9].parse::<u64>() {
-                    out.insert(inode);
-                }
-            }
-        }
+        out.extend(crate::procfs::sockets(&text, v6, crate::procfs::TCP_LISTEN, &[port]).iter().map(|k| k.3));
     }
     out
 }

@@ -28,6 +28,9 @@ pub struct Loaded {
     logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     pub drops: Arc<Mutex<PerCpuArray<MapData, u64>>>,
     pub hooks: String,
+    /// What sees the servers' bytes: "cgroup_skb", "tracepoints", or "connections_only"
+    /// when neither attached (breakwater_agent_hooks_info).
+    pub mode: &'static str,
 }
 
 fn ensure_tracefs() -> anyhow::Result<()> {
@@ -114,19 +117,19 @@ pub fn load(ports: &[u16], max_connections: u32, choice: Hooks) -> anyhow::Resul
     state.load()?;
     state.attach("sock", "inet_sock_set_state").context("attaching tracepoint sock:inet_sock_set_state")?;
     hooks.push("sock:inet_sock_set_state".to_string());
-    let mut on_segments = false;
+    let mut mode = "connections_only";
     if choice != Hooks::Tracepoints {
         match attach_cgroup_skb(&mut ebpf, &ports, "mysql_ingress", "mysql_egress") {
             Ok(desc) => {
                 hooks.push(desc);
-                on_segments = true;
+                mode = "cgroup_skb";
             }
             Err(e) if choice == Hooks::Cgroup => return Err(e.context("cgroup_skb hooks (--hooks cgroup)")),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "cgroup_skb hooks unavailable: using the recv/send tracepoints, which run for every socket on the host"),
         }
     }
-    if !on_segments {
-        attach_tracepoints(&mut ebpf, &mut hooks)?;
+    if mode != "cgroup_skb" && attach_tracepoints(&mut ebpf, &mut hooks)? {
+        mode = "tracepoints";
     }
     let retrans: &mut TracePoint =
         ebpf.program_mut("tcp_retransmit_skb").ok_or_else(|| anyhow!("program tcp_retransmit_skb missing"))?.try_into()?;
@@ -152,11 +155,14 @@ pub fn load(ports: &[u16], max_connections: u32, choice: Hooks) -> anyhow::Resul
         logger,
         drops: Arc::new(Mutex::new(drops)),
         hooks: hooks.join(","),
+        mode,
     })
 }
 
 /// The recv/send tracepoints: BTF ones where the kernel allows, else the classic ones.
-fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Result<()> {
+/// Whether both attached.
+fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Result<bool> {
+    let mut attached = 0;
     let btf = Btf::from_sys_fs().ok();
     for name in ["sock_recv_length", "sock_send_length"] {
         // Prefer the BTF tracepoint (cheaper); fall back to the classic one.
@@ -169,6 +175,7 @@ fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Resul
             match prog.load(name, btf).map_err(anyhow::Error::from).and_then(|_| prog.attach().map_err(anyhow::Error::from)) {
                 Ok(_) => {
                     hooks.push(format!("tp_btf:{name}"));
+                    attached += 1;
                     continue;
                 }
                 Err(e) => btf_err = Some(e),
@@ -176,7 +183,10 @@ fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Resul
         }
         let prog: &mut TracePoint = ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing"))?.try_into()?;
         match prog.load().map_err(anyhow::Error::from).and_then(|_| prog.attach("sock", name).map_err(anyhow::Error::from)) {
-            Ok(_) => hooks.push(format!("sock:{name}")),
+            Ok(_) => {
+                hooks.push(format!("sock:{name}"));
+                attached += 1;
+            }
             Err(e) => tracing::warn!(
                 hook = name,
                 error = %e,
@@ -185,7 +195,7 @@ fn attach_tracepoints(ebpf: &mut Ebpf, hooks: &mut Vec<String>) -> anyhow::Resul
             ),
         }
     }
-    Ok(())
+    Ok(attached == 2)
 }
 
 /// Offsets in `struct tcp_sock` (which depend on the kernel's version and configuration),
@@ -251,7 +261,7 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
     let conns = loaded.conns.take().ok_or_else(|| anyhow!("connection map already taken"))?;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     let mut batch = Vec::with_capacity(4096);
-    let on_segments = loaded.hooks.contains("cgroup_skb:");
+    let on_segments = loaded.mode == "cgroup_skb";
     let mut blind = BlindSpot::default();
     loop {
         tick.tick().await;

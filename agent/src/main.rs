@@ -187,12 +187,7 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cli.prometheus_listen))?;
     let drops = loaded.as_ref().map(|l| l.drops.clone());
-    let mode = match &loaded {
-        Some(l) if l.hooks.contains("cgroup_skb:") => "cgroup_skb",
-        Some(l) if l.hooks.contains("sock_recv_length") => "tracepoints",
-        Some(_) => "connections_only",
-        None => "procfs",
-    };
+    let mode = loaded.as_ref().map_or("procfs", |l| l.mode);
     {
         let stats = stats.clone();
         let host = host.clone();

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// (local port, remote address as IPv6-mapped bytes, remote port, inode)
-type Key = (u16, [u8; 16], u16, u64);
+pub type Key = (u16, [u8; 16], u16, u64);
 
 fn parse_addr(s: &str, v6: bool) -> Option<([u8; 16], u16)> {
     let (ip, port) = s.split_once(':')?;
@@ -31,13 +31,17 @@ fn parse_addr(s: &str, v6: bool) -> Option<([u8; 16], u16)> {
     Some((out, port))
 }
 
-/// Established connections on `ports` from one /proc/net/tcp* text.
-pub fn established(text: &str, v6: bool, ports: &[u16]) -> Vec<Key> {
+/// /proc/net/tcp* socket states.
+pub const TCP_ESTABLISHED: &str = "01";
+pub const TCP_LISTEN: &str = "0A";
+
+/// Sockets in `state` on local `ports`, from one /proc/net/tcp* text.
+pub fn sockets(text: &str, v6: bool, state: &str, ports: &[u16]) -> Vec<Key> {
     let mut out = Vec::new();
     for line in text.lines().skip(1) {
         let f: Vec<&str> = line.split_whitespace().collect();
-        if f.len() < 10 || f[3] != "01" {
-            continue; // 01 = TCP_ESTABLISHED
+        if f.len() < 10 || f[3] != state {
+            continue;
         }
         let (Some((_, lport)), Some((raddr, rport))) = (parse_addr(f[1], v6), parse_addr(f[2], v6)) else { continue };
         if !ports.contains(&lport) {
@@ -47,6 +51,11 @@ pub fn established(text: &str, v6: bool, ports: &[u16]) -> Vec<Key> {
         out.push((lport, raddr, rport, inode));
     }
     out
+}
+
+/// Established connections on `ports` from one /proc/net/tcp* text.
+pub fn established(text: &str, v6: bool, ports: &[u16]) -> Vec<Key> {
+    sockets(text, v6, TCP_ESTABLISHED, ports)
 }
 
 fn event(kind: u32, k: &Key, value_ns: u64) -> Event {
@@ -110,7 +119,7 @@ pub async fn poll(ports: Vec<u16>, stats: Shared, every: Duration) {
 
 #[cfg(test)]
 mod tests {
-    use super::established;
+    use super::{established, sockets, TCP_LISTEN};
 
     #[test]
     fn parses_proc_net_tcp() {
@@ -123,5 +132,7 @@ mod tests {
         let (lport, raddr, rport, inode) = got[0];
         assert_eq!((lport, rport, inode), (3307, 0x9c40, 12345));
         assert_eq!(&raddr[12..], &[127, 0, 0, 55]);
+        let listening = sockets(text, false, TCP_LISTEN, &[3307]);
+        assert_eq!(listening.iter().map(|k| k.3).collect::<Vec<_>>(), vec![999], "the listener's inode");
     }
 }

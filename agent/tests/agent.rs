@@ -579,15 +579,8 @@ fn bad_config_one_clear_error_line() {
 /// greets every connection, so connections with no byte seen give it away).
 #[test]
 fn cgroup_blind_spot_is_reported() {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let root = info
-        .lines()
-        .find_map(|l| {
-            let (left, right) = l.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2").then(|| left.split_whitespace().nth(4).map(str::to_string))?
-        })
-        .expect("cgroup v2 mounted");
-    let moved = std::path::PathBuf::from(root).join(format!("breakwater-test-moved-{}", std::process::id()));
+    let root = breakwater_testkit::cgroup2_root().expect("cgroup v2 mounted");
+    let moved = root.join(format!("breakwater-test-moved-{}", std::process::id()));
     std::fs::create_dir_all(&moved).unwrap();
     // A greeting server: listens first, is moved after.
     let port = free_port();
