@@ -66,18 +66,6 @@ fn node_ready(port: u16) -> bool {
     node_pid(port).is_some() && sql(port, "SELECT 1").is_ok()
 }
 
-/// Where cgroup v2 is mounted (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts).
-fn cgroup2_root() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        if right.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        left.split_whitespace().nth(4).map(PathBuf::from)
-    })
-}
-
 /// The exact command line of a node, also written to its start.sh. Each node runs in its
 /// own cgroup (breakwater-lab/node<port>), as a systemd service would: the agent attaches
 /// its programs there, so they see the servers' sockets and not the clients'.
@@ -85,7 +73,7 @@ fn start_script(port: u16, primary: bool) -> String {
     let dir = node_dir(port);
     let d = dir.display();
     let server_id = port as u32 - 3300;
-    let cgroup = match cgroup2_root() {
+    let cgroup = match crate::cgroup2::cgroup2_root() {
         Some(root) => {
             let cg = root.join(format!("breakwater-lab/node{port}"));
             format!("(mkdir -p {cg} && echo $$ > {cg}/cgroup.procs) 2>/dev/null || true\n", cg = cg.display())
@@ -255,7 +243,7 @@ pub fn down() -> Result<()> {
         }
     }
     // The nodes' cgroups, once empty (a cgroup with processes left is not removed).
-    if let Some(root) = cgroup2_root() {
+    if let Some(root) = crate::cgroup2::cgroup2_root() {
         for port in PORTS {
             let _ = std::fs::remove_dir(root.join(format!("breakwater-lab/node{port}")));
         }

@@ -8,6 +8,9 @@
 //! - `drill failover`  kill -9 the lab's primary under a writer loop through the proxy; print the timeline
 
 mod bench;
+/// Shared with the tests (testkit): one definition of where cgroup v2 is mounted.
+#[path = "../../testkit/src/cgroup2.rs"]
+mod cgroup2;
 mod deps;
 mod lab;
 mod proc;
