@@ -1066,6 +1066,16 @@ async fn temporary_access_expires_and_cleans_up() {
     let started = Instant::now();
     let p = Proxy::start(&["--admin-db", &db]);
     wait_for_accounts(&bob_account, 0, Duration::from_secs(10)).await;
+    // The proxy records an ending once it is complete (account dropped, running statements
+    // killed on every server, store updated), a moment after the DROP replicated: wait for
+    // it before this proxy is stopped below. (Stopped in between, the next start ends the
+    // still-active grant again and records it then.)
+    let audit_path = format!("{db}.audit.jsonl");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&audit_path).unwrap_or_default().lines().any(|l| l.contains("\"event\":\"expired\"") && l.contains("\"user\":\"bob\"")) {
+        assert!(t.elapsed() < Duration::from_secs(10), "bob's expiry not recorded in the audit log");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     println!("grant expired during a proxy crash: removed {:?} after the restart", started.elapsed());
 
     // 3. Orphans: an account with this store's marker that nobody granted goes; unmarked
