@@ -272,6 +272,10 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     pub shutdown_drain_ms: u64,
     pub retry_reads: bool,
+    /// ProxySQL's query_digests_max_query_length: a statement is lexed, digested and
+    /// matched against the query rules on its first this many bytes only (it is still
+    /// forwarded whole, without copies of its size).
+    pub query_digests_max_query_length: usize,
 }
 
 impl Default for ProxyConfig {
@@ -289,6 +293,7 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 2000,
             shutdown_drain_ms: 10_000,
             retry_reads: true,
+            query_digests_max_query_length: 65_000,
         }
     }
 }

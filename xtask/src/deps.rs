@@ -17,7 +17,37 @@ const NEEDED: &[(&str, &str)] = &[
 
 pub fn ensure() -> Result<()> {
     ensure_packages()?;
+    ensure_python_client()?;
     ensure_ebpf_toolchain()
+}
+
+/// mysql-connector-python (pure Python), the independent client of the data-path tests
+/// (proxy/tests/clients.rs): it speaks the protocol its own way and finds what the mariadb
+/// CLI and mysql_async hide.
+const PY_CLIENT: &str = "mysql-connector-python==9.1.0";
+
+fn ensure_python_client() -> Result<()> {
+    let have = Command::new("python3")
+        .args(["-c", "import mysql.connector, sys; sys.exit(0 if mysql.connector.__version__ == '9.1.0' else 1)"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if have {
+        return Ok(());
+    }
+    if !proc::have("python3") {
+        apt_get(&["update", "-qq"])?;
+        apt_get(&["install", "-y", "-qq", "--no-install-recommends", "python3", "python3-pip"])?;
+    }
+    println!("xtask: installing {PY_CLIENT} (pip)");
+    let mut cmd = Command::new("python3");
+    cmd.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", PY_CLIENT]);
+    if proc::run_inherit(&mut cmd).is_err() {
+        // Debian's own python3 refuses pip installs into the system (PEP 668) unless told.
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "--break-system-packages", PY_CLIENT]);
+        proc::run_inherit(&mut cmd)?;
+    }
+    Ok(())
 }
 
 fn ensure_packages() -> Result<()> {

@@ -37,7 +37,7 @@ fn run_tests(extra: &[&str]) -> Result<()> {
     // One build of everything, debug.
     proc::cargo(&["build", "--workspace", "--all-targets"])?;
     let mut shared = vec!["test", "--workspace"];
-    shared.extend_from_slice(&["--lib", "--bins", "--test", "e2e"]);
+    shared.extend_from_slice(&["--lib", "--bins", "--test", "e2e", "--test", "clients"]);
     shared.push("--");
     shared.extend_from_slice(extra);
     proc::cargo(&shared)?;

@@ -13,12 +13,19 @@ use super::stream::{BackendRead, BackendWrite};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::OwnedSemaphorePermit;
 
-/// Connections are shared between clients that log in to backends the same way.
+/// Connections are shared between clients that log in to backends the same way: the same
+/// backend user and the capabilities that change what the server answers (CLIENT_FOUND_ROWS
+/// changes affected-row counts; without CLIENT_MULTI_RESULTS / PS_MULTI_RESULTS a server
+/// refuses a CALL that returns result sets, as it must for such a client).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ConnKey {
     pub user: Arc<str>,
-    pub found_rows: bool,
+    /// The client's FOUND_ROWS, MULTI_RESULTS and PS_MULTI_RESULTS bits ([`KEY_CAPS`]).
+    pub caps: u32,
 }
+
+/// The client capabilities that become part of a backend connection's key.
+pub const KEY_CAPS: u32 = caps::FOUND_ROWS | caps::MULTI_RESULTS | caps::PS_MULTI_RESULTS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -47,6 +54,15 @@ pub enum ForwardError {
     Client(std::io::Error),
 }
 
+/// Protocol-level state a connection must match before a client's command runs on it.
+#[derive(Debug, Clone, Copy)]
+pub struct SyncExtra {
+    /// The client's CLIENT_MULTI_STATEMENTS, as changed by COM_SET_OPTION.
+    pub multi_statements: bool,
+    /// The client's LAST_INSERT_ID(), when the command reads it.
+    pub last_insert_id: Option<u64>,
+}
+
 /// A statement prepared on this backend connection.
 #[derive(Debug, Clone)]
 pub struct BackendStmt {
@@ -59,6 +75,29 @@ pub struct BackendStmt {
 /// Most statements one connection keeps prepared before it closes the oldest.
 const MAX_STMTS_PER_CONN: usize = 512;
 
+/// A statement prepared on a backend connection is reused only for the same text in the
+/// same context: a server resolves table names in the schema the statement was prepared in,
+/// and parses it under that sql_mode (ANSI_QUOTES turns "v" from a string into a column)
+/// and character set. The context is a hash of the connection's whole replayed state at
+/// prepare time (schema, character set, collation, every session variable): a statement
+/// is shared only between clients for whom it means the same.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct StmtKey {
+    pub sql: Arc<str>,
+    pub context: u64,
+}
+
+/// The context a statement is prepared in (see [`StmtKey`]).
+pub fn prepare_context(v: &SessionVars) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0x5eed).build_hasher();
+    v.schema.hash(&mut h);
+    v.charset.hash(&mut h);
+    v.collation.hash(&mut h);
+    v.vars.hash(&mut h);
+    h.finish()
+}
+
 pub struct BackendConn {
     rd: PacketReader<BackendRead>,
     wr: PacketWriter<BackendWrite>,
@@ -69,13 +108,18 @@ pub struct BackendConn {
     pub vars: SessionVars,
     /// Status flags of the last OK/EOF.
     pub status: u16,
-    /// Statements prepared here, by SQL text.
-    pub stmts: HashMap<Arc<str>, BackendStmt>,
+    /// Statements prepared here, by SQL text and the context they were prepared in.
+    pub stmts: HashMap<StmtKey, BackendStmt>,
     /// The connection cannot be trusted any more (I/O error, half-read response).
     pub broken: bool,
     /// Holds state the pool cannot reset by itself (temporary tables, user variables, locks).
     pub dirty: bool,
     pub last_used: Instant,
+    /// Whether the server runs multi-statement queries on this connection (COM_SET_OPTION).
+    pub multi_statements: bool,
+    /// LAST_INSERT_ID() on this connection: what its last id-generating statement reported
+    /// (or what the proxy set).
+    pub last_insert_id: u64,
     scratch: Vec<u8>,
     _permit: OwnedSemaphorePermit,
 }
@@ -131,10 +175,7 @@ impl BackendConn {
             });
         }
         let greeting = handshake::parse_greeting(&buf).ok_or_else(|| BackendError::Protocol(addr.to_string()))?;
-        let mut c = caps::PROXY_BACKEND;
-        if key.found_rows {
-            c |= caps::FOUND_ROWS;
-        }
+        let c = (caps::PROXY_BACKEND & !(caps::MULTI_RESULTS | caps::PS_MULTI_RESULTS)) | (key.caps & KEY_CAPS);
         let (plugin, token) = login_token(&greeting.plugin, password, &greeting.scramble);
         let resp = handshake::handshake_response(c, charset::BACKEND_COLLATION, &key.user, &token, None, plugin);
         wr.push(seq.wrapping_add(1), &resp);
@@ -189,6 +230,8 @@ impl BackendConn {
             broken: false,
             dirty: false,
             last_used: Instant::now(),
+            multi_statements: true,
+            last_insert_id: 0,
             scratch: Vec::new(),
             _permit: permit,
         })
@@ -251,8 +294,20 @@ impl BackendConn {
         }
     }
 
-    /// Bring this connection's schema, character set and variables to the client's.
-    pub async fn sync(&mut self, target: &SessionVars) -> Result<(), BackendError> {
+    /// Bring this connection's schema, character set, variables and protocol options to the
+    /// client's.
+    pub async fn sync(&mut self, target: &SessionVars, extra: &SyncExtra) -> Result<(), BackendError> {
+        if extra.multi_statements != self.multi_statements {
+            self.set_multi_statements(extra.multi_statements).await?;
+        }
+        if let Some(id) = extra.last_insert_id {
+            if id != self.last_insert_id {
+                // `SET last_insert_id` is what LAST_INSERT_ID() returns next (MySQL and
+                // MariaDB): the statement then sees this client's id, not the last user's.
+                self.query_discard(&format!("SET last_insert_id = {id}")).await?;
+                self.last_insert_id = id;
+            }
+        }
         if target.schema != self.vars.schema {
             if let Some(db) = &target.schema {
                 let mut p = vec![cmd::INIT_DB];
@@ -275,9 +330,100 @@ impl BackendConn {
         Ok(())
     }
 
-    /// Make sure `sql` is prepared here; returns the backend statement.
+    /// The key of `sql` prepared in this connection's current state.
+    pub fn stmt_key(&self, sql: &Arc<str>) -> StmtKey {
+        StmtKey { sql: sql.clone(), context: prepare_context(&self.vars) }
+    }
+
+    /// `sql` as prepared here in the connection's current state.
+    pub fn stmt(&self, sql: &Arc<str>) -> Option<&BackendStmt> {
+        self.stmts.get(&self.stmt_key(sql))
+    }
+
+    pub fn stmt_mut(&mut self, sql: &Arc<str>) -> Option<&mut BackendStmt> {
+        let k = self.stmt_key(sql);
+        self.stmts.get_mut(&k)
+    }
+
+    /// COM_SET_OPTION: multi-statements on or off, as the client has them. The server answers
+    /// with an EOF packet (or an error).
+    pub async fn set_multi_statements(&mut self, on: bool) -> Result<(), BackendError> {
+        let opt: u16 = if on { 0 } else { 1 };
+        self.wr.push(0, &[cmd::SET_OPTION, opt as u8, (opt >> 8) as u8]);
+        if let Err(e) = self.wr.flush().await {
+            return Err(self.lost(e.into()));
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let r = self.rd.read_raw_into(&mut scratch).await;
+        let first = scratch.get(4).copied();
+        let err = if first == Some(0xff) { codec::parse_err(&scratch[4..]) } else { None };
+        self.scratch = scratch;
+        match r {
+            Err(e) => Err(self.lost(e)),
+            Ok(_) => match err {
+                Some(e) => Err(BackendError::Sql(e)),
+                None => {
+                    self.multi_statements = on;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Run a query whose answer is one unsigned number (first column of the first row).
+    pub async fn query_u64(&mut self, sql: &str) -> Result<Option<u64>, BackendError> {
+        let mut p = Vec::with_capacity(sql.len() + 1);
+        p.push(cmd::QUERY);
+        p.extend_from_slice(sql.as_bytes());
+        self.wr.push(0, &p);
+        if let Err(e) = self.wr.flush().await {
+            return Err(self.lost(e.into()));
+        }
+        let mut w = Walker::new(Kind::ResultSet);
+        let mut value = None;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut packets = 0u32;
+        let mut columns = None;
+        loop {
+            scratch.clear();
+            if let Err(e) = self.rd.read_raw_into(&mut scratch).await {
+                self.scratch = scratch;
+                return Err(self.lost(e));
+            }
+            let payload = &scratch[4..];
+            packets += 1;
+            if packets == 1 {
+                let mut pos = 0;
+                columns = codec::read_lenenc(payload, &mut pos);
+            } else if let Some(n) = columns {
+                // count, n definitions, EOF, then the first row.
+                if packets as u64 == n + 3 && value.is_none() && payload.first() != Some(&0xfe) {
+                    let mut pos = 0;
+                    value = codec::read_lenenc_str(payload, &mut pos)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                }
+            }
+            if w.feed(payload) {
+                break;
+            }
+        }
+        self.scratch = scratch;
+        if let Some(st) = w.status {
+            self.status = st;
+        }
+        match w.error {
+            Some(e) => Err(BackendError::Sql(e)),
+            None => Ok(value),
+        }
+    }
+
+    /// Make sure `sql` is prepared here in the connection's current state (the caller has
+    /// synced it to the client's); returns the backend statement id.
     pub async fn ensure_prepared(&mut self, sql: &Arc<str>) -> Result<u32, BackendError> {
-        if let Some(s) = self.stmts.get(sql) {
+        let key = self.stmt_key(sql);
+        if let Some(s) = self.stmts.get(&key) {
             return Ok(s.id);
         }
         if self.stmts.len() >= MAX_STMTS_PER_CONN {
@@ -290,7 +436,7 @@ impl BackendConn {
         match (w.prepare, w.error) {
             (Some(ok), _) => {
                 let s = BackendStmt { id: ok.statement_id, params: ok.params, types: None };
-                self.stmts.insert(sql.clone(), s);
+                self.stmts.insert(key, s);
                 Ok(ok.statement_id)
             }
             (None, Some(e)) => Err(BackendError::Sql(e)),
@@ -301,7 +447,8 @@ impl BackendConn {
     /// Record a statement the client prepared through this connection; an older copy of the
     /// same SQL is closed (COM_STMT_CLOSE has no response, so this costs no round trip).
     pub fn adopt_prepared(&mut self, sql: Arc<str>, id: u32, params: u16) {
-        if let Some(old) = self.stmts.insert(sql, BackendStmt { id, params, types: None }) {
+        let key = self.stmt_key(&sql);
+        if let Some(old) = self.stmts.insert(key, BackendStmt { id, params, types: None }) {
             let mut p = vec![cmd::STMT_CLOSE];
             p.extend_from_slice(&old.id.to_le_bytes());
             self.wr.push(0, &p);
@@ -338,6 +485,11 @@ impl BackendConn {
         let schema = self.vars.schema.take();
         self.vars = SessionVars { schema, charset: cs.into(), collation: Some(coll.into()), vars: Default::default() };
         self.dirty = false;
+        self.last_insert_id = 0;
+        if !self.multi_statements {
+            // Whether a reset keeps COM_SET_OPTION differs between servers: say it again.
+            self.set_multi_statements(true).await?;
+        }
         Ok(())
     }
 
@@ -352,8 +504,7 @@ impl BackendConn {
         client: &mut PacketWriter<W>,
         rewrite_stmt_id: Option<u32>,
     ) -> Result<Walker, ForwardError> {
-        self.wr.push(seq, payload);
-        if let Err(e) = self.wr.flush().await {
+        if let Err(e) = self.wr.send(seq, payload).await {
             let err = self.lost(e.into());
             return Err(ForwardError::Backend { err, started: false, last_seq: seq });
         }
@@ -406,6 +557,9 @@ impl BackendConn {
         }
         if let Some(st) = w.status {
             self.status = st;
+        }
+        if w.last_insert_id != 0 {
+            self.last_insert_id = w.last_insert_id;
         }
         client.flush().await.map_err(ForwardError::Client)?;
         Ok(w)

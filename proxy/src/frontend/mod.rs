@@ -5,7 +5,10 @@
 //! - [`session`]: one client: reads commands, routes them, forwards responses.
 //! - [`prepared`]: COM_STMT_* on top of multiplexed connections.
 //! - [`state`]: replayable session variables and pin reasons.
+//! - [`diagnostics`]: ROW_COUNT(), FOUND_ROWS(), SHOW WARNINGS … once the previous
+//!   statement's connection went back to the pool.
 
+pub mod diagnostics;
 pub mod login;
 pub mod prepared;
 pub mod session;

@@ -31,7 +31,10 @@ impl<'a> StmtCommand<'a> {
         let id = if self.execute {
             conn.ensure_prepared(&self.sql).await?
         } else {
-            match conn.stmts.get(&self.sql) {
+            // FETCH and RESET act on the statement the client executed on this (pinned)
+            // connection, even if a SET since then changed the connection's context.
+            let same_text = || conn.stmts.iter().find(|(k, _)| k.sql == self.sql).map(|(_, s)| s);
+            match conn.stmt(&self.sql).or_else(same_text) {
                 Some(s) => s.id,
                 None => return Err(BackendError::Protocol(format!("statement not prepared on {}", conn.addr))),
             }
@@ -49,7 +52,7 @@ impl<'a> StmtCommand<'a> {
                 if flag == 1 {
                     self.sent_types = p.get(flag_pos + 1..flag_pos + 1 + 2 * n).map(|t| t.to_vec());
                 } else if let Some(types) = &self.known_types {
-                    let conn_has = conn.stmts.get(&self.sql).and_then(|s| s.types.as_deref()) == Some(types.as_slice());
+                    let conn_has = conn.stmt(&self.sql).and_then(|s| s.types.as_deref()) == Some(types.as_slice());
                     if !conn_has {
                         p[flag_pos] = 1;
                         p.splice(flag_pos + 1..flag_pos + 1, types.iter().copied());
@@ -63,7 +66,7 @@ impl<'a> StmtCommand<'a> {
 
     pub fn after(&mut self, conn: &mut PooledConn) {
         if let Some(t) = self.sent_types.take() {
-            if let Some(s) = conn.stmts.get_mut(&self.sql) {
+            if let Some(s) = conn.stmt_mut(&self.sql) {
                 s.types = Some(t);
             }
         }
@@ -86,7 +89,7 @@ impl Session {
     pub(super) async fn com_stmt_prepare(&mut self) -> Result<(), ClientGone> {
         let buf = std::mem::take(&mut self.buf);
         let sql_bytes = &buf[1..];
-        let a = classify::analyze(sql_bytes);
+        let a = classify::analyze_capped(sql_bytes, self.rt.cfg.proxy.query_digests_max_query_length);
         let d = self.route(sql_bytes, &a);
         let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
         let sql: Arc<str> = String::from_utf8_lossy(sql_bytes).into();
@@ -106,7 +109,9 @@ impl Session {
                     read_only: a.read_only && !a.multi,
                     effects: a.effects,
                     types: None,
-                    cache: (d.cache_ttl_ms > 0).then_some(d),
+                    cache: (d.cache_ttl_ms > 0 && a.last_insert_id == classify::LastInsertId::No && !a.diagnostics).then_some(d),
+                    last_insert_id: a.last_insert_id,
+                    calc_found_rows: a.calc_found_rows,
                 },
             );
         }
@@ -156,7 +161,10 @@ impl Session {
             sent_types: None,
             execute: true,
         };
+        self.sync_lid = (stmt.last_insert_id == classify::LastInsertId::Reads).then_some(self.last_insert_id);
+        self.calc_found_rows = stmt.calc_found_rows;
         let r = self.run(stmt.hostgroup, Command::Stmt(cmd), Kind::ResultSet, retryable).await;
+        self.sync_lid = None;
         self.buf = buf;
         if let Some(t) = client_types {
             if let Some(s) = self.stmts.get_mut(&id) {
@@ -206,7 +214,8 @@ impl Session {
             }
         };
         let res = async {
-            conn.sync(&self.vars).await?;
+            let extra = crate::backend::conn::SyncExtra { multi_statements: self.multi_statements, last_insert_id: None };
+            conn.sync(&self.vars, &extra).await?;
             let bid = conn.ensure_prepared(&stmt.sql).await?;
             let mut p = self.buf.clone();
             p[1..5].copy_from_slice(&bid.to_le_bytes());
@@ -247,7 +256,7 @@ impl Session {
         let Some(stmt) = self.stmts.get(&id).cloned() else {
             return self.send_err(1, &unknown_stmt(id, "mysqld_stmt_reset")).await;
         };
-        let on_pinned = self.pinned.as_ref().is_some_and(|c| c.stmts.contains_key(&stmt.sql));
+        let on_pinned = self.pinned.as_ref().is_some_and(|c| c.stmt(&stmt.sql).is_some());
         self.pins.long_data = false;
         if self.cursor_stmt == Some(id) {
             self.cursor_stmt = None;

@@ -63,6 +63,9 @@ pub struct ClientStmt {
     pub types: Option<Vec<u8>>,
     /// The caching rule's decision, for reads under a rule with cache_ttl.
     pub cache: Option<Decision>,
+    /// How the statement uses LAST_INSERT_ID() and whether it is SQL_CALC_FOUND_ROWS.
+    pub last_insert_id: classify::LastInsertId,
+    pub calc_found_rows: bool,
 }
 
 /// What a cached read runs on a miss.
@@ -106,8 +109,23 @@ pub struct Session {
     /// Turns true when another client KILLs this session.
     killed: watch::Receiver<bool>,
     /// The last AUTO_INCREMENT id an OK packet reported: `SELECT LAST_INSERT_ID()` is answered
-    /// from it, since a multiplexed client's next statement may run on another connection.
-    last_insert_id: u64,
+    /// from it, since a multiplexed client's next statement may run on another connection;
+    /// a statement that reads it elsewhere gets it set on its connection first.
+    pub(super) last_insert_id: u64,
+    /// The previous statement's connection, kept for this client's next command only, when
+    /// that statement left diagnostics only its server can tell (warnings, an error,
+    /// SQL_CALC_FOUND_ROWS): a following SHOW WARNINGS / FOUND_ROWS() runs there
+    /// (ProxySQL's handle_warnings). Any other command gives it back to the pool first.
+    pub(super) held: Option<PooledConn>,
+    /// ROW_COUNT() and FOUND_ROWS() of the previous statement, for when it left nothing to hold.
+    pub(super) row_count: i64,
+    pub(super) found_rows: u64,
+    /// CLIENT_MULTI_STATEMENTS as the client negotiated it and COM_SET_OPTION changes it.
+    pub(super) multi_statements: bool,
+    /// For the command being run: set LAST_INSERT_ID() on its connection to this first.
+    pub(super) sync_lid: Option<u64>,
+    /// The statement being run used SQL_CALC_FOUND_ROWS.
+    pub(super) calc_found_rows: bool,
 }
 
 /// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
@@ -243,6 +261,12 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         cache_key: Vec::new(),
         revoked,
         last_insert_id: 0,
+        held: None,
+        row_count: -1,
+        found_rows: 0,
+        multi_statements: capabilities & caps::MULTI_STATEMENTS != 0,
+        sync_lid: None,
+        calc_found_rows: false,
         handle,
         killed,
     };
@@ -301,6 +325,10 @@ impl Session {
                 return Err(ClientGone);
             };
             self.proxy.stats.queries.fetch_add(1, Ordering::Relaxed);
+            if !matches!(command, cmd::QUERY | cmd::PING | cmd::STATISTICS | cmd::SET_OPTION | cmd::STMT_CLOSE) {
+                // A statement of another kind: the previous one's diagnostics are gone.
+                self.held = None;
+            }
             match command {
                 cmd::QUIT => return Ok(()),
                 cmd::QUERY => self.com_query().await?,
@@ -308,11 +336,7 @@ impl Session {
                 cmd::INIT_DB => self.com_init_db().await?,
                 cmd::FIELD_LIST => self.forward_simple(Kind::FieldList).await?,
                 cmd::STATISTICS => self.forward_simple(Kind::Single).await?,
-                cmd::SET_OPTION => {
-                    let st = self.status_flags();
-                    self.wr.push(1, &codec::eof_packet(st, 0));
-                    self.flush().await?;
-                }
+                cmd::SET_OPTION => self.com_set_option().await?,
                 cmd::RESET_CONNECTION => {
                     self.reset_session().await;
                     self.send_ok().await?;
@@ -333,6 +357,23 @@ impl Session {
                 self.buf = Vec::with_capacity(1024);
             }
         }
+    }
+
+    /// COM_SET_OPTION: MYSQL_OPTION_MULTI_STATEMENTS_ON (0) / _OFF (1). Backend connections
+    /// follow it before this client's next query runs on them, so the server itself refuses
+    /// a multi-statement query exactly when it would for this client.
+    async fn com_set_option(&mut self) -> Result<(), ClientGone> {
+        match self.buf.get(1..3).map(|b| u16::from_le_bytes([b[0], b[1]])) {
+            Some(0) => self.multi_statements = true,
+            Some(1) => self.multi_statements = false,
+            _ => {
+                let e = SqlError::new(errcode::UNKNOWN_COM, "08S01", "Unknown command (COM_SET_OPTION with an unknown option)");
+                return self.send_err(1, &e).await;
+            }
+        }
+        let st = self.status_flags();
+        self.wr.push(1, &codec::eof_packet(st, 0));
+        self.flush().await
     }
 
     pub(super) fn status_flags(&self) -> u16 {
@@ -363,7 +404,7 @@ impl Session {
     }
 
     pub(super) fn conn_key(&self) -> ConnKey {
-        ConnKey { user: self.user.backend_user.clone(), found_rows: self.caps & caps::FOUND_ROWS != 0 }
+        ConnKey { user: self.user.backend_user.clone(), caps: self.caps & crate::backend::conn::KEY_CAPS }
     }
 
     /// The hostgroup for a query: query rules, then the user's default hostgroup.
@@ -371,6 +412,9 @@ impl Session {
     /// pinned connection can also take the writes that usually follow.
     /// Also leaves the query's digest in `self.digest`.
     pub(super) fn route(&mut self, sql: &[u8], a: &classify::Analysis) -> Decision {
+        // A huge statement is digested and matched on its first bytes only
+        // (query_digests_max_query_length), like ProxySQL.
+        let sql = &sql[..sql.len().min(self.rt.cfg.proxy.query_digests_max_query_length)];
         digest::digest_into(sql, &mut self.digest);
         let pinning = a.effects.iter().any(|e| matches!(e, Effect::Pin(_)));
         let text: Cow<str> = String::from_utf8_lossy(sql);
@@ -499,7 +543,8 @@ impl Session {
                 }
             };
             let rewrite = cmd.rewrite_id();
-            let prepared = match conn.sync(&self.vars).await {
+            let extra = crate::backend::conn::SyncExtra { multi_statements: self.multi_statements, last_insert_id: self.sync_lid };
+            let prepared = match conn.sync(&self.vars, &extra).await {
                 Ok(()) => cmd.build(&mut conn).await,
                 Err(e) => Err(e),
             };
@@ -581,6 +626,11 @@ impl Session {
         if w.last_insert_id != 0 {
             self.last_insert_id = w.last_insert_id;
         }
+        self.row_count = w.row_count;
+        if w.result_set {
+            self.found_rows = w.rows;
+        }
+        let hold = w.warnings > 0 || w.error.is_some() || std::mem::take(&mut self.calc_found_rows);
         if let Some(e) = &w.error {
             // The server ended this connection (KILL, shutdown): it cannot be used again.
             if matches!(e.code, errcode::CONNECTION_KILLED | errcode::SERVER_SHUTDOWN) {
@@ -629,6 +679,8 @@ impl Session {
                 }
             }
             self.pinned = Some(conn);
+        } else if hold {
+            self.held = Some(conn);
         } else {
             drop(conn); // back to the pool
         }
@@ -648,9 +700,10 @@ impl Session {
             return r;
         }
         let sql = &buf[1..];
-        let a = classify::analyze(sql);
+        let cap = self.rt.cfg.proxy.query_digests_max_query_length;
+        let a = classify::analyze_capped(sql, cap);
         if self.user.temporary {
-            digest::digest_into(sql, &mut self.digest);
+            digest::digest_into(&sql[..sql.len().min(cap)], &mut self.digest);
             if let Some(a) = self.proxy.access.get() {
                 a.audit.event("statement", &self.user.name, &[("digest", &self.digest), ("session", &self.id.to_string())]);
             }
@@ -661,7 +714,7 @@ impl Session {
         // comes from this session's last OK packet unless it is pinned to one connection.
         let local = match local_query(sql) {
             Some((Local::ConnectionId, col)) => Some((col, self.id as u64)),
-            Some((Local::LastInsertId, col)) if !self.pins.any() => Some((col, self.last_insert_id)),
+            Some((Local::LastInsertId, col)) => Some((col, self.last_insert_id)),
             _ => None,
         };
         let result = if let Some((col, value)) = local {
@@ -669,6 +722,7 @@ impl Session {
             let st = self.status_flags();
             let cols = [codec::Column { name: &col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
             codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some(v)]], st);
+            (self.row_count, self.found_rows) = (-1, 1);
             self.flush().await
         } else if let Some(kill) = parse_kill(sql) {
             self.kill(kill).await
@@ -683,25 +737,86 @@ impl Session {
             let t0 = Instant::now();
             let d = self.route(sql, &a);
             let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
-            let cacheable = d.cache_ttl_ms > 0 && a.read_only && !a.multi && !self.pins.any();
+            // The previous statement's diagnostics: on its kept connection, or known here.
+            let mut rewritten: Option<Vec<u8>> = None;
+            let mut answered = false;
+            if a.diagnostics {
+                match self.held.take() {
+                    Some(h) if self.pinned.is_none() && (a.read_only || h.server.cfg.hostgroup == hg) => self.pinned = Some(h),
+                    other => {
+                        drop(other);
+                        match super::diagnostics::answer(sql, self.row_count, self.found_rows) {
+                            Some(super::diagnostics::Answer::EmptyList) => {
+                                let st = self.status_flags();
+                                let cols = [
+                                    codec::Column { name: "Level", kind: codec::TYPE_VAR_STRING, flags: 0 },
+                                    codec::Column { name: "Code", kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED },
+                                    codec::Column { name: "Message", kind: codec::TYPE_VAR_STRING, flags: 0 },
+                                ];
+                                codec::push_text_result_set(&mut self.wr, &cols, &[], st);
+                                answered = true;
+                            }
+                            Some(super::diagnostics::Answer::Count(col)) => {
+                                let st = self.status_flags();
+                                let cols = [codec::Column { name: col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
+                                codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some("0".into())]], st);
+                                answered = true;
+                            }
+                            Some(super::diagnostics::Answer::Rewrite(text)) => {
+                                let mut p = Vec::with_capacity(text.len() + 1);
+                                p.push(cmd::QUERY);
+                                p.extend_from_slice(&text);
+                                rewritten = Some(p);
+                            }
+                            None => {}
+                        }
+                    }
+                }
+            } else {
+                self.held = None;
+            }
+            if answered {
+                (self.row_count, self.found_rows) = (-1, 0);
+                let r = self.flush().await;
+                self.buf = buf;
+                return r;
+            }
+            self.sync_lid = (a.last_insert_id == classify::LastInsertId::Reads).then_some(self.last_insert_id);
+            self.calc_found_rows = a.calc_found_rows;
+            let payload: &[u8] = rewritten.as_deref().unwrap_or(&buf);
+            let cacheable = d.cache_ttl_ms > 0 && a.read_only && !a.multi && !self.pins.any() && !a.diagnostics && a.last_insert_id == classify::LastInsertId::No;
             let caches = self.rt.rules().caches();
             let (res, hg_used, rows, failed) = if cacheable {
                 self.cached_query(&buf, &d, hg, a.kind.map(|k| k.name()).unwrap_or("OTHER")).await
             } else {
                 let retryable = a.read_only && !self.pins.any();
-                match self.run(hg, Command::Raw(&buf), Kind::ResultSet, retryable).await {
-                    Ok(Some((w, conn))) => {
+                match self.run(hg, Command::Raw(payload), Kind::ResultSet, retryable).await {
+                    Ok(Some((w, mut conn))) => {
                         let (rows, err) = (w.rows, w.error.is_some());
                         if let Some(e) = &w.error {
                             self.last_error = Some(e.code);
                         }
+                        // LAST_INSERT_ID(expr) set it on that connection: learn the value.
+                        let set_lid = if a.last_insert_id == classify::LastInsertId::Sets && !err {
+                            conn.query_u64("SELECT LAST_INSERT_ID()").await.ok().flatten()
+                        } else {
+                            None
+                        };
+                        if let Some(v) = set_lid {
+                            conn.last_insert_id = v;
+                        }
                         self.finish(&w, conn, &a.effects);
+                        if let Some(v) = set_lid {
+                            self.last_insert_id = v;
+                        }
                         (Ok(()), hg as i64, rows, err)
                     }
                     Ok(None) => (Ok(()), hg as i64, 0, true),
                     Err(e) => (Err(e), hg as i64, 0, true),
                 }
             };
+            self.sync_lid = None;
+            self.calc_found_rows = false;
             if caches && !a.read_only {
                 self.invalidate_after_write(sql, &a);
             }
@@ -783,7 +898,15 @@ impl Session {
         let writes = a.multi
             || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
         if writes {
-            let t = if a.multi { None } else { tables::tables(sql, self.vars.schema.as_deref()) };
+            // A statement past the analysis cap: an INSERT/REPLACE names its table first;
+            // for anything else the tables cannot be told (all entries go).
+            let insert = matches!(a.kind, Some(K::Insert | K::Replace));
+            let t = if a.multi || (a.truncated && !insert) {
+                None
+            } else {
+                let cap = self.rt.cfg.proxy.query_digests_max_query_length;
+                tables::tables(&sql[..sql.len().min(cap)], self.vars.schema.as_deref())
+            };
             // `Other` without tables is DDL-ish text we cannot read (or harmless): drop all.
             self.proxy.cache.invalidate(t.as_deref());
             if self.pins.any() {
@@ -825,6 +948,8 @@ impl Session {
         let hit = self.proxy.cache.hit(&key, rules.generation());
         self.cache_key = key;
         let (data, route) = hit?;
+        self.held = None;
+        self.row_count = -1;
         self.wr.buf_mut().extend_from_slice(&data);
         let res = self.flush().await;
         let took = t0.elapsed();
@@ -1146,6 +1271,10 @@ fn local_query(sql: &[u8]) -> Option<(Local, String)> {
 /// (KILL USER, KILL ... QUERY ID) gives Some with id None, answered with an error.
 fn parse_kill(sql: &[u8]) -> Option<(bool, Option<u32>)> {
     use crate::router::lexer::{Lexer, Tok};
+    // KILL statements are short: a long text (a bulk INSERT) is never lexed here.
+    if sql.len() > 256 {
+        return None;
+    }
     let toks: Vec<Tok> = Lexer::new(sql).filter(|t| *t != Tok::Punct(b';')).collect();
     match toks.first() {
         Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL") => {}

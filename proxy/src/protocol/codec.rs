@@ -124,6 +124,11 @@ pub fn eof_status(payload: &[u8]) -> u16 {
     payload.get(3..5).map(|b| u16::from_le_bytes([b[0], b[1]])).unwrap_or(status::AUTOCOMMIT)
 }
 
+/// Warnings of an EOF packet.
+pub fn eof_warnings(payload: &[u8]) -> u16 {
+    payload.get(1..3).map(|b| u16::from_le_bytes([b[0], b[1]])).unwrap_or(0)
+}
+
 /// Parsed ERR packet.
 #[derive(Debug, Clone)]
 pub struct Err {

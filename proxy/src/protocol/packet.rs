@@ -58,6 +58,9 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
                 return Err(PacketError::TooLarge(total, max));
             }
             let start = buf.len();
+            // Exactly what is needed: a 23 MiB statement read in two packets must not
+            // leave a 32 MiB buffer behind (or copy 16 MiB twice on the way).
+            buf.reserve_exact(len);
             buf.resize(total, 0);
             self.inner.read_exact(&mut buf[start..]).await?;
             if len < MAX_PACKET {
@@ -136,6 +139,35 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
             }
         }
         seq
+    }
+
+    /// Send a payload now. A large one (a bulk INSERT) is written straight from the
+    /// caller's buffer, packet header by packet header, instead of being copied into the
+    /// outgoing buffer first: forwarding a 20 MiB statement costs no second 20 MiB.
+    pub async fn send(&mut self, seq: u8, payload: &[u8]) -> io::Result<u8> {
+        if payload.len() < 64 * 1024 || self.capture.is_some() {
+            let next = self.push(seq, payload);
+            self.flush().await?;
+            return Ok(next);
+        }
+        if !self.buf.is_empty() {
+            self.inner.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
+        let mut seq = seq;
+        let mut chunks = payload.chunks(MAX_PACKET).peekable();
+        while let Some(chunk) = chunks.next() {
+            let len = chunk.len();
+            self.inner.write_all(&[len as u8, (len >> 8) as u8, (len >> 16) as u8, seq]).await?;
+            self.inner.write_all(chunk).await?;
+            seq = seq.wrapping_add(1);
+            if chunks.peek().is_none() && len == MAX_PACKET {
+                self.inner.write_all(&[0, 0, 0, seq]).await?;
+                seq = seq.wrapping_add(1);
+            }
+        }
+        self.inner.flush().await?;
+        Ok(seq)
     }
 
     /// Direct access to the outgoing buffer, for forwarding raw packets.

@@ -56,6 +56,13 @@ pub struct Walker {
     pub rows: u64,
     pub affected_rows: u64,
     pub last_insert_id: u64,
+    /// Warnings of the last OK/EOF (the last statement's, for a multi-statement query).
+    pub warnings: u16,
+    /// Affected rows of the last statement: its OK's count, or -1 when it returned a result
+    /// set or failed (what ROW_COUNT() then says).
+    pub row_count: i64,
+    /// Whether the response held a result set (FOUND_ROWS() then counts its rows).
+    pub result_set: bool,
 }
 
 impl Walker {
@@ -71,6 +78,9 @@ impl Walker {
             rows: 0,
             affected_rows: 0,
             last_insert_id: 0,
+            warnings: 0,
+            row_count: -1,
+            result_set: false,
         }
     }
 
@@ -106,6 +116,8 @@ impl Walker {
                 }
                 _ => {
                     let mut pos = 0;
+                    self.result_set = true;
+                    self.row_count = -1;
                     match read_lenenc(p, &mut pos) {
                         Some(n) if n > 0 => State::Columns(n),
                         _ => State::Done, // malformed: stop here rather than hang
@@ -136,6 +148,7 @@ impl Walker {
             (Kind::ResultSet, State::Rows) | (Kind::Fetch, _) => {
                 if is_eof {
                     self.status = Some(codec::eof_status(p));
+                    self.warnings = codec::eof_warnings(p);
                     self.after_final()
                 } else if first == 0xff {
                     self.on_ok_or_err(p);
@@ -209,8 +222,11 @@ impl Walker {
             self.status = Some(ok.status);
             self.affected_rows += ok.affected_rows;
             self.last_insert_id = ok.last_insert_id;
+            self.warnings = ok.warnings;
+            self.row_count = ok.affected_rows as i64;
         } else if let Some(e) = codec::parse_err(p) {
             self.error = Some(e);
+            self.row_count = -1;
         }
     }
 

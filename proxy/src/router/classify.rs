@@ -136,6 +136,17 @@ impl Kind {
     }
 }
 
+/// How a statement uses LAST_INSERT_ID() (or @@identity / @@last_insert_id).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LastInsertId {
+    #[default]
+    No,
+    /// Reads it: the connection must hold this client's value.
+    Reads,
+    /// LAST_INSERT_ID(expr) sets it on the connection it runs on.
+    Sets,
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Analysis {
     pub kind: Option<Kind>,
@@ -144,6 +155,15 @@ pub struct Analysis {
     pub multi: bool,
     /// A plain read: every statement is a SELECT without locking clauses.
     pub read_only: bool,
+    pub last_insert_id: LastInsertId,
+    /// Refers to the previous statement's diagnostics: ROW_COUNT(), FOUND_ROWS(),
+    /// @@warning_count, @@error_count, SHOW WARNINGS / ERRORS / COUNT(*), GET DIAGNOSTICS.
+    pub diagnostics: bool,
+    /// SELECT SQL_CALC_FOUND_ROWS: the next FOUND_ROWS() needs this statement's connection.
+    pub calc_found_rows: bool,
+    /// The text was longer than the analysis cap: only its first bytes were analysed (the
+    /// rest was scanned for statement boundaries and session-state tokens).
+    pub truncated: bool,
 }
 
 fn kind_of(w: &[u8]) -> Kind {
@@ -179,19 +199,116 @@ fn kind_of(w: &[u8]) -> Kind {
 
 /// Analyse a query's text (all statements of a multi-statement query).
 pub fn analyze(sql: &[u8]) -> Analysis {
+    analyze_capped(sql, usize::MAX)
+}
+
+/// Like [`analyze`], with tokens kept for the first `cap` bytes only (ProxySQL's
+/// query_digests_max_query_length): a 20 MiB multi-row INSERT is not turned into millions
+/// of tokens. The rest is lexed as a stream (strings and comments stay strings and
+/// comments) and only what changes how the client must be served is looked for: another
+/// statement, user variables, named locks, LAST_INSERT_ID and diagnostics functions.
+pub fn analyze_capped(sql: &[u8], cap: usize) -> Analysis {
     let mut a = Analysis { read_only: true, ..Default::default() };
-    let toks: Vec<Tok> = Lexer::new(sql).collect();
+    let mut lx = Lexer::new(sql);
+    let mut toks: Vec<Tok> = Vec::new();
+    let mut tail = false;
+    while let Some(t) = lx.next() {
+        toks.push(t);
+        if lx.pos() >= cap {
+            tail = true;
+            break;
+        }
+    }
+    if tail {
+        a.truncated = true;
+        scan_tail(&mut lx, &mut a);
+    }
     let statements = toks.split(|t| *t == Tok::Punct(b';')).filter(|s| !s.is_empty()).peekable();
     let mut count = 0;
     for stmt in statements {
         count += 1;
         analyze_statement(stmt, &mut a);
     }
-    a.multi = count > 1;
+    a.multi = a.multi || count > 1;
     if a.kind.is_none() {
         a.read_only = false;
     }
     a
+}
+
+/// The part of a statement past the analysis cap: no tokens kept, one token of lookahead.
+fn scan_tail(lx: &mut Lexer, a: &mut Analysis) {
+    let mut prev: Option<Tok> = None;
+    let mut after_semicolon = false;
+    while let Some(t) = lx.next() {
+        match (prev, t) {
+            (_, Tok::Punct(b';')) => after_semicolon = true,
+            (_, _) if after_semicolon => {
+                // Another statement whose effects were not analysed: serve it like a
+                // multi-statement write, on a connection of its own.
+                after_semicolon = false;
+                if !a.multi {
+                    a.multi = true;
+                    a.read_only = false;
+                    a.effects.push(Effect::Pin(PinReason::Other("multi-statement longer than query_digests_max_query_length")));
+                }
+            }
+            _ => {}
+        }
+        match (prev, t) {
+            (_, Tok::UserVar(_)) if !a.effects.contains(&Effect::Pin(PinReason::UserVariable)) => {
+                a.effects.push(Effect::Pin(PinReason::UserVariable));
+            }
+            (_, Tok::SysVar(v)) => sysvar_use(v, a),
+            (Some(Tok::Word(w)), Tok::Punct(b'(')) => function_use(w, None, a),
+            _ => {}
+        }
+        // LAST_INSERT_ID(expr) in the tail: a setter unless the next token closes it.
+        if let (Some(Tok::Word(w)), Tok::Punct(b'(')) = (prev, t) {
+            if eq_ci(w, "LAST_INSERT_ID") {
+                if let Some(n) = lx.next() {
+                    let use_ = if n == Tok::Punct(b')') { LastInsertId::Reads } else { LastInsertId::Sets };
+                    a.last_insert_id = a.last_insert_id.max(use_);
+                    prev = Some(n);
+                    continue;
+                }
+            }
+        }
+        prev = Some(t);
+    }
+}
+
+/// @@identity, @@last_insert_id, @@warning_count, @@error_count (session scope).
+fn sysvar_use(v: &[u8], a: &mut Analysis) {
+    let name = v
+        .strip_prefix(b"session.")
+        .or_else(|| v.strip_prefix(b"SESSION."))
+        .or_else(|| v.strip_prefix(b"local."))
+        .or_else(|| v.strip_prefix(b"LOCAL."))
+        .unwrap_or(v);
+    if eq_ci(name, "identity") || eq_ci(name, "last_insert_id") {
+        a.last_insert_id = a.last_insert_id.max(LastInsertId::Reads);
+    } else if eq_ci(name, "warning_count") || eq_ci(name, "error_count") {
+        a.diagnostics = true;
+    }
+}
+
+/// A function call `w(`; `next` is the token after the parenthesis when known.
+fn function_use(w: &[u8], next: Option<&Tok>, a: &mut Analysis) {
+    if eq_ci(w, "GET_LOCK") {
+        a.effects.push(Effect::Pin(PinReason::NamedLock));
+    } else if eq_ci(w, "RELEASE_LOCK") {
+        a.effects.push(Effect::ReleaseLock);
+    } else if eq_ci(w, "RELEASE_ALL_LOCKS") {
+        a.effects.push(Effect::ReleaseAllLocks);
+    } else if eq_ci(w, "ROW_COUNT") || eq_ci(w, "FOUND_ROWS") {
+        a.diagnostics = true;
+    } else if eq_ci(w, "LAST_INSERT_ID") {
+        if let Some(n) = next {
+            let use_ = if *n == Tok::Punct(b')') { LastInsertId::Reads } else { LastInsertId::Sets };
+            a.last_insert_id = a.last_insert_id.max(use_);
+        }
+    }
 }
 
 fn first_word<'a>(stmt: &[Tok<'a>]) -> Option<(usize, &'a [u8])> {
@@ -218,16 +335,9 @@ fn analyze_statement(stmt: &[Tok], a: &mut Analysis) {
     for (i, t) in stmt.iter().enumerate() {
         match t {
             Tok::UserVar(_) => user_var = true,
-            Tok::Word(w) if stmt.get(i + 1) == Some(&Tok::Punct(b'(')) => {
-                if eq_ci(w, "GET_LOCK") {
-                    a.effects.push(Effect::Pin(PinReason::NamedLock));
-                } else if eq_ci(w, "RELEASE_LOCK") {
-                    a.effects.push(Effect::ReleaseLock);
-                } else if eq_ci(w, "RELEASE_ALL_LOCKS") {
-                    a.effects.push(Effect::ReleaseAllLocks);
-                }
-            }
-            Tok::Word(w) if eq_ci(w, "SQL_CALC_FOUND_ROWS") => a.effects.push(Effect::Pin(PinReason::FoundRows)),
+            Tok::SysVar(v) => sysvar_use(v, a),
+            Tok::Word(w) if stmt.get(i + 1) == Some(&Tok::Punct(b'(')) => function_use(w, stmt.get(i + 2).or(Some(&Tok::Punct(b';'))), a),
+            Tok::Word(w) if eq_ci(w, "SQL_CALC_FOUND_ROWS") => a.calc_found_rows = true,
             Tok::Word(w) if kind == Kind::Select && (eq_ci(w, "UPDATE") || eq_ci(w, "SHARE")) => {
                 // SELECT … FOR UPDATE / LOCK IN SHARE MODE / FOR SHARE
                 a.read_only = false;
@@ -240,6 +350,11 @@ fn analyze_statement(stmt: &[Tok], a: &mut Analysis) {
         a.effects.push(Effect::Pin(PinReason::UserVariable));
     }
     let i = first_i;
+    if (kind == Kind::Show && (word(i + 1, "WARNINGS") || word(i + 1, "ERRORS") || word(i + 1, "COUNT")))
+        || (eq_ci(first, "GET") && (word(i + 1, "DIAGNOSTICS") || word(i + 2, "DIAGNOSTICS")))
+    {
+        a.diagnostics = true;
+    }
     match kind {
         Kind::Set => analyze_set(&stmt[i + 1..], a),
         Kind::Use => {
@@ -429,6 +544,38 @@ mod tests {
         assert_eq!(fx("CREATE TEMPORARY TABLE t (a int)"), vec![Effect::Pin(PinReason::TemporaryTable)]);
         assert_eq!(fx("SELECT GET_LOCK('a', 1)"), vec![Effect::Pin(PinReason::NamedLock)]);
         assert_eq!(fx("SELECT RELEASE_LOCK('a')"), vec![Effect::ReleaseLock]);
-        assert_eq!(fx("SELECT SQL_CALC_FOUND_ROWS * FROM t"), vec![Effect::Pin(PinReason::FoundRows)]);
+        assert!(analyze(b"SELECT SQL_CALC_FOUND_ROWS * FROM t").calc_found_rows);
+    }
+
+    #[test]
+    fn previous_statement_functions() {
+        let lid = |s: &str| analyze(s.as_bytes()).last_insert_id;
+        assert_eq!(lid("INSERT INTO c VALUES (LAST_INSERT_ID(), 'x')"), LastInsertId::Reads);
+        assert_eq!(lid("SELECT @@identity"), LastInsertId::Reads);
+        assert_eq!(lid("select @@session.last_insert_id + 1"), LastInsertId::Reads);
+        assert_eq!(lid("UPDATE seq SET id = LAST_INSERT_ID(id + 1)"), LastInsertId::Sets);
+        assert_eq!(lid("SELECT 'LAST_INSERT_ID()'"), LastInsertId::No);
+        let diag = |s: &str| analyze(s.as_bytes()).diagnostics;
+        assert!(diag("SHOW WARNINGS") && diag("show errors limit 1") && diag("SHOW COUNT(*) WARNINGS"));
+        assert!(diag("SELECT ROW_COUNT()") && diag("SELECT FOUND_ROWS()") && diag("SELECT @@warning_count"));
+        assert!(diag("GET DIAGNOSTICS @n = NUMBER"));
+        assert!(!diag("SELECT row_count FROM t") && !diag("SHOW TABLES"));
+    }
+
+    #[test]
+    fn capped_analysis_keeps_what_matters_past_the_cap() {
+        let mut big = String::from("INSERT INTO t VALUES ");
+        for i in 0..2000 {
+            big.push_str(&format!("({i}, 'a;b @c'),"));
+        }
+        big.push_str("(0, 'end')");
+        let a = analyze_capped(big.as_bytes(), 100);
+        assert!(a.truncated && !a.multi && a.effects.is_empty() && a.kind == Some(Kind::Insert), "{a:?}");
+        let a = analyze_capped(format!("{big}; SET @x = 1").as_bytes(), 100);
+        assert!(a.multi && !a.read_only);
+        let a = analyze_capped(format!("{big}, (LAST_INSERT_ID(), @v)").as_bytes(), 100);
+        assert_eq!(a.last_insert_id, LastInsertId::Reads);
+        assert!(a.effects.contains(&Effect::Pin(PinReason::UserVariable)));
+        assert_eq!(analyze_capped(b"SELECT 1", 100), analyze(b"SELECT 1"));
     }
 }

@@ -1,0 +1,220 @@
+"""Scenarios run through the proxy with an independent client: mysql-connector-python
+(pure Python, `use_pure=True`), which speaks the protocol its own way (binary protocol for
+prepared statements, its own capability flags, COM_SET_OPTION).
+
+Usage: python3 clients.py SCENARIO PORT SCHEMA
+Prints one JSON object on stdout; the Rust test (proxy/tests/clients.rs) asserts on it.
+Every scenario is bounded: a fixed number of statements, connection and read timeouts.
+"""
+
+import json
+import sys
+import threading
+
+import mysql.connector
+from mysql.connector.constants import ClientFlag
+
+
+def connect(port, db=None, flags=None, **kw):
+    args = dict(
+        host="127.0.0.1",
+        port=port,
+        user="app",
+        password="app",
+        use_pure=True,
+        connection_timeout=20,
+        autocommit=True,
+    )
+    if db:
+        args["database"] = db
+    if flags:
+        args["client_flags"] = flags
+    args.update(kw)
+    return mysql.connector.connect(**args)
+
+
+def run_threads(n, fn):
+    errors = []
+
+    def wrap(i):
+        try:
+            fn(i)
+        except Exception as e:  # reported, never swallowed
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    ts = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(120)
+    return errors
+
+
+def ps_contexts(port, schema):
+    """The same prepared statement text in different contexts: schemas a and b (tables with
+    different rows), and sql_mode ANSI_QUOTES (where "v" is a column) against the default
+    (where "v" is a string). Each client must always read its own context's answer."""
+    wrong = []
+    counts = {"executions": 0}
+    lock = threading.Lock()
+    contexts = [
+        (f"{schema}_a", None, "SELECT v FROM t WHERE id = ?", "a"),
+        (f"{schema}_b", None, "SELECT v FROM t WHERE id = ?", "b"),
+        (f"{schema}_a", "ANSI_QUOTES", 'SELECT "v" FROM t WHERE id = ?', "a"),
+        (f"{schema}_a", "", 'SELECT "v" FROM t WHERE id = ?', "v"),
+    ]
+
+    def client(i):
+        db, mode, sql, want = contexts[i % len(contexts)]
+        c = connect(port, db)
+        if mode is not None:
+            c.cmd_query(f"SET sql_mode = '{mode}'")
+        cur = c.cursor(prepared=True)
+        for _ in range(30):
+            cur.execute(sql, (1,))
+            rows = cur.fetchall()
+            got = rows[0][0] if rows else None
+            if isinstance(got, (bytes, bytearray)):
+                got = got.decode()
+            with lock:
+                counts["executions"] += 1
+                if got != want:
+                    wrong.append(f"{db} sql_mode={mode!r}: {sql} gave {got!r}, want {want!r}")
+        cur.close()
+        c.close()
+
+    errors = run_threads(8, client)
+    return {"executions": counts["executions"], "wrong": wrong[:10], "wrong_count": len(wrong), "errors": errors}
+
+
+def last_statement_info(port, schema):
+    """LAST_INSERT_ID() inside statements, ROW_COUNT(), FOUND_ROWS(), SHOW WARNINGS and
+    @@warning_count, while other clients keep the pool's connections moving."""
+    problems = []
+    lock = threading.Lock()
+
+    def note(msg):
+        with lock:
+            problems.append(msg)
+
+    def parent_child(i):
+        c = connect(port, schema)
+        cur = c.cursor()
+        for j in range(40):
+            cur.execute("INSERT INTO parent (name) VALUES (%s)", (f"t{i}-{j}",))
+            cur.execute("INSERT INTO child (parent_id, tag) VALUES (LAST_INSERT_ID(), %s)", (f"t{i}-{j}",))
+            # Inside an expression and in a read (routed to a replica).
+            cur.execute("SELECT LAST_INSERT_ID() + 0 AS v")
+            (v,) = cur.fetchone()
+            if v != cur.lastrowid and cur.lastrowid not in (None, 0):
+                note(f"thread {i}: LAST_INSERT_ID()+0 = {v}, client's lastrowid {cur.lastrowid}")
+        c.close()
+
+    def diagnostics(i):
+        c = connect(port, schema)
+        cur = c.cursor()
+        cur.execute("SET sql_mode = ''")  # truncation is a warning, not an error
+        for j in range(20):
+            cur.execute("UPDATE parent SET name = name WHERE id < 0")
+            cur.execute("INSERT INTO parent (name) VALUES ('d1'), ('d2'), ('d3')")
+            cur.execute("SELECT ROW_COUNT()")
+            (rc,) = cur.fetchone()
+            if rc != 3:
+                note(f"diag {j}: ROW_COUNT() after a 3-row INSERT = {rc}")
+            cur.execute("INSERT INTO parent (name) VALUES (REPEAT('z', 300))")
+            cur.execute("SHOW WARNINGS")
+            w = cur.fetchall()
+            if not any(r[1] == 1265 for r in w):
+                note(f"diag {j}: SHOW WARNINGS after a truncating INSERT = {w}")
+            cur.execute("INSERT INTO parent (name) VALUES (REPEAT('y', 300))")
+            cur.execute("SELECT @@warning_count")
+            (wc,) = cur.fetchone()
+            if wc != 1:
+                note(f"diag {j}: @@warning_count after a truncating INSERT = {wc}")
+            # A statement that reads a table and has no warnings empties the list (MySQL
+            # and MariaDB; MariaDB keeps it across statements that use no table).
+            cur.execute("SELECT id FROM parent LIMIT 1")
+            cur.fetchall()
+            cur.execute("SHOW WARNINGS")
+            w = cur.fetchall()
+            if w:
+                note(f"diag {j}: SHOW WARNINGS after a clean SELECT = {w}")
+            cur.execute("SELECT @@warning_count, ROW_COUNT()")
+            got = cur.fetchone()
+            if tuple(got) != (0, -1):
+                note(f"diag {j}: @@warning_count, ROW_COUNT() after a clean SELECT = {got}")
+            cur.execute("SELECT SQL_CALC_FOUND_ROWS id FROM parent LIMIT 1")
+            cur.fetchall()
+            cur.execute("SELECT FOUND_ROWS() > 1")
+            (fr,) = cur.fetchone()
+            if fr != 1:
+                note(f"diag {j}: FOUND_ROWS() after SQL_CALC_FOUND_ROWS = {fr}")
+        c.close()
+
+    errors = run_threads(8, lambda i: diagnostics(i) if i == 0 else parent_child(i))
+    c = connect(port, schema)
+    cur = c.cursor()
+    cur.execute("SELECT COUNT(*) FROM child")
+    (children,) = cur.fetchone()
+    cur.execute("SELECT COUNT(*) FROM child JOIN parent ON parent.id = child.parent_id AND parent.name = child.tag")
+    (matched,) = cur.fetchone()
+    c.close()
+    return {"children": children, "matched": matched, "problems": problems[:10], "problem_count": len(problems), "errors": errors}
+
+
+def multi_statements(port, schema):
+    """Multi-statements only as the client's capabilities and COM_SET_OPTION allow. The same
+    steps run against the server directly give the reference answers."""
+
+    def steps(p):
+        out = {}
+        c = connect(p, schema, flags=[-ClientFlag.MULTI_STATEMENTS])
+        cur = c.cursor()
+        try:
+            cur.execute("SELECT 1; SELECT 2")
+            cur.fetchall()
+            out["without_flag"] = "ok"
+        except mysql.connector.Error as e:
+            out["without_flag"] = e.errno
+        c.close()
+        # COM_SET_OPTION MYSQL_OPTION_MULTI_STATEMENTS_ON (0) on a connection without the flag.
+        c = connect(p, schema, flags=[-ClientFlag.MULTI_STATEMENTS])
+        c._send_cmd(0x1B, (0).to_bytes(2, "little"))
+        cur = c.cursor()
+        try:
+            got = []
+            for r in cur.execute("SELECT 1; SELECT 2", multi=True):
+                got.extend(x[0] for x in r.fetchall())
+            out["after_set_option_on"] = got
+        except mysql.connector.Error as e:
+            out["after_set_option_on"] = e.errno
+        # ... and OFF (1) again.
+        c._send_cmd(0x1B, (1).to_bytes(2, "little"))
+        try:
+            cur.execute("SELECT 1; SELECT 2")
+            cur.fetchall()
+            out["after_set_option_off"] = "ok"
+        except mysql.connector.Error as e:
+            out["after_set_option_off"] = e.errno
+        c.close()
+        c = connect(p, schema)
+        cur = c.cursor()
+        got = []
+        for r in cur.execute("SELECT 1; SELECT 2", multi=True):
+            got.extend(x[0] for x in r.fetchall())
+        out["with_flag"] = got
+        c.close()
+        return out
+
+    return {"proxy": steps(port), "direct": steps(3307)}
+
+
+SCENARIOS = {
+    "ps_contexts": ps_contexts,
+    "last_statement_info": last_statement_info,
+    "multi_statements": multi_statements,
+}
+
+if __name__ == "__main__":
+    name, port, schema = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    print(json.dumps(SCENARIOS[name](port, schema)))
