@@ -276,6 +276,28 @@ pub struct ProxyConfig {
     /// matched against the query rules on its first this many bytes only (it is still
     /// forwarded whole, without copies of its size).
     pub query_digests_max_query_length: usize,
+    /// A backend that stops answering at the network level (host gone, packets dropped by
+    /// a firewall: nothing acknowledged, keepalive probes unanswered) fails the statement
+    /// waiting on it within this long: TCP keepalive on every backend socket (first probe
+    /// at half of it) and TCP_USER_TIMEOUT. A read whose backend never answered is retried
+    /// on another server. A statement that is merely slow is bounded by
+    /// default_query_timeout_ms instead, so long reports are not cut off.
+    pub backend_read_timeout_ms: u64,
+    /// ProxySQL's default_query_timeout: a statement running longer is killed on its
+    /// backend (KILL QUERY) and the client gets error 1969 naming the limit. 0: no limit.
+    pub default_query_timeout_ms: u64,
+    /// A client that stops reading its results for this long is disconnected (its backend
+    /// connection, holding a half-sent result, is closed).
+    pub client_write_timeout_ms: u64,
+    /// TCP keepalive on client sockets: a client host that vanished is noticed after about
+    /// this long plus 6 probes 10 s apart, and what it held (a transaction) is released.
+    pub client_keepalive_ms: u64,
+    /// ProxySQL's max_transaction_time: a transaction open longer is rolled back (its
+    /// backend connection closed) and the client disconnected with an error. 0: no limit.
+    pub max_transaction_time_ms: u64,
+    /// A client idle this long inside a transaction is disconnected and its transaction
+    /// rolled back (its locks and connection released). 0: no limit.
+    pub max_transaction_idle_time_ms: u64,
 }
 
 impl Default for ProxyConfig {
@@ -294,6 +316,12 @@ impl Default for ProxyConfig {
             shutdown_drain_ms: 10_000,
             retry_reads: true,
             query_digests_max_query_length: 65_000,
+            backend_read_timeout_ms: 10_000,
+            default_query_timeout_ms: 3_600_000,
+            client_write_timeout_ms: 30_000,
+            client_keepalive_ms: 60_000,
+            max_transaction_time_ms: 14_400_000,
+            max_transaction_idle_time_ms: 600_000,
         }
     }
 }
@@ -305,11 +333,26 @@ pub struct MonitorConfig {
     pub password: String,
     pub interval_ms: u64,
     pub timeout_ms: u64,
+    /// ProxySQL's monitor_ping_max_failures: this many consecutive failed checks (or lag
+    /// or replication verdicts) before a server is SHUNNED; one passing check brings it back.
+    pub shun_after_failures: u32,
+    /// A replica whose replication is broken (SQL thread stopped, or IO thread stopped
+    /// rather than reconnecting) serves ever older data: SHUNNED unless this is false.
+    /// A replica whose IO thread is only reconnecting (its primary is down) stays ONLINE:
+    /// its data is as fresh as any there is.
+    pub shun_broken_replication: bool,
 }
 
 impl Default for MonitorConfig {
     fn default() -> Self {
-        Self { username: "monitor".into(), password: "monitor".into(), interval_ms: 1000, timeout_ms: 800 }
+        Self {
+            username: "monitor".into(),
+            password: "monitor".into(),
+            interval_ms: 1000,
+            timeout_ms: 800,
+            shun_after_failures: 3,
+            shun_broken_replication: true,
+        }
     }
 }
 

@@ -29,6 +29,24 @@ struct Cli {
     /// Health check interval in ms.
     #[arg(long)]
     monitor_interval_ms: Option<u64>,
+    /// Dead-backend bound in ms (overrides [proxy] backend_read_timeout_ms).
+    #[arg(long)]
+    backend_read_timeout_ms: Option<u64>,
+    /// Statement time limit in ms, 0 = none (overrides [proxy] default_query_timeout_ms).
+    #[arg(long)]
+    default_query_timeout_ms: Option<u64>,
+    /// Client write timeout in ms (overrides [proxy] client_write_timeout_ms).
+    #[arg(long)]
+    client_write_timeout_ms: Option<u64>,
+    /// Transaction time limit in ms, 0 = none (overrides [proxy] max_transaction_time_ms).
+    #[arg(long)]
+    max_transaction_time_ms: Option<u64>,
+    /// Idle-in-transaction limit in ms, 0 = none (overrides [proxy] max_transaction_idle_time_ms).
+    #[arg(long)]
+    max_transaction_idle_time_ms: Option<u64>,
+    /// Consecutive failed health checks before a server is SHUNNED (overrides [monitor] shun_after_failures).
+    #[arg(long)]
+    shun_after_failures: Option<u32>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or breakwater_proxy=debug.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -207,6 +225,24 @@ fn main() -> ExitCode {
     if let Some(n) = cli.monitor_interval_ms {
         cfg.monitor.interval_ms = n;
     }
+    if let Some(n) = cli.backend_read_timeout_ms {
+        cfg.proxy.backend_read_timeout_ms = n;
+    }
+    if let Some(n) = cli.default_query_timeout_ms {
+        cfg.proxy.default_query_timeout_ms = n;
+    }
+    if let Some(n) = cli.client_write_timeout_ms {
+        cfg.proxy.client_write_timeout_ms = n;
+    }
+    if let Some(n) = cli.max_transaction_time_ms {
+        cfg.proxy.max_transaction_time_ms = n;
+    }
+    if let Some(n) = cli.max_transaction_idle_time_ms {
+        cfg.proxy.max_transaction_idle_time_ms = n;
+    }
+    if let Some(n) = cli.shun_after_failures {
+        cfg.monitor.shun_after_failures = n;
+    }
     if let Some(a) = cli.admin_listen {
         cfg.admin.listen = a;
     }
@@ -326,6 +362,7 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
     let span_rx = proxy.telemetry_rx.lock().ok().and_then(|mut r| r.take());
     breakwater_proxy::telemetry::spawn(&proxy, span_rx, rx.clone());
     backend::monitor::spawn(proxy.runtime(), monitor_cfg.clone(), rx.clone());
+    breakwater_proxy::frontend::session::spawn_query_reaper(proxy.clone(), rx.clone());
     let failover = proxy.rt.cfg.failover.enabled.then(|| failover::spawn(proxy.runtime(), &monitor_cfg, rx.clone()));
     let admin_listen = proxy.rt.cfg.admin.listen.clone();
     if !admin_listen.is_empty() {

@@ -298,13 +298,29 @@ pub struct SessionHandle {
     pub user: String,
     /// Turns true to close the session.
     pub killed: tokio::sync::watch::Sender<bool>,
-    /// The backend connection running this session's statement now: (server, thread id).
-    pub running: Mutex<Option<(Arc<Server>, u32)>>,
+    /// The backend connection running this session's statement now.
+    pub running: Mutex<Option<Running>>,
+    /// Set by the query-timeout reaper when it killed this session's statement.
+    pub timed_out: std::sync::atomic::AtomicBool,
+}
+
+/// A statement in flight on a backend connection.
+#[derive(Clone)]
+pub struct Running {
+    pub server: Arc<Server>,
+    pub thread: u32,
+    pub started: std::time::Instant,
+    /// The reaper has sent KILL QUERY for it.
+    pub killed: bool,
 }
 
 /// Process-wide counters.
 #[derive(Default)]
 pub struct Stats {
+    /// Statements killed by default_query_timeout_ms.
+    pub query_timeouts: AtomicU64,
+    /// Clients disconnected by max_transaction_time_ms / max_transaction_idle_time_ms.
+    pub transaction_timeouts: AtomicU64,
     pub client_connections: AtomicU64,
     pub client_connections_refused: AtomicU64,
     pub queries: AtomicU64,

@@ -144,3 +144,158 @@ async fn huge_insert_costs_about_its_own_size() {
     assert!(digest.contains("INSERT INTO t"), "the statement is digested on its first bytes: {digest:.400}");
     assert!(took < Duration::from_secs(60));
 }
+
+/// default_query_timeout: a statement running longer is killed on its backend and the
+/// client gets error 1969 naming the limit; the session goes on.
+#[tokio::test]
+async fn default_query_timeout_kills_on_the_backend() {
+    let proxy = Proxy::start(&["--default-query-timeout-ms", "1000"]);
+    let mut c = proxy.conn().await;
+    let t = Instant::now();
+    let err = c.query_drop("SELECT SLEEP(20) /* bw-timeout */").await.unwrap_err();
+    let took = t.elapsed();
+    println!("timed out after {took:?}: {err}");
+    assert_eq!(server_code(&err), Some(1969), "{err}");
+    assert!(err.to_string().contains("default_query_timeout_ms (1000 ms)"), "{err}");
+    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+    let v: Option<i64> = c.query_first("SELECT 1").await.unwrap();
+    assert_eq!(v, Some(1), "the session goes on");
+    for port in [PRIMARY, REPLICAS[0], REPLICAS[1]] {
+        let mut l = lab(port).await;
+        let n: Option<i64> = l
+            .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(20) /* bw-timeout */%'")
+            .await
+            .unwrap();
+        assert_eq!(n, Some(0), "the statement is no longer running on {port}");
+    }
+    // Statements under the limit are untouched.
+    let v: Option<i64> = c.query_first("SELECT SLEEP(0.3) + 5").await.unwrap();
+    assert_eq!(v, Some(5));
+}
+
+/// A transaction idle past max_transaction_idle_time_ms, or open past
+/// max_transaction_time_ms, is rolled back (its locks released) and its client disconnected
+/// with an error that names the limit.
+#[tokio::test]
+async fn transactions_past_their_limits_are_ended() {
+    fresh_schema("sbtest_cli_txn").await;
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop("CREATE TABLE sbtest_cli_txn.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_cli_txn.t VALUES (1, 0), (2, 0)")
+            .await
+            .unwrap();
+    }
+    let proxy = Proxy::start(&["--max-transaction-idle-time-ms", "800", "--max-transaction-time-ms", "2500"]);
+    let opts = proxy.opts("app", "app", Some("sbtest_cli_txn"));
+    // Idle in a transaction holding a row lock.
+    let mut idle = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    idle.query_drop("BEGIN").await.unwrap();
+    idle.query_drop("UPDATE t SET v = 1 WHERE id = 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let err = idle.query_drop("COMMIT").await.unwrap_err();
+    println!("idle transaction: {err}");
+    assert!(err.to_string().contains("max_transaction_idle_time_ms") || !matches!(err, mysql_async::Error::Server(_)), "{err}");
+    let mut other = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    other.query_drop("SET innodb_lock_wait_timeout = 1").await.unwrap();
+    other.query_drop("UPDATE t SET v = 2 WHERE id = 1").await.expect("the idle transaction's lock is gone");
+    let v: Option<i64> = other.query_first("SELECT v FROM t WHERE id = 1 FOR UPDATE").await.unwrap();
+    assert_eq!(v, Some(2), "the idle transaction was rolled back");
+    // Busy, but open too long.
+    let mut busy = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    busy.query_drop("BEGIN").await.unwrap();
+    busy.query_drop("UPDATE t SET v = 3 WHERE id = 2").await.unwrap();
+    let t = Instant::now();
+    let mut ended = None;
+    while t.elapsed() < Duration::from_secs(6) {
+        if let Err(e) = busy.query_drop("SELECT v FROM t WHERE id = 2").await {
+            ended = Some((t.elapsed(), e.to_string()));
+            break;
+        }
+    }
+    let (at, e) = ended.expect("the long transaction was ended");
+    println!("long transaction ended after {at:?}: {e}");
+    // Answered with the error when a statement is sent after the limit; sent unsolicited
+    // (as a server's wait_timeout error is) when it passes while the client waits.
+    assert!(e.contains("max_transaction_time_ms (2500 ms)") || e.contains("out of sync"), "{e}");
+    assert!(at >= Duration::from_millis(2000) && at < Duration::from_secs(4), "{at:?}");
+    let v: Option<i64> = other.query_first("SELECT v FROM t WHERE id = 2 FOR UPDATE").await.unwrap();
+    assert_eq!(v, Some(0), "the long transaction was rolled back");
+    let m = proxy.admin("GET", "/metrics").await.1.as_str().unwrap_or_default().to_string();
+    assert!(m.contains("breakwater_proxy_transaction_timeouts_total{db_system_name=\"mysql\"} 2"), "{}", m.lines().filter(|l| l.contains("timeout")).collect::<Vec<_>>().join("\n"));
+}
+
+/// A client that stops reading its results is cut off after client_write_timeout_ms; the
+/// backend statement that was streaming to it ends too (its connection is closed).
+#[tokio::test]
+async fn client_that_stops_reading_is_cut_off() {
+    use std::io::{Read, Write};
+    let proxy = Proxy::start(&["--client-write-timeout-ms", "1000"]);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Log in with mysql_native_password.
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut g = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
+    s.read_exact(&mut g).unwrap();
+    let g = breakwater_proxy::protocol::handshake::parse_greeting(&g).unwrap();
+    let token = breakwater_proxy::protocol::auth::native_token(b"app", &g.scramble[..20]);
+    let resp = breakwater_proxy::protocol::handshake::handshake_response(
+        breakwater_proxy::protocol::caps::PROXY_BACKEND,
+        45,
+        "app",
+        &token,
+        Some("sbtest"),
+        "mysql_native_password",
+    );
+    let mut pkt = (resp.len() as u32).to_le_bytes()[..3].to_vec();
+    pkt.push(1);
+    pkt.extend_from_slice(&resp);
+    s.write_all(&pkt).unwrap();
+    s.read_exact(&mut head).unwrap();
+    let mut ok = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
+    s.read_exact(&mut ok).unwrap();
+    assert_eq!(ok[0], 0, "logged in");
+    // About 200 MB of result, never read.
+    let q = b"\x03SELECT REPEAT('x', 1000000) /* bw-unread */ FROM sbtest1 LIMIT 200";
+    let mut pkt = (q.len() as u32).to_le_bytes()[..3].to_vec();
+    pkt.push(0);
+    pkt.extend_from_slice(q);
+    s.write_all(&pkt).unwrap();
+    let t = Instant::now();
+    let running = |ports: [u16; 2]| async move {
+        let mut n = 0;
+        for port in ports {
+            let mut l = lab(port).await;
+            let c: Option<i64> = l
+                .query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT REPEAT(%bw-unread%'")
+                .await
+                .unwrap();
+            n += c.unwrap_or(0);
+        }
+        n
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(running(REPLICAS).await, 1, "the statement streams to the proxy");
+    let mut gone = None;
+    while t.elapsed() < Duration::from_secs(10) {
+        if running(REPLICAS).await == 0 {
+            gone = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("backend statement ended {gone:?} after the client stopped reading");
+    let gone = gone.expect("the backend statement ended");
+    assert!(gone < Duration::from_secs(5), "{gone:?}");
+    // The client's socket is closed by the proxy: reading drains what was buffered, then EOF.
+    let mut sink = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("the proxy did not close the connection: {e} after {total} bytes"),
+        }
+    }
+    assert!(total < 150 << 20, "the result was cut off ({total} bytes reached the client)");
+}

@@ -22,6 +22,8 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
         ("breakwater_proxy_client_connections_refused_total", "Client connections refused (max_client_connections).", st.client_connections_refused.load(Ordering::Relaxed)),
         ("breakwater_proxy_backend_errors_total", "Backend connections lost during a command.", st.backend_errors.load(Ordering::Relaxed)),
         ("breakwater_proxy_read_retries_total", "Reads retried on another server.", st.retries.load(Ordering::Relaxed)),
+        ("breakwater_proxy_query_timeouts_total", "Statements killed on their backend by default_query_timeout_ms.", st.query_timeouts.load(Ordering::Relaxed)),
+        ("breakwater_proxy_transaction_timeouts_total", "Transactions rolled back by max_transaction_time_ms or max_transaction_idle_time_ms.", st.transaction_timeouts.load(Ordering::Relaxed)),
     ] {
         family(&mut o, name, "counter", help);
         let _ = writeln!(o, "{name}{{db_system_name=\"mysql\"}} {v}");

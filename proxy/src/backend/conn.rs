@@ -132,9 +132,10 @@ impl BackendConn {
         key: ConnKey,
         password: &str,
         timeout: Duration,
+        read_timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
-        let fut = Self::connect_inner(addr.clone(), socket, key, password, permit);
+        let fut = Self::connect_inner(addr.clone(), socket, key, password, read_timeout, permit);
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::ConnectTimeout(addr.to_string())),
@@ -146,6 +147,7 @@ impl BackendConn {
         socket: Option<&str>,
         key: ConnKey,
         password: &str,
+        read_timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
         let connect_err = |err| BackendError::Connect { addr: addr.to_string(), err };
@@ -157,6 +159,7 @@ impl BackendConn {
             None => {
                 let stream = TcpStream::connect(&*addr).await.map_err(connect_err)?;
                 let _ = stream.set_nodelay(true);
+                dead_peer_bound(&stream, read_timeout);
                 let (r, w) = stream.into_split();
                 (Either::Left(r), Either::Left(w))
             }
@@ -503,6 +506,7 @@ impl BackendConn {
         kind: Kind,
         client: &mut PacketWriter<W>,
         rewrite_stmt_id: Option<u32>,
+        timeout: Option<(&std::sync::atomic::AtomicBool, u64)>,
     ) -> Result<Walker, ForwardError> {
         if let Err(e) = self.wr.send(seq, payload).await {
             let err = self.lost(e.into());
@@ -561,8 +565,52 @@ impl BackendConn {
         if w.last_insert_id != 0 {
             self.last_insert_id = w.last_insert_id;
         }
+        // Killed by default_query_timeout: the client gets an error that says so, not the
+        // server's bare "Query execution was interrupted" (when nothing else was sent yet).
+        if let (Some((flag, ms)), Some(_), false) = (timeout, &w.error, started) {
+            if flag.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                let msg = format!(
+                    "Breakwater: the statement ran longer than default_query_timeout_ms ({ms} ms) and was killed on backend {}",
+                    self.addr
+                );
+                client.buf_mut().truncate(base);
+                client.push(seq.wrapping_add(1), &codec::err_packet(1969, "70100", &msg));
+                w.error = codec::parse_err(&codec::err_packet(1969, "70100", &msg));
+            }
+        }
         client.flush().await.map_err(ForwardError::Client)?;
         Ok(w)
+    }
+}
+
+/// Make a TCP connection fail within about `t` once its peer stops answering: keepalive
+/// probes from `t`/2 on while it is idle (a statement in flight is idle at the TCP level),
+/// and TCP_USER_TIMEOUT for data left unacknowledged. A live server that is only slow keeps
+/// answering probes, so this never cuts a long statement off. Zero leaves the kernel's.
+pub fn dead_peer_bound(stream: &TcpStream, t: Duration) {
+    if t.is_zero() {
+        return;
+    }
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new()
+        .with_time((t / 2).max(Duration::from_secs(1)))
+        .with_interval((t / 10).max(Duration::from_secs(1)))
+        .with_retries(10);
+    if let Err(e) = sock.set_tcp_keepalive(&ka).and_then(|_| sock.set_tcp_user_timeout(Some(t))) {
+        tracing::warn!(error = %e, "cannot set TCP keepalive / TCP_USER_TIMEOUT on a backend socket");
+    }
+}
+
+/// TCP keepalive for a client socket: a vanished client host is noticed after `idle` plus
+/// six probes 10 s apart.
+pub fn client_keepalive(stream: &TcpStream, idle: Duration) {
+    if idle.is_zero() {
+        return;
+    }
+    let sock = socket2::SockRef::from(stream);
+    let ka = socket2::TcpKeepalive::new().with_time(idle.max(Duration::from_secs(1))).with_interval(Duration::from_secs(10)).with_retries(6);
+    if let Err(e) = sock.set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on a client socket");
     }
 }
 

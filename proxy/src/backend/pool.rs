@@ -102,6 +102,8 @@ pub struct Checkout<'a> {
     pub password: &'a str,
     pub connect_timeout: Duration,
     pub queue_timeout: Duration,
+    /// The dead-peer bound of new connections (see `conn::dead_peer_bound`).
+    pub read_timeout: Duration,
 }
 
 impl Server {
@@ -163,7 +165,7 @@ impl Server {
     }
 
     async fn connect(&self, opts: &Checkout<'_>, permit: tokio::sync::OwnedSemaphorePermit) -> Result<BackendConn, PoolError> {
-        match BackendConn::connect(self.addr.clone(), self.cfg.socket.as_deref(), opts.key.clone(), opts.password, opts.connect_timeout, permit).await {
+        match BackendConn::connect(self.addr.clone(), self.cfg.socket.as_deref(), opts.key.clone(), opts.password, opts.connect_timeout, opts.read_timeout, permit).await {
             Ok(c) => {
                 self.counters.conn_ok.fetch_add(1, Ordering::Relaxed);
                 Ok(c)

@@ -20,7 +20,7 @@ use crate::router::digest;
 use crate::router::rules::Decision;
 use crate::router::tables;
 use crate::cache::{self, Lookup};
-use crate::runtime::{Proxy, Runtime, SessionHandle, User};
+use crate::runtime::{Proxy, Running, Runtime, SessionHandle, User};
 use std::sync::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -126,6 +126,8 @@ pub struct Session {
     pub(super) sync_lid: Option<u64>,
     /// The statement being run used SQL_CALC_FOUND_ROWS.
     pub(super) calc_found_rows: bool,
+    /// When the open transaction started (for max_transaction_time_ms).
+    txn_started: Option<Instant>,
 }
 
 /// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
@@ -203,9 +205,10 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
     let peer_ip = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_else(|_| "unknown".into());
     let _ = stream.set_nodelay(true);
     let rt = proxy.runtime();
+    crate::backend::conn::client_keepalive(&stream, Duration::from_millis(rt.cfg.proxy.client_keepalive_ms));
     let tls = proxy.tls.get().cloned();
     let login = tokio::time::timeout(Duration::from_secs(10), handshake_and_login(stream, &rt, tls, conn_id, &peer_ip)).await;
-    let (rd, wr, Login { user, capabilities, collation, database, scramble }) = match login {
+    let (rd, mut wr, Login { user, capabilities, collation, database, scramble }) = match login {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => {
             info!(conn_id, peer = %peer_ip, error = %e, "login failed");
@@ -222,6 +225,8 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         }
     };
     debug!(conn_id, user = %user.name, peer = %peer_ip, "client logged in");
+    let wt = rt.cfg.proxy.client_write_timeout_ms;
+    wr.set_write_timeout((wt > 0).then(|| Duration::from_millis(wt)));
     let revoked = if user.temporary {
         proxy.access.get().and_then(|a| {
             a.audit.event("login", &user.name, &[("peer", &peer_ip), ("session", &conn_id.to_string())]);
@@ -230,7 +235,12 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
     } else {
         None
     };
-    let handle = Arc::new(SessionHandle { user: user.name.clone(), killed: watch::channel(false).0, running: Mutex::new(None) });
+    let handle = Arc::new(SessionHandle {
+        user: user.name.clone(),
+        killed: watch::channel(false).0,
+        running: Mutex::new(None),
+        timed_out: Default::default(),
+    });
     let killed = handle.killed.subscribe();
     if let Ok(mut m) = proxy.sessions.lock() {
         m.insert(conn_id, handle.clone());
@@ -267,6 +277,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         multi_statements: capabilities & caps::MULTI_STATEMENTS != 0,
         sync_lid: None,
         calc_found_rows: false,
+        txn_started: None,
         handle,
         killed,
     };
@@ -279,14 +290,57 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
 }
 
 impl Session {
+    /// When the open transaction must end: (deadline, which limit).
+    fn transaction_deadline(&self) -> Option<(tokio::time::Instant, &'static str, u64)> {
+        let started = self.txn_started?;
+        let p = &self.rt.cfg.proxy;
+        let now = tokio::time::Instant::now();
+        let total = (p.max_transaction_time_ms > 0).then(|| {
+            let left = Duration::from_millis(p.max_transaction_time_ms).saturating_sub(started.elapsed());
+            (now + left, "max_transaction_time_ms", p.max_transaction_time_ms)
+        });
+        let idle = (p.max_transaction_idle_time_ms > 0)
+            .then(|| (now + Duration::from_millis(p.max_transaction_idle_time_ms), "max_transaction_idle_time_ms", p.max_transaction_idle_time_ms));
+        match (total, idle) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// A transaction past its limit: its backend connection is closed (the server rolls
+    /// it back and frees its locks) and the client is told why and disconnected.
+    async fn end_transaction_over_limit(&mut self, seq: u8, limit: &str, ms: u64) -> ClientGone {
+        self.proxy.stats.transaction_timeouts.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.pinned.take() {
+            warn!(session = self.id, server = %c.server.addr, limit, ms, "transaction over its limit: rolled back, client disconnected");
+            c.discard();
+        }
+        self.pins = Pins::default();
+        let msg = format!("Breakwater: transaction exceeded {limit} ({ms} ms); it was rolled back and the connection closed");
+        let _ = self.send_err(seq, &SqlError::new(errcode::CONNECTION_KILLED, "70100", msg)).await;
+        ClientGone
+    }
+
     async fn command_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> Result<(), ClientGone> {
         let max = self.rt.cfg.proxy.max_allowed_packet;
         loop {
             if *shutdown.borrow() {
                 return Err(ClientGone);
             }
+            let txn_deadline = self.transaction_deadline();
             let read = tokio::select! {
                 r = self.rd.read_payload(&mut self.buf, max) => r,
+                _ = async {
+                    match txn_deadline {
+                        Some((at, _, _)) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    // Unsolicited, as a server's wait_timeout error is: the client reads it
+                    // when it next talks.
+                    let (_, limit, ms) = txn_deadline.unwrap_or((tokio::time::Instant::now(), "max_transaction_time_ms", 0));
+                    return Err(self.end_transaction_over_limit(0, limit, ms).await);
+                }
                 _ = shutdown.changed() => return Err(ClientGone),
                 _ = was_killed(&mut self.killed) => {
                     self.send_err(0, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
@@ -319,6 +373,13 @@ impl Session {
             if self.rd.first_seq() != 0 {
                 self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
                 return Err(ClientGone);
+            }
+            // A transaction that was busy all along but is now past max_transaction_time_ms:
+            // this command is answered with the error.
+            if let (Some(started), max) = (self.txn_started, self.rt.cfg.proxy.max_transaction_time_ms) {
+                if max > 0 && started.elapsed() >= Duration::from_millis(max) {
+                    return Err(self.end_transaction_over_limit(1, "max_transaction_time_ms", max).await);
+                }
             }
             let Some(&command) = self.buf.first() else {
                 self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed communication packet (empty command)")).await?;
@@ -487,6 +548,7 @@ impl Session {
             password: &self.user.backend_password,
             connect_timeout: Duration::from_millis(p.connect_timeout_ms),
             queue_timeout: Duration::from_millis(p.queue_timeout_ms),
+            read_timeout: Duration::from_millis(p.backend_read_timeout_ms),
         };
         let mut last_err = None;
         for _ in 0..hg.servers.len().max(1) {
@@ -573,12 +635,15 @@ impl Session {
             server.counters.queries.fetch_add(1, Ordering::Relaxed);
             self.last_backend = Some(server.addr.clone());
             if let Ok(mut r) = self.handle.running.lock() {
-                *r = Some((server.clone(), conn.thread_id));
+                *r = Some(Running { server: server.clone(), thread: conn.thread_id, started: Instant::now(), killed: false });
             }
-            let res = conn.forward(0, payload, kind, &mut self.wr, rewrite).await;
+            let limit = self.rt.cfg.proxy.default_query_timeout_ms;
+            let timeout = (limit > 0).then_some((&self.handle.timed_out, limit));
+            let res = conn.forward(0, payload, kind, &mut self.wr, rewrite, timeout).await;
             if let Ok(mut r) = self.handle.running.lock() {
                 *r = None;
             }
+            self.handle.timed_out.store(false, Ordering::Relaxed);
             match res {
                 Ok(w) => {
                     cmd.after(&mut conn);
@@ -618,6 +683,7 @@ impl Session {
             warn!(session = self.id, server = %server.addr, error = err, "pinned backend connection lost; transaction state discarded");
         }
         self.pins = Pins::default();
+        self.txn_started = None;
         self.cursor_stmt = None;
     }
 
@@ -668,6 +734,11 @@ impl Session {
         }
         let st = conn.status;
         self.pins.transaction = st & status::IN_TRANS != 0;
+        match (self.pins.transaction, self.txn_started) {
+            (true, None) => self.txn_started = Some(Instant::now()),
+            (false, Some(_)) => self.txn_started = None,
+            _ => {}
+        }
         self.pins.autocommit_off = st & status::AUTOCOMMIT == 0;
         conn.dirty = self.pins.lock_tables || self.pins.named_locks > 0 || !self.pins.sticky.is_empty();
         if self.pins.any() {
@@ -860,21 +931,8 @@ impl Session {
             return self.send_err(1, &SqlError::new(1095, "HY000", format!("You are not owner of thread {id}"))).await;
         }
         let running = target.running.lock().ok().and_then(|r| r.clone());
-        if let Some((server, thread)) = running {
-            let m = &self.rt.cfg.monitor;
-            let opts = mysql_async::OptsBuilder::default()
-                .ip_or_hostname(server.cfg.host.clone())
-                .tcp_port(server.cfg.port)
-                .user(Some(m.username.clone()))
-                .pass(Some(m.password.clone()))
-                .prefer_socket(false);
-            let r = tokio::time::timeout(Duration::from_secs(5), async {
-                use mysql_async::prelude::Queryable;
-                let mut c = mysql_async::Conn::new(opts).await?;
-                c.query_drop(format!("KILL QUERY {thread}")).await?;
-                c.disconnect().await
-            })
-            .await;
+        if let Some(Running { server, thread, .. }) = running {
+            let r = kill_query(&self.rt.cfg.monitor, &server, thread).await;
             if !matches!(r, Ok(Ok(()))) {
                 let msg = format!("Could not kill the running statement of session {id} on {}: {r:?}", server.addr);
                 return self.send_err(1, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
@@ -1145,6 +1203,8 @@ impl Session {
         }
         self.pins = Pins::default();
         self.cursor_stmt = None;
+        self.txn_started = None;
+        self.held = None;
     }
 
     async fn reset_session(&mut self) {
@@ -1200,6 +1260,71 @@ impl Session {
         self.wr.push(seq, &codec::ok_packet(0, 0, st, 0));
         self.flush().await
     }
+}
+
+/// `KILL QUERY <thread>` on a server, over a connection of the monitor user (5 s bound).
+pub async fn kill_query(
+    m: &crate::config::MonitorConfig,
+    server: &Server,
+    thread: u32,
+) -> Result<Result<(), mysql_async::Error>, tokio::time::error::Elapsed> {
+    let opts = mysql_async::OptsBuilder::default()
+        .ip_or_hostname(server.cfg.host.clone())
+        .tcp_port(server.cfg.port)
+        .user(Some(m.username.clone()))
+        .pass(Some(m.password.clone()))
+        .prefer_socket(false);
+    tokio::time::timeout(Duration::from_secs(5), async {
+        use mysql_async::prelude::Queryable;
+        let mut c = mysql_async::Conn::new(opts).await?;
+        c.query_drop(format!("KILL QUERY {thread}")).await?;
+        c.disconnect().await
+    })
+    .await
+}
+
+/// The default_query_timeout reaper: one task for the whole proxy (no timer per
+/// statement on the hot path) looks at every session's running statement a few times a
+/// second and kills those past the limit on their backend; the session then tells its
+/// client why (error 1969).
+pub fn spawn_query_reaper(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        loop {
+            let limit = proxy.runtime().cfg.proxy.default_query_timeout_ms;
+            let tick = Duration::from_millis((limit / 4).clamp(50, 250));
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => return,
+            }
+            if limit == 0 {
+                continue;
+            }
+            let limit = Duration::from_millis(limit);
+            let handles: Vec<Arc<SessionHandle>> = proxy.sessions.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
+            for h in handles {
+                let victim = match h.running.lock() {
+                    Ok(mut r) => match r.as_mut() {
+                        Some(run) if !run.killed && run.started.elapsed() >= limit => {
+                            run.killed = true;
+                            Some(run.clone())
+                        }
+                        _ => None,
+                    },
+                    Err(_) => None,
+                };
+                let Some(run) = victim else { continue };
+                h.timed_out.store(true, Ordering::Relaxed);
+                proxy.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
+                let m = proxy.runtime().cfg.monitor.clone();
+                tokio::spawn(async move {
+                    warn!(server = %run.server.addr, thread = run.thread, "statement past default_query_timeout_ms: KILL QUERY");
+                    if let Ok(Err(e)) | Err(e) = kill_query(&m, &run.server, run.thread).await.map_err(|e| mysql_async::Error::Other(e.to_string().into())) {
+                        warn!(server = %run.server.addr, thread = run.thread, error = %e, "could not kill a statement past default_query_timeout_ms");
+                    }
+                });
+            }
+        }
+    });
 }
 
 /// How the command payload is made for a particular backend connection.

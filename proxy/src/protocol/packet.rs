@@ -102,6 +102,12 @@ pub struct PacketWriter<W> {
     inner: W,
     buf: Vec<u8>,
     capture: Option<Capture>,
+    /// A peer that does not take what is written within this long is given up on.
+    write_timeout: Option<std::time::Duration>,
+}
+
+fn write_timed_out() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "the peer did not read what was sent within the write timeout")
 }
 
 /// Copies of what is written to the client during one command (for the query cache).
@@ -117,7 +123,12 @@ struct Capture {
 
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     pub fn new(w: W) -> Self {
-        Self { inner: w, buf: Vec::with_capacity(16 * 1024), capture: None }
+        Self { inner: w, buf: Vec::with_capacity(16 * 1024), capture: None, write_timeout: None }
+    }
+
+    /// Bound every flush and send (client_write_timeout_ms on client connections).
+    pub fn set_write_timeout(&mut self, t: Option<std::time::Duration>) {
+        self.write_timeout = t;
     }
 
     /// Queue a payload with sequence id `seq`, splitting at 16 MiB. Returns the next sequence id.
@@ -145,9 +156,16 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     /// caller's buffer, packet header by packet header, instead of being copied into the
     /// outgoing buffer first: forwarding a 20 MiB statement costs no second 20 MiB.
     pub async fn send(&mut self, seq: u8, payload: &[u8]) -> io::Result<u8> {
+        match self.write_timeout {
+            None => self.send_inner(seq, payload).await,
+            Some(t) => tokio::time::timeout(t, self.send_inner(seq, payload)).await.unwrap_or_else(|_| Err(write_timed_out())),
+        }
+    }
+
+    async fn send_inner(&mut self, seq: u8, payload: &[u8]) -> io::Result<u8> {
         if payload.len() < 64 * 1024 || self.capture.is_some() {
             let next = self.push(seq, payload);
-            self.flush().await?;
+            self.flush_inner().await?;
             return Ok(next);
         }
         if !self.buf.is_empty() {
@@ -206,6 +224,13 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
+        match self.write_timeout {
+            None => self.flush_inner().await,
+            Some(t) => tokio::time::timeout(t, self.flush_inner()).await.unwrap_or_else(|_| Err(write_timed_out())),
+        }
+    }
+
+    async fn flush_inner(&mut self) -> io::Result<()> {
         if let Some(mut c) = self.capture.take() {
             let pre = c.skip;
             self.take_into(&mut c);
