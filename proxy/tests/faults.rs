@@ -193,3 +193,130 @@ async fn five_hundred_clients_never_exceed_backend_caps() {
     assert!(m.values().all(|n| *n > 0), "each server was used: {m:?}");
 }
 
+
+fn nft(script: &str) {
+    let st = std::process::Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+        c.wait()
+    });
+    assert!(st.is_ok_and(|s| s.success()), "nft -f failed for:\n{script}");
+}
+
+/// Removes the black hole however the test ends.
+struct BlackHole;
+
+impl BlackHole {
+    /// Drop every loopback packet to or from `port` (not refused: dropped, as a firewall
+    /// or a dead host does).
+    fn on(port: u16) -> BlackHole {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_blackhole"]).stderr(std::process::Stdio::null()).status();
+        nft(&format!(
+            "table inet bw_blackhole {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
+             tcp dport {port} drop\n tcp sport {port} drop\n }}\n}}\n"
+        ));
+        BlackHole
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_blackhole"]).status();
+    }
+}
+
+/// A replica black-holed by the firewall: reads in flight on it end within
+/// backend_read_timeout_ms (retried on the other replica, as nothing had reached the
+/// client), new reads move to the other replica, and the replica is taken back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn black_holed_replica_reads_end_and_move() {
+    let timeout = Duration::from_millis(3000);
+    let proxy = Proxy::start(&["--backend-read-timeout-ms", "3000"]);
+    #[derive(Debug, Clone)]
+    struct Read {
+        start: Duration,
+        took: Duration,
+        port: Option<u16>,
+        error: Option<String>,
+    }
+    let reads: Arc<Mutex<Vec<Read>>> = Default::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let opts = proxy.opts("app", "app", Some("sbtest"));
+        let (reads, stop) = (reads.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = mysql_async::Conn::new(opts).await.unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                let start = t0.elapsed();
+                let r = tokio::time::timeout(Duration::from_secs(30), c.query_first::<(u16, i64), _>("SELECT @@port, SLEEP(0.3)")).await;
+                let took = t0.elapsed() - start;
+                let (port, error) = match r {
+                    Ok(Ok(Some((p, _)))) => (Some(p), None),
+                    Ok(Ok(None)) => (None, Some("no row".to_string())),
+                    Ok(Err(e)) => (None, Some(e.to_string())),
+                    Err(_) => (None, Some("hung for 30 s".to_string())),
+                };
+                let failed = error.is_some();
+                reads.lock().unwrap().push(Read { start, took, port, error });
+                if failed {
+                    // A failed read may leave the client's connection unusable: a new one.
+                    match mysql_async::Conn::new(c.opts().clone()).await {
+                        Ok(n) => c = n,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let blocked_at = t0.elapsed();
+    let hole = BlackHole::on(3308);
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let lifted_at = t0.elapsed();
+    drop(hole);
+    let back = proxy.wait_log(&["127.0.0.1:3308", "ONLINE"], Duration::from_secs(20));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let reads = reads.lock().unwrap().clone();
+    let in_flight: Vec<&Read> = reads.iter().filter(|r| r.start < blocked_at && r.start + r.took > blocked_at).collect();
+    let slowest = reads.iter().filter(|r| r.start >= blocked_at.saturating_sub(Duration::from_secs(1))).map(|r| r.took).max().unwrap_or_default();
+    let settled = blocked_at + timeout + Duration::from_secs(2);
+    let moved: Vec<&Read> = reads.iter().filter(|r| r.start > settled && r.start + r.took < lifted_at).collect();
+    let errors: Vec<&Read> = reads.iter().filter(|r| r.error.is_some()).collect();
+    println!("blocked at {blocked_at:?}, lifted at {lifted_at:?}; {} reads, {} in flight at the block, slowest since {slowest:?}", reads.len(), in_flight.len());
+    println!("in flight: {:?}", in_flight.iter().map(|r| (r.took, r.port, r.error.clone())).collect::<Vec<_>>());
+    println!("errors: {errors:?}");
+    assert!(!in_flight.is_empty());
+    assert!(slowest <= timeout + Duration::from_secs(2), "a read took {slowest:?} (backend_read_timeout_ms 3000)");
+    assert!(moved.len() > 20, "reads kept going: {}", moved.len());
+    assert!(moved.iter().all(|r| r.port == Some(3309)), "reads moved to the other replica: {moved:?}");
+    assert!(errors.len() <= 12, "at most the reads in flight fail: {errors:?}");
+    assert!(back, "3308 is taken back once reachable:\n{}", proxy.log_text());
+}
+
+/// Broken replication (SQL thread stopped) shuns a replica after shun_after_failures
+/// checks; it comes back when replication runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_replication_is_shunned() {
+    let proxy = Proxy::start(&["--shun-after-failures", "2"]);
+    let mut r = lab(3309).await;
+    r.query_drop("STOP SLAVE SQL_THREAD").await.unwrap();
+    let shunned = proxy.wait_log(&["127.0.0.1:3309", "SHUNNED", "SQL thread not running"], Duration::from_secs(10));
+    let mut c = proxy.conn().await;
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let p: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
+        ports.extend(p);
+    }
+    r.query_drop("START SLAVE SQL_THREAD").await.unwrap();
+    let back = proxy.wait_log(&["127.0.0.1:3309", "ONLINE"], Duration::from_secs(10));
+    assert!(shunned, "{}", proxy.log_text());
+    assert_eq!(ports.into_iter().collect::<Vec<_>>(), vec![3308], "reads avoid the broken replica");
+    assert!(back, "{}", proxy.log_text());
+    wait_replicas_caught_up().await;
+}
