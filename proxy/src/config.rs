@@ -298,6 +298,10 @@ pub struct ProxyConfig {
     /// A client idle this long inside a transaction is disconnected and its transaction
     /// rolled back (its locks and connection released). 0: no limit.
     pub max_transaction_idle_time_ms: u64,
+    /// A stored procedure may change session state (SET, temporary tables, user variables)
+    /// that the proxy cannot see: by default a client that ran CALL stays on its backend
+    /// connection. true: keep multiplexing after CALL (for procedures known not to).
+    pub multiplex_after_call: bool,
 }
 
 impl Default for ProxyConfig {
@@ -322,6 +326,7 @@ impl Default for ProxyConfig {
             client_keepalive_ms: 60_000,
             max_transaction_time_ms: 14_400_000,
             max_transaction_idle_time_ms: 600_000,
+            multiplex_after_call: false,
         }
     }
 }

@@ -295,7 +295,8 @@ pub fn build_users(rows: &[crate::config::UserConfig]) -> Result<HashMap<String,
 
 /// What other sessions may know of a session: for KILL [QUERY|CONNECTION] <id>.
 pub struct SessionHandle {
-    pub user: String,
+    /// The session's user (COM_CHANGE_USER changes it).
+    pub user: Mutex<String>,
     /// Turns true to close the session.
     pub killed: tokio::sync::watch::Sender<bool>,
     /// The backend connection running this session's statement now.

@@ -299,3 +299,59 @@ async fn client_that_stops_reading_is_cut_off() {
     }
     assert!(total < 150 << 20, "the result was cut off ({total} bytes reached the client)");
 }
+
+/// A procedure that changes session state, and a multi-statement that fails after a SET:
+/// the client stays on the connection that has the state; nobody else gets it.
+#[tokio::test]
+async fn state_the_proxy_cannot_follow_stays_with_its_client() {
+    for (schema, through_proxy) in [("sbtest_cli_state_direct", false), ("sbtest_cli_state", true)] {
+        {
+            let mut p = lab(PRIMARY).await;
+            p.query_drop(format!(
+                "DROP DATABASE IF EXISTS {schema}; CREATE DATABASE {schema}; \
+                 CREATE PROCEDURE {schema}.set_tz() SET SESSION time_zone = '+05:00'"
+            ))
+            .await
+            .unwrap();
+            wait_replicas_caught_up().await;
+        }
+        let proxy = through_proxy.then(|| Proxy::start(&["--max-connections", "2"]));
+        let r = python("session_state", proxy.as_ref().map(|p| p.port).unwrap_or(PRIMARY), schema);
+        println!("{}: {r}", if through_proxy { "through the proxy" } else { "direct" });
+        assert_eq!(r["multi_error"], 1146, "{r}");
+        assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+    }
+}
+
+/// Query cache keys hold every session variable that changes a result.
+#[tokio::test]
+async fn cache_keys_hold_the_session_variables() {
+    fresh_schema("sbtest_cli_cachekey").await;
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop("CREATE TABLE sbtest_cli_cachekey.c (v INT); INSERT INTO sbtest_cli_cachekey.c VALUES (1), (2), (3)").await.unwrap();
+        wait_replicas_caught_up().await;
+    }
+    let cfg = default_config_with(
+        "[[query_rules]]\nrule_id = 10\nmatch_digest = '^SELECT v FROM c'\ndestination_hostgroup = 20\ncache_ttl = 60000\napply = true\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let opts = proxy.opts("app", "app", Some("sbtest_cli_cachekey"));
+    let mut plain = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    let mut limited = mysql_async::Conn::new(opts.clone()).await.unwrap();
+    limited.query_drop("SET sql_select_limit = 1").await.unwrap();
+    let mut concat = mysql_async::Conn::new(opts).await.unwrap();
+    concat.query_drop("SET group_concat_max_len = 4").await.unwrap();
+    for round in 0..2 {
+        let a: Vec<i64> = plain.query("SELECT v FROM c ORDER BY v").await.unwrap();
+        let b: Vec<i64> = limited.query("SELECT v FROM c ORDER BY v").await.unwrap();
+        assert_eq!(a, vec![1, 2, 3], "round {round}");
+        assert_eq!(b, vec![1], "round {round}: sql_select_limit is part of the key");
+        let x: Option<String> = plain.query_first("SELECT v FROM c WHERE 0 UNION SELECT GROUP_CONCAT(v) FROM c").await.unwrap();
+        let y: Option<String> = concat.query_first("SELECT v FROM c WHERE 0 UNION SELECT GROUP_CONCAT(v) FROM c").await.unwrap();
+        assert_eq!(x.as_deref(), Some("1,2,3"));
+        assert_eq!(y.as_deref(), Some("1,2,"), "group_concat_max_len is part of the key");
+    }
+    let st = proxy.admin("GET", "/api/cache").await.1;
+    assert!(st["hits"].as_u64().unwrap_or(0) >= 4, "the second round was served from the cache: {st}");
+}

@@ -139,11 +139,27 @@ pub fn run(args: &[&str]) -> Result<()> {
     for port in [6033, 6034, 9435] {
         ensure_free(port)?;
     }
-    // `cargo xtask bench agent` / `bench cache`: one part only.
+    // `--baseline=PATH`: also run point_select through another proxy binary in this run.
+    let baseline: Option<String> = args.iter().find_map(|a| a.strip_prefix("--baseline=")).map(str::to_string);
+    if baseline.is_some() {
+        ensure_free(6035)?;
+    }
+    // `cargo xtask bench agent` / `bench cache` / `bench big`: one part only.
     match args.iter().find(|a| !a.starts_with("--")).copied() {
         Some("agent") => return agent_overhead(secs),
         Some("cache") => return cache_hit(&bin, secs),
-        Some(other) => anyhow::bail!("unknown bench part {other:?} (agent, cache, or none for all)"),
+        Some("big") => {
+            let child = Command::new(&bin)
+                .args(["--listen", "127.0.0.1:6033", "--log-level", "warn", "--worker-threads", "1"])
+                .stdout(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            let proxy = Proxy(child);
+            wait_port(6033)?;
+            std::thread::sleep(Duration::from_secs(2));
+            return big_statement(proxy.0.id(), 6033);
+        }
+        Some(other) => anyhow::bail!("unknown bench part {other:?} (agent, cache, big, or none for all)"),
         None => {}
     }
     let child = Command::new(&bin)
@@ -164,11 +180,75 @@ pub fn run(args: &[&str]) -> Result<()> {
             compare(workload, workload, threads, 6033, secs, &[], "")?;
         }
     }
+    if let Some(base) = &baseline {
+        // The same rows through another build (e.g. the previous commit's), in this run.
+        let child = Command::new(base)
+            .args(["--listen", "127.0.0.1:6035", "--admin-listen", "", "--admin-mysql-listen", "", "--failover", "off"])
+            .args(["--log-level", "warn", "--worker-threads", "1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {base}"))?;
+        let _b = Proxy(child);
+        wait_port(6035)?;
+        std::thread::sleep(Duration::from_secs(2));
+        for threads in [8u32, 32] {
+            compare("oltp_point_select", "point_select base", threads, 6035, secs, &[], "   (--baseline build)")?;
+            compare("oltp_point_select", "oltp_point_select", threads, 6033, secs, &[], "   (this build, again)")?;
+        }
+    }
     println!("\nproxy peak RSS: {:.1} MiB (release build, --worker-threads 1)", peak_rss_kib(proxy.0.id()) as f64 / 1024.0);
     println!("direct = sysbench to 3307; proxy = sysbench to 6033 (reads to 3308/3309 by the default rules)");
+    big_statement(proxy.0.id(), 6033)?;
     drop(proxy);
     cache_hit(&bin, secs)?;
     agent_overhead(secs)
+}
+
+/// A 24 MiB multi-row INSERT through the proxy (the mariadb client sends it): the proxy's
+/// peak RSS before and after. The statement is analysed on its first
+/// query_digests_max_query_length bytes and forwarded without a copy, so the peak grows by
+/// about the statement's own size (the one read buffer).
+fn big_statement(pid: u32, port: u16) -> Result<()> {
+    lab::sql(3307, "DROP DATABASE IF EXISTS sbtest_bench_big; CREATE DATABASE sbtest_bench_big; \
+        CREATE TABLE sbtest_bench_big.t (id INT AUTO_INCREMENT PRIMARY KEY, a INT, b VARCHAR(64))")?;
+    let mut sql = String::with_capacity(25 << 20);
+    sql.push_str("INSERT INTO t (a, b) VALUES ");
+    let mut n = 0u64;
+    while sql.len() < 24 << 20 {
+        if n > 0 {
+            sql.push(',');
+        }
+        use std::fmt::Write;
+        let _ = write!(sql, "({n}, 'row {n} of a bulk insert through the proxy')");
+        n += 1;
+    }
+    sql.push_str(";\n");
+    let file = proc::root().join("target/bench-big-insert.sql");
+    std::fs::write(&file, &sql)?;
+    let before = peak_rss_kib(pid);
+    let t = std::time::Instant::now();
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "-h127.0.0.1", "-uapp", "-papp", "--max-allowed-packet=64M", "sbtest_bench_big"])
+        .arg(format!("-P{port}"))
+        .stdin(std::fs::File::open(&file)?)
+        .output()?;
+    let took = t.elapsed();
+    let after = peak_rss_kib(pid);
+    let _ = std::fs::remove_file(&file);
+    if !out.status.success() {
+        bail!("the 24 MiB INSERT failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rows = lab::sql(3307, "SELECT COUNT(*) FROM sbtest_bench_big.t")?;
+    println!(
+        "\n24 MiB INSERT ({n} rows, {} stored) through the proxy in {:.2} s: proxy peak RSS {:.1} -> {:.1} MiB (+{:.1} MiB)",
+        rows.trim(),
+        took.as_secs_f64(),
+        before as f64 / 1024.0,
+        after as f64 / 1024.0,
+        after.saturating_sub(before) as f64 / 1024.0
+    );
+    lab::sql(3307, "DROP DATABASE sbtest_bench_big")?;
+    Ok(())
 }
 
 /// point_select over the text protocol through a caching query rule vs direct, 32 threads.

@@ -220,5 +220,5 @@ fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
 /// A text-protocol result set with every column a string.
 fn result_set<W: tokio::io::AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, cols: &[String], rows: &[Vec<Option<String>>]) {
     let cols: Vec<codec::Column> = cols.iter().map(|c| codec::Column { name: c, kind: codec::TYPE_VAR_STRING, flags: 0 }).collect();
-    codec::push_text_result_set(wr, &cols, rows, status::AUTOCOMMIT);
+    codec::push_text_result_set(wr, 1, &cols, rows, status::AUTOCOMMIT);
 }

@@ -121,10 +121,10 @@ impl Session {
 
     pub(super) async fn com_stmt_execute(&mut self) -> Result<(), ClientGone> {
         let Some(id) = stmt_id(&self.buf) else {
-            return self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed COM_STMT_EXECUTE")).await;
+            return self.send_err(self.reply_seq, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed COM_STMT_EXECUTE")).await;
         };
         let Some(stmt) = self.stmts.get(&id).cloned() else {
-            return self.send_err(1, &unknown_stmt(id, "mysqld_stmt_execute")).await;
+            return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_execute")).await;
         };
         let cursor = self.buf.get(5).is_some_and(|f| f & 0x07 != 0);
         let mut buf = std::mem::take(&mut self.buf);
@@ -163,7 +163,11 @@ impl Session {
         };
         self.sync_lid = (stmt.last_insert_id == classify::LastInsertId::Reads).then_some(self.last_insert_id);
         self.calc_found_rows = stmt.calc_found_rows;
-        let r = self.run(stmt.hostgroup, Command::Stmt(cmd), Kind::ResultSet, retryable).await;
+        // A cursor pins the client to the connection that holds it: it is opened on the
+        // user's default (writer) hostgroup, so the writes that may follow in the same
+        // session never land on a reader.
+        let hg = if cursor { self.user.default_hostgroup } else { stmt.hostgroup };
+        let r = self.run(hg, Command::Stmt(cmd), Kind::ResultSet, retryable).await;
         self.sync_lid = None;
         self.buf = buf;
         if let Some(t) = client_types {
@@ -190,7 +194,7 @@ impl Session {
         let id = stmt_id(&self.buf).unwrap_or(0);
         let stmt = match (self.stmts.get(&id).cloned(), self.pinned.is_some() && self.cursor_stmt == Some(id)) {
             (Some(s), true) => s,
-            _ => return self.send_err(1, &unknown_stmt(id, "mysqld_stmt_fetch")).await,
+            _ => return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_fetch")).await,
         };
         let mut buf = std::mem::take(&mut self.buf);
         let cmd = StmtCommand { payload: &mut buf, sql: stmt.sql, params: 0, known_types: None, sent_types: None, execute: false };
@@ -206,7 +210,7 @@ impl Session {
         // No response is ever sent for this command; failures surface at EXECUTE.
         let Some(id) = stmt_id(&self.buf) else { return Ok(()) };
         let Some(stmt) = self.stmts.get(&id).cloned() else { return Ok(()) };
-        let mut conn = match self.acquire(stmt.hostgroup, None).await {
+        let mut conn = match self.acquire(stmt.hostgroup, None, stmt.read_only).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(session = self.id, error = %e.message, "long data dropped: no backend");
@@ -224,6 +228,9 @@ impl Session {
         .await;
         match res {
             Ok(()) => {
+                // The server holds the data for this statement until an EXECUTE or RESET:
+                // the connection must not serve anyone else before then.
+                conn.dirty = true;
                 self.pins.add(PinReason::LongData);
                 self.pinned = Some(conn);
             }
@@ -254,7 +261,7 @@ impl Session {
     pub(super) async fn com_stmt_reset(&mut self) -> Result<(), ClientGone> {
         let id = stmt_id(&self.buf).unwrap_or(0);
         let Some(stmt) = self.stmts.get(&id).cloned() else {
-            return self.send_err(1, &unknown_stmt(id, "mysqld_stmt_reset")).await;
+            return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_reset")).await;
         };
         let on_pinned = self.pinned.as_ref().is_some_and(|c| c.stmt(&stmt.sql).is_some());
         self.pins.long_data = false;

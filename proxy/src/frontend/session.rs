@@ -128,6 +128,8 @@ pub struct Session {
     pub(super) calc_found_rows: bool,
     /// When the open transaction started (for max_transaction_time_ms).
     txn_started: Option<Instant>,
+    /// Sequence id of the proxy's own reply to the current command.
+    pub(super) reply_seq: u8,
 }
 
 /// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
@@ -236,7 +238,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         None
     };
     let handle = Arc::new(SessionHandle {
-        user: user.name.clone(),
+        user: Mutex::new(user.name.clone()),
         killed: watch::channel(false).0,
         running: Mutex::new(None),
         timed_out: Default::default(),
@@ -278,6 +280,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         sync_lid: None,
         calc_found_rows: false,
         txn_started: None,
+        reply_seq: 1,
         handle,
         killed,
     };
@@ -369,9 +372,11 @@ impl Session {
                     return Err(ClientGone);
                 }
             };
-            let _last_seq = seq;
+            // Replies follow the command's last packet (a command of 16 MiB or more comes
+            // in several).
+            self.reply_seq = seq.wrapping_add(1);
             if self.rd.first_seq() != 0 {
-                self.send_err(1, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
+                self.send_err(self.reply_seq, &SqlError::new(errcode::NET_PACKETS_OUT_OF_ORDER, "08S01", "Got packets out of order")).await?;
                 return Err(ClientGone);
             }
             // A transaction that was busy all along but is now past max_transaction_time_ms:
@@ -382,7 +387,7 @@ impl Session {
                 }
             }
             let Some(&command) = self.buf.first() else {
-                self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed communication packet (empty command)")).await?;
+                self.send_err(self.reply_seq, &SqlError::new(errcode::MALFORMED_PACKET, "HY000", "Malformed communication packet (empty command)")).await?;
                 return Err(ClientGone);
             };
             self.proxy.stats.queries.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +416,7 @@ impl Session {
                 cmd::STMT_FETCH => self.com_stmt_fetch().await?,
                 other => {
                     let msg = format!("Unknown command 0x{other:02x}");
-                    self.send_err(1, &SqlError::new(errcode::UNKNOWN_COM, "08S01", msg)).await?;
+                    self.send_err(self.reply_seq, &SqlError::new(errcode::UNKNOWN_COM, "08S01", msg)).await?;
                 }
             }
             if self.buf.capacity() > 1 << 20 {
@@ -429,11 +434,11 @@ impl Session {
             Some(1) => self.multi_statements = false,
             _ => {
                 let e = SqlError::new(errcode::UNKNOWN_COM, "08S01", "Unknown command (COM_SET_OPTION with an unknown option)");
-                return self.send_err(1, &e).await;
+                return self.send_err(self.reply_seq, &e).await;
             }
         }
         let st = self.status_flags();
-        self.wr.push(1, &codec::eof_packet(st, 0));
+        self.wr.push(self.reply_seq, &codec::eof_packet(st, 0));
         self.flush().await
     }
 
@@ -454,7 +459,7 @@ impl Session {
 
     pub(super) async fn send_ok(&mut self) -> Result<(), ClientGone> {
         let st = self.status_flags();
-        self.wr.push(1, &codec::ok_packet(0, 0, st, 0));
+        self.wr.push(self.reply_seq, &codec::ok_packet(0, 0, st, 0));
         self.flush().await
     }
 
@@ -490,9 +495,10 @@ impl Session {
         d
     }
 
-    /// The pinned connection, or one from a server of `hostgroup` (falling back to the
-    /// user's default hostgroup when no server of `hostgroup` is ONLINE).
-    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>) -> Result<PooledConn, SqlError> {
+    /// The pinned connection, or one from a server of `hostgroup`. A read (`read`) whose
+    /// hostgroup has no ONLINE server falls back to the user's default hostgroup; a write
+    /// never does: it gets a clear error instead of landing on another hostgroup.
+    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>, read: bool) -> Result<PooledConn, SqlError> {
         if let Some(c) = self.pinned.take() {
             if c.server.status() != Status::OfflineHard {
                 return Ok(c);
@@ -519,6 +525,17 @@ impl Session {
             let routing = rt.routing();
             let hg = match routing.hostgroups.get(&hostgroup) {
                 Some(g) if g.any_online() || g.gate != Gate::Open => g.clone(),
+                Some(g) if !read && hostgroup != self.user.default_hostgroup => {
+                    let states: Vec<String> = g.servers.iter().map(|s| format!("{} {}", s.addr, s.status().as_str())).collect();
+                    return Err(SqlError::new(
+                        errcode::MAX_CONNECT_TIMEOUT,
+                        "HY000",
+                        format!(
+                            "Breakwater: no ONLINE server in hostgroup {hostgroup} for this write ({}); it was not sent to another hostgroup",
+                            states.join(", ")
+                        ),
+                    ));
+                }
                 _ => match routing.hostgroups.get(&self.user.default_hostgroup) {
                     Some(g) => g.clone(),
                     None => {
@@ -551,10 +568,22 @@ impl Session {
             read_timeout: Duration::from_millis(p.backend_read_timeout_ms),
         };
         let mut last_err = None;
+        let mut full: Vec<String> = Vec::new();
+        let mut tried: Vec<Arc<Server>> = Vec::new();
         for _ in 0..hg.servers.len().max(1) {
-            let Some(server) = hg.pick(exclude) else { break };
+            let skip = tried.last().or(exclude);
+            let Some(server) = hg.pick(skip) else { break };
+            if tried.iter().any(|t| Arc::ptr_eq(t, &server)) {
+                break;
+            }
+            tried.push(server.clone());
             match server.checkout(&opts).await {
                 Ok(c) => return Ok(c),
+                Err(PoolError::Backend(BackendError::Login { addr, code: errcode::CON_COUNT, msg })) => {
+                    // The server is alive but at its own max_connections: another server
+                    // of the hostgroup may take it; if none can, the client gets 1040 too.
+                    full.push(format!("{addr}: {msg}"));
+                }
                 Err(PoolError::Backend(BackendError::Login { .. })) if self.user.temporary && self.rt.user(&self.user.name).is_none() => {
                     return Err(SqlError::new(
                         errcode::CONNECTION_KILLED,
@@ -575,6 +604,10 @@ impl Session {
                 }
                 Err(e) => return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", e.to_string())),
             }
+        }
+        if !full.is_empty() && last_err.is_none() {
+            let msg = format!("Too many connections: hostgroup {} backend(s) refused a new connection ({})", hg.id, full.join("; "));
+            return Err(SqlError::new(errcode::CON_COUNT, "08004", msg));
         }
         let msg = match last_err {
             Some(e) => format!("No backend available in hostgroup {}: {e}", hg.id),
@@ -597,10 +630,10 @@ impl Session {
         loop {
             attempt += 1;
             let was_pinned = self.pinned.is_some();
-            let mut conn = match self.acquire(hostgroup, exclude.as_ref()).await {
+            let mut conn = match self.acquire(hostgroup, exclude.as_ref(), retryable).await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.send_err(1, &e).await?;
+                    self.send_err(self.reply_seq, &e).await?;
                     return Ok(None);
                 }
             };
@@ -615,7 +648,7 @@ impl Session {
                 Err(BackendError::Sql(e)) => {
                     // The server refused state sync or re-prepare (e.g. unknown database).
                     self.keep_or_release(conn);
-                    self.send_err(1, &SqlError { code: e.code, state: "HY000", message: e.message }).await?;
+                    self.send_err(self.reply_seq, &SqlError { code: e.code, state: "HY000", message: e.message }).await?;
                     return Ok(None);
                 }
                 Err(e) => {
@@ -627,7 +660,7 @@ impl Session {
                     }
                     self.connection_lost(&server, &e.to_string());
                     let msg = format!("Lost connection to backend {} (hostgroup {}): {e}", server.addr, server.cfg.hostgroup);
-                    self.send_err(1, &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
+                    self.send_err(self.reply_seq, &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
                     return Ok(None);
                 }
             };
@@ -740,7 +773,7 @@ impl Session {
             _ => {}
         }
         self.pins.autocommit_off = st & status::AUTOCOMMIT == 0;
-        conn.dirty = self.pins.lock_tables || self.pins.named_locks > 0 || !self.pins.sticky.is_empty();
+        conn.dirty = self.pins.lock_tables || self.pins.named_locks > 0 || !self.pins.sticky.is_empty() || self.pins.long_data;
         if self.pins.any() {
             if !was_pinned {
                 if let Some(reason) = self.pins.reason() {
@@ -792,7 +825,7 @@ impl Session {
             let v = value.to_string();
             let st = self.status_flags();
             let cols = [codec::Column { name: &col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
-            codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some(v)]], st);
+            codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[vec![Some(v)]], st);
             (self.row_count, self.found_rows) = (-1, 1);
             self.flush().await
         } else if let Some(kill) = parse_kill(sql) {
@@ -803,7 +836,7 @@ impl Session {
                 "HY000",
                 format!("Breakwater: '{}' has temporary read_only access; writes are refused", self.user.name),
             );
-            self.send_err(1, &e).await
+            self.send_err(self.reply_seq, &e).await
         } else {
             let t0 = Instant::now();
             let d = self.route(sql, &a);
@@ -824,13 +857,13 @@ impl Session {
                                     codec::Column { name: "Code", kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED },
                                     codec::Column { name: "Message", kind: codec::TYPE_VAR_STRING, flags: 0 },
                                 ];
-                                codec::push_text_result_set(&mut self.wr, &cols, &[], st);
+                                codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[], st);
                                 answered = true;
                             }
                             Some(super::diagnostics::Answer::Count(col)) => {
                                 let st = self.status_flags();
                                 let cols = [codec::Column { name: col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
-                                codec::push_text_result_set(&mut self.wr, &cols, &[vec![Some("0".into())]], st);
+                                codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[vec![Some("0".into())]], st);
                                 answered = true;
                             }
                             Some(super::diagnostics::Answer::Rewrite(text)) => {
@@ -876,7 +909,21 @@ impl Session {
                         if let Some(v) = set_lid {
                             conn.last_insert_id = v;
                         }
-                        self.finish(&w, conn, &a.effects);
+                        let state_change = |e: &Effect| matches!(e, Effect::SetVar(..) | Effect::SetNames(..) | Effect::Use(_));
+                        let call = a.kind == Some(classify::Kind::Call) && !self.rt.cfg.proxy.multiplex_after_call;
+                        let broken_multi = a.multi && err && a.effects.iter().any(state_change);
+                        if call || broken_multi {
+                            // State the proxy cannot follow: a procedure may SET anything; a
+                            // multi-statement that failed part-way ran only some of its SETs.
+                            // The connection knows the truth: the client stays on it.
+                            let mut effects = a.effects.clone();
+                            effects.retain(|e| !state_change(e));
+                            let why = if call { "CALL (a procedure may change session state)" } else { "multi-statement failed part-way (session state unknown)" };
+                            effects.push(Effect::Pin(classify::PinReason::Other(why)));
+                            self.finish(&w, conn, &effects);
+                        } else {
+                            self.finish(&w, conn, &a.effects);
+                        }
                         if let Some(v) = set_lid {
                             self.last_insert_id = v;
                         }
@@ -921,27 +968,27 @@ impl Session {
     async fn kill(&mut self, (query_only, id): (bool, Option<u32>)) -> Result<(), ClientGone> {
         let Some(id) = id else {
             let e = SqlError::new(1235, "42000", "Breakwater supports KILL [CONNECTION | QUERY] <id> with a session id from CONNECTION_ID()");
-            return self.send_err(1, &e).await;
+            return self.send_err(self.reply_seq, &e).await;
         };
         let target = self.proxy.sessions.lock().ok().and_then(|m| m.get(&id).cloned());
         let Some(target) = target else {
-            return self.send_err(1, &SqlError::new(1094, "HY000", format!("Unknown thread id: {id}"))).await;
+            return self.send_err(self.reply_seq, &SqlError::new(1094, "HY000", format!("Unknown thread id: {id}"))).await;
         };
-        if target.user != self.user.name {
-            return self.send_err(1, &SqlError::new(1095, "HY000", format!("You are not owner of thread {id}"))).await;
+        if target.user.lock().map(|u| *u != self.user.name).unwrap_or(true) {
+            return self.send_err(self.reply_seq, &SqlError::new(1095, "HY000", format!("You are not owner of thread {id}"))).await;
         }
         let running = target.running.lock().ok().and_then(|r| r.clone());
         if let Some(Running { server, thread, .. }) = running {
             let r = kill_query(&self.rt.cfg.monitor, &server, thread).await;
             if !matches!(r, Ok(Ok(()))) {
                 let msg = format!("Could not kill the running statement of session {id} on {}: {r:?}", server.addr);
-                return self.send_err(1, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
+                return self.send_err(self.reply_seq, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
             }
         }
         if !query_only {
             let _ = target.killed.send(true);
             if id == self.id {
-                self.send_err(1, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
+                self.send_err(self.reply_seq, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
                 return Err(ClientGone);
             }
         }
@@ -1044,22 +1091,28 @@ impl Session {
     }
 
     /// The cache key of a read in this session's context (user, schema, character set,
-    /// collation, sql_mode, time_zone, protocol flags), then `extra` parts and `body`.
+    /// collation, protocol flags and every session variable the client set: sql_mode,
+    /// time_zone, sql_select_limit, group_concat_max_len, character_set_results, …, since
+    /// any of them may change a result), then `extra` parts and `body`.
     /// Reuses the session's key buffer: give it back with `self.cache_key = key`.
     pub(super) fn cache_key_for(&mut self, extra: &[&[u8]], body: &[u8]) -> Vec<u8> {
         let mut key = std::mem::take(&mut self.cache_key);
-        let var = |n: &str| self.vars.vars.get(n).map(|v| v.as_bytes()).unwrap_or(b"");
         let eof: &[u8] = if self.caps & caps::DEPRECATE_EOF != 0 { b"okeof" } else { b"" };
-        let fixed: [&[u8]; 7] = [
+        let fixed: [&[u8]; 5] = [
             self.user.name.as_bytes(),
             self.vars.schema.as_deref().unwrap_or("").as_bytes(),
             self.vars.charset.as_bytes(),
             self.vars.collation.as_deref().unwrap_or("").as_bytes(),
-            var("sql_mode"),
-            var("time_zone"),
             eof,
         ];
         cache::key(&mut key, &fixed, b"");
+        for (name, value) in &self.vars.vars {
+            key.extend_from_slice(name.as_bytes());
+            key.push(b'=');
+            key.extend_from_slice(value.as_bytes());
+            key.push(0);
+        }
+        key.push(0);
         cache::key_append(&mut key, extra, body);
         key
     }
@@ -1216,7 +1269,7 @@ impl Session {
 
     async fn com_change_user(&mut self) -> Result<(), ClientGone> {
         let Some(cu) = handshake::parse_change_user(&self.buf, self.caps) else {
-            self.send_err(1, &SqlError::new(errcode::MALFORMED_PACKET, "08S01", "Malformed COM_CHANGE_USER")).await?;
+            self.send_err(self.reply_seq, &SqlError::new(errcode::MALFORMED_PACKET, "08S01", "Malformed COM_CHANGE_USER")).await?;
             return Err(ClientGone);
         };
         let denied = SqlError::new(
@@ -1225,11 +1278,11 @@ impl Session {
             format!("Access denied for user '{}'@'{}' (using password: YES)", cu.username, self.peer_ip),
         );
         let Some(user) = self.rt.user(&cu.username) else {
-            self.send_err(1, &denied).await?;
+            self.send_err(self.reply_seq, &denied).await?;
             return Err(ClientGone);
         };
         let plugin = cu.plugin.clone().unwrap_or_else(|| crate::protocol::auth::NATIVE.into());
-        let mut seq = 1u8;
+        let mut seq = self.reply_seq;
         let mut token = cu.auth_response.clone();
         let mut used = plugin.clone();
         if !user.can_verify(&plugin) || plugin != user.plugin {
@@ -1251,7 +1304,23 @@ impl Session {
             seq = self.wr.push(seq, &[0x01, 0x03]);
         }
         self.release_pinned().await;
-        self.user = user;
+        // Access checks, KILL ownership, temporary-access expiry and the audit follow the
+        // new user from here on.
+        let old = std::mem::replace(&mut self.user, user);
+        if let Ok(mut u) = self.handle.user.lock() {
+            *u = self.user.name.clone();
+        }
+        self.revoked = None;
+        if let Some(a) = self.proxy.access.get() {
+            if old.temporary || self.user.temporary {
+                let session = self.id.to_string();
+                a.audit.event("change_user", &old.name, &[("to", &self.user.name), ("session", &session), ("peer", &self.peer_ip)]);
+            }
+            if self.user.temporary {
+                self.revoked = a.session_signal(&self.user.name);
+            }
+        }
+        self.last_insert_id = 0;
         let collation = cu.collation.unwrap_or(self.initial_collation);
         self.initial_collation = collation;
         self.vars = SessionVars::new(cu.database.or_else(|| self.user.default_schema.clone()), collation);

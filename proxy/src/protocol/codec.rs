@@ -166,11 +166,12 @@ pub struct Column<'a> {
 /// the proxy does not offer CLIENT_DEPRECATE_EOF), sequence ids from 1.
 pub fn push_text_result_set<W: tokio::io::AsyncWrite + Unpin>(
     wr: &mut super::packet::PacketWriter<W>,
+    first_seq: u8,
     cols: &[Column<'_>],
     rows: &[Vec<Option<String>>],
     status_flags: u16,
 ) {
-    let mut seq = 1u8;
+    let mut seq = first_seq;
     let mut p = Vec::new();
     put_lenenc(&mut p, cols.len() as u64);
     seq = wr.push(seq, &p);

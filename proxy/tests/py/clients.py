@@ -209,7 +209,57 @@ def multi_statements(port, schema):
     return {"proxy": steps(port), "direct": steps(3307)}
 
 
+def session_state(port, schema):
+    """State the proxy cannot follow keeps the client on its connection, and never reaches
+    another client: a procedure that SETs sql_mode, a multi-statement that fails after a SET."""
+    out = {"problems": []}
+
+    def note(msg):
+        out["problems"].append(msg)
+
+    def others_clean(tag):
+        # Other clients never inherit the state (their connections are reset or fresh).
+        for _ in range(6):
+            o = connect(port, schema)
+            cur = o.cursor()
+            cur.execute("SELECT @@sql_mode, @@time_zone")
+            (mode, tz) = cur.fetchone()
+            if "ANSI_QUOTES" in mode or tz == "+05:00":
+                note(f"{tag}: another client got sql_mode {mode}, time_zone {tz}")
+            o.close()
+
+    # (A routine restores sql_mode when it returns; time_zone it does not.)
+    c = connect(port, schema)
+    cur = c.cursor()
+    cur.callproc("set_tz")
+    for _ in range(10):
+        cur.execute("SELECT @@time_zone")
+        (tz,) = cur.fetchone()
+        if tz != "+05:00":
+            note(f"after CALL: time_zone {tz}")
+    others_clean("CALL")
+    c.close()
+
+    c = connect(port, schema)
+    cur = c.cursor()
+    try:
+        for _ in cur.execute("SET sql_mode = 'ANSI_QUOTES'; SELECT * FROM no_such_table", multi=True):
+            pass
+        note("the failing multi-statement did not fail")
+    except mysql.connector.Error as e:
+        out["multi_error"] = e.errno
+    for _ in range(10):
+        cur.execute("SELECT @@sql_mode")
+        (mode,) = cur.fetchone()
+        if "ANSI_QUOTES" not in mode:
+            note(f"after a failed multi-statement: sql_mode {mode}")
+    others_clean("multi")
+    c.close()
+    return out
+
+
 SCENARIOS = {
+    "session_state": session_state,
     "ps_contexts": ps_contexts,
     "last_statement_info": last_statement_info,
     "multi_statements": multi_statements,
