@@ -228,39 +228,11 @@ async fn transactions_past_their_limits_are_ended() {
 /// backend statement that was streaming to it ends too (its connection is closed).
 #[tokio::test]
 async fn client_that_stops_reading_is_cut_off() {
-    use std::io::{Read, Write};
+    use std::io::Read;
     let proxy = Proxy::start(&["--client-write-timeout-ms", "1000"]);
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // Log in with mysql_native_password.
-    let mut head = [0u8; 4];
-    s.read_exact(&mut head).unwrap();
-    let mut g = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
-    s.read_exact(&mut g).unwrap();
-    let g = breakwater_proxy::protocol::handshake::parse_greeting(&g).unwrap();
-    let token = breakwater_proxy::protocol::auth::native_token(b"app", &g.scramble[..20]);
-    let resp = breakwater_proxy::protocol::handshake::handshake_response(
-        breakwater_proxy::protocol::caps::PROXY_BACKEND,
-        45,
-        "app",
-        &token,
-        Some("sbtest"),
-        "mysql_native_password",
-    );
-    let mut pkt = (resp.len() as u32).to_le_bytes()[..3].to_vec();
-    pkt.push(1);
-    pkt.extend_from_slice(&resp);
-    s.write_all(&pkt).unwrap();
-    s.read_exact(&mut head).unwrap();
-    let mut ok = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
-    s.read_exact(&mut ok).unwrap();
-    assert_eq!(ok[0], 0, "logged in");
+    let mut s = raw_login(proxy.port, "sbtest");
     // About 200 MB of result, never read.
-    let q = b"\x03SELECT REPEAT('x', 1000000) /* bw-unread */ FROM sbtest1 LIMIT 200";
-    let mut pkt = (q.len() as u32).to_le_bytes()[..3].to_vec();
-    pkt.push(0);
-    pkt.extend_from_slice(q);
-    s.write_all(&pkt).unwrap();
+    raw_send(&mut s, 0, b"\x03SELECT REPEAT('x', 1000000) /* bw-unread */ FROM sbtest1 LIMIT 200");
     let t = Instant::now();
     let running = |ports: [u16; 2]| async move {
         let mut n = 0;
@@ -354,4 +326,145 @@ async fn cache_keys_hold_the_session_variables() {
     }
     let st = proxy.admin("GET", "/api/cache").await.1;
     assert!(st["hits"].as_u64().unwrap_or(0) >= 4, "the second round was served from the cache: {st}");
+}
+
+/// A server that answers every connection as a MySQL server at its connection limit does:
+/// an ERR 1040 packet instead of the greeting. Returns its port.
+fn server_at_its_limit() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            use std::io::Write;
+            let mut p = vec![0xffu8, 0x10, 0x04]; // 1040
+            p.extend_from_slice(b"Too many connections");
+            let mut pkt = (p.len() as u32).to_le_bytes()[..3].to_vec();
+            pkt.push(0);
+            pkt.extend_from_slice(&p);
+            let _ = s.write_all(&pkt);
+        }
+    });
+    port
+}
+
+/// A write whose rule's hostgroup has nothing ONLINE gets a clear error and is not sent to
+/// another hostgroup (reads still fall back to the writer); the error of a command sent in
+/// several packets (16 MiB or more) carries the next sequence id; a backend's 1040 reaches
+/// the client as 1040.
+#[tokio::test]
+async fn clear_errors_instead_of_detours() {
+    fresh_schema("sbtest_cli_detour").await;
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop("CREATE TABLE sbtest_cli_detour.t (id INT AUTO_INCREMENT PRIMARY KEY, v LONGTEXT)").await.unwrap();
+        wait_replicas_caught_up().await;
+    }
+    let full = server_at_its_limit();
+    let cfg = default_config_with(&format!(
+        "[[servers]]\nhostgroup = 30\nhost = \"127.0.0.1\"\nport = 1\n\n\
+         [[servers]]\nhostgroup = 40\nhost = \"127.0.0.1\"\nport = {full}\n\n\
+         [[query_rules]]\nrule_id = 10\nmatch_pattern = '^INSERT INTO t '\ndestination_hostgroup = 30\napply = true\n\n\
+         [[query_rules]]\nrule_id = 11\nmatch_pattern = '^SELECT /\\* archive \\*/'\ndestination_hostgroup = 30\napply = true\n\n\
+         [[query_rules]]\nrule_id = 12\nmatch_pattern = '^SELECT /\\* full \\*/'\ndestination_hostgroup = 40\napply = true\n"
+    ));
+    // The fake server never passes a health check: keep it ONLINE so the data path meets it.
+    let proxy = Proxy::start_with(Some(&cfg), &["--shun-after-failures", "1000000"]);
+    let mut c = mysql_async::Conn::new(proxy.opts("app", "app", Some("sbtest_cli_detour"))).await.unwrap();
+    // Hostgroup 30's only server is down (nothing listens on port 1).
+    for _ in 0..2 {
+        let err = c.query_drop("INSERT INTO t (v) VALUES ('x')").await.unwrap_err();
+        println!("write: {err}");
+        assert!(err.to_string().contains("hostgroup 30"), "{err}");
+    }
+    let n: Option<i64> = lab(PRIMARY).await.query_first("SELECT COUNT(*) FROM sbtest_cli_detour.t").await.unwrap();
+    assert_eq!(n, Some(0), "the write was not sent to the writer hostgroup");
+    let v: Option<i64> = c.query_first("SELECT /* archive */ 7").await.unwrap();
+    assert_eq!(v, Some(7), "a read still falls back to the user's default hostgroup");
+    let err = c.query_drop("SELECT /* full */ 1").await.unwrap_err();
+    println!("full: {err}");
+    assert_eq!(server_code(&err), Some(1040), "{err}");
+    assert!(err.to_string().contains(&format!("127.0.0.1:{full}")), "{err}");
+
+    // A 17 MiB INSERT comes in two packets (sequence 0 and 1): the error is sequence 2.
+    let mut s = raw_login(proxy.port, "sbtest_cli_detour");
+    let mut q = b"\x03INSERT INTO t (v) VALUES ('".to_vec();
+    q.resize(q.len() + (17 << 20), b'a');
+    q.extend_from_slice(b"')");
+    raw_send(&mut s, 0, &q);
+    let (seq, e) = raw_read(&mut s);
+    assert_eq!(e[0], 0xff, "an error");
+    assert_eq!(seq, 2, "the reply follows the command's last packet (sequence 1)");
+}
+
+/// Send one payload (split at 16 MiB as the protocol says) starting at sequence `seq`.
+fn raw_send(s: &mut std::net::TcpStream, seq: u8, payload: &[u8]) {
+    use std::io::Write;
+    let mut w = breakwater_proxy::protocol::packet::PacketWriter::new(Vec::new());
+    w.push(seq, payload);
+    s.write_all(w.buf_mut()).unwrap();
+}
+
+/// Read one packet: (sequence id, payload).
+fn raw_read(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut p = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
+    s.read_exact(&mut p).unwrap();
+    (head[3], p)
+}
+
+/// Log in over a raw socket as app/app (mysql_native_password) into `db`.
+fn raw_login(port: u16, db: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, g) = raw_read(&mut s);
+    let g = breakwater_proxy::protocol::handshake::parse_greeting(&g).unwrap();
+    let token = breakwater_proxy::protocol::auth::native_token(b"app", &g.scramble[..20]);
+    let resp = breakwater_proxy::protocol::handshake::handshake_response(
+        breakwater_proxy::protocol::caps::PROXY_BACKEND,
+        45,
+        "app",
+        &token,
+        Some(db),
+        "mysql_native_password",
+    );
+    raw_send(&mut s, 1, &resp);
+    let (_, ok) = raw_read(&mut s);
+    assert_eq!(ok[0], 0, "logged in: {}", String::from_utf8_lossy(&ok));
+    s
+}
+
+/// A read opened as a cursor pins its client: it is opened on the writer, so the writes
+/// that follow in the session never go to a reader.
+#[tokio::test]
+async fn cursor_reads_open_on_the_writer() {
+    let proxy = Proxy::start(&[]);
+    let mut s = raw_login(proxy.port, "sbtest");
+    raw_send(&mut s, 0, b"\x16SELECT @@port");
+    let (_, ok) = raw_read(&mut s);
+    assert_eq!(ok[0], 0, "PREPARE_OK");
+    let id = [ok[1], ok[2], ok[3], ok[4]];
+    // column definition and EOF of the prepare
+    while raw_read(&mut s).1[0] != 0xfe {}
+    let mut exec = vec![0x17];
+    exec.extend_from_slice(&id);
+    exec.push(1); // CURSOR_TYPE_READ_ONLY
+    exec.extend_from_slice(&1u32.to_le_bytes());
+    raw_send(&mut s, 0, &exec);
+    let (_, n) = raw_read(&mut s);
+    assert_eq!(n, vec![1], "one column");
+    raw_read(&mut s);
+    let (_, eof) = raw_read(&mut s);
+    let status = u16::from_le_bytes([eof[3], eof[4]]);
+    assert!(eof[0] == 0xfe && status & 0x40 != 0, "a cursor was opened: {eof:?}");
+    let mut fetch = vec![0x1c];
+    fetch.extend_from_slice(&id);
+    fetch.extend_from_slice(&10u32.to_le_bytes());
+    raw_send(&mut s, 0, &fetch);
+    let (_, row) = raw_read(&mut s);
+    assert_eq!(row[0], 0, "a binary row");
+    let port = u16::from_le_bytes([row[2], row[3]]);
+    assert_eq!(port, PRIMARY, "the cursor is on the writer");
 }
