@@ -382,6 +382,41 @@ pub struct ServerConfig {
     /// For the failover controller: may this server be promoted, and how eagerly.
     #[serde(default)]
     pub promotion_rule: PromotionRule,
+    /// ProxySQL's mysql_servers.status as an operator sets it: ONLINE, OFFLINE_SOFT (takes
+    /// no new statements; open transactions and pinned sessions finish: a drain) or
+    /// OFFLINE_HARD (out of rotation at once). SHUNNED is the health monitor's, not set here.
+    #[serde(default)]
+    pub status: AdminStatus,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+pub enum AdminStatus {
+    #[default]
+    #[serde(rename = "ONLINE")]
+    Online,
+    #[serde(rename = "OFFLINE_SOFT")]
+    OfflineSoft,
+    #[serde(rename = "OFFLINE_HARD")]
+    OfflineHard,
+}
+
+impl AdminStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminStatus::Online => "ONLINE",
+            AdminStatus::OfflineSoft => "OFFLINE_SOFT",
+            AdminStatus::OfflineHard => "OFFLINE_HARD",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_uppercase().as_str() {
+            "" | "ONLINE" => Some(AdminStatus::Online),
+            "OFFLINE_SOFT" => Some(AdminStatus::OfflineSoft),
+            "OFFLINE_HARD" => Some(AdminStatus::OfflineHard),
+            _ => None,
+        }
+    }
 }
 
 fn one() -> u32 {

@@ -65,6 +65,17 @@ pub struct Runtime {
     /// Every server entry ever built (one per hostgroup and address); the failover
     /// controller adds entries when it moves a server into another hostgroup.
     registry: RwLock<Vec<Arc<Server>>>,
+    /// One pool per server address, shared by its entries in every hostgroup.
+    pools: Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>,
+}
+
+/// The pool of `addr`, made with cap `max` when there is none.
+fn pool_for(pools: &Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>, addr: &str, max: usize, waiters: usize) -> Arc<crate::backend::pool::Pool> {
+    let mut m = match pools.lock() {
+        Ok(m) => m,
+        Err(p) => p.into_inner(),
+    };
+    m.entry(addr.to_string()).or_insert_with(|| Arc::new(crate::backend::pool::Pool::new(max, waiters))).clone()
 }
 
 impl Runtime {
@@ -74,15 +85,26 @@ impl Runtime {
         let rules = Rules::new(&cfg.query_rules).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut hostgroups: HashMap<u32, Hostgroup> = HashMap::new();
         let mut servers = Vec::new();
+        let pools = Mutex::new(HashMap::new());
         for s in &cfg.servers {
-            let server = Server::new(s.clone(), cfg.proxy.max_queue_waiters);
+            // The smallest cap configured for an address is the one its pool keeps.
+            let cap = cfg.servers.iter().filter(|o| o.address() == s.address()).map(|o| o.max_connections).min().unwrap_or(s.max_connections);
+            let server = Server::new(s.clone(), pool_for(&pools, &s.address(), cap, cfg.proxy.max_queue_waiters));
             servers.push(server.clone());
             let hg = hostgroups.entry(s.hostgroup).or_default();
             hg.id = s.hostgroup;
             hg.servers.push(server);
         }
         let routing = Routing { hostgroups: hostgroups.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), version: 0 };
-        Ok(Self { cfg, users: RwLock::new(Arc::new(users)), temp_users: RwLock::new(HashMap::new()), rules: RwLock::new(Arc::new(rules)), routing: RwLock::new(Arc::new(routing)), registry: RwLock::new(servers) })
+        Ok(Self {
+            cfg,
+            users: RwLock::new(Arc::new(users)),
+            temp_users: RwLock::new(HashMap::new()),
+            rules: RwLock::new(Arc::new(rules)),
+            routing: RwLock::new(Arc::new(routing)),
+            registry: RwLock::new(servers),
+            pools,
+        })
     }
 
     /// The query rules in force (swapped whole by LOAD MYSQL QUERY RULES TO RUNTIME).
@@ -172,9 +194,32 @@ impl Runtime {
         if let Some(s) = find(&reg) {
             return s;
         }
-        let s = Server::new(cfg, self.cfg.proxy.max_queue_waiters);
+        let pool = pool_for(&self.pools, addr, cfg.max_connections, self.cfg.proxy.max_queue_waiters);
+        let s = Server::new(cfg, pool);
         reg.push(s.clone());
         s
+    }
+
+    /// Give each address's pool the smallest cap of its routed entries.
+    fn apply_caps(&self) {
+        let routing = self.routing();
+        let mut caps: HashMap<String, usize> = HashMap::new();
+        for s in routing.hostgroups.values().flat_map(|h| h.servers.iter()) {
+            let c = caps.entry(s.addr.to_string()).or_insert(usize::MAX);
+            *c = (*c).min(s.max_connections());
+        }
+        let pools = match self.pools.lock() {
+            Ok(m) => m.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        for (addr, cap) in caps {
+            if let Some(p) = pools.get(&addr) {
+                if p.max() != cap && cap > 0 {
+                    tracing::info!(server = %addr, from = p.max(), to = cap, "server connection cap changed");
+                    p.set_max(cap);
+                }
+            }
+        }
     }
 
     /// Replace the listed hostgroups in one step. Entries that leave routing go
@@ -204,20 +249,27 @@ impl Runtime {
             }
         }
         *guard = Arc::new(next);
+        drop(guard);
+        self.apply_caps();
     }
 
     /// Replace every hostgroup with the servers of `rows` (LOAD MYSQL SERVERS TO RUNTIME).
-    /// Unchanged entries keep their pools and connections; changed ones get a new entry
-    /// (the old one drains); gates (failover holds/blocks) are kept.
+    /// An entry that stays (same hostgroup, address and socket) is changed in place:
+    /// weight, lag limit, cap and operator status take effect without a new pool, a closed
+    /// connection or an aborted transaction. Gates (failover holds/blocks) are kept.
     pub fn load_servers(&self, rows: Vec<ServerConfig>) {
         let routing = self.routing();
         let mut groups: BTreeMap<u32, Vec<Arc<Server>>> = BTreeMap::new();
         for cfg in rows {
-            let existing = self.servers().into_iter().find(|s| s.cfg == cfg);
+            let existing = self.servers().into_iter().find(|s| s.same_entry(&cfg));
             let s = match existing {
-                Some(s) => s,
+                Some(s) => {
+                    s.update(&cfg);
+                    s
+                }
                 None => {
-                    let s = Server::new(cfg.clone(), self.cfg.proxy.max_queue_waiters);
+                    let pool = pool_for(&self.pools, &cfg.address(), cfg.max_connections, self.cfg.proxy.max_queue_waiters);
+                    let s = Server::new(cfg.clone(), pool);
                     match self.registry.write() {
                         Ok(mut r) => r.push(s.clone()),
                         Err(p) => p.into_inner().push(s.clone()),

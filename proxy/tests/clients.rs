@@ -468,3 +468,93 @@ async fn cursor_reads_open_on_the_writer() {
     let port = u16::from_le_bytes([row[2], row[3]]);
     assert_eq!(port, PRIMARY, "the cursor is on the writer");
 }
+
+/// A server in two hostgroups is capped once: its max_connections holds across both.
+/// Weight and cap change at runtime without aborting an open transaction, and OFFLINE_SOFT
+/// drains a server: its open transaction finishes, new statements go elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_per_server_and_runtime_changes() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    fresh_user("bw_cli_cap", "bw_cli_cap").await;
+    fresh_schema("sbtest_cli_cap").await;
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop("CREATE TABLE sbtest_cli_cap.t (id INT AUTO_INCREMENT PRIMARY KEY, v INT)").await.unwrap();
+        wait_replicas_caught_up().await;
+    }
+    let cfg = default_config_with(
+        "[[servers]]\nhostgroup = 30\nhost = \"127.0.0.1\"\nport = 3308\nmax_connections = 3\n\n\
+         [[query_rules]]\nrule_id = 10\nmatch_pattern = '^SELECT /\\* hg30 \\*/'\ndestination_hostgroup = 30\napply = true\n\n\
+         [[users]]\nusername = \"bw_cli_cap\"\npassword = \"bw_cli_cap\"\nbackend_password = \"bw_cli_cap\"\ndefault_hostgroup = 10\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &["--max-connections", "3"]);
+    // 3308 is in hostgroups 20 and 30, cap 3 in each: at most 3 connections to it in all.
+    let stop = Arc::new(AtomicBool::new(false));
+    let max_seen = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (stop, max_seen) = (stop.clone(), max_seen.clone());
+        tokio::spawn(async move {
+            let mut l = lab(3308).await;
+            while !stop.load(Ordering::Relaxed) {
+                let n: Option<u64> = l.query_first("SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = 'bw_cli_cap'").await.unwrap();
+                max_seen.fetch_max(n.unwrap_or(0), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let opts = proxy.opts("bw_cli_cap", "bw_cli_cap", Some("sbtest_cli_cap"));
+        tasks.push(tokio::spawn(async move {
+            let mut c = mysql_async::Conn::new(opts).await.unwrap();
+            for j in 0..6 {
+                let q = if (i + j) % 2 == 0 { "SELECT /* hg30 */ SLEEP(0.05), @@port" } else { "SELECT SLEEP(0.05), @@port" };
+                c.query_drop(q).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    sampler.await.unwrap();
+    let seen = max_seen.load(Ordering::Relaxed);
+    println!("most connections to 3308 at once: {seen}");
+    assert!(seen > 0 && seen <= 3, "3308 had {seen} connections; its cap is 3 across hostgroups 20 and 30");
+
+    // A transaction open on the writer survives a weight and cap change of its server.
+    let mut txn = mysql_async::Conn::new(proxy.opts("app", "app", Some("sbtest_cli_cap"))).await.unwrap();
+    txn.query_drop("BEGIN").await.unwrap();
+    txn.query_drop("INSERT INTO t (v) VALUES (1)").await.unwrap();
+    proxy
+        .admin_sql("UPDATE mysql_servers SET weight = 5, max_connections = 7 WHERE port = 3307; LOAD MYSQL SERVERS TO RUNTIME")
+        .unwrap();
+    txn.query_drop("INSERT INTO t (v) VALUES (2)").await.expect("the open transaction goes on");
+    txn.query_drop("COMMIT").await.unwrap();
+    let rt = proxy.admin_sql("SELECT weight, max_connections, status FROM runtime_mysql_servers WHERE port = 3307").unwrap();
+    assert_eq!(rt.split_whitespace().collect::<Vec<_>>(), ["5", "7", "ONLINE"], "{rt}");
+
+    // OFFLINE_SOFT drains: the open transaction on 3307 finishes; new writes get a clear error.
+    txn.query_drop("BEGIN").await.unwrap();
+    txn.query_drop("INSERT INTO t (v) VALUES (3)").await.unwrap();
+    proxy.admin_sql("UPDATE mysql_servers SET status = 'OFFLINE_SOFT' WHERE port = 3307; LOAD MYSQL SERVERS TO RUNTIME").unwrap();
+    let mut other = mysql_async::Conn::new(proxy.opts("app", "app", Some("sbtest_cli_cap"))).await.unwrap();
+    let err = other.query_drop("INSERT INTO t (v) VALUES (99)").await.unwrap_err();
+    println!("write while draining: {err}");
+    assert!(err.to_string().contains("hostgroup 10"), "{err}");
+    txn.query_drop("INSERT INTO t (v) VALUES (4)").await.expect("the draining server finishes its transaction");
+    txn.query_drop("COMMIT").await.unwrap();
+    // Readers: 3309 OFFLINE_SOFT takes no new reads.
+    proxy.admin_sql("UPDATE mysql_servers SET status = 'OFFLINE_SOFT' WHERE port = 3309; LOAD MYSQL SERVERS TO RUNTIME").unwrap();
+    let mut ports = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let p: Option<u16> = other.query_first("SELECT @@port").await.unwrap();
+        ports.extend(p);
+    }
+    assert_eq!(ports.into_iter().collect::<Vec<_>>(), vec![3308]);
+    proxy.admin_sql("UPDATE mysql_servers SET status = 'ONLINE'; LOAD MYSQL SERVERS TO RUNTIME").unwrap();
+    other.query_drop("INSERT INTO t (v) VALUES (5)").await.unwrap();
+    let vs: Vec<i64> = other.query("SELECT v FROM t ORDER BY v FOR UPDATE").await.unwrap();
+    assert_eq!(vs, vec![1, 2, 3, 4, 5], "every acknowledged write is there, the refused one is not");
+}

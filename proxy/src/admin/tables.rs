@@ -22,7 +22,9 @@ const CONFIG_TABLES: &[(&str, &str)] = &[
         "(hostgroup_id INT NOT NULL, hostname VARCHAR NOT NULL, port INT NOT NULL DEFAULT 3306, weight INT NOT NULL DEFAULT 1, \
           max_connections INT NOT NULL DEFAULT 100, max_replication_lag INT NOT NULL DEFAULT 0, \
           promotion_rule VARCHAR NOT NULL DEFAULT 'neutral' CHECK (promotion_rule IN ('prefer','neutral','prefer_not','must_not')), \
-          socket VARCHAR, comment VARCHAR NOT NULL DEFAULT '', PRIMARY KEY (hostgroup_id, hostname, port))",
+          socket VARCHAR, comment VARCHAR NOT NULL DEFAULT '', \
+          status VARCHAR NOT NULL DEFAULT 'ONLINE' CHECK (status IN ('ONLINE','OFFLINE_SOFT','OFFLINE_HARD')), \
+          PRIMARY KEY (hostgroup_id, hostname, port))",
     ),
     (
         "mysql_users",
@@ -68,6 +70,17 @@ impl AdminDb {
             }
             if has_disk {
                 conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS disk.{name} {cols};")).map_err(sql_err)?;
+                // A file saved before mysql_servers had its status column gets it (last,
+                // where this version has it too).
+                if *name == "mysql_servers" {
+                    let has_status: bool = conn
+                        .query_row("SELECT COUNT(*) FROM pragma_table_info('mysql_servers', 'disk') WHERE name = 'status'", [], |r| r.get::<_, i64>(0))
+                        .map(|n| n > 0)
+                        .map_err(sql_err)?;
+                    if !has_status {
+                        conn.execute_batch("ALTER TABLE disk.mysql_servers ADD COLUMN status VARCHAR NOT NULL DEFAULT 'ONLINE'").map_err(sql_err)?;
+                    }
+                }
             }
         }
         conn.execute_batch(
@@ -113,8 +126,8 @@ impl AdminDb {
         let tx = self.conn.transaction().map_err(sql_err)?;
         for s in &cfg.servers {
             tx.execute(
-                "INSERT OR REPLACE INTO mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '')",
-                rusqlite::params![s.hostgroup, s.host, s.port, s.weight, s.max_connections as i64, s.max_replication_lag as i64, s.promotion_rule.as_str(), s.socket],
+                "INSERT OR REPLACE INTO mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', ?9)",
+                rusqlite::params![s.hostgroup, s.host, s.port, s.weight, s.max_connections as i64, s.max_replication_lag as i64, s.promotion_rule.as_str(), s.socket, s.status.as_str()],
             )
             .map_err(sql_err)?;
         }
@@ -161,12 +174,13 @@ impl AdminDb {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT hostgroup_id, hostname, port, weight, max_connections, max_replication_lag, promotion_rule, socket FROM {table} ORDER BY hostgroup_id, hostname, port"
+                "SELECT hostgroup_id, hostname, port, weight, max_connections, max_replication_lag, promotion_rule, socket, status FROM {table} ORDER BY hostgroup_id, hostname, port"
             ))
             .map_err(sql_err)?;
         let rows = st
             .query_map([], |r| {
                 let rule: String = r.get(6)?;
+                let status: String = r.get::<_, Option<String>>(8)?.unwrap_or_default();
                 Ok(ServerConfig {
                     hostgroup: r.get(0)?,
                     host: r.get(1)?,
@@ -181,6 +195,8 @@ impl AdminDb {
                         _ => PromotionRule::Neutral,
                     },
                     socket: r.get(7)?,
+                    // runtime_mysql_servers shows SHUNNED too: not an operator's status.
+                    status: crate::config::AdminStatus::parse(&status).unwrap_or_default(),
                 })
             })
             .map_err(sql_err)?;
@@ -287,7 +303,8 @@ impl AdminDb {
             self.conn
                 .execute_batch(
                     "DELETE FROM main.mysql_servers; INSERT INTO main.mysql_servers SELECT hostgroup_id, hostname, port, weight, max_connections, \
-                     max_replication_lag, promotion_rule, socket, '' FROM main.runtime_mysql_servers;",
+                     max_replication_lag, promotion_rule, socket, '', \
+                     CASE WHEN status IN ('OFFLINE_SOFT', 'OFFLINE_HARD') THEN status ELSE 'ONLINE' END FROM main.runtime_mysql_servers;",
                 )
                 .map_err(sql_err)?;
             return Ok(format!("{t} saved from runtime to memory"));
@@ -308,7 +325,7 @@ impl AdminDb {
         .map_err(sql_err)?;
         for s in rt.servers() {
             let routed = routing.hostgroups.get(&s.cfg.hostgroup).is_some_and(|h| h.servers.iter().any(|x| Arc::ptr_eq(x, &s)));
-            let c = &s.cfg;
+            let c = &s.config();
             if routed {
                 tx.execute(
                     "INSERT OR REPLACE INTO runtime_mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
@@ -330,7 +347,7 @@ impl AdminDb {
                     s.counters.conn_err.load(Ordering::Relaxed) as i64,
                     s.counters.queries.load(Ordering::Relaxed) as i64,
                     s.counters.errors.load(Ordering::Relaxed) as i64,
-                    c.max_connections as i64,
+                    s.pool.max() as i64,
                     s.lag.load(Ordering::Relaxed)
                 ],
             )

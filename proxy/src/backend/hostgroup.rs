@@ -55,11 +55,11 @@ impl Hostgroup {
             1 => Some(online[0].clone()),
             _ => {
                 let mut rng = rand::thread_rng();
-                let total: u64 = online.iter().map(|s| s.cfg.weight.max(1) as u64).sum();
+                let total: u64 = online.iter().map(|s| s.weight().max(1) as u64).sum();
                 let mut weighted = || {
                     let mut x = rng.gen_range(0..total);
                     for s in &online {
-                        let w = s.cfg.weight.max(1) as u64;
+                        let w = s.weight().max(1) as u64;
                         if x < w {
                             return *s;
                         }
@@ -68,7 +68,7 @@ impl Hostgroup {
                     online[0]
                 };
                 let (a, b) = (weighted(), weighted());
-                let load = |s: &Server| s.pool.in_use.load(Ordering::Relaxed) as u64 * 1000 / s.cfg.weight.max(1) as u64;
+                let load = |s: &Server| s.pool.in_use.load(Ordering::Relaxed) as u64 * 1000 / s.weight().max(1) as u64;
                 Some(if load(b) < load(a) { b.clone() } else { a.clone() })
             }
         }

@@ -120,7 +120,7 @@ fn verdict(s: &Server, res: &Result<Check, String>, cfg: &MonitorConfig) -> Opti
     match res {
         Err(e) => Some(format!("health check failed: {e}")),
         Ok(c) => {
-            let max = s.cfg.max_replication_lag as i64;
+            let max = s.max_replication_lag() as i64;
             match (&c.broken, c.lag) {
                 (Some(why), _) if cfg.shun_broken_replication && c.is_replica => Some(why.clone()),
                 (_, Some(lag)) if max > 0 && c.is_replica && lag > max => {

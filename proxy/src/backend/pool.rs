@@ -31,7 +31,8 @@ pub struct Pool {
     returned: Notify,
     waiters: AtomicUsize,
     max_waiters: usize,
-    pub max: usize,
+    /// The cap now (permits outstanding + available, once a shrink has caught up).
+    max: AtomicUsize,
     /// Connections checked out right now.
     pub in_use: AtomicUsize,
 }
@@ -44,14 +45,42 @@ impl Pool {
             returned: Notify::new(),
             waiters: AtomicUsize::new(0),
             max_waiters,
-            max,
+            max: AtomicUsize::new(max),
             in_use: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
+    }
+
+    /// Change the cap at runtime. Growing adds slots at once; shrinking closes idle
+    /// connections and takes the other slots away as their connections close, so the new
+    /// cap holds without breaking a busy connection. Must run inside the tokio runtime.
+    pub fn set_max(&self, new: usize) {
+        let old = self.max.swap(new, Ordering::Relaxed);
+        if new > old {
+            self.permits.add_permits(new - old);
+        } else if new < old {
+            let sem = self.permits.clone();
+            self.drain_idle();
+            let freed = sem.forget_permits(old - new);
+            let excess = (old - new - freed) as u32;
+            if excess > 0 {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        if let Ok(p) = sem.acquire_many_owned(excess).await {
+                            p.forget();
+                        }
+                    });
+                }
+            }
         }
     }
 
     /// Connections that exist now (idle + busy + connecting).
     pub fn total(&self) -> usize {
-        self.max - self.permits.available_permits()
+        self.max().saturating_sub(self.permits.available_permits())
     }
 
     pub fn idle_count(&self) -> usize {
@@ -134,7 +163,7 @@ impl Server {
                     return Err(PoolError::QueueFull {
                         addr: self.addr.to_string(),
                         hostgroup: self.cfg.hostgroup,
-                        max: pool.max,
+                        max: pool.max(),
                         waiters: n,
                     });
                 }
@@ -150,7 +179,7 @@ impl Server {
                     break Err(PoolError::Timeout {
                         addr: self.addr.to_string(),
                         hostgroup: self.cfg.hostgroup,
-                        max: pool.max,
+                        max: pool.max(),
                         waited_ms: started.elapsed().as_millis() as u64,
                     });
                 }

@@ -343,14 +343,14 @@ impl Controller {
                 let addr = s.cfg.address();
                 match self.members.iter_mut().find(|m| m.addr == addr) {
                     Some(m) => {
-                        if s.cfg.promotion_rule != PromotionRule::Neutral {
-                            m.rule = s.cfg.promotion_rule;
+                        if s.promotion_rule() != PromotionRule::Neutral {
+                            m.rule = s.promotion_rule();
                         }
                     }
                     None => {
                         let timeout = Duration::from_millis(self.cfg.probe_timeout_ms);
                         let prober = Prober::new(&s.cfg.host, s.cfg.port, &self.monitor.username, &self.monitor.password, timeout);
-                        self.members.push(Member { addr: addr.clone(), rule: s.cfg.promotion_rule, prober });
+                        self.members.push(Member { addr: addr.clone(), rule: s.promotion_rule(), prober });
                         added.push((addr, id));
                     }
                 }
@@ -511,7 +511,7 @@ impl Controller {
                 .servers()
                 .iter()
                 .find(|s| *s.addr == *addr)
-                .map(|s| s.cfg.clone())
+                .map(|s| s.config())
                 .unwrap_or_else(|| {
                     let (host, port) = split_addr(addr);
                     ServerConfig { host, port, socket: None, ..size.clone() }
