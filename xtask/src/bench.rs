@@ -159,9 +159,11 @@ pub fn run(args: &[&str]) -> Result<()> {
             std::thread::sleep(Duration::from_secs(2));
             return big_statement(proxy.0.id(), 6033);
         }
-        Some(other) => anyhow::bail!("unknown bench part {other:?} (agent, cache, big, or none for all)"),
+        Some("proxy") => {}
+        Some(other) => anyhow::bail!("unknown bench part {other:?} (proxy, agent, cache, big, or none for all)"),
         None => {}
     }
+    let proxy_only = args.contains(&"proxy");
     let child = Command::new(&bin)
         // One worker thread: on a 2-core box shared with sysbench and three servers, a
         // second proxy thread only adds context switches (measured: ~10% fewer QPS).
@@ -200,6 +202,9 @@ pub fn run(args: &[&str]) -> Result<()> {
     println!("direct = sysbench to 3307; proxy = sysbench to 6033 (reads to 3308/3309 by the default rules)");
     big_statement(proxy.0.id(), 6033)?;
     drop(proxy);
+    if proxy_only {
+        return Ok(());
+    }
     cache_hit(&bin, secs)?;
     agent_overhead(secs)
 }
