@@ -116,3 +116,59 @@ pub async fn send_err<W: AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, seq: u8, 
     wr.push(seq, &codec::err_packet(code, state, msg));
     let _ = wr.flush().await;
 }
+
+/// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
+/// The first packet is read with exact reads on the socket, so the TLS ClientHello that
+/// follows an SSLRequest is left for rustls.
+use super::stream::{ClientRead, ClientWrite};
+use crate::protocol::either::Either;
+use crate::runtime::Runtime;
+use tokio::net::TcpStream;
+
+pub(super) async fn handshake_and_login(
+    mut stream: TcpStream,
+    rt: &Runtime,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    conn_id: u32,
+    peer_ip: &str,
+) -> Result<(PacketReader<ClientRead>, PacketWriter<ClientWrite>, Login), LoginError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let scramble = crate::protocol::auth::new_scramble();
+    let extra = if tls.is_some() { caps::SSL } else { 0 };
+    let greeting = handshake::greeting(&rt.cfg.proxy.server_version, conn_id, &scramble, crate::protocol::auth::NATIVE, 45, extra);
+    let mut out = Vec::with_capacity(greeting.len() + 4);
+    out.extend_from_slice(&(greeting.len() as u32).to_le_bytes()[..3]);
+    out.push(0);
+    out.extend_from_slice(&greeting);
+    stream.write_all(&out).await.map_err(PacketError::from)?;
+    let mut head = [0u8; 4];
+    stream.read_exact(&mut head).await.map_err(PacketError::from)?;
+    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
+    if len > 1 << 20 {
+        return Err(LoginError::Malformed);
+    }
+    let mut first = vec![0u8; len];
+    stream.read_exact(&mut first).await.map_err(PacketError::from)?;
+    let users = |n: &str| rt.user(n);
+    if is_ssl_request(&first) {
+        let Some(acceptor) = tls else {
+            let (_, w) = stream.into_split();
+            let mut wr: PacketWriter<ClientWrite> = PacketWriter::new(Either::Left(w));
+            send_err(&mut wr, head[3].wrapping_add(1), 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
+            return Err(LoginError::TlsRequested);
+        };
+        let tls_stream = acceptor.accept(stream).await.map_err(PacketError::from)?;
+        let (r, w) = tokio::io::split(tls_stream);
+        let mut rd = PacketReader::new(Either::Right(r));
+        let mut wr = PacketWriter::new(Either::Right(w));
+        let mut buf = Vec::new();
+        let seq = rd.read_payload(&mut buf, 1 << 20).await?;
+        let l = authenticate(&mut rd, &mut wr, buf, seq, scramble, &users, peer_ip).await?;
+        return Ok((rd, wr, l));
+    }
+    let (r, w) = stream.into_split();
+    let mut rd = PacketReader::new(Either::Left(r));
+    let mut wr = PacketWriter::new(Either::Left(w));
+    let l = authenticate(&mut rd, &mut wr, first, head[3], scramble, &users, peer_ip).await?;
+    Ok((rd, wr, l))
+}

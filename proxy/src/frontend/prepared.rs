@@ -5,8 +5,9 @@
 //! not seen the statement, the proxy prepares it there first, transparently, and rewrites
 //! the statement id (and re-sends parameter types when the client relies on earlier ones).
 
-use super::session::CacheSrc;
-use super::session::{ClientGone, ClientStmt, Command, Session, SqlError};
+use super::cache_path::CacheSrc;
+use super::executor::Command;
+use super::session::{ClientGone, ClientStmt, Session, SqlError};
 use crate::backend::conn::BackendError;
 use crate::backend::pool::PooledConn;
 use crate::protocol::response::Kind;

@@ -6,21 +6,20 @@
 //! connection goes back to the pool unless something pins the client to it (transaction,
 //! autocommit=0, locks, temporary tables, user variables, …).
 
-use super::login::{self, Login};
+use super::executor::Command;
+use super::intercept::{local_query, parse_kill, Local};
+use super::login::{self, handshake_and_login, Login};
 use super::state::{Pins, SessionVars};
-use crate::backend::conn::{BackendError, ConnKey, ForwardError};
-use crate::backend::hostgroup::Gate;
-use crate::backend::pool::{Checkout, PoolError, PooledConn};
-use crate::backend::server::{Server, Status};
+use crate::backend::conn::ConnKey;
+use crate::backend::pool::PooledConn;
+use crate::backend::server::Server;
 use crate::protocol::packet::{PacketError, PacketReader, PacketWriter};
 use crate::protocol::response::{Kind, Walker};
 use crate::protocol::{caps, cmd, codec, errcode, handshake, status};
 use crate::router::classify::{self, Effect};
 use crate::router::digest;
 use crate::router::rules::Decision;
-use crate::router::tables;
-use crate::cache::{self, Lookup};
-use crate::runtime::{Proxy, Running, Runtime, SessionHandle, User};
+use crate::runtime::{Proxy, Runtime, SessionHandle, User};
 use std::sync::Mutex;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -28,7 +27,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use super::stream::{ClientRead, ClientWrite};
-use crate::protocol::either::Either;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -68,46 +66,38 @@ pub struct ClientStmt {
     pub calc_found_rows: bool,
 }
 
-/// What a cached read runs on a miss.
-pub enum CacheSrc<'a> {
-    /// A COM_QUERY payload.
-    Query(&'a [u8]),
-    /// A COM_STMT_EXECUTE of a client statement.
-    Stmt { stmt: ClientStmt, payload: &'a mut Vec<u8> },
-}
-
 pub struct Session {
     pub(super) proxy: Arc<Proxy>,
     pub(super) rt: Arc<Runtime>,
     pub(super) id: u32,
-    peer_ip: String,
+    pub(super) peer_ip: String,
     pub(super) wr: PacketWriter<ClientWrite>,
-    rd: PacketReader<ClientRead>,
+    pub(super) rd: PacketReader<ClientRead>,
     pub(super) buf: Vec<u8>,
     pub(super) user: Arc<User>,
-    caps: u32,
-    scramble: [u8; 20],
-    initial_collation: u8,
+    pub(super) caps: u32,
+    pub(super) scramble: [u8; 20],
+    pub(super) initial_collation: u8,
     pub(super) vars: SessionVars,
     pub(super) pinned: Option<PooledConn>,
     pub(super) pins: Pins,
     pub(super) stmts: HashMap<u32, ClientStmt>,
     pub(super) next_stmt_id: u32,
     pub(super) cursor_stmt: Option<u32>,
-    digest: String,
+    pub(super) digest: String,
     /// Tables written inside the open transaction (Some(None): unknown, i.e. all), for the
     /// query cache to invalidate again when it ends.
-    txn_written: Option<Option<Vec<String>>>,
+    pub(super) txn_written: Option<Option<Vec<String>>>,
     /// The backend that served the last command, and the last error code sent (for spans).
-    last_backend: Option<Arc<str>>,
-    last_error: Option<u16>,
+    pub(super) last_backend: Option<Arc<str>>,
+    pub(super) last_error: Option<u16>,
     /// Reused buffer for query cache keys.
     pub(super) cache_key: Vec<u8>,
     /// For temporary users: turns true when their access ends.
-    revoked: Option<watch::Receiver<bool>>,
-    handle: Arc<SessionHandle>,
+    pub(super) revoked: Option<watch::Receiver<bool>>,
+    pub(super) handle: Arc<SessionHandle>,
     /// Turns true when another client KILLs this session.
-    killed: watch::Receiver<bool>,
+    pub(super) killed: watch::Receiver<bool>,
     /// The last AUTO_INCREMENT id an OK packet reported: `SELECT LAST_INSERT_ID()` is answered
     /// from it, since a multiplexed client's next statement may run on another connection;
     /// a statement that reads it elsewhere gets it set on its connection first.
@@ -127,60 +117,9 @@ pub struct Session {
     /// The statement being run used SQL_CALC_FOUND_ROWS.
     pub(super) calc_found_rows: bool,
     /// When the open transaction started (for max_transaction_time_ms).
-    txn_started: Option<Instant>,
+    pub(super) txn_started: Option<Instant>,
     /// Sequence id of the proxy's own reply to the current command.
     pub(super) reply_seq: u8,
-}
-
-/// Greeting, optional TLS upgrade (SSLRequest), handshake response and authentication.
-/// The first packet is read with exact reads on the socket, so the TLS ClientHello that
-/// follows an SSLRequest is left for rustls.
-async fn handshake_and_login(
-    mut stream: TcpStream,
-    rt: &Runtime,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    conn_id: u32,
-    peer_ip: &str,
-) -> Result<(PacketReader<ClientRead>, PacketWriter<ClientWrite>, Login), login::LoginError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let scramble = crate::protocol::auth::new_scramble();
-    let extra = if tls.is_some() { caps::SSL } else { 0 };
-    let greeting = handshake::greeting(&rt.cfg.proxy.server_version, conn_id, &scramble, crate::protocol::auth::NATIVE, 45, extra);
-    let mut out = Vec::with_capacity(greeting.len() + 4);
-    out.extend_from_slice(&(greeting.len() as u32).to_le_bytes()[..3]);
-    out.push(0);
-    out.extend_from_slice(&greeting);
-    stream.write_all(&out).await.map_err(PacketError::from)?;
-    let mut head = [0u8; 4];
-    stream.read_exact(&mut head).await.map_err(PacketError::from)?;
-    let len = u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize;
-    if len > 1 << 20 {
-        return Err(login::LoginError::Malformed);
-    }
-    let mut first = vec![0u8; len];
-    stream.read_exact(&mut first).await.map_err(PacketError::from)?;
-    let users = |n: &str| rt.user(n);
-    if login::is_ssl_request(&first) {
-        let Some(acceptor) = tls else {
-            let (_, w) = stream.into_split();
-            let mut wr: PacketWriter<ClientWrite> = PacketWriter::new(Either::Left(w));
-            login::send_err(&mut wr, head[3].wrapping_add(1), 1043, "08S01", "TLS was requested but this Breakwater listener has no TLS configured").await;
-            return Err(login::LoginError::TlsRequested);
-        };
-        let tls_stream = acceptor.accept(stream).await.map_err(PacketError::from)?;
-        let (r, w) = tokio::io::split(tls_stream);
-        let mut rd = PacketReader::new(Either::Right(r));
-        let mut wr = PacketWriter::new(Either::Right(w));
-        let mut buf = Vec::new();
-        let seq = rd.read_payload(&mut buf, 1 << 20).await?;
-        let l = login::authenticate(&mut rd, &mut wr, buf, seq, scramble, &users, peer_ip).await?;
-        return Ok((rd, wr, l));
-    }
-    let (r, w) = stream.into_split();
-    let mut rd = PacketReader::new(Either::Left(r));
-    let mut wr = PacketWriter::new(Either::Left(w));
-    let l = login::authenticate(&mut rd, &mut wr, first, head[3], scramble, &users, peer_ip).await?;
-    Ok((rd, wr, l))
 }
 
 /// Resolves when another client KILLs this session.
@@ -495,223 +434,9 @@ impl Session {
         d
     }
 
-    /// The pinned connection, or one from a server of `hostgroup`. A read (`read`) whose
-    /// hostgroup has no ONLINE server falls back to the user's default hostgroup; a write
-    /// never does: it gets a clear error instead of landing on another hostgroup.
-    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>, read: bool) -> Result<PooledConn, SqlError> {
-        if let Some(c) = self.pinned.take() {
-            if c.server.status() != Status::OfflineHard {
-                return Ok(c);
-            }
-            // The failover controller moved the writer while this client held a
-            // transaction (or other state) on the old one: that state is gone.
-            let server = c.server.clone();
-            c.discard();
-            let why = server.reason.lock().map(|r| r.clone()).unwrap_or_default();
-            self.connection_lost(&server, &why);
-            return Err(SqlError::new(
-                errcode::CONNECTION_KILLED,
-                "70100",
-                format!(
-                    "Transaction aborted: backend {} left hostgroup {} ({why}); nothing after the last COMMIT was kept, start it again",
-                    server.addr, server.cfg.hostgroup
-                ),
-            ));
-        }
-        let rt = self.rt.clone();
-        let queue_timeout = Duration::from_millis(rt.cfg.proxy.queue_timeout_ms);
-        let deadline = tokio::time::Instant::now() + queue_timeout;
-        let hg = loop {
-            let routing = rt.routing();
-            let hg = match routing.hostgroups.get(&hostgroup) {
-                Some(g) if g.any_online() || g.gate != Gate::Open => g.clone(),
-                Some(g) if !read && hostgroup != self.user.default_hostgroup => {
-                    let states: Vec<String> = g.servers.iter().map(|s| format!("{} {}", s.addr, s.status().as_str())).collect();
-                    return Err(SqlError::new(
-                        errcode::MAX_CONNECT_TIMEOUT,
-                        "HY000",
-                        format!(
-                            "Breakwater: no ONLINE server in hostgroup {hostgroup} for this write ({}); it was not sent to another hostgroup",
-                            states.join(", ")
-                        ),
-                    ));
-                }
-                _ => match routing.hostgroups.get(&self.user.default_hostgroup) {
-                    Some(g) => g.clone(),
-                    None => {
-                        return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", format!("Hostgroup {hostgroup} has no servers")))
-                    }
-                },
-            };
-            match &hg.gate {
-                Gate::Open => break hg,
-                Gate::Block(msg) => return Err(SqlError::new(errcode::OPTION_PREVENTS_STATEMENT, "HY000", msg.to_string())),
-                Gate::Hold(msg) => {
-                    if tokio::time::Instant::now() >= deadline {
-                        return Err(SqlError::new(
-                            errcode::MAX_CONNECT_TIMEOUT,
-                            "HY000",
-                            format!("Hostgroup {} is on hold ({msg}) for longer than {} ms", hg.id, queue_timeout.as_millis()),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        };
-        let key = self.conn_key();
-        let p = &rt.cfg.proxy;
-        let opts = Checkout {
-            key: &key,
-            password: &self.user.backend_password,
-            connect_timeout: Duration::from_millis(p.connect_timeout_ms),
-            queue_timeout: Duration::from_millis(p.queue_timeout_ms),
-            read_timeout: Duration::from_millis(p.backend_read_timeout_ms),
-        };
-        let mut last_err = None;
-        let mut full: Vec<String> = Vec::new();
-        let mut tried: Vec<Arc<Server>> = Vec::new();
-        for _ in 0..hg.servers.len().max(1) {
-            let skip = tried.last().or(exclude);
-            let Some(server) = hg.pick(skip) else { break };
-            if tried.iter().any(|t| Arc::ptr_eq(t, &server)) {
-                break;
-            }
-            tried.push(server.clone());
-            match server.checkout(&opts).await {
-                Ok(c) => return Ok(c),
-                Err(PoolError::Backend(BackendError::Login { addr, code: errcode::CON_COUNT, msg })) => {
-                    // The server is alive but at its own max_connections: another server
-                    // of the hostgroup may take it; if none can, the client gets 1040 too.
-                    full.push(format!("{addr}: {msg}"));
-                }
-                Err(PoolError::Backend(BackendError::Login { .. })) if self.user.temporary && self.rt.user(&self.user.name).is_none() => {
-                    return Err(SqlError::new(
-                        errcode::CONNECTION_KILLED,
-                        "70100",
-                        format!("Breakwater: temporary access of '{}' has ended (expired or revoked)", self.user.name),
-                    ));
-                }
-                Err(PoolError::Backend(BackendError::Login { addr, code, msg })) => {
-                    return Err(SqlError::new(
-                        errcode::ACCESS_DENIED,
-                        "28000",
-                        format!("Backend {addr} (hostgroup {}) refused login for '{}': {msg} ({code})", hg.id, key.user),
-                    ));
-                }
-                Err(PoolError::Backend(e)) => {
-                    server.set_status(Status::Shunned, &e.to_string());
-                    last_err = Some(e.to_string());
-                }
-                Err(e) => return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", e.to_string())),
-            }
-        }
-        if !full.is_empty() && last_err.is_none() {
-            let msg = format!("Too many connections: hostgroup {} backend(s) refused a new connection ({})", hg.id, full.join("; "));
-            return Err(SqlError::new(errcode::CON_COUNT, "08004", msg));
-        }
-        let msg = match last_err {
-            Some(e) => format!("No backend available in hostgroup {}: {e}", hg.id),
-            None => format!("No ONLINE server in hostgroup {} (all SHUNNED or OFFLINE)", hg.id),
-        };
-        Err(SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg))
-    }
-
-    /// Run one command on a backend and stream its response to the client.
-    /// Returns the response summary and the connection, or None when an error was sent.
-    pub(super) async fn run(
-        &mut self,
-        hostgroup: u32,
-        mut cmd: Command<'_>,
-        kind: Kind,
-        retryable: bool,
-    ) -> Result<Option<(Walker, PooledConn)>, ClientGone> {
-        let mut exclude: Option<Arc<Server>> = None;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let was_pinned = self.pinned.is_some();
-            let mut conn = match self.acquire(hostgroup, exclude.as_ref(), retryable).await {
-                Ok(c) => c,
-                Err(e) => {
-                    self.send_err(self.reply_seq, &e).await?;
-                    return Ok(None);
-                }
-            };
-            let rewrite = cmd.rewrite_id();
-            let extra = crate::backend::conn::SyncExtra { multi_statements: self.multi_statements, last_insert_id: self.sync_lid };
-            let prepared = match conn.sync(&self.vars, &extra).await {
-                Ok(()) => cmd.build(&mut conn).await,
-                Err(e) => Err(e),
-            };
-            let payload = match prepared {
-                Ok(p) => p,
-                Err(BackendError::Sql(e)) => {
-                    // The server refused state sync or re-prepare (e.g. unknown database).
-                    self.keep_or_release(conn);
-                    self.send_err(self.reply_seq, &SqlError { code: e.code, state: "HY000", message: e.message }).await?;
-                    return Ok(None);
-                }
-                Err(e) => {
-                    let server = conn.server.clone();
-                    conn.discard();
-                    if !was_pinned && attempt < 3 {
-                        exclude = Some(server);
-                        continue;
-                    }
-                    self.connection_lost(&server, &e.to_string());
-                    let msg = format!("Lost connection to backend {} (hostgroup {}): {e}", server.addr, server.cfg.hostgroup);
-                    self.send_err(self.reply_seq, &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
-                    return Ok(None);
-                }
-            };
-            let server = conn.server.clone();
-            server.counters.queries.fetch_add(1, Ordering::Relaxed);
-            self.last_backend = Some(server.addr.clone());
-            if let Ok(mut r) = self.handle.running.lock() {
-                *r = Some(Running { server: server.clone(), thread: conn.thread_id, started: Instant::now(), killed: false });
-            }
-            let limit = self.rt.cfg.proxy.default_query_timeout_ms;
-            let timeout = (limit > 0).then_some((&self.handle.timed_out, limit));
-            let res = conn.forward(0, payload, kind, &mut self.wr, rewrite, timeout).await;
-            if let Ok(mut r) = self.handle.running.lock() {
-                *r = None;
-            }
-            self.handle.timed_out.store(false, Ordering::Relaxed);
-            match res {
-                Ok(w) => {
-                    cmd.after(&mut conn);
-                    return Ok(Some((w, conn)));
-                }
-                Err(ForwardError::Client(_)) => {
-                    conn.discard();
-                    return Err(ClientGone);
-                }
-                Err(ForwardError::Backend { err, started, last_seq }) => {
-                    let server = conn.server.clone();
-                    conn.discard();
-                    server.counters.errors.fetch_add(1, Ordering::Relaxed);
-                    self.proxy.stats.backend_errors.fetch_add(1, Ordering::Relaxed);
-                    if !started && retryable && !was_pinned && attempt < 3 && self.rt.cfg.proxy.retry_reads {
-                        self.proxy.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        warn!(session = self.id, server = %server.addr, error = %err, "backend failed before answering a read; retrying elsewhere");
-                        exclude = Some(server);
-                        continue;
-                    }
-                    self.connection_lost(&server, &err.to_string());
-                    let msg = format!(
-                        "Lost connection to backend {} (hostgroup {}) during query: {err}",
-                        server.addr, server.cfg.hostgroup
-                    );
-                    self.send_err(last_seq.wrapping_add(1), &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
-                    return Ok(None);
-                }
-            }
-        }
-    }
-
     /// The backend connection died: whatever it held (transaction, locks, temporary tables)
     /// is gone, so the client is no longer pinned to anything.
-    fn connection_lost(&mut self, server: &Arc<Server>, err: &str) {
+    pub(super) fn connection_lost(&mut self, server: &Arc<Server>, err: &str) {
         if self.pins.any() {
             warn!(session = self.id, server = %server.addr, error = err, "pinned backend connection lost; transaction state discarded");
         }
@@ -962,265 +687,6 @@ impl Session {
         result
     }
 
-    /// KILL [QUERY|CONNECTION] <id> where id is a proxy session id (what CONNECTION_ID()
-    /// and the handshake report): the target's running statement is killed on its backend
-    /// (KILL QUERY <thread> there), and for CONNECTION the target session is closed.
-    async fn kill(&mut self, (query_only, id): (bool, Option<u32>)) -> Result<(), ClientGone> {
-        let Some(id) = id else {
-            let e = SqlError::new(1235, "42000", "Breakwater supports KILL [CONNECTION | QUERY] <id> with a session id from CONNECTION_ID()");
-            return self.send_err(self.reply_seq, &e).await;
-        };
-        let target = self.proxy.sessions.lock().ok().and_then(|m| m.get(&id).cloned());
-        let Some(target) = target else {
-            return self.send_err(self.reply_seq, &SqlError::new(1094, "HY000", format!("Unknown thread id: {id}"))).await;
-        };
-        if target.user.lock().map(|u| *u != self.user.name).unwrap_or(true) {
-            return self.send_err(self.reply_seq, &SqlError::new(1095, "HY000", format!("You are not owner of thread {id}"))).await;
-        }
-        let running = target.running.lock().ok().and_then(|r| r.clone());
-        if let Some(Running { server, thread, .. }) = running {
-            let r = kill_query(&self.rt.cfg.monitor, &server, thread).await;
-            if !matches!(r, Ok(Ok(()))) {
-                let msg = format!("Could not kill the running statement of session {id} on {}: {r:?}", server.addr);
-                return self.send_err(self.reply_seq, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
-            }
-        }
-        if !query_only {
-            let _ = target.killed.send(true);
-            if id == self.id {
-                self.send_err(self.reply_seq, &SqlError::new(errcode::CONNECTION_KILLED, "70100", "Connection was killed")).await?;
-                return Err(ClientGone);
-            }
-        }
-        self.send_ok().await
-    }
-
-    /// A write went through: drop cached reads of its tables, now and, inside a
-    /// transaction, again when it ends (a read between the write and COMMIT could have put
-    /// the old rows back).
-    pub(super) fn invalidate_after_write(&mut self, sql: &[u8], a: &classify::Analysis) {
-        use classify::Kind as K;
-        let writes = a.multi
-            || matches!(a.kind, Some(K::Insert | K::Update | K::Delete | K::Replace | K::Call | K::Other));
-        if writes {
-            // A statement past the analysis cap: an INSERT/REPLACE names its table first;
-            // for anything else the tables cannot be told (all entries go).
-            let insert = matches!(a.kind, Some(K::Insert | K::Replace));
-            let t = if a.multi || (a.truncated && !insert) {
-                None
-            } else {
-                let cap = self.rt.cfg.proxy.query_digests_max_query_length;
-                tables::tables(&sql[..sql.len().min(cap)], self.vars.schema.as_deref())
-            };
-            // `Other` without tables is DDL-ish text we cannot read (or harmless): drop all.
-            self.proxy.cache.invalidate(t.as_deref());
-            if self.pins.any() {
-                match (&mut self.txn_written, t) {
-                    (Some(Some(v)), Some(t)) => v.extend(t),
-                    (slot, t) => *slot = Some(t),
-                }
-            }
-        }
-        if !self.pins.any() {
-            if let Some(t) = self.txn_written.take() {
-                self.proxy.cache.invalidate(t.as_deref());
-            }
-        }
-    }
-
-    /// The fast path of a query cache hit: a text query whose exact key was stored under the
-    /// query rules in force is answered without lexing, digesting or routing it again (the
-    /// rules decide on user, schema and text, all in the key). None, with nothing done, when
-    /// the session is not in a cacheable state (pinned: a transaction, locks, ...; a
-    /// temporary user, whose statements are audited) or there is no such fresh entry: the
-    /// full path runs.
-    async fn cached_hit(&mut self, buf: &[u8]) -> Option<Result<(), ClientGone>> {
-        if self.pins.any() || self.user.temporary {
-            return None;
-        }
-        // Only reads are stored: writes and transaction control (which cannot hit) skip the
-        // key and the lookup. A miss here costs nothing else: the full path runs.
-        let first = buf.get(1..)?.iter().find(|b| !b.is_ascii_whitespace());
-        if !matches!(first, Some(b'S' | b's' | b'W' | b'w' | b'(' | b'/' | b'-' | b'#')) {
-            return None;
-        }
-        let rules = self.rt.rules();
-        if !rules.caches() {
-            return None;
-        }
-        let t0 = Instant::now();
-        let key = self.cache_key_for(&[], buf.get(1..)?);
-        let hit = self.proxy.cache.hit(&key, rules.generation());
-        self.cache_key = key;
-        let (data, route) = hit?;
-        self.held = None;
-        self.row_count = -1;
-        self.wr.buf_mut().extend_from_slice(&data);
-        let res = self.flush().await;
-        let took = t0.elapsed();
-        self.digest.clear();
-        self.digest.push_str(&route.digest);
-        self.proxy.digests.record(&route.digest, -1, &self.user.name, self.vars.schema.as_deref(), took, 0, false);
-        if self.proxy.telemetry.sample() {
-            let end = crate::telemetry::now_ns();
-            self.proxy.telemetry.record(crate::telemetry::SpanRecord {
-                start_ns: end.saturating_sub(took.as_nanos() as u64),
-                end_ns: end,
-                operation: route.operation,
-                schema: self.vars.schema.clone(),
-                summary: self.digest.clone(),
-                user: self.user.name.clone(),
-                hostgroup: -1,
-                backend: None,
-                cache: "hit",
-                error: None,
-                rows: 0,
-            });
-        }
-        Some(res)
-    }
-
-    /// A read under a caching rule: served from the cache, or fetched once (others wait)
-    /// and stored. Returns (result, hostgroup for stats (-1 = cache), rows, failed).
-    async fn cached_query(&mut self, buf: &[u8], d: &Decision, hg: u32, operation: &'static str) -> (Result<(), ClientGone>, i64, u64, bool) {
-        let key = self.cache_key_for(&[], &buf[1..]);
-        let cache = self.proxy.cache.clone();
-        let r = self.cached_lookup(CacheSrc::Query(buf), d, hg, &cache, &key, Some(operation)).await;
-        self.cache_key = key;
-        r
-    }
-
-    /// The cache key of a read in this session's context (user, schema, character set,
-    /// collation, protocol flags and every session variable the client set: sql_mode,
-    /// time_zone, sql_select_limit, group_concat_max_len, character_set_results, …, since
-    /// any of them may change a result), then `extra` parts and `body`.
-    /// Reuses the session's key buffer: give it back with `self.cache_key = key`.
-    pub(super) fn cache_key_for(&mut self, extra: &[&[u8]], body: &[u8]) -> Vec<u8> {
-        let mut key = std::mem::take(&mut self.cache_key);
-        let eof: &[u8] = if self.caps & caps::DEPRECATE_EOF != 0 { b"okeof" } else { b"" };
-        let fixed: [&[u8]; 5] = [
-            self.user.name.as_bytes(),
-            self.vars.schema.as_deref().unwrap_or("").as_bytes(),
-            self.vars.charset.as_bytes(),
-            self.vars.collation.as_deref().unwrap_or("").as_bytes(),
-            eof,
-        ];
-        cache::key(&mut key, &fixed, b"");
-        for (name, value) in &self.vars.vars {
-            key.extend_from_slice(name.as_bytes());
-            key.push(b'=');
-            key.extend_from_slice(value.as_bytes());
-            key.push(0);
-        }
-        key.push(0);
-        cache::key_append(&mut key, extra, body);
-        key
-    }
-
-    pub(super) async fn cached_lookup(
-        &mut self,
-        mut src: CacheSrc<'_>,
-        d: &Decision,
-        hg: u32,
-        cache: &Arc<cache::QueryCache>,
-        key: &[u8],
-        operation: Option<&'static str>,
-    ) -> (Result<(), ClientGone>, i64, u64, bool) {
-        fn tables_of(src: &CacheSrc<'_>, schema: Option<&str>) -> Vec<String> {
-            let sql: &[u8] = match src {
-                CacheSrc::Query(b) => b.get(1..).unwrap_or(&[]),
-                CacheSrc::Stmt { stmt, .. } => stmt.sql.as_bytes(),
-            };
-            tables::tables(sql, schema).unwrap_or_default()
-        }
-        // Text queries record how they were routed, for the fast path of later hits.
-        let route = |s: &Self| {
-            operation.map(|op| {
-                Arc::new(cache::Route { rules_generation: d.rules_generation, digest: Arc::from(s.digest.as_str()), operation: op })
-            })
-        };
-        let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
-        let ttl = Duration::from_millis(d.cache_ttl_ms);
-        let stale = Duration::from_millis(d.cache_stale_ms);
-        let mut waited = false;
-        loop {
-            match cache.lookup(key) {
-                Lookup::Hit(data) => {
-                    self.wr.buf_mut().extend_from_slice(&data);
-                    return (self.flush().await, -1, 0, false);
-                }
-                Lookup::Wait(n) if !waited => {
-                    waited = true;
-                    let _ = tokio::time::timeout(wait, n.notified()).await;
-                }
-                Lookup::Wait(_) => {
-                    // The filler is slow or failed twice: go to the backend without the cache.
-                    let (r, rows, err) = self.fetch(&mut src, hg, false).await;
-                    return (r, hg as i64, rows, err);
-                }
-                Lookup::Stale(data, mut fill) => {
-                    let tables = tables_of(&src, self.vars.schema.as_deref());
-                    fill.begin(&tables);
-                    self.wr.buf_mut().extend_from_slice(&data);
-                    if let Err(e) = self.flush().await {
-                        return (Err(e), -1, 0, false);
-                    }
-                    // Refresh for the next clients; nothing of it reaches this one.
-                    self.wr.start_capture(cache.max_entry_bytes, true);
-                    let (r, _, err) = self.fetch(&mut src, hg, true).await;
-                    if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale);
-                    }
-                    return (r, -1, 0, false);
-                }
-                Lookup::Fill(mut fill) => {
-                    let tables = tables_of(&src, self.vars.schema.as_deref());
-                    fill.begin(&tables);
-                    // Right after a write to these tables a replica may not have it yet.
-                    let window = Duration::from_millis(self.rt.cfg.cache.fill_from_writer_after_write_ms);
-                    let hg = if !tables.is_empty() && cache.written_within(&tables, window) { self.user.default_hostgroup } else { hg };
-                    self.wr.start_capture(cache.max_entry_bytes, false);
-                    let (r, rows, err) = self.fetch(&mut src, hg, true).await;
-                    let data = self.wr.end_capture();
-                    if let (Some(data), false, Ok(())) = (data, err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale);
-                    }
-                    return (r, hg as i64, rows, err);
-                }
-            }
-        }
-    }
-
-    /// Run a read on a backend; (result, rows, failed).
-    async fn fetch(&mut self, src: &mut CacheSrc<'_>, hg: u32, retryable: bool) -> (Result<(), ClientGone>, u64, bool) {
-        let (r, effects) = match src {
-            CacheSrc::Query(buf) => (self.run(hg, Command::Raw(buf), Kind::ResultSet, retryable).await, Vec::new()),
-            CacheSrc::Stmt { stmt, payload } => {
-                let cmd = super::prepared::StmtCommand {
-                    payload,
-                    sql: stmt.sql.clone(),
-                    params: stmt.params,
-                    known_types: stmt.types.clone(),
-                    sent_types: None,
-                    execute: true,
-                };
-                (self.run(hg, Command::Stmt(cmd), Kind::ResultSet, retryable).await, stmt.effects.clone())
-            }
-        };
-        match r {
-            Ok(Some((w, conn))) => {
-                let (rows, err) = (w.rows, w.error.is_some());
-                if let Some(e) = &w.error {
-                    self.last_error = Some(e.code);
-                }
-                self.finish(&w, conn, &effects);
-                (Ok(()), rows, err)
-            }
-            Ok(None) => (Ok(()), 0, true),
-            Err(e) => (Err(e), 0, true),
-        }
-    }
-
     async fn com_init_db(&mut self) -> Result<(), ClientGone> {
         let buf = std::mem::take(&mut self.buf);
         let db = String::from_utf8_lossy(&buf[1..]).into_owned();
@@ -1328,179 +794,5 @@ impl Session {
         let st = self.status_flags();
         self.wr.push(seq, &codec::ok_packet(0, 0, st, 0));
         self.flush().await
-    }
-}
-
-/// `KILL QUERY <thread>` on a server, over a connection of the monitor user (5 s bound).
-pub async fn kill_query(
-    m: &crate::config::MonitorConfig,
-    server: &Server,
-    thread: u32,
-) -> Result<Result<(), mysql_async::Error>, tokio::time::error::Elapsed> {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(server.cfg.host.clone())
-        .tcp_port(server.cfg.port)
-        .user(Some(m.username.clone()))
-        .pass(Some(m.password.clone()))
-        .prefer_socket(false);
-    tokio::time::timeout(Duration::from_secs(5), async {
-        use mysql_async::prelude::Queryable;
-        let mut c = mysql_async::Conn::new(opts).await?;
-        c.query_drop(format!("KILL QUERY {thread}")).await?;
-        c.disconnect().await
-    })
-    .await
-}
-
-/// The default_query_timeout reaper: one task for the whole proxy (no timer per
-/// statement on the hot path) looks at every session's running statement a few times a
-/// second and kills those past the limit on their backend; the session then tells its
-/// client why (error 1969).
-pub fn spawn_query_reaper(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>) {
-    tokio::spawn(async move {
-        loop {
-            let limit = proxy.runtime().cfg.proxy.default_query_timeout_ms;
-            let tick = Duration::from_millis((limit / 4).clamp(50, 250));
-            tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
-                _ = shutdown.changed() => return,
-            }
-            if limit == 0 {
-                continue;
-            }
-            let limit = Duration::from_millis(limit);
-            let handles: Vec<Arc<SessionHandle>> = proxy.sessions.lock().map(|m| m.values().cloned().collect()).unwrap_or_default();
-            for h in handles {
-                let victim = match h.running.lock() {
-                    Ok(mut r) => match r.as_mut() {
-                        Some(run) if !run.killed && run.started.elapsed() >= limit => {
-                            run.killed = true;
-                            Some(run.clone())
-                        }
-                        _ => None,
-                    },
-                    Err(_) => None,
-                };
-                let Some(run) = victim else { continue };
-                h.timed_out.store(true, Ordering::Relaxed);
-                proxy.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
-                let m = proxy.runtime().cfg.monitor.clone();
-                tokio::spawn(async move {
-                    warn!(server = %run.server.addr, thread = run.thread, "statement past default_query_timeout_ms: KILL QUERY");
-                    if let Ok(Err(e)) | Err(e) = kill_query(&m, &run.server, run.thread).await.map_err(|e| mysql_async::Error::Other(e.to_string().into())) {
-                        warn!(server = %run.server.addr, thread = run.thread, error = %e, "could not kill a statement past default_query_timeout_ms");
-                    }
-                });
-            }
-        }
-    });
-}
-
-/// How the command payload is made for a particular backend connection.
-pub enum Command<'a> {
-    /// Forward the client's payload as it is.
-    Raw(&'a [u8]),
-    /// COM_STMT_PREPARE: forwarded as is; the PREPARE_OK's id becomes the proxy's id.
-    Prepare(&'a [u8], u32),
-    /// A statement command whose id must become this connection's statement id
-    /// (and, for EXECUTE, whose parameter types may need to be re-sent).
-    Stmt(super::prepared::StmtCommand<'a>),
-}
-
-impl<'a> Command<'a> {
-    async fn build(&mut self, conn: &mut PooledConn) -> Result<&[u8], BackendError> {
-        match self {
-            Command::Raw(p) | Command::Prepare(p, _) => Ok(p),
-            Command::Stmt(s) => s.build(conn).await,
-        }
-    }
-
-    fn rewrite_id(&self) -> Option<u32> {
-        match self {
-            Command::Prepare(_, id) => Some(*id),
-            _ => None,
-        }
-    }
-
-    fn after(&mut self, conn: &mut PooledConn) {
-        if let Command::Stmt(s) = self {
-            s.after(conn);
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Local {
-    LastInsertId,
-    ConnectionId,
-}
-
-/// `SELECT LAST_INSERT_ID()` / `@@IDENTITY` / `@@LAST_INSERT_ID` / `CONNECTION_ID()`
-/// (optionally `AS alias`): what to answer and the column name. Looks only at short statements.
-fn local_query(sql: &[u8]) -> Option<(Local, String)> {
-    if sql.len() > 80 || !sql.get(..6).is_some_and(|p| p.eq_ignore_ascii_case(b"select")) {
-        return None;
-    }
-    // Every form asked about has "@@" or "ID()": most short SELECTs stop here, unparsed.
-    if !sql.windows(2).any(|w| w == b"@@") && !sql.windows(4).any(|w| w.eq_ignore_ascii_case(b"id()")) {
-        return None;
-    }
-    let text = std::str::from_utf8(sql).ok()?.trim().trim_end_matches(';').trim();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let (expr, alias) = match words.as_slice() {
-        [_, e] => (*e, None),
-        [_, e, a, name] if a.eq_ignore_ascii_case("as") => (*e, Some(*name)),
-        [_, e, name] => (*e, Some(*name)),
-        _ => return None,
-    };
-    let kind = match expr.to_ascii_uppercase().as_str() {
-        "LAST_INSERT_ID()" | "@@IDENTITY" | "@@LAST_INSERT_ID" | "@@SESSION.IDENTITY" | "@@SESSION.LAST_INSERT_ID" => Local::LastInsertId,
-        "CONNECTION_ID()" => Local::ConnectionId,
-        _ => return None,
-    };
-    Some((kind, alias.unwrap_or(expr).trim_matches(|c| c == '`' || c == '"' || c == '\'').to_string()))
-}
-
-/// `KILL [CONNECTION | QUERY] <id>`: (query_only, id). Anything else starting with KILL
-/// (KILL USER, KILL ... QUERY ID) gives Some with id None, answered with an error.
-fn parse_kill(sql: &[u8]) -> Option<(bool, Option<u32>)> {
-    use crate::router::lexer::{Lexer, Tok};
-    // KILL statements are short: a long text (a bulk INSERT) is never lexed here.
-    if sql.len() > 256 {
-        return None;
-    }
-    let toks: Vec<Tok> = Lexer::new(sql).filter(|t| *t != Tok::Punct(b';')).collect();
-    match toks.first() {
-        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"KILL") => {}
-        _ => return None,
-    }
-    let num = |t: Option<&Tok>| match t {
-        Some(Tok::Num(n)) => std::str::from_utf8(n).ok().and_then(|s| s.parse().ok()),
-        _ => None,
-    };
-    Some(match toks.get(1) {
-        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"QUERY") && toks.len() == 3 => (true, num(toks.get(2))),
-        Some(Tok::Word(w)) if w.eq_ignore_ascii_case(b"CONNECTION") && toks.len() == 3 => (false, num(toks.get(2))),
-        Some(Tok::Num(_)) if toks.len() == 2 => (false, num(toks.get(1))),
-        _ => (false, None),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn last_insert_id_queries() {
-        use super::{local_query as q, Local};
-        assert_eq!(q(b"SELECT LAST_INSERT_ID()"), Some((Local::LastInsertId, "LAST_INSERT_ID()".into())));
-        assert_eq!(q(b"select last_insert_id() as id;"), Some((Local::LastInsertId, "id".into())));
-        assert_eq!(q(b"SELECT @@IDENTITY"), Some((Local::LastInsertId, "@@IDENTITY".into())));
-        assert_eq!(q(b"SELECT CONNECTION_ID()"), Some((Local::ConnectionId, "CONNECTION_ID()".into())));
-        assert_eq!(q(b"SELECT LAST_INSERT_ID(5)"), None);
-        assert_eq!(q(b"SELECT c FROM t WHERE id = 1"), None);
-        assert_eq!(super::parse_kill(b"KILL QUERY 12"), Some((true, Some(12))));
-        assert_eq!(super::parse_kill(b"kill 7;"), Some((false, Some(7))));
-        assert_eq!(super::parse_kill(b"KILL CONNECTION 3"), Some((false, Some(3))));
-        assert_eq!(super::parse_kill(b"KILL USER app"), Some((false, None)));
-        assert_eq!(super::parse_kill(b"SELECT 1"), None);
     }
 }
