@@ -365,23 +365,7 @@ async fn bad_input_gets_clear_errors() {
 
 /// Log in over a raw socket as app/app with mysql_native_password.
 fn connect_logged_in(port: u16) -> std::net::TcpStream {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let (_, g) = read_raw(&mut s).unwrap();
-    let g = breakwater_proxy::protocol::handshake::parse_greeting(&g).unwrap();
-    let token = breakwater_proxy::protocol::auth::native_token(b"app", &g.scramble[..20]);
-    let resp = breakwater_proxy::protocol::handshake::handshake_response(
-        breakwater_proxy::protocol::caps::PROXY_BACKEND,
-        45,
-        "app",
-        &token,
-        Some("sbtest"),
-        "mysql_native_password",
-    );
-    s.write_all(&raw_packet(1, &resp)).unwrap();
-    let (_, ok) = read_raw(&mut s).unwrap();
-    assert_eq!(ok[0], 0, "login ok");
-    s
+    raw_login(port, "sbtest")
 }
 
 /// More clients than the listener allows get error 1040.

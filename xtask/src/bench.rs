@@ -149,14 +149,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         Some("agent") => return agent_overhead(secs),
         Some("cache") => return cache_hit(&bin, secs),
         Some("big") => {
-            let child = Command::new(&bin)
-                .args(["--listen", "127.0.0.1:6033", "--log-level", "warn", "--worker-threads", "1"])
-                .stdout(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
-            let proxy = Proxy(child);
-            wait_port(6033)?;
-            std::thread::sleep(Duration::from_secs(2));
+            let proxy = start_main_proxy(&bin)?;
             return big_statement(proxy.0.id(), 6033);
         }
         Some("proxy") => {}
@@ -164,16 +157,7 @@ pub fn run(args: &[&str]) -> Result<()> {
         None => {}
     }
     let proxy_only = args.contains(&"proxy");
-    let child = Command::new(&bin)
-        // One worker thread: on a 2-core box shared with sysbench and three servers, a
-        // second proxy thread only adds context switches (measured: ~10% fewer QPS).
-        .args(["--listen", "127.0.0.1:6033", "--log-level", "warn", "--worker-threads", "1"])
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let proxy = Proxy(child);
-    wait_port(6033)?;
-    std::thread::sleep(Duration::from_secs(2)); // first health checks
+    let proxy = start_main_proxy(&bin)?;
 
     println!("\n{:<20} {:>7} {:>12} {:>12} {:>8} {:>11} {:>11} {:>7}",
         "workload", "threads", "direct qps", "proxy qps", "ratio", "direct p95", "proxy p95", "errors");
@@ -207,6 +191,21 @@ pub fn run(args: &[&str]) -> Result<()> {
     }
     cache_hit(&bin, secs)?;
     agent_overhead(secs)
+}
+
+/// The proxy under test on 6033, on its embedded default, after its first health checks.
+fn start_main_proxy(bin: &std::path::Path) -> Result<Proxy> {
+    let child = Command::new(bin)
+        // One worker thread: on a 2-core box shared with sysbench and three servers, a
+        // second proxy thread only adds context switches (measured: ~10% fewer QPS).
+        .args(["--listen", "127.0.0.1:6033", "--log-level", "warn", "--worker-threads", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let proxy = Proxy(child);
+    wait_port(6033)?;
+    std::thread::sleep(Duration::from_secs(2)); // first health checks
+    Ok(proxy)
 }
 
 /// A 24 MiB multi-row INSERT through the proxy (the mariadb client sends it): the proxy's

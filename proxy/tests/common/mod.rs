@@ -302,3 +302,42 @@ pub async fn start_node(port: u16) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Send one payload (split at 16 MiB as the protocol says) starting at sequence `seq`.
+pub fn raw_send(s: &mut std::net::TcpStream, seq: u8, payload: &[u8]) {
+    use std::io::Write;
+    let mut w = breakwater_proxy::protocol::packet::PacketWriter::new(Vec::new());
+    w.push(seq, payload);
+    s.write_all(w.buf_mut()).unwrap();
+}
+
+/// Read one packet: (sequence id, payload).
+pub fn raw_read(s: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).unwrap();
+    let mut p = vec![0u8; u32::from_le_bytes([head[0], head[1], head[2], 0]) as usize];
+    s.read_exact(&mut p).unwrap();
+    (head[3], p)
+}
+
+/// Log in over a raw socket as app/app (mysql_native_password) into `db`.
+pub fn raw_login(port: u16, db: &str) -> std::net::TcpStream {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, g) = raw_read(&mut s);
+    let g = breakwater_proxy::protocol::handshake::parse_greeting(&g).unwrap();
+    let token = breakwater_proxy::protocol::auth::native_token(b"app", &g.scramble[..20]);
+    let resp = breakwater_proxy::protocol::handshake::handshake_response(
+        breakwater_proxy::protocol::caps::PROXY_BACKEND,
+        45,
+        "app",
+        &token,
+        Some(db),
+        "mysql_native_password",
+    );
+    raw_send(&mut s, 1, &resp);
+    let (_, ok) = raw_read(&mut s);
+    assert_eq!(ok[0], 0, "logged in: {}", String::from_utf8_lossy(&ok));
+    s
+}

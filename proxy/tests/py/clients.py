@@ -168,43 +168,36 @@ def multi_statements(port, schema):
     """Multi-statements only as the client's capabilities and COM_SET_OPTION allow. The same
     steps run against the server directly give the reference answers."""
 
+    def attempt(cur, multi):
+        """The statements' values, or the error number."""
+        try:
+            if multi:
+                got = []
+                for r in cur.execute("SELECT 1; SELECT 2", multi=True):
+                    got.extend(x[0] for x in r.fetchall())
+                return got
+            cur.execute("SELECT 1; SELECT 2")
+            cur.fetchall()
+            return "ok"
+        except mysql.connector.Error as e:
+            return e.errno
+
     def steps(p):
         out = {}
         c = connect(p, schema, flags=[-ClientFlag.MULTI_STATEMENTS])
-        cur = c.cursor()
-        try:
-            cur.execute("SELECT 1; SELECT 2")
-            cur.fetchall()
-            out["without_flag"] = "ok"
-        except mysql.connector.Error as e:
-            out["without_flag"] = e.errno
+        out["without_flag"] = attempt(c.cursor(), False)
         c.close()
         # COM_SET_OPTION MYSQL_OPTION_MULTI_STATEMENTS_ON (0) on a connection without the flag.
         c = connect(p, schema, flags=[-ClientFlag.MULTI_STATEMENTS])
         c._send_cmd(0x1B, (0).to_bytes(2, "little"))
         cur = c.cursor()
-        try:
-            got = []
-            for r in cur.execute("SELECT 1; SELECT 2", multi=True):
-                got.extend(x[0] for x in r.fetchall())
-            out["after_set_option_on"] = got
-        except mysql.connector.Error as e:
-            out["after_set_option_on"] = e.errno
+        out["after_set_option_on"] = attempt(cur, True)
         # ... and OFF (1) again.
         c._send_cmd(0x1B, (1).to_bytes(2, "little"))
-        try:
-            cur.execute("SELECT 1; SELECT 2")
-            cur.fetchall()
-            out["after_set_option_off"] = "ok"
-        except mysql.connector.Error as e:
-            out["after_set_option_off"] = e.errno
+        out["after_set_option_off"] = attempt(cur, False)
         c.close()
         c = connect(p, schema)
-        cur = c.cursor()
-        got = []
-        for r in cur.execute("SELECT 1; SELECT 2", multi=True):
-            got.extend(x[0] for x in r.fetchall())
-        out["with_flag"] = got
+        out["with_flag"] = attempt(c.cursor(), True)
         c.close()
         return out
 
