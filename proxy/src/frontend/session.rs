@@ -9,7 +9,7 @@
 use super::executor::Command;
 use super::intercept::{local_query, parse_kill, Local};
 use super::login::{self, handshake_and_login, Login};
-use super::state::{Pins, SessionVars};
+use super::state::{Disposition, Outcome, Pins, SessionVars};
 use crate::backend::conn::ConnKey;
 use crate::backend::pool::PooledConn;
 use crate::backend::server::Server;
@@ -454,7 +454,6 @@ impl Session {
         if w.result_set {
             self.found_rows = w.rows;
         }
-        let hold = w.warnings > 0 || w.error.is_some() || std::mem::take(&mut self.calc_found_rows);
         if let Some(e) = &w.error {
             // The server ended this connection (KILL, shutdown): it cannot be used again.
             if matches!(e.code, errcode::CONNECTION_KILLED | errcode::SERVER_SHUTDOWN) {
@@ -464,54 +463,36 @@ impl Session {
         if conn.broken {
             let server = conn.server.clone();
             conn.discard();
+            self.calc_found_rows = false;
             self.connection_lost(&server, "backend connection closed by the server");
             return;
         }
-        let ok = w.error.is_none();
-        let was_pinned = self.pins.any();
-        for e in effects {
-            match e {
-                Effect::SetVar(n, v) if ok => {
-                    self.vars.set_var(n, v);
-                    conn.vars.set_var(n, v);
-                }
-                Effect::SetNames(cs, coll) if ok => {
-                    self.vars.set_names(cs, coll.as_deref());
-                    conn.vars.set_names(cs, coll.as_deref());
-                }
-                Effect::Use(db) if ok => {
-                    self.vars.schema = Some(db.clone());
-                    conn.vars.schema = Some(db.clone());
-                }
-                Effect::Pin(r) => self.pins.add(r.clone()),
-                Effect::UnlockTables => self.pins.lock_tables = false,
-                Effect::ReleaseLock => self.pins.named_locks = self.pins.named_locks.saturating_sub(1),
-                Effect::ReleaseAllLocks => self.pins.named_locks = 0,
-                _ => {}
-            }
-        }
-        let st = conn.status;
-        self.pins.transaction = st & status::IN_TRANS != 0;
+        let out = Outcome {
+            ok: w.error.is_none(),
+            status: conn.status,
+            warnings: w.warnings,
+            calc_found_rows: std::mem::take(&mut self.calc_found_rows),
+        };
+        let (disposition, dirty, newly_pinned) = super::state::apply(&mut self.pins, &mut self.vars, &mut conn.vars, effects, out);
+        conn.dirty = dirty;
         match (self.pins.transaction, self.txn_started) {
             (true, None) => self.txn_started = Some(Instant::now()),
             (false, Some(_)) => self.txn_started = None,
             _ => {}
         }
-        self.pins.autocommit_off = st & status::AUTOCOMMIT == 0;
-        conn.dirty = self.pins.lock_tables || self.pins.named_locks > 0 || !self.pins.sticky.is_empty() || self.pins.long_data;
-        if self.pins.any() {
-            if !was_pinned {
-                if let Some(reason) = self.pins.reason() {
-                    let reason = reason.to_string();
-                    debug!(session = self.id, server = %conn.server.addr, backend_thread = conn.thread_id, %reason, "client pinned to backend connection");
-                    self.proxy.stats.pinned(&reason);
+        match disposition {
+            Disposition::Pin => {
+                if newly_pinned {
+                    if let Some(reason) = self.pins.reason() {
+                        let reason = reason.to_string();
+                        debug!(session = self.id, server = %conn.server.addr, backend_thread = conn.thread_id, %reason, "client pinned to backend connection");
+                        self.proxy.stats.pinned(&reason);
+                    }
                 }
+                self.pinned = Some(conn);
             }
-            self.pinned = Some(conn);
-        } else if hold {
-            self.held = Some(conn);
-        } else {
-            drop(conn); // back to the pool
+            Disposition::Hold => self.held = Some(conn),
+            Disposition::Release => drop(conn), // back to the pool
         }
     }
 

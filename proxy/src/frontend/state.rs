@@ -83,6 +83,71 @@ impl SessionVars {
     }
 }
 
+/// What the response to a statement says about the session, as far as the session state
+/// needs it (a [`crate::protocol::response::Walker`]'s summary).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    pub ok: bool,
+    /// Status flags of the last OK/EOF (IN_TRANS, AUTOCOMMIT).
+    pub status: u16,
+    pub warnings: u16,
+    /// The statement was SELECT SQL_CALC_FOUND_ROWS.
+    pub calc_found_rows: bool,
+}
+
+/// Where the connection goes after a statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The client stays on it (transaction, locks, state that cannot be replayed).
+    Pin,
+    /// Kept for the client's next command only (its diagnostics are on it).
+    Hold,
+    /// Back to the pool.
+    Release,
+}
+
+/// Apply a finished statement's effects to the client's state and to the state of the
+/// connection it ran on, and decide where that connection goes. Pure: no I/O, so every
+/// combination is unit-tested below. Returns (disposition, whether the connection holds
+/// state no other client may see, whether the client just became pinned).
+pub fn apply(pins: &mut Pins, client: &mut SessionVars, conn: &mut SessionVars, effects: &[crate::router::classify::Effect], out: Outcome) -> (Disposition, bool, bool) {
+    use crate::protocol::status;
+    use crate::router::classify::Effect;
+    let was_pinned = pins.any();
+    for e in effects {
+        match e {
+            Effect::SetVar(n, v) if out.ok => {
+                client.set_var(n, v);
+                conn.set_var(n, v);
+            }
+            Effect::SetNames(cs, coll) if out.ok => {
+                client.set_names(cs, coll.as_deref());
+                conn.set_names(cs, coll.as_deref());
+            }
+            Effect::Use(db) if out.ok => {
+                client.schema = Some(db.clone());
+                conn.schema = Some(db.clone());
+            }
+            Effect::Pin(r) => pins.add(r.clone()),
+            Effect::UnlockTables => pins.lock_tables = false,
+            Effect::ReleaseLock => pins.named_locks = pins.named_locks.saturating_sub(1),
+            Effect::ReleaseAllLocks => pins.named_locks = 0,
+            _ => {}
+        }
+    }
+    pins.transaction = out.status & status::IN_TRANS != 0;
+    pins.autocommit_off = out.status & status::AUTOCOMMIT == 0;
+    let dirty = pins.lock_tables || pins.named_locks > 0 || !pins.sticky.is_empty() || pins.long_data;
+    let d = if pins.any() {
+        Disposition::Pin
+    } else if out.warnings > 0 || !out.ok || out.calc_found_rows {
+        Disposition::Hold
+    } else {
+        Disposition::Release
+    };
+    (d, dirty, d == Disposition::Pin && !was_pinned)
+}
+
 /// What keeps a client on its current backend connection.
 #[derive(Debug, Default, Clone)]
 pub struct Pins {
@@ -170,6 +235,51 @@ mod tests {
         let mut c2 = base.clone();
         c2.set_var("autocommit", "ON");
         assert_eq!(c2, base);
+    }
+
+    #[test]
+    fn apply_decides_where_the_connection_goes() {
+        use crate::protocol::status::{AUTOCOMMIT, IN_TRANS};
+        use crate::router::classify::analyze;
+        let base = SessionVars::new(Some("sbtest".into()), 45);
+        let run = |pins: &mut Pins, sql: &str, out: Outcome| {
+            let (mut c, mut k) = (base.clone(), base.clone());
+            let r = apply(pins, &mut c, &mut k, &analyze(sql.as_bytes()).effects, out);
+            (r, c, k)
+        };
+        let ok = Outcome { ok: true, status: AUTOCOMMIT, ..Default::default() };
+        let mut p = Pins::default();
+        // A replayable SET moves with the client; the connection goes back to the pool.
+        let ((d, dirty, _), c, k) = run(&mut p, "SET time_zone = '+01:00'", ok);
+        assert_eq!((d, dirty), (Disposition::Release, false));
+        assert_eq!(c.vars.get("time_zone"), Some(&"'+01:00'".to_string()));
+        assert_eq!(c, k, "the connection now has the client's state");
+        // A failed SET changes nothing.
+        let ((d, _, _), c, _) = run(&mut p, "SET time_zone = 'bogus'", Outcome { ok: false, ..ok });
+        assert_eq!(d, Disposition::Hold, "its error is on that connection");
+        assert_eq!(c, base);
+        // BEGIN pins until the server says the transaction is over.
+        let ((d, _, newly), _, _) = run(&mut p, "BEGIN", Outcome { status: AUTOCOMMIT | IN_TRANS, ..ok });
+        assert_eq!((d, newly), (Disposition::Pin, true));
+        let ((d, _, newly), _, _) = run(&mut p, "INSERT INTO t VALUES (1)", Outcome { status: AUTOCOMMIT | IN_TRANS, ..ok });
+        assert_eq!((d, newly), (Disposition::Pin, false));
+        let ((d, _, _), _, _) = run(&mut p, "COMMIT", ok);
+        assert_eq!(d, Disposition::Release);
+        // autocommit=0 keeps it; a named lock keeps it dirty until released.
+        let ((d, _, _), _, _) = run(&mut p, "SET autocommit = 0", Outcome { status: 0, ..ok });
+        assert_eq!(d, Disposition::Pin);
+        let ((d, _, _), _, _) = run(&mut p, "SET autocommit = 1", ok);
+        assert_eq!(d, Disposition::Release);
+        let ((d, dirty, _), _, _) = run(&mut p, "SELECT GET_LOCK('a', 1)", ok);
+        assert_eq!((d, dirty), (Disposition::Pin, true));
+        let ((d, dirty, _), _, _) = run(&mut p, "SELECT RELEASE_LOCK('a')", ok);
+        assert_eq!((d, dirty), (Disposition::Release, false));
+        // Warnings and SQL_CALC_FOUND_ROWS: held for the next command.
+        assert_eq!(run(&mut p, "INSERT INTO t VALUES (1)", Outcome { warnings: 1, ..ok }).0 .0, Disposition::Hold);
+        assert_eq!(run(&mut p, "SELECT SQL_CALC_FOUND_ROWS a FROM t LIMIT 1", Outcome { calc_found_rows: true, ..ok }).0 .0, Disposition::Hold);
+        // State that cannot be replayed pins for good and marks the connection dirty.
+        let ((d, dirty, _), _, _) = run(&mut p, "SET @x = 1", ok);
+        assert_eq!((d, dirty), (Disposition::Pin, true));
     }
 
     #[test]
