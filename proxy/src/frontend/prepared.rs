@@ -256,6 +256,13 @@ impl Session {
                 self.pins.cursor = false;
                 self.release_if_unpinned();
             }
+            if self.pins.long_data {
+                // Long data sent and never executed: the connection stays marked dirty, so
+                // it is closed (or reset) rather than handed to another client with the
+                // data still attached to its statement.
+                self.pins.long_data = false;
+                self.release_if_unpinned();
+            }
         }
     }
 
