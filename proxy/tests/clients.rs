@@ -171,6 +171,11 @@ async fn default_query_timeout_kills_on_the_backend() {
     // Statements under the limit are untouched.
     let v: Option<i64> = c.query_first("SELECT SLEEP(0.3) + 5").await.unwrap();
     assert_eq!(v, Some(5));
+    // The limit in force and its counter, on the SQL admin.
+    let var = proxy.admin_sql("SELECT variable_value FROM runtime_global_variables WHERE variable_name = 'mysql-default_query_timeout'").unwrap();
+    assert_eq!(var.trim(), "1000");
+    let n = proxy.admin_sql("SELECT Variable_Value FROM stats_mysql_global WHERE Variable_Name = 'Query_timeouts'").unwrap();
+    assert_eq!(n.trim(), "1");
 }
 
 /// A transaction idle past max_transaction_idle_time_ms, or open past

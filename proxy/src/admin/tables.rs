@@ -91,6 +91,7 @@ impl AdminDb {
              CREATE TABLE stats_mysql_connection_pool (hostgroup INT, srv_host VARCHAR, srv_port INT, status VARCHAR, routed INT, ConnUsed INT, \
                ConnFree INT, ConnOK INT, ConnERR INT, Queries INT, Errors INT, max_connections INT, replication_lag INT); \
              CREATE TABLE stats_mysql_global (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
+             CREATE TABLE runtime_global_variables (variable_name VARCHAR PRIMARY KEY, variable_value VARCHAR); \
              CREATE TABLE stats_breakwater_pins (reason VARCHAR PRIMARY KEY, count INT); \
              CREATE TABLE stats_breakwater_cache (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
              CREATE TABLE breakwater_access_grants (id INT, username VARCHAR, account VARCHAR, role VARCHAR, schema_name VARCHAR, grants VARCHAR, \
@@ -100,6 +101,7 @@ impl AdminDb {
         .map_err(sql_err)?;
         let mut db = Self { conn, has_disk };
         db.fill_from_config(proxy)?;
+        db.fill_variables(proxy)?;
         // Each table saved to disk replaces what the TOML said (as ProxySQL's disk layer).
         let mut from_disk = Vec::new();
         if has_disk && !initial {
@@ -119,6 +121,35 @@ impl AdminDb {
 
     fn copy(&self, from: &str, to: &str) -> Result<(), String> {
         self.conn.execute_batch(&format!("DELETE FROM {to}; INSERT INTO {to} SELECT * FROM {from};")).map_err(sql_err)
+    }
+
+    /// runtime_global_variables: the data path's limits in force, under ProxySQL's names
+    /// where it has them (read-only here: they come from the TOML and the flags).
+    fn fill_variables(&mut self, proxy: &Proxy) -> Result<(), String> {
+        let p = &proxy.rt.cfg.proxy;
+        let m = &proxy.rt.cfg.monitor;
+        let rows: [(&str, String); 16] = [
+            ("mysql-connect_timeout_server", p.connect_timeout_ms.to_string()),
+            ("mysql-backend_read_timeout", p.backend_read_timeout_ms.to_string()),
+            ("mysql-default_query_timeout", p.default_query_timeout_ms.to_string()),
+            ("mysql-max_transaction_time", p.max_transaction_time_ms.to_string()),
+            ("mysql-max_transaction_idle_time", p.max_transaction_idle_time_ms.to_string()),
+            ("mysql-client_write_timeout", p.client_write_timeout_ms.to_string()),
+            ("mysql-client_keepalive", p.client_keepalive_ms.to_string()),
+            ("mysql-query_digests_max_query_length", p.query_digests_max_query_length.to_string()),
+            ("mysql-max_allowed_packet", p.max_allowed_packet.to_string()),
+            ("mysql-queue_timeout", p.queue_timeout_ms.to_string()),
+            ("mysql-max_connections", p.max_client_connections.to_string()),
+            ("mysql-multiplex_after_call", p.multiplex_after_call.to_string()),
+            ("mysql-monitor_ping_interval", m.interval_ms.to_string()),
+            ("mysql-monitor_ping_timeout", m.timeout_ms.to_string()),
+            ("mysql-monitor_ping_max_failures", m.shun_after_failures.to_string()),
+            ("mysql-monitor_shun_broken_replication", m.shun_broken_replication.to_string()),
+        ];
+        for (k, v) in rows {
+            self.conn.execute("INSERT INTO runtime_global_variables VALUES (?1, ?2)", rusqlite::params![k, v]).map_err(sql_err)?;
+        }
+        Ok(())
     }
 
     fn fill_from_config(&mut self, proxy: &Proxy) -> Result<(), String> {
@@ -381,6 +412,8 @@ impl AdminDb {
             ("Client_Connections_refused", st.client_connections_refused.load(Ordering::Relaxed)),
             ("Backend_errors", st.backend_errors.load(Ordering::Relaxed)),
             ("Read_retries", st.retries.load(Ordering::Relaxed)),
+            ("Query_timeouts", st.query_timeouts.load(Ordering::Relaxed)),
+            ("Transaction_timeouts", st.transaction_timeouts.load(Ordering::Relaxed)),
             ("Digest_rows", proxy.digests.len() as u64),
         ] {
             tx.execute("INSERT INTO stats_mysql_global VALUES (?1, ?2)", rusqlite::params![k, v.to_string()]).map_err(sql_err)?;
