@@ -524,3 +524,42 @@ async fn caps_per_server_and_runtime_changes() {
     let vs: Vec<i64> = other.query("SELECT v FROM t ORDER BY v FOR UPDATE").await.unwrap();
     assert_eq!(vs, vec![1, 2, 3, 4, 5], "every acknowledged write is there, the refused one is not");
 }
+
+/// Long data sent for a statement that is then closed unexecuted never reaches another
+/// client: the connection holding it is not handed on.
+#[tokio::test]
+async fn unexecuted_long_data_stays_with_its_client() {
+    fresh_schema("sbtest_cli_longdata").await;
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop("CREATE TABLE sbtest_cli_longdata.t (id INT AUTO_INCREMENT PRIMARY KEY, v VARCHAR(20))").await.unwrap();
+    }
+    let proxy = Proxy::start(&["--max-connections", "2"]);
+    // A prepares on writer connection C and sends long data for its parameter.
+    let mut a = raw_login(proxy.port, "sbtest_cli_longdata");
+    raw_send(&mut a, 0, b"\x16INSERT INTO t (v) VALUES (?)");
+    let (_, ok) = raw_read(&mut a);
+    assert_eq!(ok[0], 0, "PREPARE_OK: {}", String::from_utf8_lossy(&ok));
+    while raw_read(&mut a).1[0] != 0xfe {}
+    let id = [ok[1], ok[2], ok[3], ok[4]];
+    let mut long = vec![0x18];
+    long.extend_from_slice(&id);
+    long.extend_from_slice(&0u16.to_le_bytes());
+    long.extend_from_slice(b"LEAKED");
+    raw_send(&mut a, 0, &long);
+    // B prepares the same text meanwhile (on another connection: C is A's).
+    let mut b = mysql_async::Conn::new(proxy.opts("app", "app", Some("sbtest_cli_longdata"))).await.unwrap();
+    let stmt = b.prep("INSERT INTO t (v) VALUES (?)").await.unwrap();
+    // A closes the statement without executing it, and leaves.
+    let mut close = vec![0x19];
+    close.extend_from_slice(&id);
+    raw_send(&mut a, 0, &close);
+    raw_send(&mut a, 0, &[0x01]);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..4 {
+        b.exec_drop(&stmt, ("mine",)).await.unwrap();
+    }
+    let vs: Vec<String> = b.query("SELECT v FROM t FOR UPDATE").await.unwrap();
+    assert_eq!(vs, vec!["mine"; 4], "another client's long data leaked into these rows");
+}
