@@ -256,16 +256,24 @@ impl BackendConn {
 
     /// Run a proxy-issued command and discard its response (state sync, re-prepare, reset).
     pub async fn exec_discard(&mut self, payload: &[u8], kind: Kind) -> Result<Walker, BackendError> {
+        self.exec_inspect(payload, kind, |_, _| {}).await
+    }
+
+    /// Like [`Self::exec_discard`], showing each packet payload (with its index) to `look`.
+    async fn exec_inspect(&mut self, payload: &[u8], kind: Kind, mut look: impl FnMut(u32, &[u8])) -> Result<Walker, BackendError> {
         self.wr.push(0, payload);
         if let Err(e) = self.wr.flush().await {
             return Err(self.lost(e.into()));
         }
         let mut w = Walker::new(kind);
         let mut scratch = std::mem::take(&mut self.scratch);
+        let mut i = 0u32;
         loop {
             scratch.clear();
             match self.rd.read_raw_into(&mut scratch).await {
                 Ok(_) => {
+                    look(i, &scratch[4..]);
+                    i += 1;
                     if w.feed(&scratch[4..]) {
                         break;
                     }
@@ -343,35 +351,16 @@ impl BackendConn {
         self.stmts.get(&self.stmt_key(sql))
     }
 
-    pub fn stmt_mut(&mut self, sql: &Arc<str>) -> Option<&mut BackendStmt> {
-        let k = self.stmt_key(sql);
-        self.stmts.get_mut(&k)
-    }
-
     /// COM_SET_OPTION: multi-statements on or off, as the client has them. The server answers
     /// with an EOF packet (or an error).
     pub async fn set_multi_statements(&mut self, on: bool) -> Result<(), BackendError> {
         let opt: u16 = if on { 0 } else { 1 };
-        self.wr.push(0, &[cmd::SET_OPTION, opt as u8, (opt >> 8) as u8]);
-        if let Err(e) = self.wr.flush().await {
-            return Err(self.lost(e.into()));
+        let w = self.exec_discard(&[cmd::SET_OPTION, opt as u8, (opt >> 8) as u8], Kind::Single).await?;
+        if let Some(e) = w.error {
+            return Err(BackendError::Sql(e));
         }
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let r = self.rd.read_raw_into(&mut scratch).await;
-        let first = scratch.get(4).copied();
-        let err = if first == Some(0xff) { codec::parse_err(&scratch[4..]) } else { None };
-        self.scratch = scratch;
-        match r {
-            Err(e) => Err(self.lost(e)),
-            Ok(_) => match err {
-                Some(e) => Err(BackendError::Sql(e)),
-                None => {
-                    self.multi_statements = on;
-                    Ok(())
-                }
-            },
-        }
+        self.multi_statements = on;
+        Ok(())
     }
 
     /// Run a query whose answer is one unsigned number (first column of the first row).
@@ -379,43 +368,20 @@ impl BackendConn {
         let mut p = Vec::with_capacity(sql.len() + 1);
         p.push(cmd::QUERY);
         p.extend_from_slice(sql.as_bytes());
-        self.wr.push(0, &p);
-        if let Err(e) = self.wr.flush().await {
-            return Err(self.lost(e.into()));
-        }
-        let mut w = Walker::new(Kind::ResultSet);
-        let mut value = None;
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let mut packets = 0u32;
         let mut columns = None;
-        loop {
-            scratch.clear();
-            if let Err(e) = self.rd.read_raw_into(&mut scratch).await {
-                self.scratch = scratch;
-                return Err(self.lost(e));
-            }
-            let payload = &scratch[4..];
-            packets += 1;
-            if packets == 1 {
-                let mut pos = 0;
-                columns = codec::read_lenenc(payload, &mut pos);
-            } else if let Some(n) = columns {
-                // count, n definitions, EOF, then the first row.
-                if packets as u64 == n + 3 && value.is_none() && payload.first() != Some(&0xfe) {
-                    let mut pos = 0;
-                    value = codec::read_lenenc_str(payload, &mut pos)
+        let mut value = None;
+        let w = self
+            .exec_inspect(&p, Kind::ResultSet, |i, payload| {
+                if i == 0 {
+                    columns = codec::read_lenenc(payload, &mut 0);
+                } else if columns.is_some_and(|n| i as u64 == n + 2) && payload.first() != Some(&0xfe) {
+                    // count, n definitions, EOF, then the first row.
+                    value = codec::read_lenenc_str(payload, &mut 0)
                         .and_then(|v| std::str::from_utf8(v).ok())
                         .and_then(|v| v.parse::<u64>().ok());
                 }
-            }
-            if w.feed(payload) {
-                break;
-            }
-        }
-        self.scratch = scratch;
-        if let Some(st) = w.status {
-            self.status = st;
-        }
+            })
+            .await?;
         match w.error {
             Some(e) => Err(BackendError::Sql(e)),
             None => Ok(value),
@@ -426,9 +392,15 @@ impl BackendConn {
     /// synced it to the client's); returns the backend statement id.
     pub async fn ensure_prepared(&mut self, sql: &Arc<str>) -> Result<u32, BackendError> {
         let key = self.stmt_key(sql);
-        if let Some(s) = self.stmts.get(&key) {
+        self.ensure_prepared_key(&key).await
+    }
+
+    /// [`Self::ensure_prepared`] with the key already made (one hash per execute).
+    pub async fn ensure_prepared_key(&mut self, key: &StmtKey) -> Result<u32, BackendError> {
+        if let Some(s) = self.stmts.get(key) {
             return Ok(s.id);
         }
+        let sql = &key.sql;
         if self.stmts.len() >= MAX_STMTS_PER_CONN {
             self.close_all_stmts();
         }
@@ -439,7 +411,7 @@ impl BackendConn {
         match (w.prepare, w.error) {
             (Some(ok), _) => {
                 let s = BackendStmt { id: ok.statement_id, params: ok.params, types: None };
-                self.stmts.insert(key, s);
+                self.stmts.insert(key.clone(), s);
                 Ok(ok.statement_id)
             }
             (None, Some(e)) => Err(BackendError::Sql(e)),
@@ -573,9 +545,10 @@ impl BackendConn {
                     "Breakwater: the statement ran longer than default_query_timeout_ms ({ms} ms) and was killed on backend {}",
                     self.addr
                 );
+                let err = codec::err_packet(1969, "70100", &msg);
                 client.buf_mut().truncate(base);
-                client.push(seq.wrapping_add(1), &codec::err_packet(1969, "70100", &msg));
-                w.error = codec::parse_err(&codec::err_packet(1969, "70100", &msg));
+                client.push(seq.wrapping_add(1), &err);
+                w.error = codec::parse_err(&err);
             }
         }
         client.flush().await.map_err(ForwardError::Client)?;

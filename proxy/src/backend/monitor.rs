@@ -133,16 +133,16 @@ fn verdict(s: &Server, res: &Result<Check, String>, cfg: &MonitorConfig) -> Opti
 }
 
 fn apply(entries: &[Arc<Server>], res: Result<Check, String>, cfg: &MonitorConfig, failures: &mut u32) {
-    let bad = entries.iter().find_map(|s| verdict(s, &res, cfg));
-    *failures = if bad.is_some() { failures.saturating_add(1) } else { 0 };
-    for s in entries {
+    let verdicts: Vec<Option<String>> = entries.iter().map(|s| verdict(s, &res, cfg)).collect();
+    *failures = if verdicts.iter().any(Option::is_some) { failures.saturating_add(1) } else { 0 };
+    for (s, v) in entries.iter().zip(verdicts) {
         if s.status() == Status::OfflineHard {
             continue;
         }
         if let Ok(c) = &res {
             s.lag.store(c.lag.unwrap_or(-1), std::sync::atomic::Ordering::Relaxed);
         }
-        match verdict(s, &res, cfg) {
+        match v {
             Some(why) if *failures >= cfg.shun_after_failures.max(1) => {
                 s.set_status(Status::Shunned, &why);
             }

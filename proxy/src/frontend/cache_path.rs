@@ -231,6 +231,7 @@ impl Session {
                     known_types: stmt.types.clone(),
                     sent_types: None,
                     execute: true,
+                    key: None,
                 };
                 (self.run(hg, Command::Stmt(cmd), Kind::ResultSet, retryable).await, stmt.effects.clone())
             }

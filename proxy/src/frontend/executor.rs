@@ -90,20 +90,21 @@ impl Session {
         };
         let mut last_err = None;
         let mut full: Vec<String> = Vec::new();
-        let mut tried: Vec<Arc<Server>> = Vec::new();
+        // The server that just failed is skipped on the next pick (no allocation on the
+        // path where the first pick works).
+        let mut failed: Option<Arc<Server>> = None;
         for _ in 0..hg.servers.len().max(1) {
-            let skip = tried.last().or(exclude);
-            let Some(server) = hg.pick(skip) else { break };
-            if tried.iter().any(|t| Arc::ptr_eq(t, &server)) {
+            let Some(server) = hg.pick(failed.as_ref().or(exclude)) else { break };
+            if failed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &server)) {
                 break;
             }
-            tried.push(server.clone());
             match server.checkout(&opts).await {
                 Ok(c) => return Ok(c),
                 Err(PoolError::Backend(BackendError::Login { addr, code: errcode::CON_COUNT, msg })) => {
                     // The server is alive but at its own max_connections: another server
                     // of the hostgroup may take it; if none can, the client gets 1040 too.
                     full.push(format!("{addr}: {msg}"));
+                    failed = Some(server);
                 }
                 Err(PoolError::Backend(BackendError::Login { .. })) if self.user.temporary && self.rt.user(&self.user.name).is_none() => {
                     return Err(SqlError::new(
@@ -122,6 +123,7 @@ impl Session {
                 Err(PoolError::Backend(e)) => {
                     server.set_status(Status::Shunned, &e.to_string());
                     last_err = Some(e.to_string());
+                    failed = Some(server);
                 }
                 Err(e) => return Err(SqlError::new(errcode::MAX_CONNECT_TIMEOUT, "HY000", e.to_string())),
             }

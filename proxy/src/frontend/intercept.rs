@@ -30,9 +30,8 @@ impl Session {
         }
         let running = target.running.lock().ok().and_then(|r| r.clone());
         if let Some(Running { server, thread, .. }) = running {
-            let r = kill_query(&self.rt.cfg.monitor, &server, thread).await;
-            if !matches!(r, Ok(Ok(()))) {
-                let msg = format!("Could not kill the running statement of session {id} on {}: {r:?}", server.addr);
+            if let Err(e) = kill_query(&self.rt.cfg.monitor, &server, thread).await {
+                let msg = format!("Could not kill the running statement of session {id} on {}: {e}", server.addr);
                 return self.send_err(self.reply_seq, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
             }
         }
@@ -52,7 +51,7 @@ pub async fn kill_query(
     m: &crate::config::MonitorConfig,
     server: &Server,
     thread: u32,
-) -> Result<Result<(), mysql_async::Error>, tokio::time::error::Elapsed> {
+) -> Result<(), String> {
     let opts = mysql_async::OptsBuilder::default()
         .ip_or_hostname(server.cfg.host.clone())
         .tcp_port(server.cfg.port)
@@ -66,6 +65,8 @@ pub async fn kill_query(
         c.disconnect().await
     })
     .await
+    .map_err(|_| "timed out after 5 s".to_string())?
+    .map_err(|e| e.to_string())
 }
 
 /// The default_query_timeout reaper: one task for the whole proxy (no timer per
@@ -103,7 +104,7 @@ pub fn spawn_query_reaper(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>
                 let m = proxy.runtime().cfg.monitor.clone();
                 tokio::spawn(async move {
                     warn!(server = %run.server.addr, thread = run.thread, "statement past default_query_timeout_ms: KILL QUERY");
-                    if let Ok(Err(e)) | Err(e) = kill_query(&m, &run.server, run.thread).await.map_err(|e| mysql_async::Error::Other(e.to_string().into())) {
+                    if let Err(e) = kill_query(&m, &run.server, run.thread).await {
                         warn!(server = %run.server.addr, thread = run.thread, error = %e, "could not kill a statement past default_query_timeout_ms");
                     }
                 });

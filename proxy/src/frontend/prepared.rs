@@ -25,17 +25,20 @@ pub struct StmtCommand<'a> {
     /// Types this command sent (to remember on the connection).
     pub(super) sent_types: Option<Vec<u8>>,
     pub(super) execute: bool,
+    /// The statement's key on the connection it runs on, made once per command.
+    pub(super) key: Option<crate::backend::conn::StmtKey>,
 }
 
 impl<'a> StmtCommand<'a> {
     pub async fn build(&mut self, conn: &mut PooledConn) -> Result<&[u8], BackendError> {
+        let key = conn.stmt_key(&self.sql);
         let id = if self.execute {
-            conn.ensure_prepared(&self.sql).await?
+            conn.ensure_prepared_key(&key).await?
         } else {
             // FETCH and RESET act on the statement the client executed on this (pinned)
             // connection, even if a SET since then changed the connection's context.
             let same_text = || conn.stmts.iter().find(|(k, _)| k.sql == self.sql).map(|(_, s)| s);
-            match conn.stmt(&self.sql).or_else(same_text) {
+            match conn.stmts.get(&key).or_else(same_text) {
                 Some(s) => s.id,
                 None => return Err(BackendError::Protocol(format!("statement not prepared on {}", conn.addr))),
             }
@@ -53,7 +56,7 @@ impl<'a> StmtCommand<'a> {
                 if flag == 1 {
                     self.sent_types = p.get(flag_pos + 1..flag_pos + 1 + 2 * n).map(|t| t.to_vec());
                 } else if let Some(types) = &self.known_types {
-                    let conn_has = conn.stmt(&self.sql).and_then(|s| s.types.as_deref()) == Some(types.as_slice());
+                    let conn_has = conn.stmts.get(&key).and_then(|s| s.types.as_deref()) == Some(types.as_slice());
                     if !conn_has {
                         p[flag_pos] = 1;
                         p.splice(flag_pos + 1..flag_pos + 1, types.iter().copied());
@@ -62,12 +65,13 @@ impl<'a> StmtCommand<'a> {
                 }
             }
         }
+        self.key = Some(key);
         Ok(&self.payload[..])
     }
 
     pub fn after(&mut self, conn: &mut PooledConn) {
-        if let Some(t) = self.sent_types.take() {
-            if let Some(s) = conn.stmt_mut(&self.sql) {
+        if let (Some(t), Some(key)) = (self.sent_types.take(), self.key.take()) {
+            if let Some(s) = conn.stmts.get_mut(&key) {
                 s.types = Some(t);
             }
         }
@@ -161,6 +165,7 @@ impl Session {
             known_types: stmt.types.clone(),
             sent_types: None,
             execute: true,
+            key: None,
         };
         self.sync_lid = (stmt.last_insert_id == classify::LastInsertId::Reads).then_some(self.last_insert_id);
         self.calc_found_rows = stmt.calc_found_rows;
@@ -198,7 +203,7 @@ impl Session {
             _ => return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_fetch")).await,
         };
         let mut buf = std::mem::take(&mut self.buf);
-        let cmd = StmtCommand { payload: &mut buf, sql: stmt.sql, params: 0, known_types: None, sent_types: None, execute: false };
+        let cmd = StmtCommand { payload: &mut buf, sql: stmt.sql, params: 0, known_types: None, sent_types: None, execute: false, key: None };
         let r = self.run(stmt.hostgroup, Command::Stmt(cmd), Kind::Fetch, false).await;
         self.buf = buf;
         if let Some((w, conn)) = r? {
@@ -282,7 +287,7 @@ impl Session {
             return self.send_ok().await;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let cmd = StmtCommand { payload: &mut buf, sql: stmt.sql, params: 0, known_types: None, sent_types: None, execute: false };
+        let cmd = StmtCommand { payload: &mut buf, sql: stmt.sql, params: 0, known_types: None, sent_types: None, execute: false, key: None };
         let r = self.run(stmt.hostgroup, Command::Stmt(cmd), Kind::Single, false).await;
         self.buf = buf;
         if let Some((w, conn)) = r? {

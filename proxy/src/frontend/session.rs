@@ -116,6 +116,8 @@ pub struct Session {
     pub(super) sync_lid: Option<u64>,
     /// The statement being run used SQL_CALC_FOUND_ROWS.
     pub(super) calc_found_rows: bool,
+    /// The statement being run was a multi-statement text.
+    pub(super) multi: bool,
     /// When the open transaction started (for max_transaction_time_ms).
     pub(super) txn_started: Option<Instant>,
     /// Sequence id of the proxy's own reply to the current command.
@@ -218,6 +220,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         multi_statements: capabilities & caps::MULTI_STATEMENTS != 0,
         sync_lid: None,
         calc_found_rows: false,
+        multi: false,
         txn_started: None,
         reply_seq: 1,
         handle,
@@ -381,6 +384,14 @@ impl Session {
         self.flush().await
     }
 
+    /// Queue a result set the proxy answers itself (it is this client's previous statement
+    /// from now on: ROW_COUNT() -1, FOUND_ROWS() its row count, no warnings held).
+    pub(super) fn push_local_result(&mut self, cols: &[codec::Column<'_>], rows: &[Vec<Option<String>>]) {
+        let st = self.status_flags();
+        codec::push_text_result_set(&mut self.wr, self.reply_seq, cols, rows, st);
+        (self.row_count, self.found_rows) = (-1, rows.len() as u64);
+    }
+
     pub(super) fn status_flags(&self) -> u16 {
         let mut st = 0;
         if self.pins.transaction {
@@ -472,8 +483,15 @@ impl Session {
             status: conn.status,
             warnings: w.warnings,
             calc_found_rows: std::mem::take(&mut self.calc_found_rows),
+            multi: std::mem::take(&mut self.multi),
         };
-        let (disposition, dirty, newly_pinned) = super::state::apply(&mut self.pins, &mut self.vars, &mut conn.vars, effects, out);
+        let call_pin = Effect::Pin(classify::PinReason::Other(classify::CALL_PIN));
+        let (disposition, dirty, newly_pinned) = if self.rt.cfg.proxy.multiplex_after_call && effects.contains(&call_pin) {
+            let kept: Vec<Effect> = effects.iter().filter(|e| **e != call_pin).cloned().collect();
+            super::state::apply(&mut self.pins, &mut self.vars, &mut conn.vars, &kept, out)
+        } else {
+            super::state::apply(&mut self.pins, &mut self.vars, &mut conn.vars, effects, out)
+        };
         conn.dirty = dirty;
         match (self.pins.transaction, self.txn_started) {
             (true, None) => self.txn_started = Some(Instant::now()),
@@ -528,11 +546,8 @@ impl Session {
             _ => None,
         };
         let result = if let Some((col, value)) = local {
-            let v = value.to_string();
-            let st = self.status_flags();
             let cols = [codec::Column { name: &col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
-            codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[vec![Some(v)]], st);
-            (self.row_count, self.found_rows) = (-1, 1);
+            self.push_local_result(&cols, &[vec![Some(value.to_string())]]);
             self.flush().await
         } else if let Some(kill) = parse_kill(sql) {
             self.kill(kill).await
@@ -557,19 +572,17 @@ impl Session {
                         drop(other);
                         match super::diagnostics::answer(sql, self.row_count, self.found_rows) {
                             Some(super::diagnostics::Answer::EmptyList) => {
-                                let st = self.status_flags();
                                 let cols = [
                                     codec::Column { name: "Level", kind: codec::TYPE_VAR_STRING, flags: 0 },
                                     codec::Column { name: "Code", kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED },
                                     codec::Column { name: "Message", kind: codec::TYPE_VAR_STRING, flags: 0 },
                                 ];
-                                codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[], st);
+                                self.push_local_result(&cols, &[]);
                                 answered = true;
                             }
                             Some(super::diagnostics::Answer::Count(col)) => {
-                                let st = self.status_flags();
                                 let cols = [codec::Column { name: col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
-                                codec::push_text_result_set(&mut self.wr, self.reply_seq, &cols, &[vec![Some("0".into())]], st);
+                                self.push_local_result(&cols, &[vec![Some("0".into())]]);
                                 answered = true;
                             }
                             Some(super::diagnostics::Answer::Rewrite(text)) => {
@@ -586,7 +599,6 @@ impl Session {
                 self.held = None;
             }
             if answered {
-                (self.row_count, self.found_rows) = (-1, 0);
                 let r = self.flush().await;
                 self.buf = buf;
                 return r;
@@ -615,21 +627,8 @@ impl Session {
                         if let Some(v) = set_lid {
                             conn.last_insert_id = v;
                         }
-                        let state_change = |e: &Effect| matches!(e, Effect::SetVar(..) | Effect::SetNames(..) | Effect::Use(_));
-                        let call = a.kind == Some(classify::Kind::Call) && !self.rt.cfg.proxy.multiplex_after_call;
-                        let broken_multi = a.multi && err && a.effects.iter().any(state_change);
-                        if call || broken_multi {
-                            // State the proxy cannot follow: a procedure may SET anything; a
-                            // multi-statement that failed part-way ran only some of its SETs.
-                            // The connection knows the truth: the client stays on it.
-                            let mut effects = a.effects.clone();
-                            effects.retain(|e| !state_change(e));
-                            let why = if call { "CALL (a procedure may change session state)" } else { "multi-statement failed part-way (session state unknown)" };
-                            effects.push(Effect::Pin(classify::PinReason::Other(why)));
-                            self.finish(&w, conn, &effects);
-                        } else {
-                            self.finish(&w, conn, &a.effects);
-                        }
+                        self.multi = a.multi;
+                        self.finish(&w, conn, &a.effects);
                         if let Some(v) = set_lid {
                             self.last_insert_id = v;
                         }

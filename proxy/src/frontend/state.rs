@@ -93,6 +93,8 @@ pub struct Outcome {
     pub warnings: u16,
     /// The statement was SELECT SQL_CALC_FOUND_ROWS.
     pub calc_found_rows: bool,
+    /// The text held several statements.
+    pub multi: bool,
 }
 
 /// Where the connection goes after a statement.
@@ -114,6 +116,11 @@ pub fn apply(pins: &mut Pins, client: &mut SessionVars, conn: &mut SessionVars, 
     use crate::protocol::status;
     use crate::router::classify::Effect;
     let was_pinned = pins.any();
+    // A multi-statement that failed part-way ran only some of its state changes, and which
+    // is not known: the connection has the truth, the client stays on it.
+    if out.multi && !out.ok && effects.iter().any(|e| matches!(e, Effect::SetVar(..) | Effect::SetNames(..) | Effect::Use(_))) {
+        pins.add(crate::router::classify::PinReason::Other("multi-statement failed part-way (session state unknown)"));
+    }
     for e in effects {
         match e {
             Effect::SetVar(n, v) if out.ok => {
@@ -277,6 +284,13 @@ mod tests {
         // Warnings and SQL_CALC_FOUND_ROWS: held for the next command.
         assert_eq!(run(&mut p, "INSERT INTO t VALUES (1)", Outcome { warnings: 1, ..ok }).0 .0, Disposition::Hold);
         assert_eq!(run(&mut p, "SELECT SQL_CALC_FOUND_ROWS a FROM t LIMIT 1", Outcome { calc_found_rows: true, ..ok }).0 .0, Disposition::Hold);
+        // A multi-statement that fails after a SET: its state is unknown, the client stays.
+        let ((d, dirty, _), c, _) = run(&mut p, "SET sql_mode = 'ANSI'; SELECT * FROM nope", Outcome { ok: false, multi: true, ..ok });
+        assert_eq!((d, dirty, c), (Disposition::Pin, true, base.clone()));
+        let mut p = Pins::default();
+        // CALL pins (a procedure may SET anything).
+        assert_eq!(run(&mut p, "CALL p()", ok).0 .0, Disposition::Pin);
+        let mut p = Pins::default();
         // State that cannot be replayed pins for good and marks the connection dirty.
         let ((d, dirty, _), _, _) = run(&mut p, "SET @x = 1", ok);
         assert_eq!((d, dirty), (Disposition::Pin, true));

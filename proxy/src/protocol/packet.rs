@@ -106,8 +106,25 @@ pub struct PacketWriter<W> {
     write_timeout: Option<std::time::Duration>,
 }
 
-fn write_timed_out() -> io::Error {
-    io::Error::new(io::ErrorKind::TimedOut, "the peer did not read what was sent within the write timeout")
+/// A write bounded by `t` when there is one.
+async fn timed<T>(t: Option<std::time::Duration>, f: impl std::future::Future<Output = io::Result<T>>) -> io::Result<T> {
+    match t {
+        None => f.await,
+        Some(t) => tokio::time::timeout(t, f)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the peer did not read what was sent within the write timeout"))),
+    }
+}
+
+/// The packets of one payload: (header, chunk) pairs, split at 16 MiB - 1; a payload that
+/// is empty or an exact multiple of 16 MiB - 1 ends with an empty packet.
+fn frames(seq: u8, payload: &[u8]) -> impl Iterator<Item = ([u8; 4], &[u8])> {
+    let n = payload.len() / MAX_PACKET + 1;
+    (0..n).map(move |i| {
+        let chunk = payload.get(i * MAX_PACKET..((i + 1) * MAX_PACKET).min(payload.len())).unwrap_or(&[]);
+        let len = chunk.len();
+        ([len as u8, (len >> 8) as u8, (len >> 16) as u8, seq.wrapping_add(i as u8)], chunk)
+    })
 }
 
 /// Copies of what is written to the client during one command (for the query cache).
@@ -132,34 +149,21 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     }
 
     /// Queue a payload with sequence id `seq`, splitting at 16 MiB. Returns the next sequence id.
-    pub fn push(&mut self, mut seq: u8, payload: &[u8]) -> u8 {
-        let mut chunks = payload.chunks(MAX_PACKET).peekable();
-        if payload.is_empty() {
-            self.buf.extend_from_slice(&[0, 0, 0, seq]);
-            return seq.wrapping_add(1);
-        }
-        while let Some(chunk) = chunks.next() {
-            let len = chunk.len();
-            self.buf.extend_from_slice(&[len as u8, (len >> 8) as u8, (len >> 16) as u8, seq]);
+    pub fn push(&mut self, seq: u8, payload: &[u8]) -> u8 {
+        let mut next = seq;
+        for (head, chunk) in frames(seq, payload) {
+            self.buf.extend_from_slice(&head);
             self.buf.extend_from_slice(chunk);
-            seq = seq.wrapping_add(1);
-            if chunks.peek().is_none() && len == MAX_PACKET {
-                // A payload that is an exact multiple of 16 MiB - 1 ends with an empty packet.
-                self.buf.extend_from_slice(&[0, 0, 0, seq]);
-                seq = seq.wrapping_add(1);
-            }
+            next = head[3].wrapping_add(1);
         }
-        seq
+        next
     }
 
     /// Send a payload now. A large one (a bulk INSERT) is written straight from the
     /// caller's buffer, packet header by packet header, instead of being copied into the
     /// outgoing buffer first: forwarding a 20 MiB statement costs no second 20 MiB.
     pub async fn send(&mut self, seq: u8, payload: &[u8]) -> io::Result<u8> {
-        match self.write_timeout {
-            None => self.send_inner(seq, payload).await,
-            Some(t) => tokio::time::timeout(t, self.send_inner(seq, payload)).await.unwrap_or_else(|_| Err(write_timed_out())),
-        }
+        timed(self.write_timeout, self.send_inner(seq, payload)).await
     }
 
     async fn send_inner(&mut self, seq: u8, payload: &[u8]) -> io::Result<u8> {
@@ -172,20 +176,14 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
             self.inner.write_all(&self.buf).await?;
             self.buf.clear();
         }
-        let mut seq = seq;
-        let mut chunks = payload.chunks(MAX_PACKET).peekable();
-        while let Some(chunk) = chunks.next() {
-            let len = chunk.len();
-            self.inner.write_all(&[len as u8, (len >> 8) as u8, (len >> 16) as u8, seq]).await?;
+        let mut next = seq;
+        for (head, chunk) in frames(seq, payload) {
+            self.inner.write_all(&head).await?;
             self.inner.write_all(chunk).await?;
-            seq = seq.wrapping_add(1);
-            if chunks.peek().is_none() && len == MAX_PACKET {
-                self.inner.write_all(&[0, 0, 0, seq]).await?;
-                seq = seq.wrapping_add(1);
-            }
+            next = head[3].wrapping_add(1);
         }
         self.inner.flush().await?;
-        Ok(seq)
+        Ok(next)
     }
 
     /// Direct access to the outgoing buffer, for forwarding raw packets.
@@ -224,10 +222,7 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
-        match self.write_timeout {
-            None => self.flush_inner().await,
-            Some(t) => tokio::time::timeout(t, self.flush_inner()).await.unwrap_or_else(|_| Err(write_timed_out())),
-        }
+        timed(self.write_timeout, self.flush_inner()).await
     }
 
     async fn flush_inner(&mut self) -> io::Result<()> {

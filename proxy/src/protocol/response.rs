@@ -102,7 +102,13 @@ impl Walker {
         self.state = match (self.kind, self.state) {
             (_, State::Done) => State::Done,
             (Kind::Single, _) => {
-                self.on_ok_or_err(p);
+                if is_eof {
+                    // COM_SET_OPTION answers with an EOF packet.
+                    self.status = Some(codec::eof_status(p));
+                    self.warnings = codec::eof_warnings(p);
+                } else {
+                    self.on_ok_or_err(p);
+                }
                 State::Done
             }
             (Kind::ResultSet, State::First) => match first {

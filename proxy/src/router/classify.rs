@@ -43,6 +43,9 @@ impl fmt::Display for PinReason {
     }
 }
 
+/// The pin reason of CALL (`[proxy] multiplex_after_call = true` drops it).
+pub const CALL_PIN: &str = "CALL (a procedure may change session state)";
+
 /// One effect of a statement on its session, applied once the backend says OK.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -357,6 +360,9 @@ fn analyze_statement(stmt: &[Tok], a: &mut Analysis) {
     }
     match kind {
         Kind::Set => analyze_set(&stmt[i + 1..], a),
+        // A procedure may SET anything, create temporary tables, set user variables: state
+        // the proxy cannot see. The connection knows it: the client stays on it.
+        Kind::Call => a.effects.push(Effect::Pin(PinReason::Other(CALL_PIN))),
         Kind::Use => {
             if let Some(db) = stmt.get(i + 1).and_then(ident) {
                 a.effects.push(Effect::Use(db));
