@@ -302,6 +302,32 @@ pub struct ProxyConfig {
     /// that the proxy cannot see: by default a client that ran CALL stays on its backend
     /// connection. true: keep multiplexing after CALL (for procedures known not to).
     pub multiplex_after_call: bool,
+    /// TLS to servers with `use_ssl` (ProxySQL's mysql-ssl_p2s_*): the CA file that must
+    /// have issued their certificates (empty: the system's CA bundle), an optional client
+    /// certificate and key, and how much to verify: "identity" (the certificate must name
+    /// the server's host, MySQL's VERIFY_IDENTITY) or "ca" (the chain only, VERIFY_CA).
+    pub ssl_p2s_ca: String,
+    pub ssl_p2s_cert: String,
+    pub ssl_p2s_key: String,
+    pub ssl_p2s_verify: TlsVerify,
+}
+
+/// How a backend's TLS certificate is verified (MySQL's --ssl-mode VERIFY_IDENTITY / VERIFY_CA).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsVerify {
+    #[default]
+    Identity,
+    Ca,
+}
+
+impl TlsVerify {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVerify::Identity => "identity",
+            TlsVerify::Ca => "ca",
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -327,6 +353,10 @@ impl Default for ProxyConfig {
             max_transaction_time_ms: 14_400_000,
             max_transaction_idle_time_ms: 600_000,
             multiplex_after_call: false,
+            ssl_p2s_ca: String::new(),
+            ssl_p2s_cert: String::new(),
+            ssl_p2s_key: String::new(),
+            ssl_p2s_verify: TlsVerify::Identity,
         }
     }
 }
@@ -387,6 +417,11 @@ pub struct ServerConfig {
     /// OFFLINE_HARD (out of rotation at once). SHUNNED is the health monitor's, not set here.
     #[serde(default)]
     pub status: AdminStatus,
+    /// ProxySQL's mysql_servers.use_ssl: the data path, the health checks and KILL QUERY
+    /// reach this server over TLS, its certificate verified as `[proxy] ssl_p2s_*` say.
+    /// A server that does not offer TLS is refused rather than used in clear.
+    #[serde(default)]
+    pub use_ssl: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -521,6 +556,9 @@ impl Config {
             if s.max_connections == 0 {
                 return bad(format!("server {} has max_connections = 0", s.address()));
             }
+            if s.use_ssl && s.socket.is_some() {
+                return bad(format!("server {}: use_ssl with a unix socket (a local socket needs no TLS; drop one of them)", s.address()));
+            }
         }
         for u in &self.users {
             if u.password_hash.is_none() && u.sha2_password_hash.is_none() && u.password.is_none() {
@@ -531,12 +569,6 @@ impl Config {
             }
             if !self.servers.iter().any(|s| s.hostgroup == u.default_hostgroup) {
                 return bad(format!("user {}: default_hostgroup {} has no servers", u.username, u.default_hostgroup));
-            }
-        }
-        if !self.admin.mysql_listen.is_empty() {
-            let ok = self.admin.mysql_listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
-            if !ok {
-                return bad(format!("admin mysql_listen {} must be a loopback address:port", self.admin.mysql_listen));
             }
         }
         if !self.admin.mysql_listen.is_empty() {

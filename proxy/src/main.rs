@@ -62,6 +62,9 @@ struct Cli {
     /// PEM private key for client TLS (overrides [proxy] tls_key).
     #[arg(long)]
     tls_key: Option<String>,
+    /// CA file that issued the certificates of servers with use_ssl (overrides [proxy] ssl_p2s_ca).
+    #[arg(long)]
+    ssl_p2s_ca: Option<String>,
     /// MySQL-protocol admin address (overrides [admin] mysql_listen; "" disables it).
     #[arg(long)]
     admin_mysql_listen: Option<String>,
@@ -191,6 +194,9 @@ fn whoami() -> String {
 }
 
 fn main() -> ExitCode {
+    // One crypto provider for every TLS user in the process (client TLS, backend TLS,
+    // mysql_async's side connections).
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     if let Some(Cmd::Failover { admin, action }) = &cli.command {
         return failover_cli(cli.config.as_deref(), admin.clone(), action);
@@ -251,6 +257,9 @@ fn main() -> ExitCode {
     }
     if let Some(k) = cli.tls_key {
         cfg.proxy.tls_key = k;
+    }
+    if let Some(c) = cli.ssl_p2s_ca {
+        cfg.proxy.ssl_p2s_ca = c;
     }
     if let Some(a) = cli.admin_mysql_listen {
         cfg.admin.mysql_listen = a;

@@ -67,6 +67,8 @@ pub struct Runtime {
     registry: RwLock<Vec<Arc<Server>>>,
     /// One pool per server address, shared by its entries in every hostgroup.
     pools: Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>,
+    /// TLS to servers with use_ssl (`[proxy] ssl_p2s_*`).
+    pub backend_tls: crate::backend::tls::BackendTls,
 }
 
 /// The pool of `addr`, made with cap `max` when there is none.
@@ -96,6 +98,12 @@ impl Runtime {
             hg.servers.push(server);
         }
         let routing = Routing { hostgroups: hostgroups.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), version: 0 };
+        let backend_tls = crate::backend::tls::BackendTls::new(&cfg.proxy);
+        if let Some(s) = cfg.servers.iter().find(|s| s.use_ssl) {
+            // A CA file that cannot be read stops the proxy now, not each connection later.
+            backend_tls.config().map_err(|e| ConfigError::Invalid(format!("server {} has use_ssl: {e}", s.address())))?;
+            crate::backend::tls::server_name(&s.host).map_err(|e| ConfigError::Invalid(format!("server {}: {e}", s.address())))?;
+        }
         Ok(Self {
             cfg,
             users: RwLock::new(Arc::new(users)),
@@ -104,6 +112,7 @@ impl Runtime {
             routing: RwLock::new(Arc::new(routing)),
             registry: RwLock::new(servers),
             pools,
+            backend_tls,
         })
     }
 

@@ -1202,3 +1202,179 @@ async fn clients_can_use_tls() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "1", "plain client: {:?}", out);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A config for TLS tests: the default one with every server on `host` with use_ssl, the
+/// monitor as `monitor_user`, `extra_proxy` in [proxy] and `extra` appended.
+fn tls_config(host: &str, monitor_user: &str, extra_proxy: &str, extra: &str) -> String {
+    let mut cfg = breakwater_proxy::config::DEFAULT_TOML.to_string();
+    for port in [3307, 3308, 3309] {
+        cfg = cfg.replace(&format!("host = \"127.0.0.1\"\nport = {port}\n"), &format!("host = \"{host}\"\nport = {port}\nuse_ssl = true\n"));
+    }
+    assert_eq!(cfg.matches("use_ssl = true").count(), 3);
+    cfg = cfg.replacen("[proxy]\n", &format!("[proxy]\n{extra_proxy}\n"), 1);
+    cfg = cfg.replacen("username = \"monitor\"\npassword = \"monitor\"", &format!("username = \"{monitor_user}\"\npassword = \"mon\""), 1);
+    assert!(cfg.contains(&format!("username = \"{monitor_user}\"")));
+    format!("{cfg}\n{extra}\n")
+}
+
+fn tls_user() -> &'static str {
+    "[[users]]\nusername = \"bw_tls\"\npassword = \"tls\"\nbackend_password = \"tls\"\ndefault_hostgroup = 10\ndefault_schema = \"sbtest_tls\"\n"
+}
+
+/// TLS to the servers (`use_ssl`, ProxySQL's name), against accounts that the servers only
+/// let in over TLS (REQUIRE SSL): the data path (reads on replicas, writes on the primary,
+/// two clients), the health checks and KILL QUERY (the monitor account requires TLS too),
+/// certificate verification (a foreign CA and a name mismatch are refused with a clear
+/// error, "ca" mode accepts the name mismatch), a server that offers no TLS, a CA file that
+/// cannot be read (the proxy refuses to start), and use_ssl changed at runtime.
+#[tokio::test]
+async fn backends_over_tls() {
+    let ca = lab_dir().join("tls/ca.pem");
+    assert!(ca.exists(), "the lab has no CA ({}): cargo xtask lab up", ca.display());
+    let ca = ca.display().to_string();
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(
+        "DROP USER IF EXISTS 'bw_tls'@'%', 'bw_tls_mon'@'%'; \
+         CREATE USER 'bw_tls'@'%' IDENTIFIED BY 'tls' REQUIRE SSL; GRANT ALL ON `sbtest_tls`.* TO 'bw_tls'@'%'; \
+         CREATE USER 'bw_tls_mon'@'%' IDENTIFIED BY 'mon' REQUIRE SSL; GRANT ALL ON *.* TO 'bw_tls_mon'@'%'",
+    )
+    .await
+    .unwrap();
+    drop(p);
+    fresh_schema("sbtest_tls").await;
+    // In clear, the servers refuse these accounts: what works below works over TLS.
+    let out = mariadb_cli(3308, "bw_tls", "tls", &["--skip-ssl"], "SELECT 1");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("1045"), "plain login accepted: {out:?}");
+
+    let cfg = tls_config("127.0.0.1", "bw_tls_mon", &format!("ssl_p2s_ca = {ca:?}"), tls_user());
+    let proxy = Proxy::start_with(Some(&cfg), &["--default-query-timeout-ms", "1500"]);
+    let mut c = Conn::new(proxy.opts("bw_tls", "tls", Some("sbtest_tls"))).await.unwrap();
+    c.query_drop("CREATE TABLE t (id INT PRIMARY KEY, v VARCHAR(20))").await.unwrap();
+    c.query_drop("INSERT INTO t VALUES (1, 'over tls'), (2, 'second')").await.unwrap();
+    let (port, v): (u16, String) = c.query_first("SELECT @@port, v FROM t WHERE id = 1 FOR UPDATE").await.unwrap().unwrap();
+    assert_eq!((port, v.as_str()), (PRIMARY, "over tls"));
+    wait_replicas_caught_up().await;
+    let (port, n): (u16, u64) = c.query_first("SELECT @@port, COUNT(*) FROM t").await.unwrap().unwrap();
+    assert!(REPLICAS.contains(&port) && n == 2, "read on {port}: {n}");
+    let cipher: Option<(String, String)> = c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'").await.unwrap();
+    assert!(cipher.as_ref().is_some_and(|(_, v)| !v.is_empty()), "backend session not over TLS: {cipher:?}");
+    // A second, independent client.
+    let out = mariadb_cli(proxy.port, "bw_tls", "tls", &["sbtest_tls"], "SELECT v FROM t WHERE id = 2");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("second"), "mariadb CLI: {out:?}");
+    // KILL QUERY (default_query_timeout) over TLS: killed, not left to finish its 6 s.
+    let t = Instant::now();
+    let e = c.query_drop("SELECT SLEEP(6)").await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1969), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5), "killed after {:?}", t.elapsed());
+    // The health checks log in over TLS: every server stays ONLINE.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let rows = proxy.admin_sql("SELECT srv_port, status FROM stats_mysql_connection_pool").unwrap();
+    assert!(rows.lines().count() == 3 && rows.lines().all(|l| l.ends_with("ONLINE")), "{rows}");
+    let rows = proxy.admin_sql("SELECT port, use_ssl FROM runtime_mysql_servers").unwrap();
+    assert!(rows.lines().count() == 3 && rows.lines().all(|l| l.ends_with("\t1")), "{rows}");
+    let var = proxy.admin_sql("SELECT variable_value FROM runtime_global_variables WHERE variable_name = 'mysql-ssl_p2s_ca'").unwrap();
+    assert_eq!(var.trim(), ca);
+    // use_ssl off at runtime: the next statement runs on a new connection in clear (the
+    // app account does not require TLS; the TLS connections are not reused).
+    let mut a = proxy.conn().await;
+    let before: Option<(String, String)> = a.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'").await.unwrap();
+    assert!(before.is_some_and(|(_, v)| !v.is_empty()));
+    proxy.admin_sql("UPDATE mysql_servers SET use_ssl = 0; LOAD MYSQL SERVERS TO RUNTIME").unwrap();
+    for _ in 0..3 {
+        let after: Option<(String, String)> = a.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'").await.unwrap();
+        assert!(after.as_ref().is_some_and(|(_, v)| v.is_empty()), "still TLS after use_ssl = 0: {after:?}");
+    }
+    drop(proxy);
+
+    // A CA that did not issue the servers' certificates: a clear error, in bounded time.
+    let dir = std::env::temp_dir().join(format!("bw-tls-ca-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let other_ca = dir.join("other-ca.pem");
+    let st = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-subj", "/CN=not the lab CA", "-days", "1", "-keyout"])
+        .arg(dir.join("other-ca-key.pem"))
+        .arg("-out")
+        .arg(&other_ca)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl req");
+    let flags = ["--shun-after-failures", "1000"];
+    let cfg = tls_config("127.0.0.1", "monitor", &format!("ssl_p2s_ca = {:?}", other_ca.display().to_string()), "");
+    let proxy = Proxy::start_with(Some(&cfg), &flags);
+    let t = Instant::now();
+    let e = proxy_error(&proxy, "app", "app").await;
+    assert!(e.contains("TLS") && e.contains("certificate"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    drop(proxy);
+
+    // The servers reached as "localhost": their certificate names only 127.0.0.1.
+    let cfg = tls_config("localhost", "monitor", &format!("ssl_p2s_ca = {ca:?}"), "");
+    let proxy = Proxy::start_with(Some(&cfg), &flags);
+    let e = proxy_error(&proxy, "app", "app").await;
+    assert!(e.contains("TLS") && e.contains("not valid for name"), "{e}");
+    drop(proxy);
+    let cfg = tls_config("localhost", "monitor", &format!("ssl_p2s_ca = {ca:?}\nssl_p2s_verify = \"ca\""), "");
+    let proxy = Proxy::start_with(Some(&cfg), &flags);
+    let mut c = proxy.conn().await;
+    let cipher: Option<(String, String)> = c.query_first("SHOW SESSION STATUS LIKE 'Ssl_cipher'").await.unwrap();
+    assert!(cipher.is_some_and(|(_, v)| !v.is_empty()));
+    drop(c);
+    drop(proxy);
+
+    // A server that offers no TLS: refused, not used in clear.
+    let fake = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake_port = fake.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in fake.incoming().flatten() {
+            let g = breakwater_proxy::protocol::handshake::greeting("10.11.0-fake", 1, &[7u8; 20], "mysql_native_password", 45, 0);
+            let mut s = s;
+            let mut frame = vec![g.len() as u8, 0, 0, 0];
+            frame.extend_from_slice(&g);
+            let _ = std::io::Write::write_all(&mut s, &frame);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(10));
+                drop(s);
+            });
+        }
+    });
+    let cfg = format!(
+        "[proxy]\nssl_p2s_ca = {ca:?}\n[[servers]]\nhostgroup = 10\nhost = \"127.0.0.1\"\nport = {fake_port}\nuse_ssl = true\n\
+         [[users]]\nusername = \"app\"\npassword = \"app\"\nbackend_password = \"app\"\ndefault_hostgroup = 10\n"
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &flags);
+    let e = proxy_error(&proxy, "app", "app").await;
+    assert!(e.contains("does not offer TLS"), "{e}");
+    drop(proxy);
+
+    // A CA file that cannot be read: the proxy does not start.
+    let cfg = tls_config("127.0.0.1", "monitor", "ssl_p2s_ca = \"/nonexistent/ca.pem\"", "");
+    let f = dir.join("bad.toml");
+    std::fs::write(&f, cfg).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .arg("--config")
+        .arg(&f)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "", "--admin-mysql-listen", "", "--failover", "off"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success() && text.contains("/nonexistent/ca.pem"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The error text a query through the proxy gets (it must fail, within 10 s).
+async fn proxy_error(proxy: &Proxy, user: &str, pass: &str) -> String {
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut c = Conn::new(proxy.opts(user, pass, None)).await?;
+        c.query_drop("SELECT 1").await
+    })
+    .await
+    .expect("no answer within 10 s");
+    match r {
+        Ok(()) => panic!("the query worked"),
+        Err(e) => {
+            eprintln!("proxy_error: {e}");
+            e.to_string()
+        }
+    }
+}

@@ -4,6 +4,11 @@
 //! MASTER_USE_GTID=slave_pos). Data lives in `<repo>/.lab/node<port>`; each node has a
 //! `start.sh` with its exact command line, so tests and drills can kill -9 a node and bring
 //! it back the same way. Everything is idempotent: `up` on a running lab takes milliseconds.
+//!
+//! The nodes offer TLS with certificates from a lab CA (`<lab>/tls/ca.pem`, made with the
+//! openssl CLI; the server certificate names 127.0.0.1 only, so a client that reaches it as
+//! `localhost` sees a name mismatch), and the proxy's `use_ssl` and both verification modes
+//! are tested against real servers.
 
 use crate::{deps, proc};
 use anyhow::{bail, Context, Result};
@@ -56,6 +61,45 @@ pub fn sql(port: u16, query: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The lab's TLS files: ca.pem (the CA clients trust), server.pem / server-key.pem.
+pub fn tls_dir() -> PathBuf {
+    lab_dir().join("tls")
+}
+
+/// Make the lab CA and the servers' certificate (ECDSA P-256, ten years, SAN IP 127.0.0.1)
+/// when they are missing. Keys are 0600.
+fn ensure_certs() -> Result<()> {
+    let d = tls_dir();
+    if d.join("server.pem").exists() && d.join("ca.pem").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&d)?;
+    let ssl = |args: &[&str]| -> Result<()> {
+        proc::output(Command::new("openssl").args(args).current_dir(&d)).map(|_| ()).context("openssl (the lab's TLS certificates)")
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let mut ca = vec!["req", "-x509", "-days", "3650", "-subj", "/CN=Breakwater lab CA", "-keyout", "ca-key.pem", "-out", "ca.pem"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    ssl(&ca)?;
+    let mut csr = vec!["req", "-subj", "/CN=breakwater-lab-node", "-keyout", "server-key.pem", "-out", "server.csr"];
+    csr.extend_from_slice(&ec);
+    ssl(&csr)?;
+    std::fs::write(
+        d.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )?;
+    ssl(&[
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "3650", "-out",
+        "server.pem", "-extfile", "server.ext",
+    ])?;
+    use std::os::unix::fs::PermissionsExt;
+    for k in ["ca-key.pem", "server-key.pem"] {
+        std::fs::set_permissions(d.join(k), std::fs::Permissions::from_mode(0o600))?;
+    }
+    Ok(())
+}
+
 fn node_pid(port: u16) -> Option<i32> {
     let s = std::fs::read_to_string(node_dir(port).join("mysqld.pid")).ok()?;
     let pid: i32 = s.trim().parse().ok()?;
@@ -80,6 +124,8 @@ fn start_script(port: u16, primary: bool) -> String {
         }
         None => String::new(),
     };
+    let tls = tls_dir();
+    let t = tls.display();
     format!(
         "#!/bin/sh\n# Starts lab node {port}; written by cargo xtask lab up.\n{cgroup}\
 exec setsid /usr/sbin/mariadbd --no-defaults --user=root --datadir={d}/data --port={port} \
@@ -89,7 +135,7 @@ exec setsid /usr/sbin/mariadbd --no-defaults --user=root --datadir={d}/data --po
 --innodb-buffer-pool-size=96M --innodb-log-file-size=48M --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 \
 --performance-schema=OFF --userstat=1 --thread-cache-size=64 --table-open-cache=400 \
 --rpl-semi-sync-master-enabled=0 --rpl-semi-sync-slave-enabled=1 --slave-net-timeout=5 \
---report-host=127.0.0.1 --report-port={port} </dev/null >>{d}/stdout.log 2>&1 &\n",
+--report-host=127.0.0.1 --report-port={port} --ssl-ca={t}/ca.pem --ssl-cert={t}/server.pem --ssl-key={t}/server-key.pem </dev/null >>{d}/stdout.log 2>&1 &\n",
         ro = if primary { 0 } else { 1 }
     )
 }
@@ -139,7 +185,15 @@ pub fn up() -> Result<()> {
     if !ready_marker.exists() {
         return create();
     }
+    ensure_certs()?;
     for port in PORTS {
+        // A lab made before the nodes had TLS: the new command line, and a restart.
+        let script = node_dir(port).join("start.sh");
+        if !std::fs::read_to_string(&script).unwrap_or_default().contains("--ssl-cert") {
+            println!("xtask: node {port}: adding TLS to its command line (restart)");
+            std::fs::write(&script, start_script(port, port == PRIMARY))?;
+            stop_node(port);
+        }
         start_node(port)?;
     }
     println!("xtask: lab up in {:.1}s (3307 primary, 3308/3309 replicas)", t.elapsed().as_secs_f64());
@@ -156,6 +210,7 @@ fn create() -> Result<()> {
     }
     let template = lab.join("template");
     init_datadir(&template)?;
+    ensure_certs()?;
     for port in PORTS {
         let dir = node_dir(port);
         std::fs::create_dir_all(&dir)?;
@@ -229,18 +284,23 @@ fn wait_caught_up(port: u16) -> Result<()> {
     bail!("replica {port} did not catch up with {target}: {st}")
 }
 
+/// Stop one node (TERM, then KILL after 30 s).
+fn stop_node(port: u16) {
+    if let Some(pid) = node_pid(port) {
+        proc::kill(pid, "TERM");
+        let t = Instant::now();
+        while proc::pid_alive(pid) && t.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if proc::pid_alive(pid) {
+            proc::kill(pid, "KILL");
+        }
+    }
+}
+
 pub fn down() -> Result<()> {
     for port in PORTS {
-        if let Some(pid) = node_pid(port) {
-            proc::kill(pid, "TERM");
-            let t = Instant::now();
-            while proc::pid_alive(pid) && t.elapsed() < Duration::from_secs(30) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            if proc::pid_alive(pid) {
-                proc::kill(pid, "KILL");
-            }
-        }
+        stop_node(port);
     }
     // The nodes' cgroups, once empty (a cgroup with processes left is not removed).
     if let Some(root) = crate::cgroup2::cgroup2_root() {

@@ -24,6 +24,7 @@ const CONFIG_TABLES: &[(&str, &str)] = &[
           promotion_rule VARCHAR NOT NULL DEFAULT 'neutral' CHECK (promotion_rule IN ('prefer','neutral','prefer_not','must_not')), \
           socket VARCHAR, comment VARCHAR NOT NULL DEFAULT '', \
           status VARCHAR NOT NULL DEFAULT 'ONLINE' CHECK (status IN ('ONLINE','OFFLINE_SOFT','OFFLINE_HARD')), \
+          use_ssl INT NOT NULL DEFAULT 0 CHECK (use_ssl IN (0, 1)), \
           PRIMARY KEY (hostgroup_id, hostname, port))",
     ),
     (
@@ -70,22 +71,24 @@ impl AdminDb {
             }
             if has_disk {
                 conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS disk.{name} {cols};")).map_err(sql_err)?;
-                // A file saved before mysql_servers had its status column gets it (last,
-                // where this version has it too).
+                // A file saved before mysql_servers had its status or use_ssl column gets
+                // it (last, in the order this version has them too).
                 if *name == "mysql_servers" {
-                    let has_status: bool = conn
-                        .query_row("SELECT COUNT(*) FROM pragma_table_info('mysql_servers', 'disk') WHERE name = 'status'", [], |r| r.get::<_, i64>(0))
-                        .map(|n| n > 0)
-                        .map_err(sql_err)?;
-                    if !has_status {
-                        conn.execute_batch("ALTER TABLE disk.mysql_servers ADD COLUMN status VARCHAR NOT NULL DEFAULT 'ONLINE'").map_err(sql_err)?;
+                    for (col, def) in [("status", "VARCHAR NOT NULL DEFAULT 'ONLINE'"), ("use_ssl", "INT NOT NULL DEFAULT 0")] {
+                        let has: bool = conn
+                            .query_row("SELECT COUNT(*) FROM pragma_table_info('mysql_servers', 'disk') WHERE name = ?1", [col], |r| r.get::<_, i64>(0))
+                            .map(|n| n > 0)
+                            .map_err(sql_err)?;
+                        if !has {
+                            conn.execute_batch(&format!("ALTER TABLE disk.mysql_servers ADD COLUMN {col} {def}")).map_err(sql_err)?;
+                        }
                     }
                 }
             }
         }
         conn.execute_batch(
             "CREATE TABLE runtime_mysql_servers (hostgroup_id INT, hostname VARCHAR, port INT, weight INT, max_connections INT, \
-               max_replication_lag INT, promotion_rule VARCHAR, socket VARCHAR, status VARCHAR); \
+               max_replication_lag INT, promotion_rule VARCHAR, socket VARCHAR, status VARCHAR, use_ssl INT); \
              CREATE TABLE stats_mysql_query_digest (hostgroup INT, schemaname VARCHAR, username VARCHAR, digest VARCHAR, digest_text VARCHAR, \
                count_star INT, first_seen INT, last_seen INT, sum_time INT, min_time INT, max_time INT, p99_time INT, sum_rows_sent INT, sum_errors INT); \
              CREATE TABLE stats_mysql_connection_pool (hostgroup INT, srv_host VARCHAR, srv_port INT, status VARCHAR, routed INT, ConnUsed INT, \
@@ -128,7 +131,8 @@ impl AdminDb {
     fn fill_variables(&mut self, proxy: &Proxy) -> Result<(), String> {
         let p = &proxy.rt.cfg.proxy;
         let m = &proxy.rt.cfg.monitor;
-        let rows: [(&str, String); 16] = [
+        let tls = &proxy.rt.backend_tls;
+        let rows: [(&str, String); 19] = [
             ("mysql-connect_timeout_server", p.connect_timeout_ms.to_string()),
             ("mysql-backend_read_timeout", p.backend_read_timeout_ms.to_string()),
             ("mysql-default_query_timeout", p.default_query_timeout_ms.to_string()),
@@ -145,6 +149,10 @@ impl AdminDb {
             ("mysql-monitor_ping_timeout", m.timeout_ms.to_string()),
             ("mysql-monitor_ping_max_failures", m.shun_after_failures.to_string()),
             ("mysql-monitor_shun_broken_replication", m.shun_broken_replication.to_string()),
+            // Paths only: a key file's contents never show through an admin surface.
+            ("mysql-ssl_p2s_ca", tls.ca_file().to_string()),
+            ("mysql-ssl_p2s_cert", p.ssl_p2s_cert.clone()),
+            ("mysql-ssl_p2s_verify", tls.verify().as_str().to_string()),
         ];
         for (k, v) in rows {
             self.conn.execute("INSERT INTO runtime_global_variables VALUES (?1, ?2)", rusqlite::params![k, v]).map_err(sql_err)?;
@@ -157,8 +165,8 @@ impl AdminDb {
         let tx = self.conn.transaction().map_err(sql_err)?;
         for s in &cfg.servers {
             tx.execute(
-                "INSERT OR REPLACE INTO mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', ?9)",
-                rusqlite::params![s.hostgroup, s.host, s.port, s.weight, s.max_connections as i64, s.max_replication_lag as i64, s.promotion_rule.as_str(), s.socket, s.status.as_str()],
+                "INSERT OR REPLACE INTO mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '', ?9, ?10)",
+                rusqlite::params![s.hostgroup, s.host, s.port, s.weight, s.max_connections as i64, s.max_replication_lag as i64, s.promotion_rule.as_str(), s.socket, s.status.as_str(), s.use_ssl as i64],
             )
             .map_err(sql_err)?;
         }
@@ -205,7 +213,7 @@ impl AdminDb {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT hostgroup_id, hostname, port, weight, max_connections, max_replication_lag, promotion_rule, socket, status FROM {table} ORDER BY hostgroup_id, hostname, port"
+                "SELECT hostgroup_id, hostname, port, weight, max_connections, max_replication_lag, promotion_rule, socket, status, use_ssl FROM {table} ORDER BY hostgroup_id, hostname, port"
             ))
             .map_err(sql_err)?;
         let rows = st
@@ -228,6 +236,7 @@ impl AdminDb {
                     socket: r.get(7)?,
                     // runtime_mysql_servers shows SHUNNED too: not an operator's status.
                     status: crate::config::AdminStatus::parse(&status).unwrap_or_default(),
+                    use_ssl: r.get::<_, Option<i64>>(9)?.unwrap_or(0) != 0,
                 })
             })
             .map_err(sql_err)?;
@@ -335,7 +344,7 @@ impl AdminDb {
                 .execute_batch(
                     "DELETE FROM main.mysql_servers; INSERT INTO main.mysql_servers SELECT hostgroup_id, hostname, port, weight, max_connections, \
                      max_replication_lag, promotion_rule, socket, '', \
-                     CASE WHEN status IN ('OFFLINE_SOFT', 'OFFLINE_HARD') THEN status ELSE 'ONLINE' END FROM main.runtime_mysql_servers;",
+                     CASE WHEN status IN ('OFFLINE_SOFT', 'OFFLINE_HARD') THEN status ELSE 'ONLINE' END, use_ssl FROM main.runtime_mysql_servers;",
                 )
                 .map_err(sql_err)?;
             return Ok(format!("{t} saved from runtime to memory"));
@@ -359,8 +368,8 @@ impl AdminDb {
             let c = &s.config();
             if routed {
                 tx.execute(
-                    "INSERT OR REPLACE INTO runtime_mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    rusqlite::params![c.hostgroup, c.host, c.port, c.weight, c.max_connections as i64, c.max_replication_lag as i64, c.promotion_rule.as_str(), c.socket, s.status().as_str()],
+                    "INSERT OR REPLACE INTO runtime_mysql_servers VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    rusqlite::params![c.hostgroup, c.host, c.port, c.weight, c.max_connections as i64, c.max_replication_lag as i64, c.promotion_rule.as_str(), c.socket, s.status().as_str(), c.use_ssl as i64],
                 )
                 .map_err(sql_err)?;
             }

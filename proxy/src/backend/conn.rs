@@ -39,6 +39,9 @@ pub enum BackendError {
     Lost { addr: String, err: PacketError },
     #[error("unexpected reply from {0}")]
     Protocol(String),
+    /// use_ssl: the TLS configuration, the server's offer or the handshake failed.
+    #[error("TLS to {addr}: {msg}")]
+    Tls { addr: String, msg: String },
     /// The server answered a proxy-issued command (state sync, re-prepare) with an error.
     #[error("{}", .0.message)]
     Sql(codec::Err),
@@ -121,21 +124,31 @@ pub struct BackendConn {
     /// (or what the proxy set).
     pub last_insert_id: u64,
     scratch: Vec<u8>,
+    /// For a TLS connection: a duplicate of its socket, for the idle liveness check.
+    tls_peek: Option<socket2::Socket>,
     _permit: OwnedSemaphorePermit,
+}
+
+/// Where a new connection goes: the server's address, its unix socket when it is on this
+/// host, and the TLS client configuration and expected name when it has `use_ssl`.
+pub struct Target<'a> {
+    pub addr: Arc<str>,
+    pub socket: Option<&'a str>,
+    pub tls: Option<(Arc<tokio_rustls::rustls::ClientConfig>, tokio_rustls::rustls::pki_types::ServerName<'static>)>,
 }
 
 impl BackendConn {
     /// Connect and log in. `permit` is the pool slot this connection occupies until dropped.
     pub async fn connect(
-        addr: Arc<str>,
-        socket: Option<&str>,
+        target: Target<'_>,
         key: ConnKey,
         password: &str,
         timeout: Duration,
         read_timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
-        let fut = Self::connect_inner(addr.clone(), socket, key, password, read_timeout, permit);
+        let addr = target.addr.clone();
+        let fut = Self::connect_inner(target, key, password, read_timeout, permit);
         match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
             Err(_) => Err(BackendError::ConnectTimeout(addr.to_string())),
@@ -143,42 +156,69 @@ impl BackendConn {
     }
 
     async fn connect_inner(
-        addr: Arc<str>,
-        socket: Option<&str>,
+        target: Target<'_>,
         key: ConnKey,
         password: &str,
         read_timeout: Duration,
         permit: OwnedSemaphorePermit,
     ) -> Result<Self, BackendError> {
+        let addr = target.addr;
         let connect_err = |err| BackendError::Connect { addr: addr.to_string(), err };
-        let (r, w) = match socket {
+        let lost = |err| BackendError::Lost { addr: addr.to_string(), err };
+        let mut buf = Vec::new();
+        // The greeting is read before the socket is split: with use_ssl the same socket
+        // then carries the TLS handshake. The server sends nothing after its greeting until
+        // it is answered, so nothing is left in the reader's buffer.
+        let (r, w, seq, tls_peek) = match target.socket {
             Some(path) => {
-                let (r, w) = UnixStream::connect(path).await.map_err(connect_err)?.into_split();
-                (Either::Right(r), Either::Right(w))
+                let mut stream = UnixStream::connect(path).await.map_err(connect_err)?;
+                let seq = read_greeting(&mut stream, &mut buf, &addr).await?;
+                let (r, w) = stream.into_split();
+                (Either::Right(Either::Left(r)), Either::Right(Either::Left(w)), seq, None)
             }
             None => {
-                let stream = TcpStream::connect(&*addr).await.map_err(connect_err)?;
+                let mut stream = TcpStream::connect(&*addr).await.map_err(connect_err)?;
                 let _ = stream.set_nodelay(true);
                 dead_peer_bound(&stream, read_timeout);
-                let (r, w) = stream.into_split();
-                (Either::Left(r), Either::Left(w))
+                let seq = read_greeting(&mut stream, &mut buf, &addr).await?;
+                match target.tls {
+                    None => {
+                        let (r, w) = stream.into_split();
+                        (Either::Left(r), Either::Left(w), seq, None)
+                    }
+                    Some((cfg, name)) => {
+                        let tls_err = |msg: String| BackendError::Tls { addr: addr.to_string(), msg };
+                        let g = handshake::parse_greeting(&buf).ok_or_else(|| BackendError::Protocol(addr.to_string()))?;
+                        if g.capabilities & caps::SSL == 0 {
+                            return Err(tls_err("use_ssl is set but the server does not offer TLS (have_ssl is not YES there)".into()));
+                        }
+                        // SSLRequest: the first 32 bytes of a handshake response.
+                        let c = login_caps(&key) | caps::SSL;
+                        let mut req = Vec::with_capacity(36);
+                        req.extend_from_slice(&[32, 0, 0, seq.wrapping_add(1)]);
+                        req.extend_from_slice(&c.to_le_bytes());
+                        req.extend_from_slice(&(64u32 << 20).to_le_bytes());
+                        req.push(charset::BACKEND_COLLATION);
+                        req.extend_from_slice(&[0u8; 23]);
+                        tokio::io::AsyncWriteExt::write_all(&mut stream, &req).await.map_err(|e| lost(e.into()))?;
+                        // A duplicate of the socket, to peek at while the connection is
+                        // idle (the TLS halves cannot be read past rustls).
+                        let peek = socket2::SockRef::from(&stream).try_clone().map_err(connect_err)?;
+                        let tls = tokio_rustls::TlsConnector::from(cfg)
+                            .connect(name, stream)
+                            .await
+                            .map_err(|e| tls_err(format!("TLS handshake failed: {e}")))?;
+                        let (r, w) = tokio::io::split(tls);
+                        (Either::Right(Either::Right(r)), Either::Right(Either::Right(w)), seq.wrapping_add(1), Some(peek))
+                    }
+                }
             }
         };
         let mut rd = PacketReader::new(r);
         let mut wr = PacketWriter::new(w);
-        let lost = |err| BackendError::Lost { addr: addr.to_string(), err };
-        let mut buf = Vec::new();
-        let seq = rd.read_payload(&mut buf, 1 << 20).await.map_err(lost)?;
-        if buf.first() == Some(&0xff) {
-            let e = codec::parse_err(&buf);
-            return Err(BackendError::Login {
-                addr: addr.to_string(),
-                code: e.as_ref().map(|e| e.code).unwrap_or(0),
-                msg: e.map(|e| e.message).unwrap_or_default(),
-            });
-        }
         let greeting = handshake::parse_greeting(&buf).ok_or_else(|| BackendError::Protocol(addr.to_string()))?;
-        let c = (caps::PROXY_BACKEND & !(caps::MULTI_RESULTS | caps::PS_MULTI_RESULTS)) | (key.caps & KEY_CAPS);
+        let tls = tls_peek.is_some();
+        let c = login_caps(&key) | if tls { caps::SSL } else { 0 };
         let (plugin, token) = login_token(&greeting.plugin, password, &greeting.scramble);
         let resp = handshake::handshake_response(c, charset::BACKEND_COLLATION, &key.user, &token, None, plugin);
         wr.push(seq.wrapping_add(1), &resp);
@@ -211,6 +251,15 @@ impl BackendConn {
                     wr.flush().await.map_err(|e| lost(e.into()))?;
                 }
                 Some(0x01) if buf.get(1) == Some(&0x03) => continue, // caching_sha2 fast auth ok
+                // caching_sha2 full authentication: over TLS the password itself is the
+                // answer (what MySQL's own client sends on a secure connection).
+                Some(0x01) if buf.get(1) == Some(&0x04) && tls && !password.starts_with(auth::STAGE1_PREFIX) => {
+                    let mut p = Vec::with_capacity(password.len() + 1);
+                    p.extend_from_slice(password.as_bytes());
+                    p.push(0);
+                    wr.push(next, &p);
+                    wr.flush().await.map_err(|e| lost(e.into()))?;
+                }
                 _ => {
                     return Err(BackendError::Login {
                         addr: addr.to_string(),
@@ -236,14 +285,25 @@ impl BackendConn {
             multi_statements: true,
             last_insert_id: 0,
             scratch: Vec::new(),
+            tls_peek,
             _permit: permit,
         })
+    }
+
+    /// Whether this connection runs over TLS.
+    pub fn tls(&self) -> bool {
+        self.tls_peek.is_some()
     }
 
     /// Cheap liveness check for an idle connection: a closed or chatty socket is dead.
     pub fn looks_alive(&self) -> bool {
         if self.rd.buffered() > 0 {
             return false;
+        }
+        if let Some(sock) = &self.tls_peek {
+            // Anything on an idle TLS socket (a close_notify, EOF) means it is going away.
+            let mut b = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            return matches!(sock.peek(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
         }
         let mut b = [0u8; 1];
         matches!(self.rd.get_ref().try_read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
@@ -585,6 +645,30 @@ pub fn client_keepalive(stream: &TcpStream, idle: Duration) {
     if let Err(e) = sock.set_tcp_keepalive(&ka) {
         tracing::debug!(error = %e, "cannot set TCP keepalive on a client socket");
     }
+}
+
+/// The capabilities the proxy logs in to a backend with, for a connection of `key`.
+fn login_caps(key: &ConnKey) -> u32 {
+    (caps::PROXY_BACKEND & !(caps::MULTI_RESULTS | caps::PS_MULTI_RESULTS)) | (key.caps & KEY_CAPS)
+}
+
+/// Read the server's greeting (or the error it sends instead: too many connections, host
+/// blocked) from the unsplit socket; returns its sequence id.
+async fn read_greeting<S: tokio::io::AsyncRead + Unpin>(stream: &mut S, buf: &mut Vec<u8>, addr: &str) -> Result<u8, BackendError> {
+    let mut rd = PacketReader::new(stream);
+    let seq = rd.read_payload(buf, 1 << 20).await.map_err(|err| BackendError::Lost { addr: addr.to_string(), err })?;
+    if buf.first() == Some(&0xff) {
+        let e = codec::parse_err(buf);
+        return Err(BackendError::Login {
+            addr: addr.to_string(),
+            code: e.as_ref().map(|e| e.code).unwrap_or(0),
+            msg: e.map(|e| e.message).unwrap_or_default(),
+        });
+    }
+    if rd.buffered() > 0 {
+        return Err(BackendError::Protocol(addr.to_string()));
+    }
+    Ok(seq)
 }
 
 /// The auth token for a backend login, for the plugin the server asks for.

@@ -12,3 +12,4 @@ pub mod monitor;
 pub mod pool;
 pub mod server;
 pub mod stream;
+pub mod tls;

@@ -50,7 +50,7 @@ async fn check_loop(rt: Arc<Runtime>, first: Arc<Server>, cfg: MonitorConfig, mu
     let interval = Duration::from_millis(cfg.interval_ms.max(50));
     let mut failures = 0u32;
     loop {
-        let res = check(&first, &cfg, &mut conn).await;
+        let res = check(&first, &cfg, &rt.backend_tls, &mut conn).await;
         let entries: Vec<Arc<Server>> = rt.servers().into_iter().filter(|s| s.addr == addr).collect();
         apply(&entries, res, &cfg, &mut failures);
         tokio::select! {
@@ -60,17 +60,11 @@ async fn check_loop(rt: Arc<Runtime>, first: Arc<Server>, cfg: MonitorConfig, mu
     }
 }
 
-async fn check(server: &Server, cfg: &MonitorConfig, conn: &mut Option<mysql_async::Conn>) -> Result<Check, String> {
+async fn check(server: &Server, cfg: &MonitorConfig, tls: &crate::backend::tls::BackendTls, conn: &mut Option<mysql_async::Conn>) -> Result<Check, String> {
     let timeout = Duration::from_millis(cfg.timeout_ms.max(50));
     let fut = async {
         if conn.is_none() {
-            let opts = mysql_async::OptsBuilder::default()
-                .ip_or_hostname(server.cfg.host.clone())
-                .tcp_port(server.cfg.port)
-                .user(Some(cfg.username.clone()))
-                .pass(Some(cfg.password.clone()))
-                .prefer_socket(false)
-                .conn_ttl(None);
+            let opts = server.side_opts(&cfg.username, &cfg.password, tls).conn_ttl(None);
             *conn = Some(mysql_async::Conn::new(opts).await.map_err(|e| e.to_string())?);
         }
         let c = conn.as_mut().ok_or("no connection")?;

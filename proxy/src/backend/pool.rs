@@ -99,10 +99,10 @@ impl Pool {
         drop(drained);
     }
 
-    fn take_idle(&self, key: &ConnKey) -> Option<BackendConn> {
+    fn take_idle(&self, key: &ConnKey, tls: bool) -> Option<BackendConn> {
         let mut idle = self.idle.lock().ok()?;
         // Most recently used first: warm connections, and old ones can time out.
-        while let Some(i) = idle.iter().rposition(|c| &c.key == key) {
+        while let Some(i) = idle.iter().rposition(|c| &c.key == key && c.tls() == tls) {
             let c = idle.swap_remove(i);
             if c.looks_alive() {
                 return Some(c);
@@ -133,6 +133,8 @@ pub struct Checkout<'a> {
     pub queue_timeout: Duration,
     /// The dead-peer bound of new connections (see `conn::dead_peer_bound`).
     pub read_timeout: Duration,
+    /// TLS settings for servers with use_ssl.
+    pub tls: &'a super::tls::BackendTls,
 }
 
 impl Server {
@@ -146,7 +148,7 @@ impl Server {
             let notified = pool.returned.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(c) = pool.take_idle(opts.key) {
+            if let Some(c) = pool.take_idle(opts.key, self.use_ssl()) {
                 break Ok(c);
             }
             if let Ok(permit) = pool.permits.clone().try_acquire_owned() {
@@ -194,7 +196,22 @@ impl Server {
     }
 
     async fn connect(&self, opts: &Checkout<'_>, permit: tokio::sync::OwnedSemaphorePermit) -> Result<BackendConn, PoolError> {
-        match BackendConn::connect(self.addr.clone(), self.cfg.socket.as_deref(), opts.key.clone(), opts.password, opts.connect_timeout, opts.read_timeout, permit).await {
+        let tls = match self.use_ssl() {
+            false => Ok(None),
+            true => opts
+                .tls
+                .config()
+                .and_then(|cfg| Ok(Some((cfg, super::tls::server_name(&self.cfg.host)?))))
+                .map_err(|msg| BackendError::Tls { addr: self.addr.to_string(), msg }),
+        };
+        let r = match tls {
+            Ok(tls) => {
+                let target = super::conn::Target { addr: self.addr.clone(), socket: self.cfg.socket.as_deref(), tls };
+                BackendConn::connect(target, opts.key.clone(), opts.password, opts.connect_timeout, opts.read_timeout, permit).await
+            }
+            Err(e) => Err(e),
+        };
+        match r {
             Ok(c) => {
                 self.counters.conn_ok.fetch_add(1, Ordering::Relaxed);
                 Ok(c)
@@ -244,6 +261,7 @@ impl Drop for PooledConn {
             && !c.broken
             && !c.dirty
             && c.status & crate::protocol::status::IN_TRANS == 0
+            && c.tls() == self.server.use_ssl()
             && self.server.is_online();
         if reusable {
             self.server.pool.give_back(c);

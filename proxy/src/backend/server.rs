@@ -9,7 +9,7 @@
 
 use super::pool::Pool;
 use crate::config::{AdminStatus, PromotionRule, ServerConfig};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +64,9 @@ pub struct Server {
     max_lag: AtomicU64,
     max_connections: AtomicU64,
     promotion_rule: Mutex<PromotionRule>,
+    /// TLS for new connections (live: a change closes the idle ones, and busy ones close
+    /// when they come back, so every connection soon matches).
+    use_ssl: AtomicBool,
 }
 
 fn admin_code(s: AdminStatus) -> u8 {
@@ -90,6 +93,7 @@ impl Server {
             max_lag: AtomicU64::new(cfg.max_replication_lag),
             max_connections: AtomicU64::new(cfg.max_connections as u64),
             promotion_rule: Mutex::new(cfg.promotion_rule),
+            use_ssl: AtomicBool::new(cfg.use_ssl),
             cfg,
         })
     }
@@ -117,6 +121,10 @@ impl Server {
         self.promotion_rule.lock().map(|r| *r).unwrap_or_default()
     }
 
+    pub fn use_ssl(&self) -> bool {
+        self.use_ssl.load(Ordering::Relaxed)
+    }
+
     pub fn admin_status(&self) -> AdminStatus {
         match self.admin.load(Ordering::Relaxed) {
             3 => AdminStatus::OfflineSoft,
@@ -133,6 +141,7 @@ impl Server {
         c.max_connections = self.max_connections();
         c.status = self.admin_status();
         c.promotion_rule = self.promotion_rule();
+        c.use_ssl = self.use_ssl();
         c
     }
 
@@ -146,6 +155,10 @@ impl Server {
         if let Ok(mut r) = self.promotion_rule.lock() {
             *r = c.promotion_rule;
         }
+        if self.use_ssl.swap(c.use_ssl, Ordering::Relaxed) != c.use_ssl {
+            tracing::warn!(server = %self.addr, hostgroup = self.cfg.hostgroup, use_ssl = c.use_ssl, "server TLS setting changed: connections are replaced as they come back");
+            self.pool.drain_idle();
+        }
         let old_admin = self.admin.swap(admin_code(c.status), Ordering::Relaxed);
         if old_admin != admin_code(c.status) {
             tracing::warn!(server = %self.addr, hostgroup = self.cfg.hostgroup, status = c.status.as_str(), "server status set by the operator");
@@ -154,6 +167,22 @@ impl Server {
             }
         }
         before != self.config()
+    }
+
+    /// mysql_async options for a side connection to this server (health checks, KILL
+    /// QUERY): TCP to host:port, over TLS when the server has use_ssl.
+    pub fn side_opts(&self, user: &str, password: &str, tls: &super::tls::BackendTls) -> mysql_async::OptsBuilder {
+        let o = mysql_async::OptsBuilder::default()
+            .ip_or_hostname(self.cfg.host.clone())
+            .tcp_port(self.cfg.port)
+            .user(Some(user.to_string()))
+            .pass(Some(password.to_string()))
+            .prefer_socket(false);
+        if self.use_ssl() {
+            o.ssl_opts(Some(tls.mysql_async_opts()))
+        } else {
+            o
+        }
     }
 
     pub fn status(&self) -> Status {

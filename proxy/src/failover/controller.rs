@@ -205,7 +205,8 @@ pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receive
             None => members.push(Member {
                 addr: addr.clone(),
                 rule: s.promotion_rule,
-                prober: Prober::new(&s.host, s.port, &monitor.username, &monitor.password, Duration::from_millis(cfg.probe_timeout_ms)),
+                prober: Prober::new(&s.host, s.port, &monitor.username, &monitor.password, Duration::from_millis(cfg.probe_timeout_ms))
+                    .with_ssl(s.use_ssl.then(|| rt.backend_tls.mysql_async_opts())),
             }),
         }
     }
@@ -349,7 +350,8 @@ impl Controller {
                     }
                     None => {
                         let timeout = Duration::from_millis(self.cfg.probe_timeout_ms);
-                        let prober = Prober::new(&s.cfg.host, s.cfg.port, &self.monitor.username, &self.monitor.password, timeout);
+                        let prober = Prober::new(&s.cfg.host, s.cfg.port, &self.monitor.username, &self.monitor.password, timeout)
+                            .with_ssl(s.use_ssl().then(|| self.rt.backend_tls.mysql_async_opts()));
                         self.members.push(Member { addr: addr.clone(), rule: s.promotion_rule(), prober });
                         added.push((addr, id));
                     }

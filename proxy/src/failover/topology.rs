@@ -58,12 +58,20 @@ pub struct Prober {
     pub user: String,
     pub password: String,
     pub timeout: Duration,
+    /// TLS for a server with use_ssl.
+    pub ssl: Option<mysql_async::SslOpts>,
     conn: Option<mysql_async::Conn>,
 }
 
 impl Prober {
     pub fn new(host: &str, port: u16, user: &str, password: &str, timeout: Duration) -> Self {
-        Self { host: host.into(), port, user: user.into(), password: password.into(), timeout, conn: None }
+        Self { host: host.into(), port, user: user.into(), password: password.into(), timeout, ssl: None, conn: None }
+    }
+
+    /// Probe and run recovery commands over TLS (the server has use_ssl).
+    pub fn with_ssl(mut self, ssl: Option<mysql_async::SslOpts>) -> Self {
+        self.ssl = ssl;
+        self
     }
 
     pub fn addr(&self) -> String {
@@ -104,6 +112,7 @@ impl Prober {
                 .user(Some(self.user.clone()))
                 .pass(Some(self.password.clone()))
                 .prefer_socket(false)
+                .ssl_opts(self.ssl.clone())
                 .conn_ttl(None);
             let c = tokio::time::timeout(self.timeout, mysql_async::Conn::new(opts))
                 .await

@@ -87,6 +87,7 @@ impl Session {
             connect_timeout: Duration::from_millis(p.connect_timeout_ms),
             queue_timeout: Duration::from_millis(p.queue_timeout_ms),
             read_timeout: Duration::from_millis(p.backend_read_timeout_ms),
+            tls: &rt.backend_tls,
         };
         let mut last_err = None;
         let mut full: Vec<String> = Vec::new();

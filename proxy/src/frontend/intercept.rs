@@ -30,7 +30,7 @@ impl Session {
         }
         let running = target.running.lock().ok().and_then(|r| r.clone());
         if let Some(Running { server, thread, .. }) = running {
-            if let Err(e) = kill_query(&self.rt.cfg.monitor, &server, thread).await {
+            if let Err(e) = kill_query(&self.rt, &server, thread).await {
                 let msg = format!("Could not kill the running statement of session {id} on {}: {e}", server.addr);
                 return self.send_err(self.reply_seq, &SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg)).await;
             }
@@ -47,17 +47,9 @@ impl Session {
 }
 
 /// `KILL QUERY <thread>` on a server, over a connection of the monitor user (5 s bound).
-pub async fn kill_query(
-    m: &crate::config::MonitorConfig,
-    server: &Server,
-    thread: u32,
-) -> Result<(), String> {
-    let opts = mysql_async::OptsBuilder::default()
-        .ip_or_hostname(server.cfg.host.clone())
-        .tcp_port(server.cfg.port)
-        .user(Some(m.username.clone()))
-        .pass(Some(m.password.clone()))
-        .prefer_socket(false);
+pub async fn kill_query(rt: &crate::runtime::Runtime, server: &Server, thread: u32) -> Result<(), String> {
+    let m = &rt.cfg.monitor;
+    let opts = server.side_opts(&m.username, &m.password, &rt.backend_tls);
     tokio::time::timeout(Duration::from_secs(5), async {
         use mysql_async::prelude::Queryable;
         let mut c = mysql_async::Conn::new(opts).await?;
@@ -101,10 +93,10 @@ pub fn spawn_query_reaper(proxy: Arc<Proxy>, mut shutdown: watch::Receiver<bool>
                 let Some(run) = victim else { continue };
                 h.timed_out.store(true, Ordering::Relaxed);
                 proxy.stats.query_timeouts.fetch_add(1, Ordering::Relaxed);
-                let m = proxy.runtime().cfg.monitor.clone();
+                let rt = proxy.runtime();
                 tokio::spawn(async move {
                     warn!(server = %run.server.addr, thread = run.thread, "statement past default_query_timeout_ms: KILL QUERY");
-                    if let Err(e) = kill_query(&m, &run.server, run.thread).await {
+                    if let Err(e) = kill_query(&rt, &run.server, run.thread).await {
                         warn!(server = %run.server.addr, thread = run.thread, error = %e, "could not kill a statement past default_query_timeout_ms");
                     }
                 });
