@@ -563,3 +563,22 @@ async fn unexecuted_long_data_stays_with_its_client() {
     let vs: Vec<String> = b.query("SELECT v FROM t FOR UPDATE").await.unwrap();
     assert_eq!(vs, vec!["mine"; 4], "another client's long data leaked into these rows");
 }
+
+/// COM_CHANGE_USER from mysql-connector-python: the session is the new user's (backend
+/// account, no leftover state), in place, directly and through the proxy.
+#[tokio::test]
+async fn change_user_from_an_independent_client() {
+    fresh_user("bw_cu_py", "cu").await;
+    let schema = "sbtest_cli_cu";
+    {
+        let mut p = lab(PRIMARY).await;
+        p.query_drop(format!("DROP DATABASE IF EXISTS {schema}; CREATE DATABASE {schema}")).await.unwrap();
+        wait_replicas_caught_up().await;
+    }
+    let direct = python("change_user", PRIMARY, schema);
+    assert_eq!(direct["problems"], serde_json::json!([]), "the scenario itself is wrong: {direct}");
+    let cfg = default_config_with("[[users]]\nusername = \"bw_cu_py\"\npassword = \"cu\"\nbackend_password = \"cu\"\ndefault_hostgroup = 10\n");
+    let proxy = Proxy::start_with(Some(&cfg), &["--max-connections", "2"]);
+    let r = python("change_user", proxy.port, schema);
+    assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+}

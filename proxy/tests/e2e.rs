@@ -445,6 +445,40 @@ async fn reset_connection_and_change_user() {
     assert_eq!(server_code(&err), Some(1045), "{err}");
 }
 
+/// COM_CHANGE_USER hands the session to the new user: its statements run as the new user's
+/// backend account (not on the old user's pooled connections), and KILL ownership follows
+/// (the old user's other sessions may no longer kill it; the new user's may).
+#[tokio::test]
+async fn change_user_moves_the_session_to_the_new_user() {
+    fresh_user("bw_cu", "cu").await;
+    let cfg = default_config_with(
+        "[[users]]\nusername = \"bw_cu\"\npassword = \"cu\"\nbackend_password = \"cu\"\ndefault_hostgroup = 10\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let mut x = proxy.conn().await;
+    let mut app = proxy.conn().await;
+    let mut cu = Conn::new(proxy.opts("bw_cu", "cu", Some("sbtest"))).await.unwrap();
+    let xid: u32 = x.query_first("SELECT CONNECTION_ID()").await.unwrap().unwrap();
+    let me: Option<String> = x.query_first("SELECT CURRENT_USER() FROM DUAL FOR UPDATE").await.unwrap();
+    assert_eq!(me.as_deref(), Some("app@%"));
+    let opts = mysql_async::ChangeUserOpts::default().with_user(Some("bw_cu".into())).with_pass(Some("cu".into())).with_db_name(Some("sbtest".into()));
+    x.change_user(opts).await.unwrap();
+    // Reads and writes both run as the new backend account.
+    for sql in ["SELECT CURRENT_USER()", "SELECT CURRENT_USER() FROM DUAL FOR UPDATE"] {
+        let me: Option<String> = x.query_first(sql).await.unwrap();
+        assert_eq!(me.as_deref(), Some("bw_cu@%"), "{sql}");
+    }
+    // mysql_async may reconnect instead of sending COM_CHANGE_USER: the proxy's id stays
+    // the session's only when it really changed user in place.
+    let xid2: u32 = x.query_first("SELECT CONNECTION_ID()").await.unwrap().unwrap();
+    let e = app.query_drop(format!("KILL QUERY {xid2}")).await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1095), "app may not kill bw_cu's session: {e}");
+    cu.query_drop(format!("KILL QUERY {xid2}")).await.unwrap();
+    let one: Option<i64> = x.query_first("SELECT 1").await.unwrap();
+    assert_eq!(one, Some(1));
+    assert_eq!(xid, xid2, "COM_CHANGE_USER keeps the session");
+}
+
 /// Multi-statements, COM_STATISTICS (mariadb-admin status) and COM_FIELD_LIST.
 #[tokio::test]
 async fn multi_statements_statistics_and_field_list() {

@@ -253,7 +253,45 @@ def session_state(port, schema):
     return out
 
 
+def change_user(port, schema):
+    """COM_CHANGE_USER (cmd_change_user): the session becomes the new user's, in place; the
+    old user's session state is gone; reads and writes run as the new account."""
+    out = {"problems": []}
+    c = connect(port, schema)
+    cur = c.cursor()
+    cur.execute("SELECT CONNECTION_ID()")
+    (before,) = cur.fetchone()
+    cur.execute("SET @v = 42")
+    cur.execute("SET time_zone = '+03:00'")
+    cur.close()
+    c.cmd_change_user(username="bw_cu_py", password="cu", database=schema)
+    cur = c.cursor()
+    cur.execute("SELECT CONNECTION_ID()")
+    (after,) = cur.fetchone()
+    if after != before:
+        out["problems"].append(f"connection id {before} -> {after}")
+    for sql in ["SELECT CURRENT_USER()", "SELECT CURRENT_USER() FROM DUAL FOR UPDATE"]:
+        for _ in range(5):
+            cur.execute(sql)
+            (u,) = cur.fetchone()
+            if u != "bw_cu_py@%":
+                out["problems"].append(f"{sql}: {u}")
+    cur.execute("SELECT @v, @@time_zone")
+    (v, tz) = cur.fetchone()
+    if v is not None or tz == "+03:00":
+        out["problems"].append(f"old session state survived: @v={v} time_zone={tz}")
+    cur.execute("CREATE TABLE IF NOT EXISTS cu (id INT PRIMARY KEY, who VARCHAR(40))")
+    cur.execute("REPLACE INTO cu VALUES (1, CURRENT_USER())")
+    cur.execute("SELECT who FROM cu WHERE id = 1 FOR UPDATE")
+    (who,) = cur.fetchone()
+    if who != "bw_cu_py@%":
+        out["problems"].append(f"write ran as {who}")
+    c.close()
+    return out
+
+
 SCENARIOS = {
+    "change_user": change_user,
     "session_state": session_state,
     "ps_contexts": ps_contexts,
     "last_statement_info": last_statement_info,
