@@ -32,6 +32,18 @@ pub const FLAG_INFILE: u8 = 2;
 /// ConnState flags of the cgroup_skb hooks: `rcv_next` / `snd_next` hold a sequence number.
 pub const FLAG_SEQ_IN: u8 = 4;
 pub const FLAG_SEQ_OUT: u8 = 8;
+/// ConnState flags of a connection the programs did not see open (established before they
+/// attached: a proxy's pool, or kept across an agent restart): adopted on its first bytes,
+/// its lifetime unknown. While FLAG_SYNC is set, nothing is counted but bytes: the programs
+/// wait for a request boundary (a client packet with sequence id 0 and a command byte,
+/// whole in what was read) before they follow the request/response rhythm.
+pub const FLAG_ADOPTED: u8 = 16;
+pub const FLAG_SYNC: u8 = 32;
+/// ConnState flag: the client asked for TLS (SSLRequest during login). What follows is
+/// encrypted: the connection's bytes count, its requests cannot be seen.
+pub const FLAG_TLS: u8 = 64;
+/// Event flags: OPEN / CLOSE of an adopted connection (`opened_ns` is when it was adopted).
+pub const EVENT_FLAG_ADOPTED: u32 = 1;
 
 /// Global (read-only data) of the kernel programs: byte offset of tcp_sock.srtt_us (0 =
 /// unknown), from BTF, set by the agent before it loads them.
@@ -67,7 +79,8 @@ pub struct Event {
     pub sock: u64,
     /// CLOSE: the smoothed RTT of the connection when it closed, in µs (0 = unknown).
     pub rtt_us: u32,
-    pub _pad: u32,
+    /// EVENT_FLAG_*.
+    pub flags: u32,
     /// CLOSE: connection lifetime.
     pub value_ns: u64,
     /// When the connection opened (kernel monotonic ns): with `sock`, names one connection.

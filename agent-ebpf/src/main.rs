@@ -14,6 +14,9 @@
 //!   OpAgg). Nothing crosses the ring buffer per request; the agent reads the aggregates.
 //! - Prepared statements: a PREPARE_OK stores the statement's kind under (socket, id), so an
 //!   EXECUTE is counted as the SELECT/UPDATE/... it runs.
+//! - Connections established before the programs attached (a proxy's warm pool, or kept
+//!   across an agent restart) are adopted on their first bytes: tracked from then on, and
+//!   counted from their next request boundary (`FLAG_SYNC`, see `at_request_boundary`).
 //! - `tcp_retransmit_skb`: retransmitted segments on tracked sockets.
 //! - At close, the connection's smoothed RTT (tcp_sock.srtt_us, at the offset the agent
 //!   found in the kernel's BTF).
@@ -102,7 +105,7 @@ fn conn_event(kind: u32, st: &ConnState, sk: u64) -> Event {
         peer_addr: st.peer_addr,
         sock: sk,
         rtt_us: 0,
-        _pad: 0,
+        flags: if st.flags & FLAG_ADOPTED != 0 { EVENT_FLAG_ADOPTED } else { 0 },
         value_ns: 0,
         opened_ns: st.opened_ns,
         bytes_in: 0,
@@ -110,6 +113,116 @@ fn conn_event(kind: u32, st: &ConnState, sk: u64) -> Event {
         requests: 0,
         errors: 0,
     }
+}
+
+/// BPF_NOEXIST: adopting never overwrites the state a handshake just created.
+const BPF_NOEXIST: u64 = 1;
+
+/// Start tracking a connection the programs did not see open, on its first bytes: from the
+/// next request boundary on it is counted like any other. Emits an OPEN flagged adopted.
+#[inline(never)]
+unsafe fn adopt<C: EbpfContext>(ctx: &C, sk: u64, port: u16, peer: [u8; 16], peer_port: u16) -> Option<*mut ConnState> {
+    let slot = match WATCHED_PORTS.get(port as u32) {
+        Some(&v) if v != 0 => v - 1,
+        _ => return None,
+    };
+    let st = ConnState {
+        port,
+        peer_port,
+        phase: PHASE_IDLE,
+        flags: FLAG_ADOPTED | FLAG_SYNC,
+        port_slot: slot,
+        cmd: 0,
+        op: 0,
+        rcv_next: 0,
+        snd_next: 0,
+        _pad: 0,
+        _pad2: 0,
+        peer_addr: peer,
+        opened_ns: bpf_ktime_get_ns(),
+        request_ns: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        requests: 0,
+        errors: 0,
+        stmt_ids: [0; STMT_CACHE],
+        stmt_ops: [0; STMT_CACHE],
+        stmt_next: 0,
+    };
+    if CONNS.insert(&sk, &st, BPF_NOEXIST).is_ok() {
+        let ev = conn_event(EVENT_OPEN, &st, sk);
+        emit(ctx, &ev);
+    }
+    // A full map: no drop counted here. A connection opened while the programs ran was
+    // counted (and logged) once at its handshake, and this runs on each of its segments;
+    // one older than the agent stays in the agent's seeded list, unadopted.
+    CONNS.get_ptr_mut(&sk)
+}
+
+/// The peer of a socket, from its `struct sock_common` (adoption by the recv/send hooks):
+/// skc_daddr at 0, skc_dport (network order) at 12, skc_family at 16, skc_v6_daddr at 56,
+/// stable on x86_64 since 4.x.
+#[inline(never)]
+unsafe fn sock_peer(sk: u64) -> Option<([u8; 16], u16)> {
+    let family: u16 = bpf_probe_read_kernel((sk + 16) as *const u16).ok()?;
+    let dport: u16 = bpf_probe_read_kernel((sk + 12) as *const u16).ok()?;
+    let mut peer = [0u8; 16];
+    if family == AF_INET {
+        let v4: [u8; 4] = bpf_probe_read_kernel((sk) as *const [u8; 4]).ok()?;
+        peer[10] = 0xff;
+        peer[11] = 0xff;
+        peer[12..16].copy_from_slice(&v4);
+    } else {
+        peer = bpf_probe_read_kernel((sk + 56) as *const [u8; 16]).ok()?;
+    }
+    Some((peer, u16::from_be(dport)))
+}
+
+/// The peer of a segment (adoption by the cgroup_skb hooks): the source of what arrives, the
+/// destination of what leaves; `ip_len` is the IP header's length.
+#[inline(never)]
+unsafe fn segment_peer(ctx: &SkBuffContext, ingress: bool, ip_len: u32) -> Option<([u8; 16], u16)> {
+    let v4 = u16::from_be((*ctx.skb.skb).protocol as u16) == ETH_P_IP;
+    let mut peer = [0u8; 16];
+    if v4 {
+        let v4: [u8; 4] = ctx.load(if ingress { 12 } else { 16 }).ok()?;
+        peer[10] = 0xff;
+        peer[11] = 0xff;
+        peer[12..16].copy_from_slice(&v4);
+    } else {
+        peer = ctx.load(if ingress { 8 } else { 24 }).ok()?;
+    }
+    let port: u16 = ctx.load(ip_len as usize + if ingress { 0 } else { 2 }).ok()?;
+    Some((peer, u16::from_be(port)))
+}
+
+/// Whether the client's `n` new bytes start a request: a packet with sequence id 0 whose
+/// first byte is a command (COM_SLEEP..COM_RESET_CONNECTION range) and which lies whole in
+/// these bytes, or a packet header read alone (a server reads a command that way). Bytes in
+/// the middle of a request (a continuation segment, the file of a LOAD DATA LOCAL, a login
+/// packet, all with other sequence ids or lengths) do not pass, so an adopted connection is
+/// never counted from the middle of a request.
+#[inline(always)]
+unsafe fn at_request_boundary<B: Bytes>(n: u32, src: &B) -> bool {
+    let mut h = [0u8; 5];
+    if n == 4 {
+        let mut h4 = [0u8; 4];
+        return src.read(&mut h4) && h4[3] == 0;
+    }
+    if n < 5 || !src.read(&mut h) {
+        return false;
+    }
+    let len = u32::from_le_bytes([h[0], h[1], h[2], 0]);
+    h[3] == 0 && h[4] <= 0x1f && len >= 1 && len + 4 <= n
+}
+
+/// The client's SSLRequest: a 32-byte login packet with sequence id 1, sent instead of the
+/// handshake response (which is longer: it names the user). Its header is enough (a server
+/// may read the header alone).
+#[inline(always)]
+unsafe fn is_ssl_request<B: Bytes>(n: u32, src: &B) -> bool {
+    let mut h = [0u8; 4];
+    n >= 4 && src.read(&mut h) && h == [32, 0, 0, 1]
 }
 
 #[tracepoint]
@@ -200,20 +313,20 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
 /// Offset of `skc_num` (the local port, host order) in `struct sock_common`, stable since 2.6.
 const SKC_NUM_OFFSET: u64 = 14;
 
-/// Whether this socket's local port is watched: one kernel read and one array lookup, so
+/// This socket's local port when it is watched: one kernel read and one array lookup, so
 /// sockets of other programs (clients, replication, the agent) cost almost nothing. BTF
 /// hooks get `sk` as a typed kernel pointer and read the field with a plain load.
 #[inline(always)]
-unsafe fn on_watched_port<const BTF: bool>(sk: u64) -> bool {
+unsafe fn watched_port<const BTF: bool>(sk: u64) -> Option<u16> {
     let port = if BTF {
         core::ptr::read_volatile((sk + SKC_NUM_OFFSET) as *const u16)
     } else {
-        match bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16) {
-            Ok(p) => p,
-            Err(_) => return false,
-        }
+        bpf_probe_read_kernel((sk + SKC_NUM_OFFSET) as *const u16).ok()?
     };
-    matches!(WATCHED_PORTS.get(port as u32), Some(v) if *v != 0)
+    match WATCHED_PORTS.get(port as u32) {
+        Some(v) if *v != 0 => Some(port),
+        _ => None,
+    }
 }
 
 /// The socket's clock (tcp_sock.tcp_clock_cache, at the offset the agent found in BTF): the
@@ -260,7 +373,7 @@ unsafe fn syscall_buffer() -> Option<u64> {
 #[tracepoint]
 pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
     if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
-        let _ = unsafe { on_recv::<false>(sk, ret) };
+        let _ = unsafe { on_recv::<false, _>(&ctx, sk, ret) };
     }
     0
 }
@@ -272,18 +385,22 @@ pub fn sock_recv_length(ctx: TracePointContext) -> u32 {
 pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let _ = unsafe { on_recv::<true>(sk as u64, ret) };
+    let _ = unsafe { on_recv::<true, _>(&ctx, sk as u64, ret) };
     0
 }
 
-unsafe fn on_recv<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
+unsafe fn on_recv<const BTF: bool, C: EbpfContext>(ctx: &C, sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    if !on_watched_port::<BTF>(sk) {
-        return Ok(());
-    }
-    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let Some(port) = watched_port::<BTF>(sk) else { return Ok(()) };
+    let st = match CONNS.get_ptr_mut(&sk) {
+        Some(st) => st,
+        None => match sock_peer(sk).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)) {
+            Some(st) => st,
+            None => return Ok(()),
+        },
+    };
     client_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
     Ok(())
 }
@@ -361,7 +478,19 @@ impl Bytes for Segment<'_> {
 #[inline(always)]
 unsafe fn client_bytes<B: Bytes>(st: &mut ConnState, sk: u64, n: u32, src: &B) {
     st.bytes_in += n as u64;
+    if st.flags & FLAG_SYNC != 0 {
+        // Adopted mid-stream: wait for a request boundary, then follow the rhythm.
+        if !at_request_boundary(n, src) {
+            return;
+        }
+        st.flags &= !FLAG_SYNC;
+        st.phase = PHASE_IDLE;
+        st.cmd = 0;
+    }
     if st.flags & (FLAG_LOGIN | FLAG_INFILE) != 0 {
+        if st.flags & (FLAG_LOGIN | FLAG_TLS) == FLAG_LOGIN && is_ssl_request(n, src) {
+            st.flags |= FLAG_TLS; // encrypted from here: the login never visibly ends
+        }
         return; // authentication packets, or the file of a LOAD DATA LOCAL: no commands
     }
     // COM_STMT_SEND_LONG_DATA and COM_STMT_CLOSE get no response: the next bytes are a new
@@ -450,7 +579,7 @@ unsafe fn executed_kind(st: &mut ConnState, sk: u64, id: u32) -> u32 {
 #[tracepoint]
 pub fn sock_send_length(ctx: TracePointContext) -> u32 {
     if let (Ok(sk), Ok(ret)) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<i32>(20)) } {
-        let _ = unsafe { on_send::<false>(sk, ret) };
+        let _ = unsafe { on_send::<false, _>(&ctx, sk, ret) };
     }
     0
 }
@@ -460,18 +589,22 @@ pub fn sock_send_length(ctx: TracePointContext) -> u32 {
 pub fn sock_send_length_btf(ctx: BtfTracePointContext) -> i32 {
     let sk: *const u8 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let _ = unsafe { on_send::<true>(sk as u64, ret) };
+    let _ = unsafe { on_send::<true, _>(&ctx, sk as u64, ret) };
     0
 }
 
-unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
+unsafe fn on_send<const BTF: bool, C: EbpfContext>(ctx: &C, sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    if !on_watched_port::<BTF>(sk) {
-        return Ok(());
-    }
-    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let Some(port) = watched_port::<BTF>(sk) else { return Ok(()) };
+    let st = match CONNS.get_ptr_mut(&sk) {
+        Some(st) => st,
+        None => match sock_peer(sk).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)) {
+            Some(st) => st,
+            None => return Ok(()),
+        },
+    };
     server_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
     Ok(())
 }
@@ -481,6 +614,9 @@ unsafe fn on_send<const BTF: bool>(sk: u64, ret: i32) -> Result<(), i32> {
 #[inline(always)]
 unsafe fn server_bytes<B: Bytes>(st: &mut ConnState, sk: u64, n: u32, src: &B) {
     st.bytes_out += n as u64;
+    if st.flags & FLAG_SYNC != 0 {
+        return; // adopted, not yet at a request boundary: bytes only
+    }
     if st.flags & FLAG_LOGIN != 0 {
         // Authentication ends with the server's OK (also after caching_sha2's fast-auth
         // 0x01 0x03, in the same write or the next one).
@@ -592,11 +728,11 @@ pub fn mysql_egress(ctx: SkBuffContext) -> i32 {
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
-/// (offset of the TCP payload, sequence number) of a TCP segment over IPv4 or IPv6 (without
+/// (offset of the TCP payload, sequence number, IP header length) of a TCP segment over IPv4 or IPv6 (without
 /// extension headers). The headers are read in place when they are in the packet's linear
 /// part, as they usually are; else copied out.
 #[inline(always)]
-unsafe fn tcp_segment(ctx: &SkBuffContext) -> Option<(u32, u32)> {
+unsafe fn tcp_segment(ctx: &SkBuffContext) -> Option<(u32, u32, u32)> {
     let skb = ctx.skb.skb;
     let v4 = match u16::from_be((*skb).protocol as u16) {
         ETH_P_IP => true,
@@ -625,12 +761,12 @@ unsafe fn tcp_segment(ctx: &SkBuffContext) -> Option<(u32, u32)> {
     }
     let seq = u32::from_be(core::ptr::read_unaligned((tcp + 4) as *const u32));
     let doff = *((tcp + 12) as *const u8);
-    Some((ip_len as u32 + (doff >> 4) as u32 * 4, seq))
+    Some((ip_len as u32 + (doff >> 4) as u32 * 4, seq, ip_len as u32))
 }
 
 /// tcp_segment for headers outside the linear part: copied with bpf_skb_load_bytes.
 #[inline(never)]
-unsafe fn tcp_segment_copied(ctx: &SkBuffContext, v4: bool) -> Option<(u32, u32)> {
+unsafe fn tcp_segment_copied(ctx: &SkBuffContext, v4: bool) -> Option<(u32, u32, u32)> {
     let (proto, ip_len) = if v4 {
         (ctx.load::<u8>(9).ok()?, (ctx.load::<u8>(0).ok()? & 0x0f) as u32 * 4)
     } else {
@@ -641,7 +777,7 @@ unsafe fn tcp_segment_copied(ctx: &SkBuffContext, v4: bool) -> Option<(u32, u32)
     }
     let doff: u8 = ctx.load(ip_len as usize + 12).ok()?;
     let seq = u32::from_be(ctx.load::<u32>(ip_len as usize + 4).ok()?);
-    Some((ip_len + (doff >> 4) as u32 * 4, seq))
+    Some((ip_len + (doff >> 4) as u32 * 4, seq, ip_len))
 }
 
 /// A segment's payload on a tracked connection, in order: retransmitted bytes (already
@@ -656,13 +792,22 @@ unsafe fn on_segment<const INGRESS: bool>(ctx: &SkBuffContext) -> Result<(), i32
         return Ok(());
     }
     let len = (*skb).len;
-    let Some((off, seq)) = tcp_segment(ctx) else { return Ok(()) };
+    let Some((off, seq, ip_len)) = tcp_segment(ctx) else { return Ok(()) };
     if off >= len {
         return Ok(()); // no payload: ACK, SYN, FIN
     }
     let n = len - off;
     let sk = (*skb).__bindgen_anon_2.sk as u64;
-    let Some(st) = CONNS.get_ptr_mut(&sk) else { return Ok(()) };
+    let st = match CONNS.get_ptr_mut(&sk) {
+        Some(st) => st,
+        None => {
+            let port = (*skb).local_port as u16;
+            match segment_peer(ctx, INGRESS, ip_len).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)) {
+                Some(st) => st,
+                None => return Ok(()),
+            }
+        }
+    };
     let st = &mut *st;
     let (known, next) = if INGRESS { (FLAG_SEQ_IN, &mut st.rcv_next) } else { (FLAG_SEQ_OUT, &mut st.snd_next) };
     let mut skip = 0;

@@ -73,6 +73,45 @@ fn cgroup_of(pid: u32) -> Result<String> {
         .ok_or_else(|| anyhow!("process {pid} has no cgroup v2 path"))
 }
 
+/// Where a server's load is read: its cgroup v2 directory, and on a hybrid host (cgroup v1
+/// controllers beside a v2 tree without them) its v1 `cpu` and `memory` directories.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerCgroup {
+    pub v2: PathBuf,
+    pub v1_cpu: Option<PathBuf>,
+    pub v1_memory: Option<PathBuf>,
+}
+
+/// The cgroups of the server listening on `port`, None when nothing listens.
+pub fn server_cgroup(root: &std::path::Path, port: u16) -> Option<ServerCgroup> {
+    let pid = owner_of(&listening_inodes(port))?;
+    let cg = cgroup_of(pid).ok()?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let v1 = |controller: &str| {
+        let path = text.lines().find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, ctrls, path) = (f.next()?, f.next()?, f.next()?);
+            ctrls.split(',').any(|c| c == controller).then(|| path.to_string())
+        })?;
+        v1_mount(&mounts, controller).map(|m| m.join(path.trim_start_matches('/')))
+    };
+    Some(ServerCgroup { v2: root.join(cg.trim_start_matches('/')), v1_cpu: v1("cpu"), v1_memory: v1("memory") })
+}
+
+/// The mount point of the cgroup v1 hierarchy holding `controller` (its super options list it).
+fn v1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        if r.next() != Some("cgroup") {
+            return None;
+        }
+        let opts = r.nth(1)?;
+        opts.split(',').any(|o| o == controller).then(|| PathBuf::from(left.split_whitespace().nth(4).unwrap_or("/")))
+    })
+}
+
 /// The cgroup directories to attach to for `ports`, each once, with what was found for the
 /// log: (directory, description).
 pub fn server_cgroups(ports: &[u16]) -> Result<Vec<(PathBuf, String)>> {

@@ -263,8 +263,19 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
     let mut batch = Vec::with_capacity(4096);
     let on_segments = loaded.mode == "cgroup_skb";
     let mut blind = BlindSpot::default();
+    // Connections open before the programs attached: counted now, adopted by the programs
+    // on their first bytes (listed after attaching, so none falls between the two).
+    let open_before = crate::procfs::established_now(&loaded.ports);
+    if !open_before.is_empty() {
+        tracing::info!(connections = open_before.len(), "connections open before the agent started: tracked from their next request");
+    }
+    if let Ok(mut s) = stats.lock() {
+        s.seed(open_before);
+    }
+    let mut ticks = 0u64;
     loop {
         tick.tick().await;
+        ticks += 1;
         if let Some(l) = loaded.logger.as_mut() {
             l.flush();
         }
@@ -285,6 +296,13 @@ pub async fn pump_events(loaded: &mut Loaded, stats: Shared) -> anyhow::Result<(
                 s.record(ev);
             }
             s.refresh(ops, live.into_iter());
+        }
+        // Seeded connections that close without a byte seen: found gone once a second.
+        if ticks % 4 == 0 && stats.lock().map(|s| s.has_seeded()).unwrap_or(false) {
+            let now = crate::procfs::established_now(&loaded.ports);
+            if let Ok(mut s) = stats.lock() {
+                s.reconcile_seeded(&now);
+            }
         }
     }
 }

@@ -3,6 +3,7 @@
 
 mod btf;
 mod cgroup;
+mod load;
 mod loader;
 mod otlp;
 mod procfs;
@@ -199,6 +200,22 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
             }
         });
         tokio::spawn(prometheus::serve(listener, render));
+    }
+    {
+        // The servers' cgroup load, once a second; which cgroup serves a port is looked up
+        // again every 30 s (a restarted server may be in another one).
+        let stats = stats.clone();
+        let mut watcher = load::Watcher::new(&cli.ports, 30);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let now = tokio::task::block_in_place(|| watcher.read());
+                if let Ok(mut s) = stats.lock() {
+                    s.load = now;
+                }
+            }
+        });
     }
     if cli.print {
         let stats = stats.clone();

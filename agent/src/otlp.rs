@@ -8,7 +8,7 @@ use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::{
-    metric, number_data_point, AggregationTemporality, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
+    metric, number_data_point, AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum,
 };
 use opentelemetry_proto::tonic::resource::v1::Resource;
@@ -54,28 +54,40 @@ struct Builder {
 }
 
 impl Builder {
-    fn sum(&mut self, name: &str, unit: &str, desc: &str, monotonic: bool, points: Vec<(Vec<KeyValue>, u64)>) {
-        let data_points = points
+    fn points(&self, points: Vec<(Vec<KeyValue>, number_data_point::Value)>) -> Vec<NumberDataPoint> {
+        points
             .into_iter()
-            .map(|(attributes, v)| NumberDataPoint {
+            .map(|(attributes, value)| NumberDataPoint {
                 attributes,
                 start_time_unix_nano: self.start,
                 time_unix_nano: self.now,
-                value: Some(number_data_point::Value::AsInt(v as i64)),
+                value: Some(value),
                 ..Default::default()
             })
-            .collect();
-        self.metrics.push(Metric {
-            name: name.into(),
-            description: desc.into(),
-            unit: unit.into(),
-            data: Some(metric::Data::Sum(Sum {
-                data_points,
-                aggregation_temporality: AggregationTemporality::Cumulative as i32,
-                is_monotonic: monotonic,
-            })),
-            ..Default::default()
-        });
+            .collect()
+    }
+
+    fn push(&mut self, name: &str, unit: &str, desc: &str, data: metric::Data) {
+        self.metrics.push(Metric { name: name.into(), description: desc.into(), unit: unit.into(), data: Some(data), ..Default::default() });
+    }
+
+    /// A cumulative sum of integers (monotonic: a counter; else an up-down counter).
+    fn sum(&mut self, name: &str, unit: &str, desc: &str, monotonic: bool, points: Vec<(Vec<KeyValue>, u64)>) {
+        let data_points = self.points(points.into_iter().map(|(a, v)| (a, number_data_point::Value::AsInt(v as i64))).collect());
+        let data = metric::Data::Sum(Sum { data_points, aggregation_temporality: AggregationTemporality::Cumulative as i32, is_monotonic: monotonic });
+        self.push(name, unit, desc, data);
+    }
+
+    /// A monotonic cumulative sum of reals (e.g. seconds of CPU time).
+    fn sum_f64(&mut self, name: &str, unit: &str, desc: &str, points: Vec<(Vec<KeyValue>, f64)>) {
+        let data_points = self.points(points.into_iter().map(|(a, v)| (a, number_data_point::Value::AsDouble(v))).collect());
+        let data = metric::Data::Sum(Sum { data_points, aggregation_temporality: AggregationTemporality::Cumulative as i32, is_monotonic: true });
+        self.push(name, unit, desc, data);
+    }
+
+    fn gauge(&mut self, name: &str, unit: &str, desc: &str, points: Vec<(Vec<KeyValue>, f64)>) {
+        let data_points = self.points(points.into_iter().map(|(a, v)| (a, number_data_point::Value::AsDouble(v))).collect());
+        self.push(name, unit, desc, metric::Data::Gauge(Gauge { data_points }));
     }
 
     /// A cumulative histogram in seconds.
@@ -110,6 +122,11 @@ pub fn build_request(stats: &Stats, drops: &crate::loader::Drops, host: &str, st
         stats.ports.iter().map(|(p, s)| (port_attrs(*p), (s.rtt_seconds_sum * 1e6) as u64)).collect());
     b.sum("breakwater.agent.tcp.retransmits", "{segment}", "Retransmitted TCP segments on watched connections.", true,
         stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.retransmits)).collect());
+    b.sum("breakwater.agent.requests.in_flight", "{request}", "Requests being served now: arrived, not yet answered.", false,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.in_flight)).collect());
+    b.sum("breakwater.agent.connections.encrypted", "{connection}", "Open connections that negotiated TLS (their requests cannot be seen).", false,
+        stats.ports.iter().map(|(p, s)| (port_attrs(*p), s.encrypted)).collect());
+    load_metrics(&mut b, stats, &port_attrs);
     let mut io = Vec::new();
     for (p, s) in &stats.ports {
         let mut rx = port_attrs(*p);
@@ -142,7 +159,7 @@ pub fn build_request(stats: &Stats, drops: &crate::loader::Drops, host: &str, st
             attributes: port_attrs(*p),
             start_time_unix_nano: start,
             time_unix_nano: now,
-            count: s.closed,
+            count: s.lifetimes,
             sum: Some(s.conn_seconds_sum),
             bucket_counts: s.conn_le.to_vec(),
             explicit_bounds: CONN_BUCKETS.to_vec(),
@@ -185,6 +202,39 @@ pub fn build_request(stats: &Stats, drops: &crate::loader::Drops, host: &str, st
             schema_url: String::new(),
         }],
     }
+}
+
+/// The servers' cgroup load (see `load`).
+fn load_metrics(b: &mut Builder, stats: &Stats, port_attrs: &dyn Fn(u16) -> Vec<KeyValue>) {
+    use crate::load::{KINDS, RESOURCES};
+    let attrs = |p: u16, l: &crate::load::CgroupLoad| {
+        let mut a = port_attrs(p);
+        a.push(kv("cgroup", l.cgroup.clone()));
+        a
+    };
+    b.sum_f64("breakwater.agent.server.cpu.time", "s", "CPU time used by the server's cgroup.",
+        stats.load.iter().map(|(p, l)| (attrs(*p, l), l.cpu_seconds)).collect());
+    b.sum_f64("breakwater.agent.server.cpu.throttled_time", "s", "Time the server's cgroup was throttled by its CPU limit.",
+        stats.load.iter().map(|(p, l)| (attrs(*p, l), l.throttled_seconds)).collect());
+    b.gauge("breakwater.agent.server.memory.usage", "By", "Memory charged to the server's cgroup.",
+        stats.load.iter().filter_map(|(p, l)| l.memory_bytes.map(|m| (attrs(*p, l), m as f64))).collect());
+    let mut ratio = Vec::new();
+    let mut stalled = Vec::new();
+    for (p, l) in &stats.load {
+        for (i, r) in RESOURCES.iter().enumerate() {
+            for (j, k) in KINDS.iter().enumerate() {
+                if let Some(x) = l.pressure[i][j] {
+                    let mut a = attrs(*p, l);
+                    a.push(kv("pressure.resource", *r));
+                    a.push(kv("pressure.kind", *k));
+                    ratio.push((a.clone(), x.avg10));
+                    stalled.push((a, x.total_seconds));
+                }
+            }
+        }
+    }
+    b.gauge("breakwater.agent.server.pressure", "1", "Share of the last 10 s in which the server's tasks stalled on a resource (PSI avg10).", ratio);
+    b.sum_f64("breakwater.agent.server.pressure.stall_time", "s", "Time the server's tasks stalled on a resource (PSI total).", stalled);
 }
 
 /// One export target.

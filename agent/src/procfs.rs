@@ -58,6 +58,17 @@ pub fn established(text: &str, v6: bool, ports: &[u16]) -> Vec<Key> {
     sockets(text, v6, TCP_ESTABLISHED, ports)
 }
 
+/// The established connections on `ports` now, by (port, peer address, peer port).
+pub fn established_now(ports: &[u16]) -> std::collections::HashSet<crate::stats::Tuple> {
+    let mut out = std::collections::HashSet::new();
+    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            out.extend(established(&text, v6, ports).into_iter().map(|(p, a, pp, _)| (p, a, pp)));
+        }
+    }
+    out
+}
+
 fn event(kind: u32, k: &Key, value_ns: u64) -> Event {
     Event {
         kind,
@@ -66,7 +77,7 @@ fn event(kind: u32, k: &Key, value_ns: u64) -> Event {
         peer_addr: k.1,
         sock: k.3,
         rtt_us: 0,
-        _pad: 0,
+        flags: 0,
         value_ns,
         opened_ns: 0,
         bytes_in: 0,

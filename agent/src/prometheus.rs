@@ -38,9 +38,9 @@ pub fn render(stats: &Stats, drops: &crate::loader::Drops, host: &str, hooks: &s
             cumulative += p.conn_le[i];
             let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_bucket{{{labels},le=\"{b}\"}} {cumulative}");
         }
-        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", p.closed);
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", p.lifetimes);
         let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_sum{{{labels}}} {:.6}", p.conn_seconds_sum);
-        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_count{{{labels}}} {}", p.closed);
+        let _ = writeln!(o, "breakwater_agent_connection_duration_seconds_count{{{labels}}} {}", p.lifetimes);
     }
     family(&mut o, "breakwater_agent_connection_rtt_seconds", "summary", "Smoothed TCP RTT of connections when they closed.");
     for (port, p) in &stats.ports {
@@ -63,6 +63,15 @@ pub fn render(stats: &Stats, drops: &crate::loader::Drops, host: &str, hooks: &s
     for (port, p) in &stats.ports {
         let _ = writeln!(o, "breakwater_agent_tcp_retransmits_total{{{base},server_port=\"{port}\"}} {}", p.retransmits);
     }
+    family(&mut o, "breakwater_agent_requests_in_flight", "gauge", "Requests being served now: arrived, not yet answered.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_requests_in_flight{{{base},server_port=\"{port}\"}} {}", p.in_flight);
+    }
+    family(&mut o, "breakwater_agent_connections_encrypted", "gauge", "Open connections that negotiated TLS: their bytes count, their requests cannot be seen.");
+    for (port, p) in &stats.ports {
+        let _ = writeln!(o, "breakwater_agent_connections_encrypted{{{base},server_port=\"{port}\"}} {}", p.encrypted);
+    }
+    render_load(&mut o, &base, stats);
     family(&mut o, "breakwater_agent_peer_connections_opened_total", "counter", "Connections accepted, per client address.");
     for ((port, ip), p) in &stats.peers {
         let _ = writeln!(o, "breakwater_agent_peer_connections_opened_total{{{base},server_port=\"{port}\",client_address=\"{ip}\"}} {}", p.opened);
@@ -140,3 +149,53 @@ pub async fn serve(listener: TcpListener, render: Arc<dyn Fn() -> String + Send 
 }
 
 pub type Shared = Arc<Mutex<Stats>>;
+
+/// The servers' cgroup load (see `load`): CPU time and throttling, memory, pressure.
+fn render_load(o: &mut String, base: &str, stats: &Stats) {
+    use crate::load::{KINDS, RESOURCES};
+    let family = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(o, "breakwater_agent_server_cgroup_info", "gauge", "The cgroup (v2) the server on a port runs in (1).");
+    for (port, l) in &stats.load {
+        let _ = writeln!(o, "breakwater_agent_server_cgroup_info{{{base},server_port=\"{port}\",cgroup=\"{}\"}} 1", l.cgroup);
+    }
+    family(o, "breakwater_agent_server_cpu_seconds_total", "counter", "CPU time used by the server's cgroup (cpu.stat usage_usec).");
+    for (port, l) in &stats.load {
+        let _ = writeln!(o, "breakwater_agent_server_cpu_seconds_total{{{base},server_port=\"{port}\"}} {:.6}", l.cpu_seconds);
+    }
+    family(o, "breakwater_agent_server_cpu_throttled_seconds_total", "counter", "Time the server's cgroup was throttled by its CPU limit (cpu.stat throttled_usec).");
+    for (port, l) in &stats.load {
+        let _ = writeln!(o, "breakwater_agent_server_cpu_throttled_seconds_total{{{base},server_port=\"{port}\"}} {:.6}", l.throttled_seconds);
+    }
+    family(o, "breakwater_agent_server_cpu_throttled_periods_total", "counter", "CPU periods in which the server's cgroup was throttled (cpu.stat nr_throttled).");
+    for (port, l) in &stats.load {
+        let _ = writeln!(o, "breakwater_agent_server_cpu_throttled_periods_total{{{base},server_port=\"{port}\"}} {}", l.throttled_periods);
+    }
+    family(o, "breakwater_agent_server_memory_bytes", "gauge", "Memory charged to the server's cgroup (memory.current).");
+    for (port, l) in &stats.load {
+        if let Some(m) = l.memory_bytes {
+            let _ = writeln!(o, "breakwater_agent_server_memory_bytes{{{base},server_port=\"{port}\"}} {m}");
+        }
+    }
+    family(o, "breakwater_agent_server_pressure_ratio", "gauge", "Share of the last 10 s in which the server's tasks stalled on a resource (PSI avg10, 0..1).");
+    for (port, l) in &stats.load {
+        for (i, r) in RESOURCES.iter().enumerate() {
+            for (j, k) in KINDS.iter().enumerate() {
+                if let Some(p) = l.pressure[i][j] {
+                    let _ = writeln!(o, "breakwater_agent_server_pressure_ratio{{{base},server_port=\"{port}\",resource=\"{r}\",kind=\"{k}\"}} {:.4}", p.avg10);
+                }
+            }
+        }
+    }
+    family(o, "breakwater_agent_server_pressure_stalled_seconds_total", "counter", "Time the server's tasks stalled on a resource (PSI total).");
+    for (port, l) in &stats.load {
+        for (i, r) in RESOURCES.iter().enumerate() {
+            for (j, k) in KINDS.iter().enumerate() {
+                if let Some(p) = l.pressure[i][j] {
+                    let _ = writeln!(o, "breakwater_agent_server_pressure_stalled_seconds_total{{{base},server_port=\"{port}\",resource=\"{r}\",kind=\"{k}\"}} {:.6}", p.total_seconds);
+                }
+            }
+        }
+    }
+}

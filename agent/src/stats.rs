@@ -9,10 +9,13 @@
 //! Fixed memory per key; the number of keys is bounded (peers beyond MAX_PEERS are folded
 //! into "::" = other).
 
-use breakwater_agent_common::{hist_bucket_range, ConnState, Event, OpAgg, EVENT_CLOSE, EVENT_OPEN, EVENT_RETRANSMIT, HIST_BUCKETS, LE_NS};
+use breakwater_agent_common::{
+    hist_bucket_range, ConnState, Event, OpAgg, EVENT_CLOSE, EVENT_FLAG_ADOPTED, EVENT_OPEN, EVENT_RETRANSMIT, FLAG_INFILE, FLAG_LOGIN,
+    FLAG_SYNC, FLAG_TLS, HIST_BUCKETS, LE_NS, PHASE_REQUEST,
+};
 use hdrhistogram::Histogram;
 use std::cell::OnceCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 pub const MAX_PEERS: usize = 1024;
@@ -36,6 +39,8 @@ pub struct PortStats {
     pub errors: u64,
     pub retransmits: u64,
     pub conn_seconds_sum: f64,
+    /// Closed connections whose lifetime is known (not those adopted mid-life).
+    pub lifetimes: u64,
     /// Closed connections per lifetime bucket: `conn_le[i]` counts (CONN_BUCKETS[i-1],
     /// CONN_BUCKETS[i]], the last one those above all bounds.
     pub conn_le: [u64; CONN_BUCKETS.len() + 1],
@@ -43,6 +48,11 @@ pub struct PortStats {
     pub rtt_seconds_sum: f64,
     pub rtt_count: u64,
     pub rtt_seconds_max: f64,
+    /// Open connections that negotiated TLS (their requests cannot be seen), as of the
+    /// last refresh.
+    pub encrypted: u64,
+    /// Requests being served now (arrived, not yet answered), as of the last refresh.
+    pub in_flight: u64,
     closed_bytes_in: u64,
     closed_bytes_out: u64,
 }
@@ -129,6 +139,10 @@ struct Live {
     errors: u64,
     bytes_in: u64,
     bytes_out: u64,
+    /// Encrypted (TLS): its requests are not visible.
+    tls: bool,
+    /// A request is being served (arrived, not yet answered).
+    in_flight: bool,
     /// Refreshes since the connection was last seen in the kernel's map.
     missed: u8,
 }
@@ -139,9 +153,19 @@ pub struct Stats {
     pub peers: BTreeMap<(u16, IpAddr), PeerStats>,
     pub ops: BTreeMap<(u16, &'static str), OpStats>,
     pub events: u64,
+    /// The servers' cgroup load by port (see `load`), as of the last read.
+    pub load: BTreeMap<u16, crate::load::CgroupLoad>,
     /// Open connections by (socket address, opened at).
     live: HashMap<(u64, u64), Live>,
+    /// Connections that were open when the agent started (from /proc/net/tcp*), counted as
+    /// opened then, that the kernel programs have not adopted yet: an OPEN event for one of
+    /// these (adopted on its first bytes, or raced with the listing) is not counted again,
+    /// and one that closes unseen is found gone by [`Stats::reconcile_seeded`].
+    seeded: HashSet<Tuple>,
 }
+
+/// A connection by (server port, peer address, peer port).
+pub type Tuple = (u16, [u8; 16], u16);
 
 fn peer_ip(a: &[u8; 16]) -> IpAddr {
     let v6 = Ipv6Addr::from(*a);
@@ -169,8 +193,10 @@ impl Stats {
         let peer = self.peers.entry(key).or_default();
         match ev.kind {
             EVENT_OPEN => {
-                port.opened += 1;
-                peer.opened += 1;
+                if !self.seeded.remove(&(ev.port, ev.peer_addr, ev.peer_port)) {
+                    port.opened += 1;
+                    peer.opened += 1;
+                }
             }
             EVENT_CLOSE => {
                 self.live.remove(&(ev.sock, ev.opened_ns));
@@ -180,9 +206,12 @@ impl Stats {
                 peer.closed_errors += ev.errors;
                 port.closed_bytes_in += ev.bytes_in;
                 port.closed_bytes_out += ev.bytes_out;
-                let secs = ev.value_ns as f64 / 1e9;
-                port.conn_seconds_sum += secs;
-                port.conn_le[CONN_BUCKETS.iter().take_while(|b| secs > **b).count()] += 1;
+                if ev.flags & EVENT_FLAG_ADOPTED == 0 {
+                    let secs = ev.value_ns as f64 / 1e9;
+                    port.conn_seconds_sum += secs;
+                    port.lifetimes += 1;
+                    port.conn_le[CONN_BUCKETS.iter().take_while(|b| secs > **b).count()] += 1;
+                }
                 if ev.rtt_us > 0 {
                     let rtt = ev.rtt_us as f64 / 1e6;
                     port.rtt_seconds_sum += rtt;
@@ -213,7 +242,17 @@ impl Stats {
         }
         for (sock, c) in conns {
             let peer = peer_ip(&c.peer_addr);
-            let l = Live { port: c.port, peer, requests: c.requests, errors: c.errors, bytes_in: c.bytes_in, bytes_out: c.bytes_out, missed: 0 };
+            let l = Live {
+                port: c.port,
+                peer,
+                requests: c.requests,
+                errors: c.errors,
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+                tls: c.flags & FLAG_TLS != 0,
+                in_flight: c.phase == PHASE_REQUEST && c.flags & (FLAG_SYNC | FLAG_LOGIN | FLAG_INFILE) == 0,
+                missed: 0,
+            };
             self.live.insert((sock, c.opened_ns), l);
         }
         let lost: Vec<(u64, u64)> = self.live.iter().filter(|(_, l)| l.missed > 2).map(|(k, _)| *k).collect();
@@ -233,6 +272,8 @@ impl Stats {
         for p in self.ports.values_mut() {
             p.bytes_in = p.closed_bytes_in;
             p.bytes_out = p.closed_bytes_out;
+            p.encrypted = 0;
+            p.in_flight = 0;
         }
         for p in self.peers.values_mut() {
             p.requests = p.closed_requests;
@@ -247,6 +288,38 @@ impl Stats {
             let port = self.ports.entry(l.port).or_default();
             port.bytes_in += l.bytes_in;
             port.bytes_out += l.bytes_out;
+            if l.missed == 0 {
+                port.encrypted += l.tls as u64;
+                port.in_flight += l.in_flight as u64;
+            }
+        }
+    }
+
+    /// The connections open when the agent started: counted as opened now.
+    pub fn seed(&mut self, conns: impl IntoIterator<Item = Tuple>) {
+        for t in conns {
+            if self.seeded.insert(t) {
+                let key = self.peer_key(t.0, peer_ip(&t.1));
+                self.ports.entry(t.0).or_default().opened += 1;
+                self.peers.entry(key).or_default().opened += 1;
+            }
+        }
+    }
+
+    /// Whether seeded connections are still waiting for adoption.
+    pub fn has_seeded(&self) -> bool {
+        !self.seeded.is_empty()
+    }
+
+    /// Seeded connections no longer established (closed before they sent a byte the
+    /// programs saw) are counted closed.
+    pub fn reconcile_seeded(&mut self, established: &HashSet<Tuple>) {
+        let gone: Vec<Tuple> = self.seeded.iter().filter(|t| !established.contains(*t)).copied().collect();
+        for t in gone {
+            self.seeded.remove(&t);
+            let key = self.peer_key(t.0, peer_ip(&t.1));
+            self.ports.entry(t.0).or_default().closed += 1;
+            self.peers.entry(key).or_default().closed += 1;
         }
     }
 

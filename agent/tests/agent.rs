@@ -234,7 +234,7 @@ fn tracepoint_hooks_count_the_same() {
 fn counts_exactly(hooks: &str) {
     // Schema first, before the agent watches.
     let out = Command::new("mariadb")
-        .args(["--no-defaults", "-h127.0.0.1", "-P3307", "-umonitor", "-pmonitor", "-e"])
+        .args(["--no-defaults", "--skip-ssl", "-h127.0.0.1", "-P3307", "-umonitor", "-pmonitor", "-e"])
         .arg("DROP DATABASE IF EXISTS sbtest_agent; CREATE DATABASE sbtest_agent; CREATE TABLE sbtest_agent.t (id INT PRIMARY KEY, v INT)")
         .output()
         .unwrap();
@@ -396,7 +396,7 @@ fn counts_exactly(hooks: &str) {
     std::fs::write(&csv, "100,1\n101,2\n102,3\n").unwrap();
     let before = scrape(prom);
     let out = Command::new("mariadb")
-        .args(["--no-defaults", "--local-infile=1", "-h127.0.0.1", "-P3307", "-uapp", "-papp", "sbtest_agent", "-e"])
+        .args(["--no-defaults", "--skip-ssl", "--local-infile=1", "-h127.0.0.1", "-P3307", "-uapp", "-papp", "sbtest_agent", "-e"])
         .arg(format!(
             "LOAD DATA LOCAL INFILE '{}' INTO TABLE t FIELDS TERMINATED BY ','; SELECT COUNT(*) FROM t; DELETE FROM t WHERE id >= 100; SELECT 1",
             csv.display()
@@ -488,6 +488,140 @@ fn without_root_one_clear_error_line() {
     assert!(!out.status.success());
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("must run as root"), "{stderr}");
+}
+
+/// Connections opened before the agent started (a proxy's warm pool) are seen: counted open
+/// at start, their requests counted from the next one on, with both hook kinds; a restarted
+/// agent counts them again from zero, each request once; one that closes without a byte
+/// seen is counted closed.
+#[test]
+fn connections_older_than_the_agent_are_counted() {
+    for hooks in ["cgroup", "tracepoints"] {
+        older_connections(hooks);
+    }
+}
+
+fn start_agent(hooks: &str, prom: u16) -> Agent {
+    let child = Command::new(env!("CARGO_BIN_EXE_breakwater-agent"))
+        .args(["--ports", "3307", "--prometheus-listen", &format!("127.0.0.1:{prom}"), "--hooks", hooks])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let a = Agent(child);
+    wait_healthy(prom);
+    a
+}
+
+fn older_connections(hooks: &str) {
+    let out = Command::new("mariadb")
+        .args(["--no-defaults", "--skip-ssl", "-h127.0.0.1", "-P3307", "-umonitor", "-pmonitor", "-e"])
+        .arg("CREATE DATABASE IF NOT EXISTS sbtest_agent")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    const K: usize = 3;
+    const Q: usize = 5;
+    // A warm pool: logged in, used, idle when the agent starts; and one more connection that
+    // closes without sending anything while the agent watches.
+    let mut pool: Vec<TcpStream> = (0..K).map(|_| connect()).collect();
+    for s in pool.iter_mut() {
+        assert!(!query(s, "SELECT 1"));
+    }
+    let mut idle = Some(connect());
+    let labels = ["client_address=\"127.0.0.55\"", "server_port=\"3307\""];
+    for round in 0..2 {
+        // Round 1: the agent restarted, the same connections still open.
+        let prom = free_port();
+        let agent = start_agent(hooks, prom);
+        std::thread::sleep(Duration::from_millis(600));
+        let m = |name: &str| get(&scrape(prom), name, &labels);
+        let open = K + idle.is_some() as usize;
+        assert_eq!(m("breakwater_agent_peer_connections_opened_total"), open as f64, "{hooks} round {round}: connections open at start");
+        let selects_before = get(&scrape(prom), "breakwater_agent_request_duration_seconds_count", &["server_port=\"3307\"", "db_operation_name=\"SELECT\""]);
+        assert_eq!(selects_before, 0.0, "{hooks} round {round}: nothing counted before the next request");
+        for s in pool.iter_mut() {
+            for i in 0..Q {
+                assert!(!query(s, &format!("SELECT {i}")));
+            }
+        }
+        assert!(query(&mut pool[0], "SELECT * FROM no_such_table"));
+        if let Some(s) = idle.take() {
+            drop(s); // closes with no byte sent while the agent watched
+        }
+        std::thread::sleep(Duration::from_millis(1500));
+        let after = scrape(prom);
+        let requests = get(&after, "breakwater_agent_peer_requests_total", &labels);
+        let errors = get(&after, "breakwater_agent_peer_request_errors_total", &labels);
+        let selects = get(&after, "breakwater_agent_request_duration_seconds_count", &["server_port=\"3307\"", "db_operation_name=\"SELECT\""]);
+        println!("{hooks} round {round}: {requests} requests, {errors} errors, {selects} SELECTs");
+        assert_eq!(requests, (K * Q + 1) as f64, "{hooks} round {round}: each request on the older connections, once");
+        assert_eq!(selects, (K * Q + 1) as f64, "{hooks} round {round}: named and timed");
+        assert_eq!(errors, 1.0);
+        let closed = get(&after, "breakwater_agent_peer_connections_closed_total", &labels);
+        assert_eq!(closed, if round == 0 { 1.0 } else { 0.0 }, "{hooks} round {round}: the idle connection closed unseen");
+        if round == 1 {
+            for mut s in pool.drain(..) {
+                s.write_all(&packet(0, &[0x01])).unwrap();
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest);
+            }
+            std::thread::sleep(Duration::from_millis(700));
+            let end = scrape(prom);
+            assert_eq!(get(&end, "breakwater_agent_peer_connections_closed_total", &labels), K as f64, "{hooks}: adopted connections closed");
+            assert_eq!(get(&end, "breakwater_agent_peer_requests_total", &labels), (K * Q + 1) as f64);
+        }
+        drop(agent);
+    }
+}
+
+/// What the agent cannot read it says: a TLS connection (the mariadb CLI asks for TLS when
+/// the server offers it) counts as encrypted, not as requests. And each server's cgroup load
+/// (CPU, throttling, memory, pressure) is exported for its port.
+#[test]
+fn encrypted_connections_and_cgroup_load_are_reported() {
+    let prom = free_port();
+    let _agent = start_agent("auto", prom);
+    let base = scrape(prom);
+    let port = "server_port=\"3307\"";
+    let mut cli = Command::new("mariadb")
+        .args(["--no-defaults", "--ssl", "-h127.0.0.1", "-P3307", "-umonitor", "-pmonitor", "-e", "SELECT SLEEP(2)"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let during = scrape(prom);
+    assert!(cli.wait().unwrap().success());
+    assert_eq!(get(&during, "breakwater_agent_connections_encrypted", &[port]), 1.0, "the TLS connection is reported");
+    assert_eq!(
+        get(&during, "breakwater_agent_requests_in_flight", &[port]),
+        0.0,
+        "its SLEEP is not visible as a request in flight (encrypted)"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let after = scrape(prom);
+    assert_eq!(get(&after, "breakwater_agent_connections_encrypted", &[port]), 0.0);
+    let seen = |m: &BTreeMap<String, f64>| get(m, "breakwater_agent_request_duration_seconds_count", &[port]);
+    assert_eq!(seen(&after), seen(&base), "no request counted from encrypted bytes");
+    // A request in flight on a plain connection is seen as such.
+    let mut s = connect();
+    let t = std::thread::spawn(move || query(&mut s, "SELECT SLEEP(1.5)"));
+    std::thread::sleep(Duration::from_millis(700));
+    let busy = scrape(prom);
+    assert!(!t.join().unwrap());
+    assert!(get(&busy, "breakwater_agent_requests_in_flight", &[port]) >= 1.0, "SLEEP in flight");
+    // Cgroup load of the lab node (the lab puts node 3307 in breakwater-lab/node3307).
+    let text = http_get(prom, "/metrics").unwrap_or_default();
+    assert!(text.contains("breakwater_agent_server_cgroup_info{") && text.contains("cgroup=\"/breakwater-lab/node3307\""), "{text}");
+    assert!(get(&busy, "breakwater_agent_server_cpu_seconds_total", &[port]) > 0.0, "CPU time of the node");
+    assert!(get(&busy, "breakwater_agent_server_memory_bytes", &[port]) > 1e6, "memory of the node");
+    for r in ["cpu", "memory", "io"] {
+        let label = format!("resource=\"{r}\"");
+        assert!(
+            busy.keys().any(|k| k.starts_with("breakwater_agent_server_pressure_ratio{") && k.contains(&label) && k.contains(port)),
+            "{r} pressure exported"
+        );
+    }
 }
 
 /// Without eBPF (forced here with --procfs-only; automatic when loading fails), connections

@@ -14,3 +14,61 @@ pub fn cgroup2_root() -> Option<PathBuf> {
         left.split_whitespace().nth(4).map(PathBuf::from)
     })
 }
+
+/// The mount point of the cgroup v1 hierarchy that holds `controller` (hybrid hosts).
+pub fn v1_mount(controller: &str) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        if r.next()? != "cgroup" {
+            return None;
+        }
+        r.nth(1)?.split(',').any(|o| o == controller).then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+/// Whether the cgroup v2 tree offers `controller` (on a hybrid host it usually does not).
+fn v2_has(controller: &str) -> bool {
+    cgroup2_root()
+        .and_then(|r| std::fs::read_to_string(r.join("cgroup.controllers")).ok())
+        .is_some_and(|c| c.split_whitespace().any(|x| x == controller))
+}
+
+/// The cgroup directories a lab node runs in (`breakwater-lab/node<port>`): the v2 one, and
+/// where the v2 tree lacks the cpu or memory controller, the v1 one of that controller, so
+/// that a node's CPU and memory can be limited on either kind of host.
+pub fn node_dirs(port: u16) -> Vec<PathBuf> {
+    let rel = format!("breakwater-lab/node{port}");
+    let mut out: Vec<PathBuf> = cgroup2_root().map(|r| r.join(&rel)).into_iter().collect();
+    for c in ["cpu", "memory"] {
+        if !v2_has(c) {
+            if let Some(m) = v1_mount(c) {
+                out.push(m.join(&rel));
+            }
+        }
+    }
+    out
+}
+
+/// Limit a lab node's CPU to `cores` (None lifts the limit): `cpu.max` where the v2 tree has
+/// the cpu controller, else the v1 `cpu.cfs_quota_us`.
+pub fn set_cpu_limit(port: u16, cores: Option<f64>) -> std::io::Result<()> {
+    let rel = format!("breakwater-lab/node{port}");
+    let period = 100_000u64;
+    if v2_has("cpu") {
+        let dir = cgroup2_root().ok_or_else(|| std::io::Error::other("no cgroup v2"))?.join(rel);
+        let v = match cores {
+            Some(c) => format!("{} {period}", ((c * period as f64) as u64).max(1000)),
+            None => format!("max {period}"),
+        };
+        return std::fs::write(dir.join("cpu.max"), v);
+    }
+    let dir = v1_mount("cpu").ok_or_else(|| std::io::Error::other("no cpu controller (v1 or v2)"))?.join(rel);
+    std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string())?;
+    let quota = match cores {
+        Some(c) => ((c * period as f64) as i64).max(1000),
+        None => -1,
+    };
+    std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())
+}

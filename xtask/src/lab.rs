@@ -117,13 +117,10 @@ fn start_script(port: u16, primary: bool) -> String {
     let dir = node_dir(port);
     let d = dir.display();
     let server_id = port as u32 - 3300;
-    let cgroup = match crate::cgroup2::cgroup2_root() {
-        Some(root) => {
-            let cg = root.join(format!("breakwater-lab/node{port}"));
-            format!("(mkdir -p {cg} && echo $$ > {cg}/cgroup.procs) 2>/dev/null || true\n", cg = cg.display())
-        }
-        None => String::new(),
-    };
+    let cgroup: String = crate::cgroup2::node_dirs(port)
+        .iter()
+        .map(|cg| format!("(mkdir -p {cg} && echo $$ > {cg}/cgroup.procs) 2>/dev/null || true\n", cg = cg.display()))
+        .collect();
     let tls = tls_dir();
     let t = tls.display();
     format!(
@@ -187,11 +184,15 @@ pub fn up() -> Result<()> {
     }
     ensure_certs()?;
     for port in PORTS {
-        // A lab made before the nodes had TLS: the new command line, and a restart.
+        // A lab made by an older xtask (before TLS, before the v1 cgroups): the new command
+        // line, and a restart. The role (read_only) stays what the node's script said.
         let script = node_dir(port).join("start.sh");
-        if !std::fs::read_to_string(&script).unwrap_or_default().contains("--ssl-cert") {
-            println!("xtask: node {port}: adding TLS to its command line (restart)");
-            std::fs::write(&script, start_script(port, port == PRIMARY))?;
+        let old = std::fs::read_to_string(&script).unwrap_or_default();
+        let primary = if old.is_empty() { port == PRIMARY } else { !old.contains("--read-only=1") };
+        let new = start_script(port, primary);
+        if old != new {
+            println!("xtask: node {port}: its command line changed (restart)");
+            std::fs::write(&script, new)?;
             stop_node(port);
         }
         start_node(port)?;
@@ -303,11 +304,13 @@ pub fn down() -> Result<()> {
         stop_node(port);
     }
     // The nodes' cgroups, once empty (a cgroup with processes left is not removed).
-    if let Some(root) = crate::cgroup2::cgroup2_root() {
-        for port in PORTS {
-            let _ = std::fs::remove_dir(root.join(format!("breakwater-lab/node{port}")));
+    for port in PORTS {
+        for dir in crate::cgroup2::node_dirs(port) {
+            let _ = std::fs::remove_dir(&dir);
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
-        let _ = std::fs::remove_dir(root.join("breakwater-lab"));
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 mod bench;
 /// Shared with the tests (testkit): one definition of where cgroup v2 is mounted.
 #[path = "../../testkit/src/cgroup2.rs"]
+#[allow(dead_code)]
 mod cgroup2;
 mod deps;
 mod lab;
