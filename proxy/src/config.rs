@@ -42,6 +42,8 @@ pub struct Config {
     pub digests: DigestConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default)]
+    pub signals: SignalsConfig,
 }
 
 /// The admin interfaces: HTTP (JSON API, Prometheus /metrics, the topology page) and
@@ -159,6 +161,30 @@ impl Default for AccessConfig {
             expiry_check_ms: 500,
             reconcile_interval_ms: 10_000,
         }
+    }
+}
+
+/// The agents' signals (OTLP metrics from breakwater-agent on the database hosts). OTLP/HTTP
+/// is received at `POST /v1/metrics` on the admin HTTP listener; OTLP/gRPC on
+/// `otlp_grpc_listen` when set.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SignalsConfig {
+    /// OTLP/gRPC listener (e.g. 127.0.0.1:4317); empty: none.
+    pub otlp_grpc_listen: String,
+    /// A series older than three of its export intervals, or than this, is stale: the
+    /// proxy falls back to its own observations.
+    pub max_age_ms: u64,
+    /// Largest OTLP request body accepted.
+    pub max_request_bytes: usize,
+    /// "host:port" of a server -> the `host.name` of the agent that reports it, where the
+    /// proxy's name for a server is not the agent's.
+    pub agent_hosts: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for SignalsConfig {
+    fn default() -> Self {
+        Self { otlp_grpc_listen: String::new(), max_age_ms: 30_000, max_request_bytes: 8 << 20, agent_hosts: Default::default() }
     }
 }
 

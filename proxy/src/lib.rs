@@ -15,6 +15,7 @@
 //! - [`config`] / [`runtime`]: the TOML configuration and what is built from it.
 
 pub mod access;
+pub mod adaptive;
 pub mod admin;
 pub mod backend;
 pub mod cache;

@@ -387,6 +387,20 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
             }
         }
     }
+    let grpc_listen = proxy.rt.cfg.signals.otlp_grpc_listen.clone();
+    if !grpc_listen.is_empty() {
+        match tokio::net::TcpListener::bind(&grpc_listen).await {
+            Ok(l) => {
+                tracing::info!(listen = %grpc_listen, "OTLP/gRPC metrics receiver listening (the agents' signals)");
+                tokio::spawn(admin::otlp_receiver::grpc(l, proxy.clone(), rx.clone()));
+            }
+            Err(e) => {
+                eprintln!("breakwater-proxy: cannot listen on OTLP/gRPC address {grpc_listen}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    tokio::spawn(breakwater_proxy::adaptive::view::sample_shares(proxy.clone()));
     let mysql_admin = proxy.rt.cfg.admin.mysql_listen.clone();
     if !mysql_admin.is_empty() {
         match tokio::net::TcpListener::bind(&mysql_admin).await {

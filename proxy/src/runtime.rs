@@ -410,6 +410,8 @@ pub struct Proxy {
     pub telemetry_rx: Mutex<Option<crate::telemetry::Receivers>>,
     /// Temporary access (set at start when a store is configured).
     pub access: std::sync::OnceLock<Arc<crate::access::Access>>,
+    /// What the agents on the database hosts report (OTLP).
+    pub signals: crate::adaptive::signals::Signals,
     /// TLS for clients that ask for it (`[proxy] tls_cert` / `tls_key`).
     pub tls: std::sync::OnceLock<tokio_rustls::TlsAcceptor>,
     /// Logged-in client sessions by the id clients see (KILL targets).
@@ -430,6 +432,7 @@ impl Proxy {
             telemetry,
             telemetry_rx: Mutex::new(rx),
             access: std::sync::OnceLock::new(),
+            signals: Default::default(),
             sessions: Mutex::new(HashMap::new()),
             tls: std::sync::OnceLock::new(),
             next_conn_id: AtomicU32::new(1),

@@ -8,7 +8,7 @@ use anyhow::Result;
 
 /// Test targets that must have the lab to themselves (kill -9 a node; count every
 /// connection on a port in the kernel): they run serially, last. (package, target)
-const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-agent", "agent")];
+const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-agent", "agent"), ("breakwater-proxy", "adaptive")];
 
 /// Tests that change the lab's topology (promotions): last, from and back to a fresh lab.
 const TOPOLOGY: &[(&str, &str)] = &[("breakwater-proxy", "failover")];

@@ -39,20 +39,20 @@ pub async fn run(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::
     }
 }
 
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
+pub(super) struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
 }
 
 impl Response {
-    fn json(status: u16, v: &impl serde::Serialize) -> Self {
+    pub fn json(status: u16, v: &impl serde::Serialize) -> Self {
         let body = serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"));
-        Self { status, content_type: "application/json", body }
+        Self { status, content_type: "application/json", body: body.into_bytes() }
     }
 
-    fn text(status: u16, body: impl Into<String>) -> Self {
-        Self { status, content_type: "text/plain; charset=utf-8", body: body.into() }
+    pub fn text(status: u16, body: impl Into<String>) -> Self {
+        Self { status, content_type: "text/plain; charset=utf-8", body: body.into().into_bytes() }
     }
 }
 
@@ -77,11 +77,17 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     .await;
     let resp = match head {
         Ok(Ok(true)) => {
-            let text = String::from_utf8_lossy(&buf);
+            let text = String::from_utf8_lossy(&buf).into_owned();
             let mut parts = text.lines().next().unwrap_or("").split_whitespace();
             let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let local_peer = stream.peer_addr().map(|a| a.ip().is_loopback()).unwrap_or(false);
-            if method != "GET" && !local_peer {
+            let peer = stream.peer_addr().map(|a| a.ip()).unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            let local_peer = peer.is_loopback();
+            if method == "POST" && target.split('?').next() == Some("/v1/metrics") {
+                // OTLP/HTTP from the agents (on the database hosts: any peer).
+                let body_start = buf.windows(4).position(|w| w == b"\r\n\r\n").map_or(buf.len(), |i| i + 4);
+                let already = buf[body_start..].to_vec();
+                super::otlp_receiver::http(admin, &mut stream, &text, already, peer).await
+            } else if method != "GET" && !local_peer {
                 // Commands (failover, access grants) only from this host; reads may be remote
                 // (a Prometheus server scraping /metrics).
                 Response::json(403, &serde_json::json!({"error": "commands are accepted from loopback clients only"}))
@@ -101,6 +107,8 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         409 => "Conflict",
+        413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         503 => "Service Unavailable",
         _ => "Error",
     };
@@ -111,7 +119,7 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         resp.body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(resp.body.as_bytes()).await?;
+    stream.write_all(&resp.body).await?;
     stream.shutdown().await
 }
 
@@ -154,7 +162,7 @@ async fn route(admin: &Admin, method: &str, target: &str) -> Response {
         ("GET", "/metrics") => Response {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: super::metrics::render(&admin.proxy, admin.failover.as_deref()),
+            body: super::metrics::render(&admin.proxy, admin.failover.as_deref()).into_bytes(),
         },
         ("GET", "/readyz") => {
             // Ready when every hostgroup has an ONLINE server or an open gate to wait on.
@@ -172,7 +180,8 @@ async fn route(admin: &Admin, method: &str, target: &str) -> Response {
             admin.proxy.digests.reset();
             Response::json(200, &serde_json::json!({"ok": true}))
         }
-        ("GET", "/" | "/topology") => Response { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.to_string() },
+        ("GET", "/" | "/topology") => Response { status: 200, content_type: "text/html; charset=utf-8", body: PAGE.as_bytes().to_vec() },
+        ("GET", "/api/backends") => Response::json(200, &crate::adaptive::view::backends(&admin.proxy)),
         (_, p) if p.starts_with("/api/access") => access(admin, method, p, query).await,
         (_, p) if p.starts_with("/api/failover") => {
             let Some(f) = &admin.failover else {

@@ -44,6 +44,7 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
         let _ = writeln!(o, "breakwater_proxy_server_connections{{{l},state=\"idle\"}} {}", s.pool.idle_count());
         let _ = writeln!(o, "breakwater_proxy_server_queries_total{{{l}}} {}", s.counters.queries.load(Ordering::Relaxed));
     }
+    backends(&mut o, proxy);
     let c = proxy.cache.stats();
     for (name, kind, help, v) in [
         ("breakwater_proxy_cache_hits_total", "counter", "Reads answered from the query cache.", c.hits),
@@ -101,4 +102,35 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
         }
     }
     o
+}
+
+/// The health and load view per backend (`adaptive::view`), and the OTLP receiver's counts.
+fn backends(o: &mut String, proxy: &Proxy) {
+    for (name, help, v) in [
+        ("breakwater_proxy_signals_accepted_total", "OTLP metrics requests from agents taken.", proxy.signals.accepted.load(Ordering::Relaxed)),
+        ("breakwater_proxy_signals_rejected_total", "OTLP metrics requests refused (bad payload, size, type).", proxy.signals.rejected.load(Ordering::Relaxed)),
+    ] {
+        family(o, name, "counter", help);
+        let _ = writeln!(o, "{name} {v}");
+    }
+    let rows = crate::adaptive::view::backends(proxy);
+    let gauges: [(&str, &str, fn(&crate::adaptive::view::BackendRow) -> Option<f64>); 9] = [
+        ("breakwater_proxy_backend_signal_fresh", "1 while a fresh agent series feeds the server (signal_source agent+proxy).", |b| Some((b.signal_source != "proxy") as u8 as f64)),
+        ("breakwater_proxy_backend_agent_age_seconds", "Age of the agent's last report for the server.", |b| b.agent_age_ms.map(|v| v as f64 / 1e3)),
+        ("breakwater_proxy_backend_server_latency_p99_seconds", "Server-side p99 request latency reported by the agent (recent window).", |b| b.server_latency_p99_ms.map(|v| v / 1e3)),
+        ("breakwater_proxy_backend_server_in_flight", "Requests in flight on the server, as the agent sees them.", |b| b.server_in_flight.map(|v| v as f64)),
+        ("breakwater_proxy_backend_cpu_pressure_ratio", "CPU pressure (PSI some avg10) of the server's cgroup.", |b| b.cpu_pressure),
+        ("breakwater_proxy_backend_latency_seconds", "The proxy's own latency average for the server (peak EWMA).", |b| Some(b.proxy_latency_ms / 1e3)),
+        ("breakwater_proxy_backend_in_flight", "Statements the proxy has in flight on the server.", |b| Some(b.in_flight as f64)),
+        ("breakwater_proxy_backend_queued", "Clients waiting for the server.", |b| Some(b.queued as f64)),
+        ("breakwater_proxy_backend_read_share_ratio", "The server's share of its hostgroup's statements over the last 5 s.", |b| Some(b.read_share)),
+    ];
+    for (name, help, f) in gauges {
+        family(o, name, "gauge", help);
+        for b in &rows {
+            if let Some(v) = f(b) {
+                let _ = writeln!(o, "{name}{{hostgroup=\"{}\",server_address=\"{}:{}\"}} {v}", b.hostgroup, esc(&b.srv_host), b.srv_port);
+            }
+        }
+    }
 }

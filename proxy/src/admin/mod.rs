@@ -23,4 +23,5 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod mysql;
+pub mod otlp_receiver;
 pub mod tables;

@@ -96,6 +96,10 @@ impl AdminDb {
              CREATE TABLE stats_mysql_global (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
              CREATE TABLE runtime_global_variables (variable_name VARCHAR PRIMARY KEY, variable_value VARCHAR); \
              CREATE TABLE stats_breakwater_pins (reason VARCHAR PRIMARY KEY, count INT); \
+             CREATE TABLE stats_breakwater_backends (hostgroup INT, srv_host VARCHAR, srv_port INT, status VARCHAR, signal_source VARCHAR, \
+               agent VARCHAR, agent_age_ms INT, server_latency_p99_ms REAL, server_latency_mean_ms REAL, server_requests_per_s REAL, \
+               server_in_flight INT, server_connections INT, cpu_pressure REAL, cpu_throttled_ratio REAL, proxy_latency_ms REAL, \
+               in_flight INT, concurrency_limit INT, queued INT, shed_total INT, read_share REAL); \
              CREATE TABLE stats_breakwater_cache (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
              CREATE TABLE breakwater_access_grants (id INT, username VARCHAR, account VARCHAR, role VARCHAR, schema_name VARCHAR, grants VARCHAR, \
                reason VARCHAR, granted_by VARCHAR, granted_at INT, expires_at INT, state VARCHAR, ended_at INT); \
@@ -360,7 +364,7 @@ impl AdminDb {
         let tx = self.conn.transaction().map_err(sql_err)?;
         tx.execute_batch(
             "DELETE FROM runtime_mysql_servers; DELETE FROM stats_mysql_connection_pool; DELETE FROM stats_mysql_query_digest; \
-             DELETE FROM stats_mysql_global; DELETE FROM stats_breakwater_pins; DELETE FROM stats_breakwater_cache; DELETE FROM breakwater_failover_events;",
+             DELETE FROM stats_mysql_global; DELETE FROM stats_breakwater_pins; DELETE FROM stats_breakwater_cache; DELETE FROM stats_breakwater_backends; DELETE FROM breakwater_failover_events;",
         )
         .map_err(sql_err)?;
         for s in rt.servers() {
@@ -389,6 +393,34 @@ impl AdminDb {
                     s.counters.errors.load(Ordering::Relaxed) as i64,
                     s.pool.max() as i64,
                     s.lag.load(Ordering::Relaxed)
+                ],
+            )
+            .map_err(sql_err)?;
+        }
+        for b in crate::adaptive::view::backends(proxy) {
+            tx.execute(
+                "INSERT INTO stats_breakwater_backends VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                rusqlite::params![
+                    b.hostgroup,
+                    b.srv_host,
+                    b.srv_port,
+                    b.status,
+                    b.signal_source,
+                    b.agent,
+                    b.agent_age_ms.map(|v| v as i64),
+                    b.server_latency_p99_ms,
+                    b.server_latency_mean_ms,
+                    b.server_requests_per_s,
+                    b.server_in_flight.map(|v| v as i64),
+                    b.server_connections.map(|v| v as i64),
+                    b.cpu_pressure,
+                    b.cpu_throttled_ratio,
+                    b.proxy_latency_ms,
+                    b.in_flight as i64,
+                    b.concurrency_limit.map(|v| v as i64),
+                    b.queued as i64,
+                    b.shed_total as i64,
+                    b.read_share
                 ],
             )
             .map_err(sql_err)?;

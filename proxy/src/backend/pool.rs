@@ -35,6 +35,10 @@ pub struct Pool {
     max: AtomicUsize,
     /// Connections checked out right now.
     pub in_use: AtomicUsize,
+    /// What the proxy observes of this address (statements in flight, latency). It rides on
+    /// the pool only because the pool is the one object per address; the policies that read
+    /// it live in `adaptive`.
+    pub load: Arc<crate::adaptive::backend::BackendLoad>,
 }
 
 impl Pool {
@@ -47,6 +51,7 @@ impl Pool {
             max_waiters,
             max: AtomicUsize::new(max),
             in_use: AtomicUsize::new(0),
+            load: Arc::default(),
         }
     }
 

@@ -196,7 +196,11 @@ impl Session {
             }
             let limit = self.rt.cfg.proxy.default_query_timeout_ms;
             let timeout = (limit > 0).then_some((&self.handle.timed_out, limit));
+            let in_flight = server.pool.load.start();
             let res = conn.forward(0, payload, kind, &mut self.wr, rewrite, timeout).await;
+            if res.is_ok() {
+                in_flight.finish();
+            }
             if let Ok(mut r) = self.handle.running.lock() {
                 *r = None;
             }

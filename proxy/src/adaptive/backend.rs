@@ -1,0 +1,106 @@
+//! What the proxy itself sees of one backend server (one per address, shared by its entries
+//! in every hostgroup): statements in flight, and their latency as a peak-EWMA (Finagle's and
+//! Linkerd's: a slower sample is taken at once, faster ones pull the average down over
+//! `DECAY`). Kept apart from the pool (which enforces caps) and from the policy that reads it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// Time constant of the latency average.
+const DECAY_S: f64 = 5.0;
+
+#[derive(Debug)]
+struct Ewma {
+    ms: f64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+pub struct BackendLoad {
+    pub in_flight: AtomicU64,
+    pub statements: AtomicU64,
+    /// Share of its hostgroup's statements lately, in millionths (see `view::sample_shares`).
+    share_ppm: AtomicU64,
+    ewma: Mutex<Ewma>,
+}
+
+impl Default for BackendLoad {
+    fn default() -> Self {
+        Self { in_flight: AtomicU64::new(0), statements: AtomicU64::new(0), share_ppm: AtomicU64::new(0), ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }) }
+    }
+}
+
+/// A statement running on a backend: counted in flight until dropped; `finish` records its
+/// latency.
+pub struct InFlight {
+    load: Arc<BackendLoad>,
+    started: Instant,
+}
+
+impl InFlight {
+    pub fn finish(self) {
+        let ms = self.started.elapsed().as_secs_f64() * 1e3;
+        self.load.observe(ms);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl BackendLoad {
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.statements.fetch_add(1, Ordering::Relaxed);
+        InFlight { load: self.clone(), started: Instant::now() }
+    }
+
+    fn observe(&self, ms: f64) {
+        let Ok(mut e) = self.ewma.lock() else { return };
+        let now = Instant::now();
+        let dt = now.saturating_duration_since(e.at).as_secs_f64();
+        e.at = now;
+        if ms > e.ms {
+            e.ms = ms; // peak: a slower sample counts at once
+        } else {
+            let w = (-dt / DECAY_S).exp();
+            e.ms = e.ms * w + ms * (1.0 - w);
+        }
+    }
+
+    pub fn share(&self) -> f64 {
+        self.share_ppm.load(Ordering::Relaxed) as f64 / 1e6
+    }
+
+    pub fn set_share(&self, share: f64) {
+        self.share_ppm.store((share.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The latency average now (ms); 0 before any statement.
+    pub fn latency_ms(&self) -> f64 {
+        self.ewma.lock().map(|e| e.ms).unwrap_or(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peak_then_decay() {
+        let l = Arc::new(BackendLoad::default());
+        l.observe(50.0);
+        assert_eq!(l.latency_ms(), 50.0, "a slow sample counts at once");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        l.observe(1.0);
+        let after = l.latency_ms();
+        assert!(after < 50.0 && after > 40.0, "faster samples pull it down gradually: {after}");
+        let g = l.start();
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 1);
+        drop(g);
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 0);
+    }
+}

@@ -1,0 +1,111 @@
+//! One health and load view per backend server: the agent's server-side signals (when a fresh
+//! series feeds it) joined with what the proxy sees itself. Read by the admin SQL table
+//! `stats_breakwater_backends`, `/metrics`, `/api/backends` and the topology page.
+
+use crate::runtime::Proxy;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BackendRow {
+    pub hostgroup: u32,
+    pub srv_host: String,
+    pub srv_port: u16,
+    pub status: &'static str,
+    /// "agent+proxy" while a fresh agent series feeds the server, else "proxy".
+    pub signal_source: &'static str,
+    /// The agent (its host.name) whose series matched, fresh or not.
+    pub agent: Option<String>,
+    pub agent_age_ms: Option<u64>,
+    pub server_latency_p99_ms: Option<f64>,
+    pub server_latency_mean_ms: Option<f64>,
+    pub server_requests_per_s: Option<f64>,
+    pub server_in_flight: Option<u64>,
+    pub server_connections: Option<u64>,
+    pub cpu_pressure: Option<f64>,
+    pub cpu_throttled_ratio: Option<f64>,
+    pub proxy_latency_ms: f64,
+    pub in_flight: u64,
+    /// The adaptive concurrency limit (None while no limiter runs for the server).
+    pub concurrency_limit: Option<u64>,
+    pub queued: u64,
+    pub shed_total: u64,
+    /// Share of its hostgroup's statements over the last few seconds (0..1).
+    pub read_share: f64,
+}
+
+/// Every routed server entry, in hostgroup order.
+pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
+    let rt = proxy.runtime();
+    let sig = &rt.cfg.signals;
+    let max_age = Duration::from_millis(sig.max_age_ms);
+    let now = Instant::now();
+    let routing = rt.routing();
+    let mut ids: Vec<u32> = routing.hostgroups.keys().copied().collect();
+    ids.sort_unstable();
+    let mut rows = Vec::new();
+    for id in ids {
+        let Some(hg) = routing.hostgroups.get(&id) else { continue };
+        for s in &hg.servers {
+            let load = &s.pool.load;
+            let override_name = sig.agent_hosts.get(&format!("{}:{}", s.cfg.host, s.cfg.port)).map(String::as_str);
+            let found = proxy.signals.for_server(&s.cfg.host, s.cfg.port, override_name, max_age);
+            let fresh = found.as_ref().is_some_and(|(_, f)| *f);
+            let live = found.as_ref().filter(|(_, f)| *f).map(|(x, _)| x);
+            rows.push(BackendRow {
+                hostgroup: id,
+                srv_host: s.cfg.host.clone(),
+                srv_port: s.cfg.port,
+                status: s.status().as_str(),
+                signal_source: if fresh { "agent+proxy" } else { "proxy" },
+                agent: found.as_ref().map(|(x, _)| x.agent.clone()),
+                agent_age_ms: found.as_ref().map(|(x, _)| now.saturating_duration_since(x.received).as_millis() as u64),
+                server_latency_p99_ms: live.and_then(|x| x.recent.p99_ms),
+                server_latency_mean_ms: live.and_then(|x| x.recent.mean_ms),
+                server_requests_per_s: live.map(|x| x.recent.requests_per_s),
+                server_in_flight: live.map(|x| x.in_flight),
+                server_connections: live.map(|x| x.active),
+                cpu_pressure: live.and_then(|x| x.pressure[0]),
+                cpu_throttled_ratio: live.map(|x| x.recent.throttled_ratio),
+                proxy_latency_ms: load.latency_ms(),
+                in_flight: load.in_flight.load(Ordering::Relaxed),
+                concurrency_limit: None,
+                queued: s.pool.waiting() as u64,
+                shed_total: 0,
+                read_share: load.share(),
+            });
+        }
+    }
+    rows
+}
+
+/// Once a second: each server's share of its hostgroup's statements over the last 5 s.
+pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
+    use std::collections::HashMap;
+    const WINDOW: usize = 5;
+    let mut history: HashMap<String, std::collections::VecDeque<u64>> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let routing = proxy.runtime().routing();
+        for hg in routing.hostgroups.values() {
+            let mut deltas = Vec::with_capacity(hg.servers.len());
+            for s in &hg.servers {
+                let h = history.entry(format!("{}/{}", hg.id, s.addr)).or_default();
+                h.push_back(s.pool.load.statements.load(Ordering::Relaxed));
+                if h.len() > WINDOW + 1 {
+                    h.pop_front();
+                }
+                let d = match (h.front(), h.back()) {
+                    (Some(a), Some(b)) => b.saturating_sub(*a),
+                    _ => 0,
+                };
+                deltas.push(d);
+            }
+            let total: u64 = deltas.iter().sum();
+            for (s, d) in hg.servers.iter().zip(deltas) {
+                s.pool.load.set_share(if total == 0 { 0.0 } else { d as f64 / total as f64 });
+            }
+        }
+    }
+}

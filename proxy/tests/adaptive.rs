@@ -1,0 +1,155 @@
+//! The adaptive loop with real parts: the lab, a breakwater-agent on its nodes (eBPF), and a
+//! proxy that receives the agent's OTLP metrics. Runs serially (`cargo xtask test` lists this
+//! target with the ones that need the lab to themselves): the agent's cgroup_skb programs
+//! take the nodes' cgroups in single attach mode, so no other agent may run meanwhile.
+
+mod common;
+
+use common::*;
+use mysql_async::prelude::*;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The agent binary of the same build (`cargo xtask test` builds the whole workspace first).
+fn agent_bin() -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("breakwater-agent");
+    assert!(bin.exists(), "{} is missing: build the workspace first (cargo build --workspace)", bin.display());
+    bin
+}
+
+fn start_agent(otlp_url: &str) -> Agent {
+    let prom = free_port();
+    let child = Command::new(agent_bin())
+        .args(["--ports", "3307,3308,3309", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
+        .args(["--otlp-http-endpoint", otlp_url, "--export-interval-ms", "500"])
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn breakwater-agent");
+    Agent(child)
+}
+
+/// The backend view as JSON rows, keyed "hostgroup/port".
+async fn backends(proxy: &Proxy) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let (code, v) = proxy.admin("GET", "/api/backends").await;
+    assert_eq!(code, 200, "{v}");
+    v.as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| (format!("{}/{}", r["hostgroup"], r["srv_port"]), r.clone()))
+        .collect()
+}
+
+/// Reads through the proxy for `d` from `clients` connections; returns how many.
+async fn read_load(proxy: &Proxy, clients: usize, d: Duration) -> usize {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let opts = proxy.opts("app", "app", Some("sbtest"));
+        tasks.push(tokio::spawn(async move {
+            let mut c = mysql_async::Conn::new(opts).await.expect("connect");
+            let t = Instant::now();
+            let mut n = 0;
+            while t.elapsed() < d {
+                let _: Option<u64> = c.query_first("SELECT 1 FROM DUAL WHERE @@server_id > 0").await.expect("read");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("reader");
+    }
+    total
+}
+
+/// The agent, started after the proxy's pool is warm, feeds every lab server's row: the
+/// pooled connections are seen (server-side requests and latency on the replicas), the
+/// admin SQL table and /metrics show it; stopping the agent ages the signals out and the
+/// rows fall back to the proxy's own view. A bad payload is refused with a 400 and counted,
+/// and the proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_signals_feed_the_backend_view_and_age_out() {
+    let _heavy = HEAVY.lock().await;
+    let proxy = Proxy::start(&[]);
+    // A warm pool before the agent starts.
+    assert!(read_load(&proxy, 4, Duration::from_millis(800)).await > 0);
+    let before = backends(&proxy).await;
+    assert_eq!(before.len(), 3, "one row per lab server entry: {before:?}");
+    for (k, r) in &before {
+        assert_eq!(r["signal_source"], "proxy", "{k}: no agent yet");
+    }
+    let url = format!("http://127.0.0.1:{}/v1/metrics", proxy.admin_port);
+    let agent = start_agent(&url);
+    // Reads on the warm pool while the agent reports every 500 ms.
+    let t = Instant::now();
+    let mut rows = before;
+    let mut served = 0;
+    while t.elapsed() < Duration::from_secs(20) {
+        served += read_load(&proxy, 4, Duration::from_millis(700)).await;
+        rows = backends(&proxy).await;
+        let ok = rows.iter().all(|(k, r)| {
+            r["signal_source"] == "agent+proxy" && (k.starts_with("10/") || r["server_latency_p99_ms"].as_f64().is_some_and(|v| v > 0.0))
+        });
+        if ok {
+            break;
+        }
+    }
+    println!("after {:?} ({served} reads): {rows:#?}", t.elapsed());
+    for (k, r) in &rows {
+        assert_eq!(r["signal_source"], "agent+proxy", "{k}: fed by the agent");
+        assert!(r["agent_age_ms"].as_u64().is_some_and(|a| a < 3000), "{k}: a recent report");
+        assert!(r["server_connections"].as_u64().is_some_and(|c| c > 0), "{k}: the pool's connections, opened before the agent");
+    }
+    for port in REPLICAS {
+        let r = &rows[&format!("20/{port}")];
+        assert!(r["server_requests_per_s"].as_f64().is_some_and(|q| q > 0.0), "{port}: reads seen server-side on the warm pool: {r}");
+        assert!(r["server_latency_p99_ms"].as_f64().is_some_and(|v| v > 0.0 && v < 1000.0), "{port}: server-side p99: {r}");
+    }
+    // The admin SQL table says the same.
+    let sql = proxy
+        .admin_sql("SELECT srv_port, signal_source, agent_age_ms IS NOT NULL FROM stats_breakwater_backends WHERE hostgroup = 20 ORDER BY srv_port")
+        .expect("admin SQL");
+    assert_eq!(sql, "3308\tagent+proxy\t1\n3309\tagent+proxy\t1\n");
+    let (_, metrics) = proxy.admin("GET", "/metrics").await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(metrics.contains("breakwater_proxy_backend_signal_fresh{hostgroup=\"20\",server_address=\"127.0.0.1:3308\"} 1"), "{metrics}");
+
+    // Garbage and the wrong content type: 400 / 415, counted; the proxy keeps serving.
+    let rejected = |m: &str| m.lines().find(|l| l.starts_with("breakwater_proxy_signals_rejected_total ")).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    let r0 = rejected(&metrics).expect("rejected counter is exported from 0");
+    for (ctype, body, want) in [("application/x-protobuf", &b"\xff\xff\xff\xff not protobuf"[..], 400), ("application/json", &b"{}"[..], 415)] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.admin_port)).unwrap();
+        use std::io::{Read, Write};
+        let head = format!("POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n", body.len());
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{resp}");
+    }
+    let (_, m2) = proxy.admin("GET", "/metrics").await;
+    assert_eq!(rejected(m2.as_str().unwrap_or_default()), Some(r0 + 2));
+    assert!(read_load(&proxy, 1, Duration::from_millis(100)).await > 0);
+
+    // The agent stops: its signals age out (three export intervals) and the proxy falls back.
+    drop(agent);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = backends(&proxy).await;
+    for (k, r) in &after {
+        assert_eq!(r["signal_source"], "proxy", "{k}: stale signals are not used");
+        assert!(r["agent_age_ms"].as_u64().is_some_and(|a| a >= 1500), "{k}: the stale series' age stays visible: {r}");
+        assert!(r["server_latency_p99_ms"].is_null(), "{k}: no stale numbers");
+    }
+}
