@@ -161,13 +161,14 @@ impl Gradient2 {
 mod tests {
     use super::*;
 
-    /// Feed `windows` windows of `per` samples at `rtt` µs with `in_flight` running.
+    /// Feed `windows` windows of samples at `rtt` µs with `in_flight` running (0: as many
+    /// as the limit allows, a saturated backend).
     fn run(l: &mut Gradient2, now: &mut u64, windows: usize, rtt: u64, in_flight: u32) {
-        for _ in 0..windows {
-            for _ in 0..l.config().window_samples {
-                *now += 10_000;
-                l.sample(*now, rtt, in_flight);
-            }
+        let mut closed = 0;
+        while closed < windows {
+            *now += 20_000;
+            let n = if in_flight == 0 { l.limit() as u32 } else { in_flight };
+            closed += l.sample(*now, rtt, n) as usize;
         }
     }
 
@@ -175,7 +176,7 @@ mod tests {
     fn grows_while_latency_holds_and_used() {
         let mut l = Gradient2::new(LimitConfig::default());
         let mut now = 0;
-        run(&mut l, &mut now, 50, 1_000, 20);
+        run(&mut l, &mut now, 50, 1_000, 0);
         assert!(l.limit() > 40, "limit grew under use at steady latency: {}", l.limit());
     }
 
@@ -191,15 +192,15 @@ mod tests {
     fn shrinks_when_latency_rises_then_recovers() {
         let mut l = Gradient2::new(LimitConfig::default());
         let mut now = 0;
-        run(&mut l, &mut now, 30, 1_000, 20);
+        run(&mut l, &mut now, 30, 1_000, 0);
         let before = l.limit();
         // Latency ×10 with the backend saturated: the limit falls fast.
-        run(&mut l, &mut now, 10, 10_000, before as u32);
+        run(&mut l, &mut now, 10, 10_000, 0);
         let low = l.limit();
         assert!(low <= before / 4, "limit fell from {before} to {low}");
         assert!(low >= 2, "never below min");
         // Latency back to normal under use: the limit rises again.
-        run(&mut l, &mut now, 100, 1_000, low as u32 + 1);
+        run(&mut l, &mut now, 100, 1_000, 0);
         assert!(l.limit() > low * 3, "limit rose again from {low} to {}", l.limit());
     }
 
@@ -207,12 +208,12 @@ mod tests {
     fn slow_start_doubles_until_latency_rises() {
         let mut l = Gradient2::new(LimitConfig::default());
         let mut now = 0;
-        run(&mut l, &mut now, 20, 1_000, 20);
+        run(&mut l, &mut now, 20, 1_000, 0);
         l.slow_start();
         assert_eq!(l.limit(), 2);
-        run(&mut l, &mut now, 3, 1_000, 200);
+        run(&mut l, &mut now, 3, 1_000, 0);
         assert_eq!(l.limit(), 16, "2 → 4 → 8 → 16 over three good windows");
-        run(&mut l, &mut now, 1, 5_000, 200);
+        run(&mut l, &mut now, 1, 5_000, 0);
         assert!(l.limit() < 16, "rising latency ends the slow start and shrinks: {}", l.limit());
     }
 
