@@ -298,6 +298,12 @@ pub struct ProxyConfig {
     pub connect_timeout_ms: u64,
     pub shutdown_drain_ms: u64,
     pub retry_reads: bool,
+    /// How a hostgroup picks a server: "adaptive" (the cheaper of two random servers by
+    /// latency × (in flight + 1) / weight, with the agents' CPU throttling and pressure as a
+    /// penalty: a slow server gets less traffic) or "weighted" (by weight and connections in
+    /// use, as before). `balance_hostgroups` sets it per hostgroup ("20" = "weighted").
+    pub balance: Balance,
+    pub balance_hostgroups: std::collections::BTreeMap<String, Balance>,
     /// ProxySQL's query_digests_max_query_length: a statement is lexed, digested and
     /// matched against the query rules on its first this many bytes only (it is still
     /// forwarded whole, without copies of its size).
@@ -356,6 +362,20 @@ impl TlsVerify {
     }
 }
 
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    #[default]
+    Adaptive,
+    Weighted,
+}
+
+impl ProxyConfig {
+    pub fn balance_for(&self, hostgroup: u32) -> Balance {
+        self.balance_hostgroups.get(&hostgroup.to_string()).copied().unwrap_or(self.balance)
+    }
+}
+
 impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
@@ -371,6 +391,8 @@ impl Default for ProxyConfig {
             connect_timeout_ms: 2000,
             shutdown_drain_ms: 10_000,
             retry_reads: true,
+            balance: Balance::Adaptive,
+            balance_hostgroups: Default::default(),
             query_digests_max_query_length: 65_000,
             backend_read_timeout_ms: 10_000,
             default_query_timeout_ms: 3_600_000,

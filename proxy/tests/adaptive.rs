@@ -153,3 +153,68 @@ async fn agent_signals_feed_the_backend_view_and_age_out() {
         assert!(r["server_latency_p99_ms"].is_null(), "{k}: no stale numbers");
     }
 }
+
+/// Lifts a lab node's CPU limit when dropped (also when the test fails).
+struct CpuLimit(u16);
+
+impl CpuLimit {
+    fn set(port: u16, cores: f64) -> CpuLimit {
+        breakwater_testkit::set_cpu_limit(port, Some(cores)).expect("limit the node's CPU");
+        CpuLimit(port)
+    }
+}
+
+impl Drop for CpuLimit {
+    fn drop(&mut self) {
+        let _ = breakwater_testkit::set_cpu_limit(self.0, None);
+    }
+}
+
+/// Reads on each replica (from the proxy's per-server statement counts) while `clients`
+/// read for `d`.
+async fn shares_during(proxy: &Proxy, clients: usize, d: Duration) -> (f64, usize) {
+    let before = backends(proxy).await;
+    let n = read_load(proxy, clients, d).await;
+    let _ = before;
+    let rows = backends(proxy).await;
+    (rows["20/3308"]["read_share"].as_f64().unwrap_or(0.0), n)
+}
+
+/// A replica made slow by CPU throttling of its cgroup gets at most a quarter of the reads
+/// within 15 s, and its share back (at least 35%) within 40 s of the throttle's end; with the
+/// agent's signals feeding the balancer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_throttled_replica_gets_less_traffic_and_regains_it() {
+    let _heavy = HEAVY.lock().await;
+    let proxy = Proxy::start(&[]);
+    let url = format!("http://127.0.0.1:{}/v1/metrics", proxy.admin_port);
+    let _agent = start_agent(&url);
+    let (share, _) = shares_during(&proxy, 8, Duration::from_secs(3)).await;
+    println!("healthy: 3308 share {share:.2}");
+    let limit = CpuLimit::set(3308, 0.03);
+    let t = Instant::now();
+    let mut low = None;
+    while t.elapsed() < Duration::from_secs(15) {
+        let (share, n) = shares_during(&proxy, 8, Duration::from_secs(1)).await;
+        println!("{:>5.1}s throttled: 3308 share {share:.2} ({n} reads)", t.elapsed().as_secs_f64());
+        if share <= 0.25 && t.elapsed() > Duration::from_secs(5) {
+            low = Some(t.elapsed());
+            break;
+        }
+    }
+    let rows = backends(&proxy).await;
+    println!("{:#?}", rows["20/3308"]);
+    assert!(low.is_some(), "the throttled replica kept more than a quarter of the reads for 15 s");
+    drop(limit);
+    let t = Instant::now();
+    let mut back = None;
+    while t.elapsed() < Duration::from_secs(40) {
+        let (share, n) = shares_during(&proxy, 8, Duration::from_secs(1)).await;
+        println!("{:>5.1}s lifted: 3308 share {share:.2} ({n} reads)", t.elapsed().as_secs_f64());
+        if share >= 0.35 && t.elapsed() > Duration::from_secs(5) {
+            back = Some(t.elapsed());
+            break;
+        }
+    }
+    assert!(back.is_some(), "the replica did not regain 35% of the reads within 40 s");
+}

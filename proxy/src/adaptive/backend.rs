@@ -22,12 +22,14 @@ pub struct BackendLoad {
     pub statements: AtomicU64,
     /// Share of its hostgroup's statements lately, in millionths (see `view::sample_shares`).
     share_ppm: AtomicU64,
+    /// The cost multiplier from the agent's fresh signals (f64 bits; 1.0 without them).
+    penalty_bits: AtomicU64,
     ewma: Mutex<Ewma>,
 }
 
 impl Default for BackendLoad {
     fn default() -> Self {
-        Self { in_flight: AtomicU64::new(0), statements: AtomicU64::new(0), share_ppm: AtomicU64::new(0), ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }) }
+        Self { in_flight: AtomicU64::new(0), statements: AtomicU64::new(0), share_ppm: AtomicU64::new(0), penalty_bits: AtomicU64::new(1f64.to_bits()), ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }) }
     }
 }
 
@@ -79,9 +81,22 @@ impl BackendLoad {
         self.share_ppm.store((share.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
     }
 
-    /// The latency average now (ms); 0 before any statement.
+    /// The latency average now (ms); 0 before any statement. It decays while no statement
+    /// finishes, so a server that was slow is tried again after a while (Finagle does the
+    /// same).
     pub fn latency_ms(&self) -> f64 {
-        self.ewma.lock().map(|e| e.ms).unwrap_or(0.0)
+        self.ewma.lock().map(|e| e.ms * (-e.at.elapsed().as_secs_f64() / DECAY_S).exp()).unwrap_or(0.0)
+    }
+
+    pub fn penalty(&self) -> f64 {
+        f64::from_bits(self.penalty_bits.load(Ordering::Relaxed))
+    }
+
+    /// From the agent's fresh signals of the host: 1 + 4 × the share of time throttled by
+    /// a CPU limit + 2 × CPU pressure (PSI some avg10); 1 without fresh signals.
+    pub fn set_penalty(&self, throttled_ratio: f64, cpu_pressure: f64) {
+        let p = 1.0 + 4.0 * throttled_ratio.clamp(0.0, 1.0) + 2.0 * cpu_pressure.clamp(0.0, 1.0);
+        self.penalty_bits.store(p.to_bits(), Ordering::Relaxed);
     }
 }
 

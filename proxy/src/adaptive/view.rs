@@ -79,7 +79,8 @@ pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
     rows
 }
 
-/// Once a second: each server's share of its hostgroup's statements over the last 5 s.
+/// Once a second: each server's penalty from its agent's fresh signals, and its share of its
+/// hostgroup's statements over the last 5 s.
 pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
     use std::collections::HashMap;
     const WINDOW: usize = 5;
@@ -87,6 +88,11 @@ pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        for b in backends(&proxy) {
+            let routing = proxy.runtime().routing();
+            let Some(s) = routing.hostgroups.get(&b.hostgroup).and_then(|h| h.servers.iter().find(|s| s.cfg.port == b.srv_port && s.cfg.host == b.srv_host).cloned()) else { continue };
+            s.pool.load.set_penalty(b.cpu_throttled_ratio.unwrap_or(0.0), b.cpu_pressure.unwrap_or(0.0));
+        }
         let routing = proxy.runtime().routing();
         for hg in routing.hostgroups.values() {
             let mut deltas = Vec::with_capacity(hg.servers.len());

@@ -1,10 +1,12 @@
 //! A hostgroup is a set of servers that can serve the same queries; picking one balances by
-//! weight and current load (the least loaded of two weighted random picks).
+//! measured cost (adaptive: latency, in-flight statements and the agents' view of the host)
+//! or by weight and connections in use (weighted).
 //!
 //! Hostgroups are immutable: the failover controller switches writer and reader hostgroups
 //! by publishing a new [`Routing`] snapshot in one step (see `Runtime::routing`).
 
 use super::server::Server;
+use crate::config::Balance;
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -43,8 +45,9 @@ impl Hostgroup {
         self.servers.iter().any(|s| s.is_online())
     }
 
-    /// Pick an ONLINE server, skipping `exclude` (a server that just failed).
-    pub fn pick(&self, exclude: Option<&Arc<Server>>) -> Option<Arc<Server>> {
+    /// Pick an ONLINE server, skipping `exclude` (a server that just failed), as `balance`
+    /// says (see `config::Balance`).
+    pub fn pick(&self, exclude: Option<&Arc<Server>>, balance: Balance) -> Option<Arc<Server>> {
         let online: Vec<&Arc<Server>> = self
             .servers
             .iter()
@@ -53,8 +56,23 @@ impl Hostgroup {
         match online.len() {
             0 => None,
             1 => Some(online[0].clone()),
-            _ => {
+            n => {
                 let mut rng = rand::thread_rng();
+                if balance == Balance::Adaptive {
+                    // Power of two choices by cost (Finagle/Linkerd's peak-EWMA balancer).
+                    let i = rng.gen_range(0..n);
+                    let j = (i + rng.gen_range(1..n)) % n;
+                    let (a, b) = (online[i], online[j]);
+                    let (ca, cb) = (cost(a), cost(b));
+                    // Costs within 15% are the same: the weights decide, so healthy servers
+                    // keep their configured shares instead of flipping on noise.
+                    if ca > cb * 1.15 {
+                        return Some(b.clone());
+                    }
+                    if cb > ca * 1.15 {
+                        return Some(a.clone());
+                    }
+                }
                 let total: u64 = online.iter().map(|s| s.weight().max(1) as u64).sum();
                 let mut weighted = || {
                     let mut x = rng.gen_range(0..total);
@@ -73,4 +91,13 @@ impl Hostgroup {
             }
         }
     }
+}
+
+/// An adaptive pick's cost of a server: latency × (statements in flight + 1) / weight, times
+/// the penalty from the agent's view of its host (CPU throttling, pressure).
+fn cost(s: &Server) -> f64 {
+    let l = &s.pool.load;
+    let lat = l.latency_ms().max(0.001);
+    let in_flight = l.in_flight.load(Ordering::Relaxed) as f64;
+    lat * (in_flight + 1.0) * l.penalty() / s.weight().max(1) as f64
 }

@@ -95,7 +95,7 @@ impl Session {
         // path where the first pick works).
         let mut failed: Option<Arc<Server>> = None;
         for _ in 0..hg.servers.len().max(1) {
-            let Some(server) = hg.pick(failed.as_ref().or(exclude)) else { break };
+            let Some(server) = hg.pick(failed.as_ref().or(exclude), p.balance_for(hg.id)) else { break };
             if failed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &server)) {
                 break;
             }
