@@ -115,6 +115,34 @@ fn conn_event(kind: u32, st: &ConnState, sk: u64) -> Event {
     }
 }
 
+/// A connection's state as tracking starts (at its handshake, or adopted mid-life).
+#[inline(always)]
+fn new_conn(port: u16, peer_port: u16, port_slot: u8, peer_addr: [u8; 16], flags: u8) -> ConnState {
+    ConnState {
+        port,
+        peer_port,
+        phase: PHASE_IDLE,
+        flags,
+        port_slot,
+        cmd: 0,
+        op: 0,
+        rcv_next: 0,
+        snd_next: 0,
+        _pad: 0,
+        _pad2: 0,
+        peer_addr,
+        opened_ns: unsafe { bpf_ktime_get_ns() },
+        request_ns: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+        requests: 0,
+        errors: 0,
+        stmt_ids: [0; STMT_CACHE],
+        stmt_ops: [0; STMT_CACHE],
+        stmt_next: 0,
+    }
+}
+
 /// BPF_NOEXIST: adopting never overwrites the state a handshake just created.
 const BPF_NOEXIST: u64 = 1;
 
@@ -126,29 +154,7 @@ unsafe fn adopt<C: EbpfContext>(ctx: &C, sk: u64, port: u16, peer: [u8; 16], pee
         Some(&v) if v != 0 => v - 1,
         _ => return None,
     };
-    let st = ConnState {
-        port,
-        peer_port,
-        phase: PHASE_IDLE,
-        flags: FLAG_ADOPTED | FLAG_SYNC,
-        port_slot: slot,
-        cmd: 0,
-        op: 0,
-        rcv_next: 0,
-        snd_next: 0,
-        _pad: 0,
-        _pad2: 0,
-        peer_addr: peer,
-        opened_ns: bpf_ktime_get_ns(),
-        request_ns: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-        requests: 0,
-        errors: 0,
-        stmt_ids: [0; STMT_CACHE],
-        stmt_ops: [0; STMT_CACHE],
-        stmt_next: 0,
-    };
+    let st = new_conn(port, peer_port, slot, peer, FLAG_ADOPTED | FLAG_SYNC);
     if CONNS.insert(&sk, &st, BPF_NOEXIST).is_ok() {
         let ev = conn_event(EVENT_OPEN, &st, sk);
         emit(ctx, &ev);
@@ -255,29 +261,7 @@ unsafe fn on_state(ctx: &TracePointContext) -> Result<(), i32> {
         } else {
             peer = ctx.read_at(56)?;
         }
-        let st = ConnState {
-            port: sport,
-            peer_port: ctx.read_at(26)?,
-            phase: PHASE_IDLE,
-            flags: FLAG_LOGIN,
-            port_slot: slot,
-            cmd: 0,
-            op: 0,
-            rcv_next: 0,
-            snd_next: 0,
-            _pad: 0,
-            _pad2: 0,
-            peer_addr: peer,
-            opened_ns: bpf_ktime_get_ns(),
-            request_ns: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            requests: 0,
-            errors: 0,
-            stmt_ids: [0; STMT_CACHE],
-            stmt_ops: [0; STMT_CACHE],
-            stmt_next: 0,
-        };
+        let st = new_conn(sport, ctx.read_at(26)?, slot, peer, FLAG_LOGIN);
         if CONNS.insert(&sk, &st, 0).is_err() {
             let n = drop_count(DROP_CONNS_FULL);
             if n.is_power_of_two() {
