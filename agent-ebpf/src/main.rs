@@ -373,18 +373,22 @@ pub fn sock_recv_length_btf(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// The state of a watched socket seen by the recv/send hooks: tracked since its handshake,
+/// or adopted now (older than the programs).
+#[inline(always)]
+unsafe fn tracked_or_adopted<C: EbpfContext>(ctx: &C, sk: u64, port: u16) -> Option<*mut ConnState> {
+    match CONNS.get_ptr_mut(&sk) {
+        Some(st) => Some(st),
+        None => sock_peer(sk).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)),
+    }
+}
+
 unsafe fn on_recv<const BTF: bool, C: EbpfContext>(ctx: &C, sk: u64, ret: i32) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
     let Some(port) = watched_port::<BTF>(sk) else { return Ok(()) };
-    let st = match CONNS.get_ptr_mut(&sk) {
-        Some(st) => st,
-        None => match sock_peer(sk).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)) {
-            Some(st) => st,
-            None => return Ok(()),
-        },
-    };
+    let Some(st) = tracked_or_adopted(ctx, sk, port) else { return Ok(()) };
     client_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
     Ok(())
 }
@@ -582,13 +586,7 @@ unsafe fn on_send<const BTF: bool, C: EbpfContext>(ctx: &C, sk: u64, ret: i32) -
         return Ok(());
     }
     let Some(port) = watched_port::<BTF>(sk) else { return Ok(()) };
-    let st = match CONNS.get_ptr_mut(&sk) {
-        Some(st) => st,
-        None => match sock_peer(sk).and_then(|(peer, pp)| adopt(ctx, sk, port, peer, pp)) {
-            Some(st) => st,
-            None => return Ok(()),
-        },
-    };
+    let Some(st) = tracked_or_adopted(ctx, sk, port) else { return Ok(()) };
     server_bytes(&mut *st, sk, ret as u32, &UserBuffer::<BTF> { sk });
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! `DECAY`). Kept apart from the pool (which enforces caps) and from the policy that reads it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// Time constant of the latency average.
@@ -35,29 +35,29 @@ impl Default for BackendLoad {
 
 /// A statement running on a backend: counted in flight until dropped; `finish` records its
 /// latency.
-pub struct InFlight {
-    load: Arc<BackendLoad>,
+pub struct InFlight<'a> {
+    load: &'a BackendLoad,
     started: Instant,
 }
 
-impl InFlight {
+impl InFlight<'_> {
     pub fn finish(self) {
         let ms = self.started.elapsed().as_secs_f64() * 1e3;
         self.load.observe(ms);
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl BackendLoad {
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    pub fn start(&self) -> InFlight<'_> {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.statements.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: self.clone(), started: Instant::now() }
+        InFlight { load: self, started: Instant::now() }
     }
 
     fn observe(&self, ms: f64) {
@@ -106,7 +106,7 @@ mod tests {
 
     #[test]
     fn peak_then_decay() {
-        let l = Arc::new(BackendLoad::default());
+        let l = BackendLoad::default();
         l.observe(50.0);
         assert!((l.latency_ms() - 50.0).abs() < 0.1, "a slow sample counts at once");
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -34,11 +34,17 @@ pub struct BackendRow {
     pub read_share: f64,
 }
 
+/// The agent series that feeds server `s` (see `signals` for the rule), and whether it is fresh.
+fn agent_series(proxy: &Proxy, s: &crate::backend::server::Server, max_age: Duration) -> Option<(crate::adaptive::signals::Series, bool)> {
+    let cfg = &proxy.rt.cfg.signals;
+    let name = if cfg.agent_hosts.is_empty() { None } else { cfg.agent_hosts.get(&format!("{}:{}", s.cfg.host, s.cfg.port)).map(String::as_str) };
+    proxy.signals.for_server(&s.cfg.host, s.cfg.port, name, max_age)
+}
+
 /// Every routed server entry, in hostgroup order.
 pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
     let rt = proxy.runtime();
-    let sig = &rt.cfg.signals;
-    let max_age = Duration::from_millis(sig.max_age_ms);
+    let max_age = Duration::from_millis(rt.cfg.signals.max_age_ms);
     let now = Instant::now();
     let routing = rt.routing();
     let mut ids: Vec<u32> = routing.hostgroups.keys().copied().collect();
@@ -48,8 +54,7 @@ pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
         let Some(hg) = routing.hostgroups.get(&id) else { continue };
         for s in &hg.servers {
             let load = &s.pool.load;
-            let override_name = sig.agent_hosts.get(&format!("{}:{}", s.cfg.host, s.cfg.port)).map(String::as_str);
-            let found = proxy.signals.for_server(&s.cfg.host, s.cfg.port, override_name, max_age);
+            let found = agent_series(proxy, s, max_age);
             let fresh = found.as_ref().is_some_and(|(_, f)| *f);
             let live = found.as_ref().filter(|(_, f)| *f).map(|(x, _)| x);
             rows.push(BackendRow {
@@ -88,12 +93,16 @@ pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        for b in backends(&proxy) {
-            let routing = proxy.runtime().routing();
-            let Some(s) = routing.hostgroups.get(&b.hostgroup).and_then(|h| h.servers.iter().find(|s| s.cfg.port == b.srv_port && s.cfg.host == b.srv_host).cloned()) else { continue };
-            s.pool.load.set_penalty(b.cpu_throttled_ratio.unwrap_or(0.0), b.cpu_pressure.unwrap_or(0.0));
+        let rt = proxy.runtime();
+        let routing = rt.routing();
+        let max_age = Duration::from_millis(rt.cfg.signals.max_age_ms);
+        for s in routing.hostgroups.values().flat_map(|h| h.servers.iter()) {
+            let (throttled, pressure) = match agent_series(&proxy, s, max_age) {
+                Some((x, true)) => (x.recent.throttled_ratio, x.pressure[0].unwrap_or(0.0)),
+                _ => (0.0, 0.0),
+            };
+            s.pool.load.set_penalty(throttled, pressure);
         }
-        let routing = proxy.runtime().routing();
         for hg in routing.hostgroups.values() {
             let mut deltas = Vec::with_capacity(hg.servers.len());
             for s in &hg.servers {
