@@ -304,6 +304,17 @@ pub struct ProxyConfig {
     /// use, as before). `balance_hostgroups` sets it per hostgroup ("20" = "weighted").
     pub balance: Balance,
     pub balance_hostgroups: std::collections::BTreeMap<String, Balance>,
+    /// The adaptive concurrency limit per backend server on statements in flight (Gradient2:
+    /// grows while latency holds under use, shrinks when it rises), between `limit_min` and
+    /// `limit_max`, starting at `limit_initial`. A statement over it waits up to
+    /// `queue_timeout_ms` (at most `max_queue_waiters` waiting per server), then gets error
+    /// 9001 naming the server, its limit and the queue. `max_connections` stays the hard cap.
+    pub adaptive_limit: bool,
+    pub limit_initial: u32,
+    pub limit_min: u32,
+    pub limit_max: u32,
+    /// Latency may rise this much over its long-term level before the limit shrinks.
+    pub limit_tolerance: f64,
     /// ProxySQL's query_digests_max_query_length: a statement is lexed, digested and
     /// matched against the query rules on its first this many bytes only (it is still
     /// forwarded whole, without copies of its size).
@@ -371,6 +382,26 @@ pub enum Balance {
 }
 
 impl ProxyConfig {
+    pub fn limit_config(&self) -> crate::adaptive::limit::LimitConfig {
+        let min = self.limit_min.max(1) as f64;
+        let max = (self.limit_max as f64).max(min);
+        crate::adaptive::limit::LimitConfig {
+            initial: (self.limit_initial as f64).clamp(min, max),
+            min,
+            max,
+            tolerance: self.limit_tolerance.max(1.0),
+            ..Default::default()
+        }
+    }
+
+    pub fn admission(&self) -> crate::adaptive::backend::Admission {
+        crate::adaptive::backend::Admission {
+            enabled: self.adaptive_limit,
+            timeout: std::time::Duration::from_millis(self.queue_timeout_ms),
+            max_queue: self.max_queue_waiters as u64,
+        }
+    }
+
     pub fn balance_for(&self, hostgroup: u32) -> Balance {
         self.balance_hostgroups.get(&hostgroup.to_string()).copied().unwrap_or(self.balance)
     }
@@ -393,6 +424,11 @@ impl Default for ProxyConfig {
             retry_reads: true,
             balance: Balance::Adaptive,
             balance_hostgroups: Default::default(),
+            adaptive_limit: true,
+            limit_initial: 32,
+            limit_min: 4,
+            limit_max: 512,
+            limit_tolerance: 1.5,
             query_digests_max_query_length: 65_000,
             backend_read_timeout_ms: 10_000,
             default_query_timeout_ms: 3_600_000,

@@ -72,12 +72,12 @@ pub struct Runtime {
 }
 
 /// The pool of `addr`, made with cap `max` when there is none.
-fn pool_for(pools: &Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>, addr: &str, max: usize, waiters: usize) -> Arc<crate::backend::pool::Pool> {
+fn pool_for(pools: &Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>, addr: &str, max: usize, p: &crate::config::ProxyConfig) -> Arc<crate::backend::pool::Pool> {
     let mut m = match pools.lock() {
         Ok(m) => m,
         Err(p) => p.into_inner(),
     };
-    m.entry(addr.to_string()).or_insert_with(|| Arc::new(crate::backend::pool::Pool::new(max, waiters))).clone()
+    m.entry(addr.to_string()).or_insert_with(|| Arc::new(crate::backend::pool::Pool::new(max, p.max_queue_waiters, p.limit_config()))).clone()
 }
 
 impl Runtime {
@@ -91,7 +91,7 @@ impl Runtime {
         for s in &cfg.servers {
             // The smallest cap configured for an address is the one its pool keeps.
             let cap = cfg.servers.iter().filter(|o| o.address() == s.address()).map(|o| o.max_connections).min().unwrap_or(s.max_connections);
-            let server = Server::new(s.clone(), pool_for(&pools, &s.address(), cap, cfg.proxy.max_queue_waiters));
+            let server = Server::new(s.clone(), pool_for(&pools, &s.address(), cap, &cfg.proxy));
             servers.push(server.clone());
             let hg = hostgroups.entry(s.hostgroup).or_default();
             hg.id = s.hostgroup;
@@ -203,7 +203,7 @@ impl Runtime {
         if let Some(s) = find(&reg) {
             return s;
         }
-        let pool = pool_for(&self.pools, addr, cfg.max_connections, self.cfg.proxy.max_queue_waiters);
+        let pool = pool_for(&self.pools, addr, cfg.max_connections, &self.cfg.proxy);
         let s = Server::new(cfg, pool);
         reg.push(s.clone());
         s
@@ -277,7 +277,7 @@ impl Runtime {
                     s
                 }
                 None => {
-                    let pool = pool_for(&self.pools, &cfg.address(), cfg.max_connections, self.cfg.proxy.max_queue_waiters);
+                    let pool = pool_for(&self.pools, &cfg.address(), cfg.max_connections, &self.cfg.proxy);
                     let s = Server::new(cfg.clone(), pool);
                     match self.registry.write() {
                         Ok(mut r) => r.push(s.clone()),

@@ -218,3 +218,125 @@ async fn a_throttled_replica_gets_less_traffic_and_regains_it() {
     }
     assert!(back.is_some(), "the replica did not regain 35% of the reads within 40 s");
 }
+
+/// The proxy's config with the adaptive limit between 2 and 16 and a 3 s queue.
+fn limited_config() -> String {
+    let cfg = breakwater_proxy::config::DEFAULT_TOML.replace(
+        "queue_timeout_ms = 10000",
+        "queue_timeout_ms = 3000\nlimit_initial = 16\nlimit_min = 2\nlimit_max = 16",
+    );
+    assert!(cfg.contains("limit_max = 16"), "the default TOML has queue_timeout_ms = 10000");
+    cfg
+}
+
+/// `clients` run `sql` through the proxy for `d`: (answered, shed with 9001). Any other error
+/// fails the test.
+async fn run_load(proxy: &Proxy, clients: usize, d: Duration, sql: &'static str) -> (usize, usize) {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let opts = proxy.opts("app", "app", Some("sbtest"));
+        tasks.push(tokio::spawn(async move {
+            let mut c = mysql_async::Conn::new(opts).await.expect("connect");
+            let t = Instant::now();
+            let (mut ok, mut shed) = (0, 0);
+            while t.elapsed() < d {
+                match c.query_drop(sql).await {
+                    Ok(()) => ok += 1,
+                    Err(e) if server_code(&e) == Some(9001) => {
+                        assert!(e.to_string().contains("adaptive concurrency limit"), "{e}");
+                        shed += 1;
+                    }
+                    Err(e) => panic!("{sql}: {e}"),
+                }
+            }
+            (ok, shed)
+        }));
+    }
+    let mut total = (0, 0);
+    for t in tasks {
+        let (ok, shed) = t.await.expect("client");
+        total.0 += ok;
+        total.1 += shed;
+    }
+    total
+}
+
+/// An overloaded backend never runs more statements than its adaptive limit (the server's
+/// own Threads_running, sampled while 40 clients push CPU-heavy reads at two replicas held to
+/// 0.25 of a core each, after a few seconds of normal service), the limit falls under the
+/// load, excess clients are queued or get the clear error, and the limit rises again once the
+/// overload ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_backend_runs_at_most_its_limit() {
+    let _heavy = HEAVY.lock().await;
+    let proxy = Proxy::start_with(Some(&limited_config()), &[]);
+    // Threads_running when idle (the sampling connection, the replication threads).
+    let mut idle = std::collections::BTreeMap::new();
+    let mut direct = std::collections::BTreeMap::new();
+    for port in REPLICAS {
+        let mut c = lab(port).await;
+        let n: u64 = c.query_first("SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'THREADS_RUNNING'").await.unwrap().unwrap();
+        idle.insert(port, n);
+        direct.insert(port, c);
+    }
+    // Normal service first: the limiter learns the servers' usual latency.
+    run_load(&proxy, 24, Duration::from_secs(4), "SELECT 1").await;
+    let limits = [CpuLimit::set(3308, 0.25), CpuLimit::set(3309, 0.25)];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        let admin = proxy.admin_port;
+        tokio::spawn(async move {
+            let mut seen: Vec<(u16, u64, u64)> = Vec::new(); // (port, running beyond idle, limit)
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for port in REPLICAS {
+                    let c = direct.get_mut(&port).unwrap();
+                    let n: u64 = c
+                        .query_first("SELECT VARIABLE_VALUE FROM information_schema.GLOBAL_STATUS WHERE VARIABLE_NAME = 'THREADS_RUNNING'")
+                        .await
+                        .unwrap()
+                        .unwrap();
+                    let (_, body) = breakwater_proxy::admin::client::call(&format!("127.0.0.1:{admin}"), "GET", "/api/backends", Duration::from_secs(5)).await.unwrap();
+                    let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
+                    let limit = rows.as_array().unwrap().iter().find(|r| r["hostgroup"] == 20 && r["srv_port"] == port).unwrap()["concurrency_limit"].as_u64().unwrap();
+                    seen.push((port, n.saturating_sub(idle[&port]), limit));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    };
+    let (ok, shed) = run_load(&proxy, 40, Duration::from_secs(12), "SELECT BENCHMARK(40000, MD5('breakwater'))").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = sampler.await.unwrap();
+    let rows = backends(&proxy).await;
+    println!("overload: {ok} answered, {shed} shed; {rows:#?}");
+    let lowest = |port: u16| seen.iter().filter(|(p, _, _)| *p == port).map(|(_, _, l)| *l).min().unwrap_or(16);
+    println!("lowest limits: 3308 {} 3309 {}; {} samples: {seen:?}", lowest(3308), lowest(3309), seen.len());
+    // Besides the proxy's statements, a server may run the proxy's health check (not a
+    // client statement, not limited) and its replication SQL thread: 2 more at most.
+    let over: Vec<_> = seen.iter().filter(|(_, running, _)| *running > 16 + 2).collect();
+    assert!(over.is_empty(), "never more than limit_max statements on a server: {over:?}");
+    // The limit moves between samples: a sample may see statements admitted under the limit
+    // of a moment before. Allow one step of 2.
+    let beyond: Vec<_> = seen.iter().filter(|(_, running, limit)| *running > limit + 2 + 2).collect();
+    assert!(beyond.len() * 10 <= seen.len(), "Threads_running beyond the limit in {} of {} samples: {beyond:?}", beyond.len(), seen.len());
+    assert!(lowest(3308) < 16 && lowest(3309) < 16, "the limit fell under the overload");
+    assert!(ok > 0, "queued clients were served");
+    assert_eq!(rows["20/3308"]["shed_total"].as_u64().unwrap() + rows["20/3309"]["shed_total"].as_u64().unwrap(), shed as u64, "every shed statement counted");
+    drop(limits);
+    // After the overload: light reads at the limit, latency back to normal: the limit rises.
+    let low = rows["20/3308"]["concurrency_limit"].as_u64().unwrap().min(rows["20/3309"]["concurrency_limit"].as_u64().unwrap());
+    let t = Instant::now();
+    let mut now = low;
+    while t.elapsed() < Duration::from_secs(30) {
+        run_load(&proxy, 24, Duration::from_secs(2), "SELECT 1").await;
+        let r = backends(&proxy).await;
+        now = r["20/3308"]["concurrency_limit"].as_u64().unwrap().min(r["20/3309"]["concurrency_limit"].as_u64().unwrap());
+        println!("{:>4.1}s after: limits {} / {}", t.elapsed().as_secs_f64(), r["20/3308"]["concurrency_limit"], r["20/3309"]["concurrency_limit"]);
+        if now >= 12 && now > low {
+            break;
+        }
+    }
+    assert!(now > low && now >= 12, "the limit rose again after the overload: {low} -> {now}");
+}

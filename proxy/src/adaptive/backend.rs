@@ -1,14 +1,27 @@
 //! What the proxy itself sees of one backend server (one per address, shared by its entries
-//! in every hostgroup): statements in flight, and their latency as a peak-EWMA (Finagle's and
-//! Linkerd's: a slower sample is taken at once, faster ones pull the average down over
-//! `DECAY`). Kept apart from the pool (which enforces caps) and from the policy that reads it.
+//! in every hostgroup), and the gate it keeps on it:
+//! - statements in flight and their latency as a peak-EWMA (Finagle's and Linkerd's: a
+//!   slower sample is taken at once, faster ones pull the average down over `DECAY_S`);
+//! - the adaptive concurrency limit (`limit::Gradient2`) on statements in flight, not
+//!   connections: a statement beyond it waits in a bounded queue until one finishes or its
+//!   deadline passes, then is shed with an error naming the server, its limit and the queue.
+//!   The pool's hard `max_connections` stays in force underneath.
+//!
+//! Kept apart from the pool (which enforces caps) and from the balancer that reads it.
 
+use super::limit::{Gradient2, LimitConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Time constant of the latency average.
 const DECAY_S: f64 = 5.0;
+
+/// A monotonic clock in µs for the limiter (which keeps no clock of its own).
+fn now_us() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
 
 #[derive(Debug)]
 struct Ewma {
@@ -16,10 +29,37 @@ struct Ewma {
     at: Instant,
 }
 
+/// How one statement waits for the limiter.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    /// false: no limit (`[proxy] adaptive_limit = false`); statements are only counted.
+    pub enabled: bool,
+    pub timeout: Duration,
+    pub max_queue: u64,
+}
+
+/// A statement refused by the limiter.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("concurrency limit {limit} reached ({in_flight} statements in flight, {waiting} waiting{})", if *.queue_full { ", queue full".to_string() } else { format!(", waited {waited_ms} ms") })]
+pub struct Shed {
+    pub limit: u64,
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub waited_ms: u64,
+    pub queue_full: bool,
+}
+
 #[derive(Debug)]
 pub struct BackendLoad {
     pub in_flight: AtomicU64,
     pub statements: AtomicU64,
+    /// The limit in force (whole statements), from `limiter` after each window.
+    limit: AtomicU64,
+    limiter: Mutex<Gradient2>,
+    /// Statements waiting for the limit now, and shed so far.
+    pub waiting: AtomicU64,
+    pub shed: AtomicU64,
+    released: tokio::sync::Notify,
     /// Share of its hostgroup's statements lately, in millionths (see `view::sample_shares`).
     share_ppm: AtomicU64,
     /// The cost multiplier from the agent's fresh signals (f64 bits; 1.0 without them).
@@ -29,35 +69,135 @@ pub struct BackendLoad {
 
 impl Default for BackendLoad {
     fn default() -> Self {
-        Self { in_flight: AtomicU64::new(0), statements: AtomicU64::new(0), share_ppm: AtomicU64::new(0), penalty_bits: AtomicU64::new(1f64.to_bits()), ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }) }
+        Self::new(LimitConfig::default())
     }
 }
 
-/// A statement running on a backend: counted in flight until dropped; `finish` records its
-/// latency.
-pub struct InFlight<'a> {
-    load: &'a BackendLoad,
+/// A statement admitted to a backend: counted in flight until dropped (which wakes a
+/// waiter); `finish` records its latency for the balancer and the limiter. Dropped without
+/// `finish` (the statement failed or was never sent), it teaches nothing.
+pub struct InFlight {
+    load: Arc<BackendLoad>,
     started: Instant,
+    /// Statements in flight when it was admitted, itself included.
+    at_start: u64,
 }
 
-impl InFlight<'_> {
+impl InFlight {
     pub fn finish(self) {
-        let ms = self.started.elapsed().as_secs_f64() * 1e3;
-        self.load.observe(ms);
+        let rtt = self.started.elapsed();
+        self.load.observe(rtt.as_secs_f64() * 1e3);
+        let Ok(mut l) = self.load.limiter.lock() else { return };
+        if l.sample(now_us(), rtt.as_micros() as u64, self.at_start as u32) {
+            let before = self.load.limit.swap(l.limit() as u64, Ordering::Relaxed);
+            if l.limit() as u64 > before {
+                self.load.released.notify_waiters(); // room for more
+            }
+        }
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.load.released.notify_one();
     }
 }
 
 impl BackendLoad {
-    pub fn start(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    pub fn new(cfg: LimitConfig) -> Self {
+        let limiter = Gradient2::new(cfg);
+        Self {
+            in_flight: AtomicU64::new(0),
+            statements: AtomicU64::new(0),
+            limit: AtomicU64::new(limiter.limit() as u64),
+            limiter: Mutex::new(limiter),
+            waiting: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            released: tokio::sync::Notify::new(),
+            share_ppm: AtomicU64::new(0),
+            penalty_bits: AtomicU64::new(1f64.to_bits()),
+            ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }),
+        }
+    }
+
+    /// The adaptive limit in force now.
+    pub fn limit(&self) -> u64 {
+        self.limit.load(Ordering::Relaxed)
+    }
+
+    /// Take a slot under the limit: at once when there is room, else in the queue until a
+    /// statement finishes (or the limit grows) or `adm.timeout` passes.
+    pub async fn admit(self: &Arc<Self>, adm: Admission) -> Result<InFlight, Shed> {
+        if !adm.enabled {
+            return Ok(self.enter(self.in_flight.fetch_add(1, Ordering::Relaxed) + 1));
+        }
+        if let Some(n) = self.try_enter() {
+            return Ok(self.enter(n));
+        }
+        let started = Instant::now();
+        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _queued = Queued(&self.waiting);
+        if waiting >= adm.max_queue {
+            return Err(self.shed(started, true));
+        }
+        let deadline = tokio::time::Instant::now() + adm.timeout;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(n) = self.try_enter() {
+                return Ok(self.enter(n));
+            }
+            tokio::select! {
+                _ = &mut released => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    if let Some(n) = self.try_enter() {
+                        return Ok(self.enter(n));
+                    }
+                    return Err(self.shed(started, false));
+                }
+            }
+        }
+    }
+
+    /// Whether a statement would be admitted at once (disabled limits always have room).
+    pub fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < self.limit()
+    }
+
+    /// One slot if the limit has room: the new number in flight.
+    fn try_enter(&self) -> Option<u64> {
+        let limit = self.limit();
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
+            .ok()
+            .map(|n| n + 1)
+    }
+
+    fn enter(self: &Arc<Self>, at_start: u64) -> InFlight {
         self.statements.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: self, started: Instant::now() }
+        InFlight { load: self.clone(), started: Instant::now(), at_start }
+    }
+
+    fn shed(&self, started: Instant, queue_full: bool) -> Shed {
+        self.shed.fetch_add(1, Ordering::Relaxed);
+        Shed {
+            limit: self.limit(),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            waiting: self.waiting.load(Ordering::Relaxed).saturating_sub(1),
+            waited_ms: started.elapsed().as_millis() as u64,
+            queue_full,
+        }
+    }
+
+    /// Start over at the limiter's minimum, doubling while latency holds (a backend about to
+    /// take a load it never carried).
+    pub fn slow_start(&self) {
+        if let Ok(mut l) = self.limiter.lock() {
+            l.slow_start();
+            self.limit.store(l.limit() as u64, Ordering::Relaxed);
+        }
     }
 
     fn observe(&self, ms: f64) {
@@ -100,6 +240,15 @@ impl BackendLoad {
     }
 }
 
+/// Leaves the queue when dropped (admitted, shed, or the client went away).
+struct Queued<'a>(&'a AtomicU64);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,9 +265,50 @@ mod tests {
         // Without samples it decays (a slow server is tried again after a while).
         l.ewma.lock().unwrap().at -= std::time::Duration::from_secs(10);
         assert!(l.latency_ms() < after * 0.2, "decayed while idle");
-        let g = l.start();
-        assert_eq!(l.in_flight.load(Ordering::Relaxed), 1);
-        drop(g);
+    }
+
+    fn quick(timeout_ms: u64, max_queue: u64) -> Admission {
+        Admission { enabled: true, timeout: Duration::from_millis(timeout_ms), max_queue }
+    }
+
+    #[tokio::test]
+    async fn the_limit_holds_waiters_queue_then_are_shed() {
+        let cfg = LimitConfig { initial: 2.0, min: 2.0, ..LimitConfig::default() };
+        let l = Arc::new(BackendLoad::new(cfg));
+        let a = l.admit(quick(50, 10)).await.expect("first");
+        let b = l.admit(quick(50, 10)).await.expect("second");
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 2);
+        // Third: waits, and gets the slot when one finishes.
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.admit(quick(2000, 10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(l.waiting.load(Ordering::Relaxed), 1);
+        a.finish();
+        let c = waiter.await.unwrap().expect("admitted after a release");
+        assert_eq!(c.at_start, 2);
+        // Fourth: the deadline passes with both slots busy.
+        let e = match l.admit(quick(30, 10)).await {
+            Err(e) => e,
+            Ok(_) => panic!("no room: must be shed"),
+        };
+        assert!(!e.queue_full && e.limit == 2 && e.waited_ms >= 30, "{e:?}");
+        // No queue room at all: shed at once.
+        let e = match l.admit(quick(1000, 0)).await {
+            Err(e) => e,
+            Ok(_) => panic!("no queue room"),
+        };
+        assert!(e.queue_full, "{e}");
+        assert_eq!(l.shed.load(Ordering::Relaxed), 2);
+        assert_eq!(l.waiting.load(Ordering::Relaxed), 0, "every waiter left the queue");
+        drop((b, c));
+        // Disabled: counted, never held.
+        let many: Vec<InFlight> = futures_util::future::join_all((0..10).map(|_| l.admit(Admission { enabled: false, ..quick(1, 0) })))
+            .await
+            .into_iter()
+            .map(|r| r.expect("no limit"))
+            .collect();
+        assert_eq!(l.in_flight.load(Ordering::Relaxed), 10);
+        drop(many);
         assert_eq!(l.in_flight.load(Ordering::Relaxed), 0);
     }
 }

@@ -3,7 +3,10 @@
 //! Netflix concurrency-limits' `Gradient2Limit` and Envoy's adaptive_concurrency filter:
 //!
 //! - Samples (statement latency, statements in flight when it started) are gathered in
-//!   windows; a window's mean latency is the short-term RTT.
+//!   windows; a window's median latency (of its first `SAMPLES_KEPT` samples) is the
+//!   short-term RTT. The median, not the mean: a database serves statements of very
+//!   different cost, and one long report in a window of point reads says nothing about
+//!   overload, while most statements slowing down does.
 //! - The long-term RTT is an exponential average of the windows (about `long_window`
 //!   windows), pulled down when the short RTT falls well below it (recovery from a past
 //!   overload should not keep the limit high for minutes).
@@ -37,6 +40,9 @@ impl Default for LimitConfig {
     }
 }
 
+/// Samples kept per window for its median.
+const SAMPLES_KEPT: usize = 64;
+
 #[derive(Debug, Clone)]
 pub struct Gradient2 {
     cfg: LimitConfig,
@@ -45,12 +51,12 @@ pub struct Gradient2 {
     long_n: f64,
     /// The window being gathered.
     w_started_us: u64,
-    w_sum_us: f64,
+    w_samples: [u32; SAMPLES_KEPT],
     w_n: u32,
     w_max_in_flight: u32,
     /// Slow start: doubling while latency holds.
     slow_start: bool,
-    /// The last window's mean latency and gradient (for the health view).
+    /// The last window's median latency and gradient (for the health view).
     pub last_rtt_us: f64,
     pub last_gradient: f64,
 }
@@ -64,7 +70,7 @@ impl Gradient2 {
             long_rtt_us: 0.0,
             long_n: 0.0,
             w_started_us: 0,
-            w_sum_us: 0.0,
+            w_samples: [0; SAMPLES_KEPT],
             w_n: 0,
             w_max_in_flight: 0,
             slow_start: false,
@@ -102,16 +108,19 @@ impl Gradient2 {
         if self.w_n == 0 {
             self.w_started_us = now_us;
         }
-        self.w_sum_us += rtt_us.max(1) as f64;
-        self.w_n += 1;
+        if let Some(slot) = self.w_samples.get_mut(self.w_n as usize) {
+            *slot = rtt_us.clamp(1, u32::MAX as u64) as u32;
+        }
+        self.w_n = self.w_n.saturating_add(1);
         self.w_max_in_flight = self.w_max_in_flight.max(in_flight);
         if self.w_n < self.cfg.window_samples || now_us.saturating_sub(self.w_started_us) < self.cfg.window_us {
             return false;
         }
-        let short = self.w_sum_us / self.w_n as f64;
+        let kept = &mut self.w_samples[..(self.w_n as usize).min(SAMPLES_KEPT)];
+        kept.sort_unstable();
+        let short = kept[kept.len() / 2] as f64;
         let used = self.w_max_in_flight as f64;
         self.w_n = 0;
-        self.w_sum_us = 0.0;
         self.w_max_in_flight = 0;
         self.window(short, used);
         true
@@ -215,6 +224,21 @@ mod tests {
         assert_eq!(l.limit(), 16, "2 → 4 → 8 → 16 over three good windows");
         run(&mut l, &mut now, 1, 5_000, 0);
         assert!(l.limit() < 16, "rising latency ends the slow start and shrinks: {}", l.limit());
+    }
+
+    #[test]
+    fn a_few_long_statements_do_not_shrink_it() {
+        let mut l = Gradient2::new(LimitConfig::default());
+        let mut now = 0;
+        run(&mut l, &mut now, 30, 1_000, 0);
+        let before = l.limit();
+        // One statement in five takes a second (reports among point reads): the median holds.
+        for i in 0..400u64 {
+            now += 20_000;
+            let rtt = if i % 5 == 0 { 1_000_000 } else { 1_000 };
+            l.sample(now, rtt, l.limit() as u32);
+        }
+        assert!(l.limit() >= before, "limit {before} -> {}", l.limit());
     }
 
     #[test]

@@ -26,8 +26,9 @@ pub struct BackendRow {
     pub cpu_throttled_ratio: Option<f64>,
     pub proxy_latency_ms: f64,
     pub in_flight: u64,
-    /// The adaptive concurrency limit (None while no limiter runs for the server).
+    /// The adaptive concurrency limit (None with `[proxy] adaptive_limit = false`).
     pub concurrency_limit: Option<u64>,
+    /// Statements waiting for the concurrency limit plus clients waiting for a connection.
     pub queued: u64,
     pub shed_total: u64,
     /// Share of its hostgroup's statements over the last few seconds (0..1).
@@ -74,9 +75,9 @@ pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
                 cpu_throttled_ratio: live.map(|x| x.recent.throttled_ratio),
                 proxy_latency_ms: load.latency_ms(),
                 in_flight: load.in_flight.load(Ordering::Relaxed),
-                concurrency_limit: None,
-                queued: s.pool.waiting() as u64,
-                shed_total: 0,
+                concurrency_limit: rt.cfg.proxy.adaptive_limit.then(|| load.limit()),
+                queued: s.pool.waiting() as u64 + load.waiting.load(Ordering::Relaxed),
+                shed_total: load.shed.load(Ordering::Relaxed),
                 read_share: load.share(),
             });
         }

@@ -114,7 +114,7 @@ fn backends(o: &mut String, proxy: &Proxy) {
         let _ = writeln!(o, "{name} {v}");
     }
     let rows = crate::adaptive::view::backends(proxy);
-    let gauges: [(&str, &str, fn(&crate::adaptive::view::BackendRow) -> Option<f64>); 9] = [
+    let gauges: [(&str, &str, fn(&crate::adaptive::view::BackendRow) -> Option<f64>); 10] = [
         ("breakwater_proxy_backend_signal_fresh", "1 while a fresh agent series feeds the server (signal_source agent+proxy).", |b| Some((b.signal_source != "proxy") as u8 as f64)),
         ("breakwater_proxy_backend_agent_age_seconds", "Age of the agent's last report for the server.", |b| b.agent_age_ms.map(|v| v as f64 / 1e3)),
         ("breakwater_proxy_backend_server_latency_p99_seconds", "Server-side p99 request latency reported by the agent (recent window).", |b| b.server_latency_p99_ms.map(|v| v / 1e3)),
@@ -122,9 +122,14 @@ fn backends(o: &mut String, proxy: &Proxy) {
         ("breakwater_proxy_backend_cpu_pressure_ratio", "CPU pressure (PSI some avg10) of the server's cgroup.", |b| b.cpu_pressure),
         ("breakwater_proxy_backend_latency_seconds", "The proxy's own latency average for the server (peak EWMA).", |b| Some(b.proxy_latency_ms / 1e3)),
         ("breakwater_proxy_backend_in_flight", "Statements the proxy has in flight on the server.", |b| Some(b.in_flight as f64)),
-        ("breakwater_proxy_backend_queued", "Clients waiting for the server.", |b| Some(b.queued as f64)),
+        ("breakwater_proxy_backend_queued", "Statements waiting for the server's concurrency limit or a connection.", |b| Some(b.queued as f64)),
+        ("breakwater_proxy_backend_concurrency_limit", "The server's adaptive concurrency limit (statements in flight).", |b| b.concurrency_limit.map(|v| v as f64)),
         ("breakwater_proxy_backend_read_share_ratio", "The server's share of its hostgroup's statements over the last 5 s.", |b| Some(b.read_share)),
     ];
+    family(o, "breakwater_proxy_backend_shed_total", "counter", "Statements refused by the server's concurrency limit (queue full or deadline passed).");
+    for b in &rows {
+        let _ = writeln!(o, "breakwater_proxy_backend_shed_total{{hostgroup=\"{}\",server_address=\"{}:{}\"}} {}", b.hostgroup, esc(&b.srv_host), b.srv_port, b.shed_total);
+    }
     for (name, help, f) in gauges {
         family(o, name, "gauge", help);
         for b in &rows {

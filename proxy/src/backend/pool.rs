@@ -42,7 +42,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    pub fn new(max: usize, max_waiters: usize) -> Self {
+    pub fn new(max: usize, max_waiters: usize, limit: crate::adaptive::limit::LimitConfig) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             idle: Mutex::new(Vec::new()),
@@ -51,7 +51,7 @@ impl Pool {
             max_waiters,
             max: AtomicUsize::new(max),
             in_use: AtomicUsize::new(0),
-            load: Arc::default(),
+            load: Arc::new(crate::adaptive::backend::BackendLoad::new(limit)),
         }
     }
 

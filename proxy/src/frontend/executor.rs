@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::warn;
 use crate::backend::conn::{BackendError, ForwardError};
-use crate::backend::hostgroup::Gate;
+use crate::adaptive::backend::{InFlight, Shed};
+use crate::backend::hostgroup::{Gate, Hostgroup};
 use crate::backend::pool::{Checkout, PoolError, PooledConn};
 use crate::backend::server::{Server, Status};
 use crate::protocol::response::{Kind, Walker};
@@ -19,10 +20,23 @@ impl Session {
     /// The pinned connection, or one from a server of `hostgroup`. A read (`read`) whose
     /// hostgroup has no ONLINE server falls back to the user's default hostgroup; a write
     /// never does: it gets a clear error instead of landing on another hostgroup.
-    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>, read: bool) -> Result<PooledConn, SqlError> {
+    ///
+    /// Every statement also takes a slot under its server's adaptive concurrency limit (the
+    /// returned [`InFlight`]); one over the limit waits in the server's bounded queue, then
+    /// is refused with error 9001.
+    pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>, read: bool) -> Result<(PooledConn, InFlight), SqlError> {
+        let admission = self.rt.cfg.proxy.admission();
         if let Some(c) = self.pinned.take() {
             if c.server.status() != Status::OfflineHard {
-                return Ok(c);
+                let load = c.server.pool.load.clone();
+                return match load.admit(admission).await {
+                    Ok(slot) => Ok((c, slot)),
+                    Err(shed) => {
+                        let e = shed_error(&c.server, &shed);
+                        self.pinned = Some(c); // the transaction stays; the client may retry
+                        Err(e)
+                    }
+                };
             }
             // The failover controller moved the writer while this client held a
             // transaction (or other state) on the old one: that state is gone.
@@ -99,8 +113,13 @@ impl Session {
             if failed.as_ref().is_some_and(|f| Arc::ptr_eq(f, &server)) {
                 break;
             }
+            let server = if admission.enabled { with_room(&hg, server, failed.as_ref().or(exclude)) } else { server };
+            let slot = match server.pool.load.admit(admission).await {
+                Ok(slot) => slot,
+                Err(shed) => return Err(shed_error(&server, &shed)),
+            };
             match server.checkout(&opts).await {
-                Ok(c) => return Ok(c),
+                Ok(c) => return Ok((c, slot)),
                 Err(PoolError::Backend(BackendError::Login { addr, code: errcode::CON_COUNT, msg })) => {
                     // The server is alive but at its own max_connections: another server
                     // of the hostgroup may take it; if none can, the client gets 1040 too.
@@ -154,7 +173,7 @@ impl Session {
         loop {
             attempt += 1;
             let was_pinned = self.pinned.is_some();
-            let mut conn = match self.acquire(hostgroup, exclude.as_ref(), retryable).await {
+            let (mut conn, in_flight) = match self.acquire(hostgroup, exclude.as_ref(), retryable).await {
                 Ok(c) => c,
                 Err(e) => {
                     self.send_err(self.reply_seq, &e).await?;
@@ -196,7 +215,6 @@ impl Session {
             }
             let limit = self.rt.cfg.proxy.default_query_timeout_ms;
             let timeout = (limit > 0).then_some((&self.handle.timed_out, limit));
-            let in_flight = server.pool.load.start();
             let res = conn.forward(0, payload, kind, &mut self.wr, rewrite, timeout).await;
             if res.is_ok() {
                 in_flight.finish();
@@ -236,6 +254,29 @@ impl Session {
             }
         }
     }
+}
+
+/// The picked server, or another ONLINE one of the hostgroup with room under its
+/// concurrency limit when the picked one has none (so a statement queues only when every
+/// server is at its limit).
+fn with_room(hg: &Hostgroup, picked: Arc<Server>, exclude: Option<&Arc<Server>>) -> Arc<Server> {
+    if picked.pool.load.has_room() {
+        return picked;
+    }
+    hg.servers
+        .iter()
+        .filter(|s| s.is_online() && s.pool.load.has_room() && exclude.is_none_or(|e| !Arc::ptr_eq(s, e)))
+        .min_by_key(|s| s.pool.load.in_flight.load(Ordering::Relaxed) * 1000 / s.weight().max(1) as u64)
+        .cloned()
+        .unwrap_or(picked)
+}
+
+fn shed_error(server: &Server, shed: &Shed) -> SqlError {
+    SqlError::new(
+        errcode::MAX_CONNECT_TIMEOUT,
+        "HY000",
+        format!("Breakwater: backend {} (hostgroup {}) is at its adaptive {shed}; the statement was not sent", server.addr, server.cfg.hostgroup),
+    )
 }
 
 /// How the command payload is made for a particular backend connection.

@@ -216,8 +216,9 @@ impl Session {
         // No response is ever sent for this command; failures surface at EXECUTE.
         let Some(id) = stmt_id(&self.buf) else { return Ok(()) };
         let Some(stmt) = self.stmts.get(&id).cloned() else { return Ok(()) };
+        // Sending long data is not a statement: its slot is released at once.
         let mut conn = match self.acquire(stmt.hostgroup, None, stmt.read_only).await {
-            Ok(c) => c,
+            Ok((c, _slot)) => c,
             Err(e) => {
                 tracing::warn!(session = self.id, error = %e.message, "long data dropped: no backend");
                 return Ok(());
