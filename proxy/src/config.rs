@@ -607,6 +607,11 @@ pub struct QueryRule {
     /// refreshes it (stale-while-revalidate).
     #[serde(default)]
     pub cache_stale_while_revalidate: Option<u64>,
+    /// Serve an expired entry for up to this many more milliseconds when the read cannot be
+    /// served by a backend (none ONLINE, the server is shedding or over its concurrency
+    /// limit, the connection is lost before an answer): stale-if-error, counted apart.
+    #[serde(default)]
+    pub cache_stale_if_error_ms: Option<u64>,
 }
 
 fn yes() -> bool {

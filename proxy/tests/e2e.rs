@@ -1413,3 +1413,62 @@ async fn proxy_error(proxy: &Proxy, user: &str, pass: &str) -> String {
         }
     }
 }
+
+/// stale-if-error: a cached read whose rule allows it is answered from its expired entry when
+/// no backend can answer (here: every server OFFLINE_HARD in this proxy), counted apart; a
+/// read with no such entry gets the error; a write ends the entry; with the servers back the
+/// read is fetched fresh again.
+#[tokio::test]
+async fn stale_if_error_answers_when_no_backend_can() {
+    fresh_user("bw_sie", "bw_sie").await;
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(
+        "DROP DATABASE IF EXISTS sbtest_sie; CREATE DATABASE sbtest_sie; \
+         CREATE TABLE sbtest_sie.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_sie.t VALUES (1, 10)",
+    )
+    .await
+    .unwrap();
+    wait_replicas_caught_up().await;
+    let cfg = default_config_with(
+        "[[users]]\nusername = \"bw_sie\"\npassword = \"bw_sie\"\nbackend_password = \"bw_sie\"\ndefault_hostgroup = 10\n\
+         [[query_rules]]\nrule_id = 50\nusername = \"bw_sie\"\nmatch_digest = '^SELECT .* FROM t\\b'\ndestination_hostgroup = 20\n\
+         cache_ttl = 300\ncache_stale_if_error_ms = 60000\napply = true\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let mut c = Conn::new(proxy.opts("bw_sie", "bw_sie", Some("sbtest_sie"))).await.unwrap();
+    let q = "SELECT v FROM t WHERE id = 1";
+    let v: Option<i64> = c.query_first(q).await.unwrap();
+    assert_eq!(v, Some(10));
+    tokio::time::sleep(Duration::from_millis(400)).await; // expired
+    let set = |status: &str| format!("UPDATE mysql_servers SET status = '{status}'; LOAD MYSQL SERVERS TO RUNTIME;");
+    proxy.admin_sql(&set("OFFLINE_HARD")).expect("servers offline");
+    let v: Option<i64> = c.query_first(q).await.expect("answered from the expired entry");
+    assert_eq!(v, Some(10));
+    let e = c.query_first::<i64, _>("SELECT v + 1 FROM t WHERE id = 1").await.expect_err("no entry: the error");
+    assert!(e.to_string().contains("No ONLINE server"), "{e}");
+    let (_, st) = proxy.admin("GET", "/api/cache").await;
+    assert_eq!(st["stale_if_error_hits"], 1, "{st}");
+    let sql = proxy.admin_sql("SELECT Variable_Value FROM stats_breakwater_cache WHERE Variable_Name = 'stale_if_error_hits'").unwrap();
+    assert_eq!(sql.trim(), "1");
+    proxy.admin_sql(&set("ONLINE")).expect("servers back");
+    // Back: fetched fresh (the value changed meanwhile), and a write ends the old entry.
+    p.query_drop("UPDATE sbtest_sie.t SET v = 11 WHERE id = 1").await.unwrap();
+    wait_replicas_caught_up().await;
+    let t = std::time::Instant::now();
+    let v = loop {
+        match c.query_first::<i64, _>(q).await {
+            Ok(v) => break v,
+            Err(e) if t.elapsed() < Duration::from_secs(5) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("servers back: {e}"),
+        }
+    };
+    assert_eq!(v, Some(11), "fresh once a backend answers");
+    c.query_drop("UPDATE t SET v = 12 WHERE id = 1").await.unwrap();
+    proxy.admin_sql(&set("OFFLINE_HARD")).expect("servers offline");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let e = c.query_first::<i64, _>(q).await.expect_err("a write ended the entry: nothing stale to serve");
+    assert!(e.to_string().contains("No ONLINE server"), "{e}");
+}

@@ -49,6 +49,7 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
     for (name, kind, help, v) in [
         ("breakwater_proxy_cache_hits_total", "counter", "Reads answered from the query cache.", c.hits),
         ("breakwater_proxy_cache_stale_hits_total", "counter", "Reads answered from an expired entry while it was refreshed.", c.stale_hits),
+        ("breakwater_proxy_cache_stale_if_error_hits_total", "counter", "Reads answered from an expired entry because no backend could answer (stale-if-error).", c.stale_if_error_hits),
         ("breakwater_proxy_cache_misses_total", "counter", "Cacheable reads that went to a backend.", c.misses),
         ("breakwater_proxy_cache_fill_waits_total", "counter", "Reads that waited for another client's fetch of the same key.", c.fill_waits),
         ("breakwater_proxy_cache_evictions_total", "counter", "Entries evicted to stay under the memory bound.", c.evictions),

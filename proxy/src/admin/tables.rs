@@ -37,7 +37,8 @@ const CONFIG_TABLES: &[(&str, &str)] = &[
         "mysql_query_rules",
         "(rule_id INT NOT NULL PRIMARY KEY, active INT NOT NULL DEFAULT 1, username VARCHAR, schemaname VARCHAR, \
           match_digest VARCHAR, match_pattern VARCHAR, negate_match_pattern INT NOT NULL DEFAULT 0, \
-          destination_hostgroup INT, cache_ttl INT, cache_stale_while_revalidate INT, apply INT NOT NULL DEFAULT 0, comment VARCHAR)",
+          destination_hostgroup INT, cache_ttl INT, cache_stale_while_revalidate INT, apply INT NOT NULL DEFAULT 0, comment VARCHAR, \
+          cache_stale_if_error_ms INT)",
     ),
 ];
 
@@ -71,17 +72,20 @@ impl AdminDb {
             }
             if has_disk {
                 conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS disk.{name} {cols};")).map_err(sql_err)?;
-                // A file saved before mysql_servers had its status or use_ssl column gets
-                // it (last, in the order this version has them too).
-                if *name == "mysql_servers" {
-                    for (col, def) in [("status", "VARCHAR NOT NULL DEFAULT 'ONLINE'"), ("use_ssl", "INT NOT NULL DEFAULT 0")] {
-                        let has: bool = conn
-                            .query_row("SELECT COUNT(*) FROM pragma_table_info('mysql_servers', 'disk') WHERE name = ?1", [col], |r| r.get::<_, i64>(0))
-                            .map(|n| n > 0)
-                            .map_err(sql_err)?;
-                        if !has {
-                            conn.execute_batch(&format!("ALTER TABLE disk.mysql_servers ADD COLUMN {col} {def}")).map_err(sql_err)?;
-                        }
+                // A file saved by an older version gets the columns added since (last, in the
+                // order this version has them too).
+                let added: &[(&str, &str, &str)] = &[
+                    ("mysql_servers", "status", "VARCHAR NOT NULL DEFAULT 'ONLINE'"),
+                    ("mysql_servers", "use_ssl", "INT NOT NULL DEFAULT 0"),
+                    ("mysql_query_rules", "cache_stale_if_error_ms", "INT"),
+                ];
+                for (_, col, def) in added.iter().filter(|(t, _, _)| t == name) {
+                    let has: bool = conn
+                        .query_row("SELECT COUNT(*) FROM pragma_table_info(?1, 'disk') WHERE name = ?2", [name, col], |r| r.get::<_, i64>(0))
+                        .map(|n| n > 0)
+                        .map_err(sql_err)?;
+                    if !has {
+                        conn.execute_batch(&format!("ALTER TABLE disk.{name} ADD COLUMN {col} {def}")).map_err(sql_err)?;
                     }
                 }
             }
@@ -193,7 +197,7 @@ impl AdminDb {
         }
         for r in &cfg.query_rules {
             tx.execute(
-                "INSERT OR REPLACE INTO mysql_query_rules VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
+                "INSERT OR REPLACE INTO mysql_query_rules VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, ?12)",
                 rusqlite::params![
                     r.rule_id,
                     r.active as i64,
@@ -205,7 +209,8 @@ impl AdminDb {
                     r.destination_hostgroup,
                     r.cache_ttl.map(|v| v as i64),
                     r.cache_stale_while_revalidate.map(|v| v as i64),
-                    r.apply as i64
+                    r.apply as i64,
+                    r.cache_stale_if_error_ms.map(|v| v as i64)
                 ],
             )
             .map_err(sql_err)?;
@@ -268,7 +273,7 @@ impl AdminDb {
     }
 
     fn rules(&self) -> Result<Vec<QueryRule>, String> {
-        let mut st = self.conn.prepare("SELECT rule_id, active, username, schemaname, match_digest, match_pattern, negate_match_pattern, destination_hostgroup, cache_ttl, cache_stale_while_revalidate, apply FROM mysql_query_rules ORDER BY rule_id").map_err(sql_err)?;
+        let mut st = self.conn.prepare("SELECT rule_id, active, username, schemaname, match_digest, match_pattern, negate_match_pattern, destination_hostgroup, cache_ttl, cache_stale_while_revalidate, apply, cache_stale_if_error_ms FROM mysql_query_rules ORDER BY rule_id").map_err(sql_err)?;
         let rows = st
             .query_map([], |r| {
                 Ok(QueryRule {
@@ -283,6 +288,7 @@ impl AdminDb {
                     cache_ttl: r.get::<_, Option<i64>>(8)?.map(|v| v.max(0) as u64),
                     cache_stale_while_revalidate: r.get::<_, Option<i64>>(9)?.map(|v| v.max(0) as u64),
                     apply: r.get::<_, i64>(10)? != 0,
+                    cache_stale_if_error_ms: r.get::<_, Option<i64>>(11)?.map(|v| v.max(0) as u64),
                 })
             })
             .map_err(sql_err)?;
@@ -471,6 +477,7 @@ impl AdminDb {
             ("max_bytes", c.max_bytes as u64),
             ("hits", c.hits),
             ("stale_hits", c.stale_hits),
+            ("stale_if_error_hits", c.stale_if_error_hits),
             ("misses", c.misses),
             ("fill_waits", c.fill_waits),
             ("stores", c.stores),

@@ -60,6 +60,8 @@ struct Entry {
     tables: Vec<String>,
     expires: Instant,
     stale_until: Instant,
+    /// Kept until then for stale-if-error (at least `stale_until`).
+    error_until: Instant,
     /// Which insertion this is (its slot in `Inner::ring` carries the same id).
     id: u64,
     /// Used since the CLOCK hand last passed it.
@@ -145,6 +147,7 @@ pub struct Stats {
     pub max_bytes: usize,
     pub hits: u64,
     pub stale_hits: u64,
+    pub stale_if_error_hits: u64,
     pub misses: u64,
     pub stores: u64,
     pub evictions: u64,
@@ -158,6 +161,7 @@ pub struct QueryCache {
     pub max_entry_bytes: usize,
     hits: AtomicU64,
     stale_hits: AtomicU64,
+    stale_if_error_hits: AtomicU64,
     misses: AtomicU64,
     stores: AtomicU64,
     evictions: AtomicU64,
@@ -185,6 +189,9 @@ pub struct Fill {
     key: Box<[u8]>,
     gen_at_start: u64,
     notify: Option<Arc<Notify>>,
+    /// An expired entry still within its stale-if-error window: what to answer if no
+    /// backend can (see [`QueryCache::served_stale_if_error`]).
+    pub fallback: Option<Arc<[u8]>>,
 }
 
 impl Fill {
@@ -217,6 +224,7 @@ impl QueryCache {
             max_entry_bytes: max_entry_bytes.min(max_bytes),
             hits: AtomicU64::new(0),
             stale_hits: AtomicU64::new(0),
+            stale_if_error_hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             stores: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -256,6 +264,7 @@ impl QueryCache {
         let mut inner = self.lock();
         let gen = 0;
         let mut expired = false;
+        let mut fallback = None;
         if let Some(e) = inner.entries.get_mut(key) {
             if now < e.expires {
                 let data = e.data.clone();
@@ -267,14 +276,18 @@ impl QueryCache {
                 e.refreshing = true;
                 let data = e.data.clone();
                 self.stale_hits.fetch_add(1, Ordering::Relaxed);
-                return Lookup::Stale(data, Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: None });
+                return Lookup::Stale(data, Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: None, fallback: None });
             }
             if now < e.stale_until {
                 let data = e.data.clone();
                 self.stale_hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(data);
             }
-            expired = true;
+            if now < e.error_until {
+                fallback = Some(e.data.clone());
+            } else {
+                expired = true;
+            }
         }
         if expired {
             remove(&mut inner, key);
@@ -286,11 +299,18 @@ impl QueryCache {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let n = Arc::new(Notify::new());
         inner.filling.insert(key.into(), n.clone());
-        Lookup::Fill(Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: Some(n) })
+        Lookup::Fill(Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: Some(n), fallback })
     }
 
-    /// Store a fetched result (raw packets, sequence ids from 1) for `ttl` (+ `stale`).
-    pub fn store(&self, fill: Fill, data: &[u8], route: Option<Arc<Route>>, tables: Vec<String>, ttl: Duration, stale: Duration) {
+    /// A read was answered from an expired entry because no backend could answer it.
+    pub fn served_stale_if_error(&self) {
+        self.stale_if_error_hits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Store a fetched result (raw packets, sequence ids from 1) for `ttl` (+ `stale`), kept
+    /// `stale_if_error` past its expiry for reads that no backend can answer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store(&self, fill: Fill, data: &[u8], route: Option<Arc<Route>>, tables: Vec<String>, ttl: Duration, stale: Duration, stale_if_error: Duration) {
         let bytes = data.len() + fill.key.len() + 64 + tables.iter().map(|t| t.len()).sum::<usize>();
         if bytes > self.max_entry_bytes {
             return;
@@ -332,7 +352,18 @@ impl QueryCache {
             inner.bytes += bytes;
             inner.entries.insert(
                 InlineKey::new(&fill.key),
-                Entry { data: data.into(), route, tables, expires: now + ttl, stale_until: now + ttl + stale, id, referenced: false, bytes, refreshing: false },
+                Entry {
+                    data: data.into(),
+                    route,
+                    tables,
+                    expires: now + ttl,
+                    stale_until: now + ttl + stale,
+                    error_until: now + ttl + stale.max(stale_if_error),
+                    id,
+                    referenced: false,
+                    bytes,
+                    refreshing: false,
+                },
             );
         }
         self.stores.fetch_add(1, Ordering::Relaxed);
@@ -388,6 +419,7 @@ impl QueryCache {
             max_bytes: self.max_bytes,
             hits: self.hits.load(Ordering::Relaxed),
             stale_hits: self.stale_hits.load(Ordering::Relaxed),
+            stale_if_error_hits: self.stale_if_error_hits.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
             stores: self.stores.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
@@ -436,7 +468,7 @@ mod tests {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k1");
         assert!(matches!(c.lookup(b"k1"), Lookup::Wait(_)), "second client waits");
-        c.store(f, b"rows", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"rows", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(b"k1"), Lookup::Hit(d) if &*d == b"rows"));
         c.invalidate(Some(&["db.t".into()]));
         assert_eq!(c.stats().entries, 0);
@@ -444,17 +476,17 @@ mod tests {
         // A fill that straddles an invalidation is not stored.
         let f = fill(&c, b"k2");
         c.invalidate(Some(&["db.t".into()]));
-        c.store(f, b"old", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"old", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert_eq!(c.stats().entries, 0);
         // Expired entries are never served.
         let f = fill(&c, b"k3");
-        c.store(f, b"x", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO);
+        c.store(f, b"x", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(b"k3"), Lookup::Fill(_)));
         // Memory bound: many keys, bytes never above max.
         for i in 0..1000 {
             let k = format!("key{i}");
             let f = fill(&c, k.as_bytes());
-            c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+            c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
             assert!(c.stats().bytes <= 10_000);
         }
         assert!(c.stats().evictions > 900);
@@ -466,7 +498,7 @@ mod tests {
         let keys: Vec<String> = (1000 - hot..1000).map(|i| format!("key{i}")).collect();
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the oldest is still there");
         let f = fill(&c, b"new");
-        c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the referenced oldest got a second chance");
         assert!(!matches!(c.lookup(keys[1].as_bytes()), Lookup::Hit(_)), "the unreferenced next oldest was evicted");
     }
@@ -475,12 +507,31 @@ mod tests {
     fn stale_while_revalidate() {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k");
-        c.store(f, b"v1", None, vec![], Duration::ZERO, Duration::from_secs(60));
+        c.store(f, b"v1", None, vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
         let Lookup::Stale(d, f) = c.lookup(b"k") else { panic!("stale expected") };
         assert_eq!(&*d, b"v1");
         assert!(matches!(c.lookup(b"k"), Lookup::Hit(_)), "others get stale data while one refreshes");
-        c.store(f, b"v2", None, vec![], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"v2", None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(b"k"), Lookup::Hit(d) if &*d == b"v2"));
+    }
+
+    #[test]
+    fn stale_if_error_keeps_an_expired_entry_as_a_fallback_only() {
+        let c = QueryCache::new(10_000, 5_000);
+        let f = fill(&c, b"k");
+        c.store(f, b"v1", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::from_secs(60));
+        // Expired: a miss that fetches, with the old result to answer if no backend can.
+        let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
+        assert_eq!(f.fallback.as_deref(), Some(&b"v1"[..]));
+        drop(f);
+        // A write to its table ends it: never served after an invalidation.
+        c.invalidate(Some(&["db.t".to_string()]));
+        let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
+        assert!(f.fallback.is_none());
+        // Without stale-if-error an expired entry is gone.
+        c.store(f, b"v2", None, vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
+        assert!(f.fallback.is_none());
     }
 
     #[test]
@@ -490,17 +541,17 @@ mod tests {
         assert!(c.hit(b"k", 7).is_none(), "nothing stored");
         assert!(matches!(c.lookup(b"k"), Lookup::Fill(_)), "a failed fast hit started no fill");
         let f = fill(&c, b"k2");
-        c.store(f, b"rows", Some(route.clone()), vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"rows", Some(route.clone()), vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         let (d, r) = c.hit(b"k2", 7).expect("hit under generation 7");
         assert_eq!((&*d, &*r.digest), (&b"rows"[..], "SELECT ?"));
         assert!(c.hit(b"k2", 8).is_none(), "other rules must route it again");
         assert!(c.hit(b"k2", 0).is_none());
         // Statements (no route) and expired entries take the full path.
         let f = fill(&c, b"k3");
-        c.store(f, b"x", None, vec![], Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"x", None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(c.hit(b"k3", 7).is_none());
         let f = fill(&c, b"k4");
-        c.store(f, b"x", Some(route), vec![], Duration::ZERO, Duration::from_secs(60));
+        c.store(f, b"x", Some(route), vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
         assert!(c.hit(b"k4", 7).is_none(), "stale: the full path refreshes it");
         assert!(matches!(c.lookup(b"k4"), Lookup::Stale(..)));
     }

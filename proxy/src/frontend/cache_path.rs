@@ -170,6 +170,7 @@ impl Session {
         let wait = Duration::from_millis(self.rt.cfg.cache.fill_wait_ms);
         let ttl = Duration::from_millis(d.cache_ttl_ms);
         let stale = Duration::from_millis(d.cache_stale_ms);
+        let stale_if_error = Duration::from_millis(d.cache_stale_if_error_ms);
         let mut waited = false;
         loop {
             match cache.lookup(key) {
@@ -197,7 +198,7 @@ impl Session {
                     self.wr.start_capture(cache.max_entry_bytes, true);
                     let (r, _, err) = self.fetch(&mut src, hg, true).await;
                     if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale);
+                        cache.store(fill, &data, route(self), tables, ttl, stale, stale_if_error);
                     }
                     return (r, -1, 0, false);
                 }
@@ -208,10 +209,14 @@ impl Session {
                     let window = Duration::from_millis(self.rt.cfg.cache.fill_from_writer_after_write_ms);
                     let hg = if !tables.is_empty() && cache.written_within(&tables, window) { self.user.default_hostgroup } else { hg };
                     self.wr.start_capture(cache.max_entry_bytes, false);
+                    // No backend can answer: the expired result, if the rule allows it (what
+                    // it writes is captured too, but a failed fetch is never stored).
+                    self.stale_if_error = fill.fallback.take();
                     let (r, rows, err) = self.fetch(&mut src, hg, true).await;
+                    self.stale_if_error = None;
                     let data = self.wr.end_capture();
                     if let (Some(data), false, Ok(())) = (data, err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale);
+                        cache.store(fill, &data, route(self), tables, ttl, stale, stale_if_error);
                     }
                     return (r, hg as i64, rows, err);
                 }

@@ -159,6 +159,20 @@ impl Session {
         Err(SqlError::new(errcode::CONN_HOST_ERROR, "HY000", msg))
     }
 
+    /// No backend answered, and nothing was sent yet: the expired cached result when the
+    /// read's rule allows stale-if-error, else the error.
+    async fn fail(&mut self, e: &SqlError) -> Result<(), ClientGone> {
+        match self.stale_if_error.take() {
+            Some(data) => {
+                warn!(session = self.id, error = %e.message, "no backend answered: served an expired cached result (stale-if-error)");
+                self.proxy.cache.served_stale_if_error();
+                self.wr.buf_mut().extend_from_slice(&data);
+                self.flush().await
+            }
+            None => self.send_err(self.reply_seq, e).await,
+        }
+    }
+
     /// Run one command on a backend and stream its response to the client.
     /// Returns the response summary and the connection, or None when an error was sent.
     pub(super) async fn run(
@@ -176,7 +190,7 @@ impl Session {
             let (mut conn, in_flight) = match self.acquire(hostgroup, exclude.as_ref(), retryable).await {
                 Ok(c) => c,
                 Err(e) => {
-                    self.send_err(self.reply_seq, &e).await?;
+                    self.fail(&e).await?;
                     return Ok(None);
                 }
             };
@@ -203,7 +217,7 @@ impl Session {
                     }
                     self.connection_lost(&server, &e.to_string());
                     let msg = format!("Lost connection to backend {} (hostgroup {}): {e}", server.addr, server.cfg.hostgroup);
-                    self.send_err(self.reply_seq, &SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
+                    self.fail(&SqlError::new(errcode::SERVER_LOST, "HY000", msg)).await?;
                     return Ok(None);
                 }
             };

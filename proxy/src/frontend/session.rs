@@ -93,6 +93,9 @@ pub struct Session {
     pub(super) last_error: Option<u16>,
     /// Reused buffer for query cache keys.
     pub(super) cache_key: Vec<u8>,
+    /// While a cached read with stale-if-error is fetched: the expired result to answer
+    /// instead of an error when no backend can answer (see `executor::run`).
+    pub(super) stale_if_error: Option<std::sync::Arc<[u8]>>,
     /// For temporary users: turns true when their access ends.
     pub(super) revoked: Option<watch::Receiver<bool>>,
     pub(super) handle: Arc<SessionHandle>,
@@ -212,6 +215,7 @@ pub async fn serve(proxy: Arc<Proxy>, stream: TcpStream, conn_id: u32, mut shutd
         last_backend: None,
         last_error: None,
         cache_key: Vec::new(),
+        stale_if_error: None,
         revoked,
         last_insert_id: 0,
         held: None,

@@ -18,6 +18,7 @@ struct Compiled {
     apply: bool,
     cache_ttl_ms: Option<u64>,
     cache_stale_ms: Option<u64>,
+    cache_stale_if_error_ms: Option<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -39,6 +40,7 @@ pub struct Decision {
     pub hostgroup: Option<u32>,
     pub cache_ttl_ms: u64,
     pub cache_stale_ms: u64,
+    pub cache_stale_if_error_ms: u64,
     /// The generation of the rules that decided (cache::Route).
     pub rules_generation: u64,
 }
@@ -62,6 +64,7 @@ impl Rules {
                 apply: r.apply,
                 cache_ttl_ms: r.cache_ttl,
                 cache_stale_ms: r.cache_stale_while_revalidate,
+                cache_stale_if_error_ms: r.cache_stale_if_error_ms,
             });
         }
         out.sort_by_key(|r| r.rule_id);
@@ -114,6 +117,9 @@ impl Rules {
             }
             if let Some(st) = r.cache_stale_ms {
                 d.cache_stale_ms = st;
+            }
+            if let Some(st) = r.cache_stale_if_error_ms {
+                d.cache_stale_if_error_ms = st;
             }
             if r.apply {
                 break;
