@@ -8,6 +8,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio::sync::watch;
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BalanceArg {
+    Adaptive,
+    Weighted,
+}
+
 #[derive(Parser, Debug)]
 #[command(name = "breakwater-proxy", version, about)]
 struct Cli {
@@ -47,6 +53,12 @@ struct Cli {
     /// Consecutive failed health checks before a server is SHUNNED (overrides [monitor] shun_after_failures).
     #[arg(long)]
     shun_after_failures: Option<u32>,
+    /// Reader choice in every hostgroup without its own setting (overrides [proxy] balance).
+    #[arg(long, value_enum)]
+    balance: Option<BalanceArg>,
+    /// The adaptive concurrency limit per server on or off (overrides [proxy] adaptive_limit).
+    #[arg(long)]
+    adaptive_limit: Option<bool>,
     /// Log filter (tracing EnvFilter syntax), e.g. info or breakwater_proxy=debug.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -245,6 +257,15 @@ fn main() -> ExitCode {
     }
     if let Some(n) = cli.max_transaction_idle_time_ms {
         cfg.proxy.max_transaction_idle_time_ms = n;
+    }
+    if let Some(b) = cli.balance {
+        cfg.proxy.balance = match b {
+            BalanceArg::Adaptive => breakwater_proxy::config::Balance::Adaptive,
+            BalanceArg::Weighted => breakwater_proxy::config::Balance::Weighted,
+        };
+    }
+    if let Some(on) = cli.adaptive_limit {
+        cfg.proxy.adaptive_limit = on;
     }
     if let Some(n) = cli.shun_after_failures {
         cfg.monitor.shun_after_failures = n;

@@ -143,6 +143,20 @@ async fn agent_signals_feed_the_backend_view_and_age_out() {
     assert_eq!(rejected(m2.as_str().unwrap_or_default()), Some(r0 + 2));
     assert!(read_load(&proxy, 1, Duration::from_millis(100)).await > 0);
 
+    // A real Prometheus scrapes the proxy; every query of the adaptive loop's dashboard
+    // returns data (reads go on meanwhile, so the agent keeps reporting).
+    let admin_port = proxy.admin_port;
+    let prom = tokio::task::spawn_blocking(move || {
+        let prom = breakwater_testkit::Prometheus::start("breakwater-adaptive", admin_port);
+        let exprs = breakwater_testkit::dashboard_queries(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/breakwater-adaptive.json"));
+        assert!(exprs.len() >= 12, "{exprs:?}");
+        prom.all_have_data(&exprs, Duration::from_secs(60));
+    });
+    while !prom.is_finished() {
+        read_load(&proxy, 2, Duration::from_millis(500)).await;
+    }
+    prom.await.expect("every dashboard query has data");
+
     // The agent stops: its signals age out (three export intervals) and the proxy falls back.
     drop(agent);
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -339,4 +353,95 @@ async fn an_overloaded_backend_runs_at_most_its_limit() {
         }
     }
     assert!(now > low && now >= 12, "the limit rose again after the overload: {low} -> {now}");
+}
+
+/// Clients reading `sql` through the proxy in the background until dropped.
+struct Background {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<usize>>,
+}
+
+impl Background {
+    fn start(proxy: &Proxy, clients: usize, sql: &'static str) -> Background {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|_| {
+                let opts = proxy.opts("app", "app", Some("sbtest"));
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut c = mysql_async::Conn::new(opts).await.expect("connect");
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        c.query_drop(sql).await.expect("read");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        Background { stop, tasks }
+    }
+
+    async fn finish(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut n = 0;
+        for t in self.tasks {
+            n += t.await.expect("reader");
+        }
+        n
+    }
+}
+
+/// Another way a replica becomes slow: a DBA's or a backup tool's table lock on one replica
+/// (LOCK TABLES ... WRITE by a privileged user, which read_only does not stop). Reads of
+/// that table stall there; the adaptive balancer sees the statements piling up in flight
+/// and sends the reads to the other replica (at most a quarter to the stalled one within
+/// 15 s), and gives the replica its share back after the lock ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stalled_by_a_table_lock_gets_less_traffic() {
+    let _heavy = HEAVY.lock().await;
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(
+        "DROP DATABASE IF EXISTS sbtest_adaptive; CREATE DATABASE sbtest_adaptive; \
+         CREATE TABLE sbtest_adaptive.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_adaptive.t VALUES (1, 1)",
+    )
+    .await
+    .unwrap();
+    wait_replicas_caught_up().await;
+    let proxy = Proxy::start(&[]);
+    let load = Background::start(&proxy, 8, "SELECT v FROM sbtest_adaptive.t WHERE id = 1");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let share = |rows: &std::collections::BTreeMap<String, serde_json::Value>| rows["20/3308"]["read_share"].as_f64().unwrap_or(0.0);
+    println!("healthy: 3308 share {:.2}", share(&backends(&proxy).await));
+    // The lock, held for 12 s on a privileged connection to 3308.
+    let mut locker = lab(3308).await;
+    locker.query_drop("LOCK TABLES sbtest_adaptive.t WRITE").await.expect("lock on the replica");
+    let t = Instant::now();
+    let mut low = None;
+    while t.elapsed() < Duration::from_secs(12) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let rows = backends(&proxy).await;
+        println!("{:>5.1}s locked: 3308 share {:.2}, in flight {}", t.elapsed().as_secs_f64(), share(&rows), rows["20/3308"]["in_flight"]);
+        if share(&rows) <= 0.25 && t.elapsed() >= Duration::from_secs(6) && low.is_none() {
+            low = Some(t.elapsed());
+        }
+    }
+    locker.query_drop("UNLOCK TABLES").await.unwrap();
+    drop(locker);
+    assert!(low.is_some(), "the stalled replica kept more than a quarter of the reads");
+    let t = Instant::now();
+    let mut back = None;
+    while t.elapsed() < Duration::from_secs(40) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s = share(&backends(&proxy).await);
+        println!("{:>5.1}s unlocked: 3308 share {s:.2}", t.elapsed().as_secs_f64());
+        if s >= 0.35 && t.elapsed() >= Duration::from_secs(5) {
+            back = Some(t.elapsed());
+            break;
+        }
+    }
+    let n = load.finish().await;
+    assert!(back.is_some(), "the replica did not regain 35% of the reads within 40 s");
+    println!("{n} reads, every one answered");
+    p.query_drop("DROP DATABASE sbtest_adaptive").await.unwrap();
 }

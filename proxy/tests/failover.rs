@@ -587,6 +587,8 @@ async fn cluster_survives_primary_failures() {
     assert!(dom.contains("data-addr=\"127.0.0.1:3308\" data-role=\"fenced\" data-up=\"true\""), "page: {dom}");
     assert!(dom.contains(&format!("data-addr=\"{}\" data-role=\"fenced\" data-up=\"false\"", addr(first_new))), "page: {dom}");
     assert!(dom.contains("id=\"cooldown\" data-active=\"true\""), "page: {dom}");
+    // Each node's live load (from /api/backends): the writer's row in hostgroup 10.
+    assert!(dom.contains("class=\"load\" data-hostgroup=\"10\" data-source=\"proxy\""), "page: {dom}");
     assert!(dom.contains("RecoverDeadPrimary") && dom.contains("RecoveryBlocked"), "page events: {dom}");
     let (code, m) = p.admin("GET", "/metrics").await;
     assert_eq!(code, 200);

@@ -6,6 +6,11 @@
 //!   connections: a statement beyond it waits in a bounded queue until one finishes or its
 //!   deadline passes, then is shed with an error naming the server, its limit and the queue.
 //!   The pool's hard `max_connections` stays in force underneath.
+//! - outlier ejection: `EJECT_AFTER` backend failures in a row (the connection lost or
+//!   timed out, a connect refused, 1040 or 1053 from the server) take the server out of
+//!   adaptive reader choice for 10 s, doubling per ejection up to 60 s. The balancer never
+//!   ejects every server of a hostgroup: with all ejected it fails open to the plain
+//!   choice (as PgDog does).
 //!
 //! Kept apart from the pool (which enforces caps) and from the balancer that reads it.
 
@@ -13,6 +18,9 @@ use super::limit::{Gradient2, LimitConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+/// Backend failures in a row that eject a server.
+pub const EJECT_AFTER: u32 = 5;
 
 /// Time constant of the latency average.
 const DECAY_S: f64 = 5.0;
@@ -60,6 +68,12 @@ pub struct BackendLoad {
     pub waiting: AtomicU64,
     pub shed: AtomicU64,
     released: tokio::sync::Notify,
+    /// Outlier ejection: failures in a row, until when (µs of `now_us`) it is ejected, how
+    /// many ejections in a row (the next lasts longer), and ejections so far.
+    failures_in_row: AtomicU64,
+    ejected_until_us: AtomicU64,
+    ejection_level: AtomicU64,
+    pub ejections: AtomicU64,
     /// Share of its hostgroup's statements lately, in millionths (see `view::sample_shares`).
     share_ppm: AtomicU64,
     /// The cost multiplier from the agent's fresh signals (f64 bits; 1.0 without them).
@@ -87,6 +101,7 @@ impl InFlight {
     pub fn finish(self) {
         let rtt = self.started.elapsed();
         self.load.observe(rtt.as_secs_f64() * 1e3);
+        self.load.succeeded();
         let Ok(mut l) = self.load.limiter.lock() else { return };
         if l.sample(now_us(), rtt.as_micros() as u64, self.at_start as u32) {
             let before = self.load.limit.swap(l.limit() as u64, Ordering::Relaxed);
@@ -115,10 +130,43 @@ impl BackendLoad {
             waiting: AtomicU64::new(0),
             shed: AtomicU64::new(0),
             released: tokio::sync::Notify::new(),
+            failures_in_row: AtomicU64::new(0),
+            ejected_until_us: AtomicU64::new(0),
+            ejection_level: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
             share_ppm: AtomicU64::new(0),
             penalty_bits: AtomicU64::new(1f64.to_bits()),
             ewma: Mutex::new(Ewma { ms: 0.0, at: Instant::now() }),
         }
+    }
+
+    /// A backend failure (not a SQL error of the statement): ejects the server after
+    /// `EJECT_AFTER` in a row. Returns true when this one ejected it.
+    pub fn failed(&self) -> bool {
+        let n = self.failures_in_row.fetch_add(1, Ordering::Relaxed) + 1;
+        if n < EJECT_AFTER as u64 || self.is_ejected() {
+            return false;
+        }
+        let level = self.ejection_level.fetch_add(1, Ordering::Relaxed).min(3);
+        let secs = (10u64 << level).min(60);
+        self.ejected_until_us.store(now_us() + secs * 1_000_000, Ordering::Relaxed);
+        self.failures_in_row.store(0, Ordering::Relaxed);
+        self.ejections.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    fn succeeded(&self) {
+        if self.failures_in_row.load(Ordering::Relaxed) != 0 {
+            self.failures_in_row.store(0, Ordering::Relaxed);
+        }
+        if !self.is_ejected() && self.ejection_level.load(Ordering::Relaxed) != 0 {
+            self.ejection_level.store(0, Ordering::Relaxed); // healthy again after its ejection
+        }
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until_us.load(Ordering::Relaxed);
+        until != 0 && now_us() < until
     }
 
     /// The adaptive limit in force now.
@@ -265,6 +313,35 @@ mod tests {
         // Without samples it decays (a slow server is tried again after a while).
         l.ewma.lock().unwrap().at -= std::time::Duration::from_secs(10);
         assert!(l.latency_ms() < after * 0.2, "decayed while idle");
+    }
+
+    #[test]
+    fn failures_in_a_row_eject_for_longer_each_time() {
+        let l = BackendLoad::default();
+        for _ in 0..EJECT_AFTER - 1 {
+            assert!(!l.failed());
+        }
+        assert!(!l.is_ejected());
+        assert!(l.failed(), "the 5th in a row ejects");
+        assert!(l.is_ejected());
+        let until = l.ejected_until_us.load(Ordering::Relaxed);
+        assert!((9_000_000..=10_000_000).contains(&(until - now_us())), "10 s first");
+        // Back after it: the next burst ejects for 20 s.
+        l.ejected_until_us.store(1, Ordering::Relaxed);
+        assert!(!l.is_ejected());
+        for _ in 0..EJECT_AFTER {
+            l.failed();
+        }
+        let until = l.ejected_until_us.load(Ordering::Relaxed);
+        assert!((19_000_000..=20_000_000).contains(&(until - now_us())), "20 s next");
+        // A success between failures resets the count.
+        l.ejected_until_us.store(1, Ordering::Relaxed);
+        for _ in 0..EJECT_AFTER - 1 {
+            l.failed();
+        }
+        l.succeeded();
+        assert!(!l.failed(), "the run was broken by a success");
+        assert_eq!(l.ejections.load(Ordering::Relaxed), 2);
     }
 
     fn quick(timeout_ms: u64, max_queue: u64) -> Admission {

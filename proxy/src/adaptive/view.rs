@@ -31,6 +31,9 @@ pub struct BackendRow {
     /// Statements waiting for the concurrency limit plus clients waiting for a connection.
     pub queued: u64,
     pub shed_total: u64,
+    /// Out of adaptive reader choice after an error burst (outlier ejection), and how often.
+    pub ejected: bool,
+    pub ejections_total: u64,
     /// Share of its hostgroup's statements over the last few seconds (0..1).
     pub read_share: f64,
 }
@@ -78,6 +81,8 @@ pub fn backends(proxy: &Proxy) -> Vec<BackendRow> {
                 concurrency_limit: rt.cfg.proxy.adaptive_limit.then(|| load.limit()),
                 queued: s.pool.waiting() as u64 + load.waiting.load(Ordering::Relaxed),
                 shed_total: load.shed.load(Ordering::Relaxed),
+                ejected: load.is_ejected(),
+                ejections_total: load.ejections.load(Ordering::Relaxed),
                 read_share: load.share(),
             });
         }

@@ -115,7 +115,8 @@ fn backends(o: &mut String, proxy: &Proxy) {
         let _ = writeln!(o, "{name} {v}");
     }
     let rows = crate::adaptive::view::backends(proxy);
-    let gauges: [(&str, &str, fn(&crate::adaptive::view::BackendRow) -> Option<f64>); 10] = [
+    let gauges: [(&str, &str, fn(&crate::adaptive::view::BackendRow) -> Option<f64>); 11] = [
+        ("breakwater_proxy_backend_ejected", "1 while the server is out of adaptive reader choice after an error burst.", |b| Some(b.ejected as u8 as f64)),
         ("breakwater_proxy_backend_signal_fresh", "1 while a fresh agent series feeds the server (signal_source agent+proxy).", |b| Some((b.signal_source != "proxy") as u8 as f64)),
         ("breakwater_proxy_backend_agent_age_seconds", "Age of the agent's last report for the server.", |b| b.agent_age_ms.map(|v| v as f64 / 1e3)),
         ("breakwater_proxy_backend_server_latency_p99_seconds", "Server-side p99 request latency reported by the agent (recent window).", |b| b.server_latency_p99_ms.map(|v| v / 1e3)),
@@ -130,6 +131,10 @@ fn backends(o: &mut String, proxy: &Proxy) {
     family(o, "breakwater_proxy_backend_shed_total", "counter", "Statements refused by the server's concurrency limit (queue full or deadline passed).");
     for b in &rows {
         let _ = writeln!(o, "breakwater_proxy_backend_shed_total{{hostgroup=\"{}\",server_address=\"{}:{}\"}} {}", b.hostgroup, esc(&b.srv_host), b.srv_port, b.shed_total);
+    }
+    family(o, "breakwater_proxy_backend_ejections_total", "counter", "Outlier ejections of the server after backend failures in a row.");
+    for b in &rows {
+        let _ = writeln!(o, "breakwater_proxy_backend_ejections_total{{hostgroup=\"{}\",server_address=\"{}:{}\"}} {}", b.hostgroup, esc(&b.srv_host), b.srv_port, b.ejections_total);
     }
     for (name, help, f) in gauges {
         family(o, name, "gauge", help);

@@ -103,7 +103,7 @@ impl AdminDb {
              CREATE TABLE stats_breakwater_backends (hostgroup INT, srv_host VARCHAR, srv_port INT, status VARCHAR, signal_source VARCHAR, \
                agent VARCHAR, agent_age_ms INT, server_latency_p99_ms REAL, server_latency_mean_ms REAL, server_requests_per_s REAL, \
                server_in_flight INT, server_connections INT, cpu_pressure REAL, cpu_throttled_ratio REAL, proxy_latency_ms REAL, \
-               in_flight INT, concurrency_limit INT, queued INT, shed_total INT, read_share REAL); \
+               in_flight INT, concurrency_limit INT, queued INT, shed_total INT, read_share REAL, ejected INT, ejections_total INT); \
              CREATE TABLE stats_breakwater_cache (Variable_Name VARCHAR PRIMARY KEY, Variable_Value VARCHAR); \
              CREATE TABLE breakwater_access_grants (id INT, username VARCHAR, account VARCHAR, role VARCHAR, schema_name VARCHAR, grants VARCHAR, \
                reason VARCHAR, granted_by VARCHAR, granted_at INT, expires_at INT, state VARCHAR, ended_at INT); \
@@ -405,7 +405,7 @@ impl AdminDb {
         }
         for b in crate::adaptive::view::backends(proxy) {
             tx.execute(
-                "INSERT INTO stats_breakwater_backends VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                "INSERT INTO stats_breakwater_backends VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
                 rusqlite::params![
                     b.hostgroup,
                     b.srv_host,
@@ -426,7 +426,9 @@ impl AdminDb {
                     b.concurrency_limit.map(|v| v as i64),
                     b.queued as i64,
                     b.shed_total as i64,
-                    b.read_share
+                    b.read_share,
+                    b.ejected as i64,
+                    b.ejections_total as i64
                 ],
             )
             .map_err(sql_err)?;

@@ -53,6 +53,15 @@ impl Hostgroup {
             .iter()
             .filter(|s| s.is_online() && exclude.is_none_or(|e| !Arc::ptr_eq(s, e)))
             .collect();
+        // Adaptive: servers ejected for an error burst are left out, unless that leaves
+        // none (fail open to the plain choice).
+        let mut online = online;
+        if balance == Balance::Adaptive && online.iter().any(|s| s.pool.load.is_ejected()) {
+            let healthy: Vec<&Arc<Server>> = online.iter().copied().filter(|s| !s.pool.load.is_ejected()).collect();
+            if !healthy.is_empty() {
+                online = healthy;
+            }
+        }
         match online.len() {
             0 => None,
             1 => Some(online[0].clone()),
@@ -100,4 +109,68 @@ fn cost(s: &Server) -> f64 {
     let lat = l.latency_ms().max(0.001);
     let in_flight = l.in_flight.load(Ordering::Relaxed) as f64;
     lat * (in_flight + 1.0) * l.penalty() / s.weight().max(1) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::pool::Pool;
+    use crate::config::ServerConfig;
+
+    fn server(port: u16) -> Arc<Server> {
+        let cfg: ServerConfig = toml::from_str(&format!("hostgroup = 20\nhost = \"127.0.0.1\"\nport = {port}\n")).expect("server row");
+        Server::new(cfg, Arc::new(Pool::new(10, 10, Default::default())))
+    }
+
+    fn shares(hg: &Hostgroup, balance: Balance, n: usize) -> Vec<f64> {
+        let mut count = vec![0usize; hg.servers.len()];
+        for _ in 0..n {
+            let s = hg.pick(None, balance).expect("a server");
+            let i = hg.servers.iter().position(|x| Arc::ptr_eq(x, &s)).expect("one of them");
+            count[i] += 1;
+        }
+        count.iter().map(|c| *c as f64 / n as f64).collect()
+    }
+
+    /// A statement of `ms` on server `s`.
+    fn observe(s: &Server, ms: u64) {
+        let l = s.pool.load.clone();
+        let slot = futures_util::FutureExt::now_or_never(l.admit(crate::adaptive::backend::Admission {
+            enabled: false,
+            timeout: std::time::Duration::ZERO,
+            max_queue: 0,
+        }))
+        .expect("ready")
+        .expect("admitted");
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        slot.finish();
+    }
+
+    #[test]
+    fn adaptive_prefers_the_faster_server_and_weights_decide_among_equals() {
+        let hg = Hostgroup { id: 20, servers: vec![server(1), server(2)], gate: Gate::Open };
+        observe(&hg.servers[0], 1);
+        observe(&hg.servers[1], 1);
+        let even = shares(&hg, Balance::Adaptive, 4000);
+        assert!((even[0] - 0.5).abs() < 0.05, "equal costs: the weights decide: {even:?}");
+        observe(&hg.servers[0], 40); // server 1 turned slow (peak EWMA takes it at once)
+        let skewed = shares(&hg, Balance::Adaptive, 4000);
+        assert!(skewed[0] < 0.05, "the slow server gets (almost) nothing: {skewed:?}");
+        let weighted = shares(&hg, Balance::Weighted, 4000);
+        assert!((weighted[0] - 0.5).abs() < 0.05, "weighted ignores latency: {weighted:?}");
+    }
+
+    #[test]
+    fn ejection_never_empties_a_hostgroup() {
+        let hg = Hostgroup { id: 20, servers: vec![server(1), server(2)], gate: Gate::Open };
+        for _ in 0..crate::adaptive::backend::EJECT_AFTER {
+            hg.servers[0].pool.load.failed();
+        }
+        assert_eq!(shares(&hg, Balance::Adaptive, 500), vec![0.0, 1.0], "the ejected server is left out");
+        for _ in 0..crate::adaptive::backend::EJECT_AFTER {
+            hg.servers[1].pool.load.failed();
+        }
+        let both = shares(&hg, Balance::Adaptive, 2000);
+        assert!(both[0] > 0.3 && both[1] > 0.3, "all ejected: fail open to the plain choice: {both:?}");
+    }
 }

@@ -124,6 +124,7 @@ impl Session {
                     // The server is alive but at its own max_connections: another server
                     // of the hostgroup may take it; if none can, the client gets 1040 too.
                     full.push(format!("{addr}: {msg}"));
+                    server.pool.load.failed();
                     failed = Some(server);
                 }
                 Err(PoolError::Backend(BackendError::Login { .. })) if self.user.temporary && self.rt.user(&self.user.name).is_none() => {
@@ -141,6 +142,7 @@ impl Session {
                     ));
                 }
                 Err(PoolError::Backend(e)) => {
+                    server.pool.load.failed();
                     server.set_status(Status::Shunned, &e.to_string());
                     last_err = Some(e.to_string());
                     failed = Some(server);
@@ -211,6 +213,7 @@ impl Session {
                 Err(e) => {
                     let server = conn.server.clone();
                     conn.discard();
+                    server.pool.load.failed();
                     if !was_pinned && attempt < 3 {
                         exclude = Some(server);
                         continue;
@@ -230,8 +233,16 @@ impl Session {
             let limit = self.rt.cfg.proxy.default_query_timeout_ms;
             let timeout = (limit > 0).then_some((&self.handle.timed_out, limit));
             let res = conn.forward(0, payload, kind, &mut self.wr, rewrite, timeout).await;
-            if res.is_ok() {
-                in_flight.finish();
+            match &res {
+                // The server itself says it is in trouble: counts toward ejection.
+                Ok(w) if w.error.as_ref().is_some_and(|e| matches!(e.code, errcode::CON_COUNT | errcode::SERVER_SHUTDOWN)) => {
+                    conn.server.pool.load.failed();
+                }
+                Ok(_) => in_flight.finish(),
+                Err(ForwardError::Backend { .. }) => {
+                    conn.server.pool.load.failed();
+                }
+                Err(_) => {}
             }
             if let Ok(mut r) = self.handle.running.lock() {
                 *r = None;
@@ -289,7 +300,7 @@ fn shed_error(server: &Server, shed: &Shed) -> SqlError {
     SqlError::new(
         errcode::MAX_CONNECT_TIMEOUT,
         "HY000",
-        format!("Breakwater: backend {} (hostgroup {}) is at its adaptive {shed}; the statement was not sent", server.addr, server.cfg.hostgroup),
+        format!("Breakwater: backend {} (hostgroup {}): adaptive {shed}; the statement was not sent", server.addr, server.cfg.hostgroup),
     )
 }
 
