@@ -248,7 +248,8 @@ impl BackendLoad {
         }
     }
 
-    fn observe(&self, ms: f64) {
+    /// One statement's latency (ms) into the peak-EWMA.
+    pub(crate) fn observe(&self, ms: f64) {
         let Ok(mut e) = self.ewma.lock() else { return };
         let now = Instant::now();
         let dt = now.saturating_duration_since(e.at).as_secs_f64();

@@ -132,28 +132,14 @@ mod tests {
         count.iter().map(|c| *c as f64 / n as f64).collect()
     }
 
-    /// A statement of `ms` on server `s`.
-    fn observe(s: &Server, ms: u64) {
-        let l = s.pool.load.clone();
-        let slot = futures_util::FutureExt::now_or_never(l.admit(crate::adaptive::backend::Admission {
-            enabled: false,
-            timeout: std::time::Duration::ZERO,
-            max_queue: 0,
-        }))
-        .expect("ready")
-        .expect("admitted");
-        std::thread::sleep(std::time::Duration::from_millis(ms));
-        slot.finish();
-    }
-
     #[test]
     fn adaptive_prefers_the_faster_server_and_weights_decide_among_equals() {
         let hg = Hostgroup { id: 20, servers: vec![server(1), server(2)], gate: Gate::Open };
-        observe(&hg.servers[0], 1);
-        observe(&hg.servers[1], 1);
+        hg.servers[0].pool.load.observe(1.0);
+        hg.servers[1].pool.load.observe(1.0);
         let even = shares(&hg, Balance::Adaptive, 4000);
         assert!((even[0] - 0.5).abs() < 0.05, "equal costs: the weights decide: {even:?}");
-        observe(&hg.servers[0], 40); // server 1 turned slow (peak EWMA takes it at once)
+        hg.servers[0].pool.load.observe(40.0); // server 1 turned slow (peak EWMA takes it at once)
         let skewed = shares(&hg, Balance::Adaptive, 4000);
         assert!(skewed[0] < 0.05, "the slow server gets (almost) nothing: {skewed:?}");
         let weighted = shares(&hg, Balance::Weighted, 4000);
