@@ -235,11 +235,16 @@ async fn a_throttled_replica_gets_less_traffic_and_regains_it() {
 
 /// The proxy's config with the adaptive limit between 2 and 16 and a 3 s queue.
 fn limited_config() -> String {
-    let cfg = breakwater_proxy::config::DEFAULT_TOML.replace(
-        "queue_timeout_ms = 10000",
-        "queue_timeout_ms = 3000\nlimit_initial = 16\nlimit_min = 2\nlimit_max = 16",
-    );
-    assert!(cfg.contains("limit_max = 16"), "the default TOML has queue_timeout_ms = 10000");
+    let mut cfg = breakwater_proxy::config::DEFAULT_TOML.to_string();
+    for (from, to) in [
+        ("queue_timeout_ms = 10000", "queue_timeout_ms = 3000"),
+        ("limit_initial = 32", "limit_initial = 16"),
+        ("limit_min = 4", "limit_min = 2"),
+        ("limit_max = 512", "limit_max = 16"),
+    ] {
+        assert!(cfg.contains(from), "the default TOML has {from}");
+        cfg = cfg.replace(from, to);
+    }
     cfg
 }
 

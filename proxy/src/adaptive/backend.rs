@@ -24,6 +24,9 @@ pub const EJECT_AFTER: u32 = 5;
 
 /// Time constant of the latency average.
 const DECAY_S: f64 = 5.0;
+/// Time constant of its decay while no statement finishes on the server: a server that was
+/// slow (one 12 s stall peaks it at 12 s) is probed again within about 20 s, not a minute.
+const IDLE_DECAY_S: f64 = 2.5;
 
 /// A monotonic clock in µs for the limiter (which keeps no clock of its own).
 fn now_us() -> u64 {
@@ -60,6 +63,8 @@ pub struct Shed {
 #[derive(Debug)]
 pub struct BackendLoad {
     pub in_flight: AtomicU64,
+    /// Sum of the start times (µs of `now_us`) of the statements in flight: their mean age.
+    started_sum_us: AtomicU64,
     pub statements: AtomicU64,
     /// The limit in force (whole statements), from `limiter` after each window.
     limit: AtomicU64,
@@ -93,6 +98,7 @@ impl Default for BackendLoad {
 pub struct InFlight {
     load: Arc<BackendLoad>,
     started: Instant,
+    started_us: u64,
     /// Statements in flight when it was admitted, itself included.
     at_start: u64,
 }
@@ -114,6 +120,7 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.load.started_sum_us.fetch_sub(self.started_us, Ordering::Relaxed);
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.load.released.notify_one();
     }
@@ -124,6 +131,7 @@ impl BackendLoad {
         let limiter = Gradient2::new(cfg);
         Self {
             in_flight: AtomicU64::new(0),
+            started_sum_us: AtomicU64::new(0),
             statements: AtomicU64::new(0),
             limit: AtomicU64::new(limiter.limit() as u64),
             limiter: Mutex::new(limiter),
@@ -225,7 +233,9 @@ impl BackendLoad {
 
     fn enter(self: &Arc<Self>, at_start: u64) -> InFlight {
         self.statements.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: self.clone(), started: Instant::now(), at_start }
+        let started_us = now_us();
+        self.started_sum_us.fetch_add(started_us, Ordering::Relaxed);
+        InFlight { load: self.clone(), started: Instant::now(), started_us, at_start }
     }
 
     fn shed(&self, started: Instant, queue_full: bool) -> Shed {
@@ -254,12 +264,26 @@ impl BackendLoad {
         let now = Instant::now();
         let dt = now.saturating_duration_since(e.at).as_secs_f64();
         e.at = now;
-        if ms > e.ms {
-            e.ms = ms; // peak: a slower sample counts at once
+        let cur = e.ms * (-dt / IDLE_DECAY_S).exp();
+        if ms > cur {
+            // Peak: a slower sample counts at once, at most 4× (+1 ms) per sample, so one
+            // statement that waited out a stall does not mark the server slow for long
+            // (a stall shows in the age of what is in flight instead).
+            e.ms = if e.ms == 0.0 { ms } else { ms.min(cur * 4.0 + 1.0) };
         } else {
             let w = (-dt / DECAY_S).exp();
-            e.ms = e.ms * w + ms * (1.0 - w);
+            e.ms = cur * w + ms * (1.0 - w);
         }
+    }
+
+    /// The mean age (ms) of the statements in flight now; 0 with none.
+    fn in_flight_age_ms(&self) -> f64 {
+        let n = self.in_flight.load(Ordering::Relaxed);
+        if n == 0 {
+            return 0.0;
+        }
+        let sum = self.started_sum_us.load(Ordering::Relaxed);
+        (now_us().saturating_mul(n).saturating_sub(sum)) as f64 / n as f64 / 1e3
     }
 
     pub fn share(&self) -> f64 {
@@ -270,11 +294,13 @@ impl BackendLoad {
         self.share_ppm.store((share.clamp(0.0, 1.0) * 1e6) as u64, Ordering::Relaxed);
     }
 
-    /// The latency average now (ms); 0 before any statement. It decays while no statement
-    /// finishes, so a server that was slow is tried again after a while (Finagle does the
-    /// same).
+    /// The latency estimate now (ms): the average, decayed while no statement finishes (so
+    /// a server that was slow is tried again after a while, as Finagle does), but never less
+    /// than the mean age of the statements still in flight there (a stalled server, whose
+    /// statements do not finish, is seen as slow while they wait). 0 before any statement.
     pub fn latency_ms(&self) -> f64 {
-        self.ewma.lock().map(|e| e.ms * (-e.at.elapsed().as_secs_f64() / DECAY_S).exp()).unwrap_or(0.0)
+        let avg = self.ewma.lock().map(|e| e.ms * (-e.at.elapsed().as_secs_f64() / IDLE_DECAY_S).exp()).unwrap_or(0.0);
+        avg.max(self.in_flight_age_ms())
     }
 
     pub fn penalty(&self) -> f64 {
@@ -314,6 +340,22 @@ mod tests {
         // Without samples it decays (a slow server is tried again after a while).
         l.ewma.lock().unwrap().at -= std::time::Duration::from_secs(10);
         assert!(l.latency_ms() < after * 0.2, "decayed while idle");
+        // A far slower sample raises it at most 4× (+1 ms) at a time.
+        let l = BackendLoad::default();
+        l.observe(2.0);
+        l.observe(1000.0);
+        assert!((l.latency_ms() - 9.0).abs() < 0.1, "{}", l.latency_ms());
+    }
+
+    #[tokio::test]
+    async fn a_statement_that_does_not_finish_counts_by_its_age() {
+        let l = Arc::new(BackendLoad::default());
+        l.observe(1.0);
+        let stuck = l.admit(Admission { enabled: true, timeout: Duration::ZERO, max_queue: 0 }).await.expect("room");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(l.latency_ms() >= 190.0, "a stall shows while it lasts: {}", l.latency_ms());
+        drop(stuck);
+        assert!(l.latency_ms() < 2.0, "and not after: {}", l.latency_ms());
     }
 
     #[test]
