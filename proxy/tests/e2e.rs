@@ -1472,3 +1472,67 @@ async fn stale_if_error_answers_when_no_backend_can() {
     let e = c.query_first::<i64, _>(q).await.expect_err("a write ended the entry: nothing stale to serve");
     assert!(e.to_string().contains("No ONLINE server"), "{e}");
 }
+
+/// The OTLP/gRPC receiver ([signals] otlp_grpc_listen): a report in the agent's shape
+/// (resource service.name = breakwater-agent, host.name; server.port on each point) feeds
+/// the matching server's row, an override in [signals.agent_hosts] matches an agent by name,
+/// and a request with no agent resource is refused with INVALID_ARGUMENT and counted.
+#[tokio::test]
+async fn otlp_grpc_reports_feed_the_backend_view() {
+    use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
+    use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, KeyValue};
+    use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    let kv = |k: &str, v: any_value::Value| KeyValue { key: k.into(), value: Some(AnyValue { value: Some(v) }), ..Default::default() };
+    let report = |service: &str, host: &str, port: i64, active: i64| ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("service.name", any_value::Value::StringValue(service.into())), kv("host.name", any_value::Value::StringValue(host.into()))],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: "breakwater.agent.connections.active".into(),
+                    data: Some(metric::Data::Sum(Sum {
+                        data_points: vec![NumberDataPoint {
+                            attributes: vec![kv("server.port", any_value::Value::IntValue(port))],
+                            value: Some(number_data_point::Value::AsInt(active)),
+                            ..Default::default()
+                        }],
+                        aggregation_temporality: 2,
+                        is_monotonic: false,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    let grpc = free_port();
+    let cfg = breakwater_proxy::config::DEFAULT_TOML
+        .replace("otlp_grpc_listen = \"\"", &format!("otlp_grpc_listen = \"127.0.0.1:{grpc}\""))
+        .replace("[signals.agent_hosts]", "[signals.agent_hosts]\n\"127.0.0.1:3309\" = \"db-3309.example\"");
+    assert!(cfg.contains(&format!("127.0.0.1:{grpc}")));
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await.expect("gRPC receiver");
+    // From loopback, named as no server: matches 3308 by the sender's address.
+    client.export(report("breakwater-agent", "some-host", 3308, 7)).await.expect("accepted");
+    // Named as the override for 3309 says.
+    client.export(report("breakwater-agent", "db-3309.example", 3309, 9)).await.expect("accepted");
+    let err = client.export(report("something-else", "x", 3307, 1)).await.expect_err("not an agent");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    let (_, v) = proxy.admin("GET", "/api/backends").await;
+    let row = |port: u16| v.as_array().unwrap().iter().find(|r| r["hostgroup"] == 20 && r["srv_port"] == port).cloned().unwrap();
+    assert_eq!(row(3308)["signal_source"], "agent+proxy", "{v}");
+    assert_eq!(row(3308)["server_connections"], 7);
+    assert_eq!(row(3308)["agent"], "some-host");
+    assert_eq!(row(3309)["signal_source"], "agent+proxy", "{v}");
+    assert_eq!(row(3309)["agent"], "db-3309.example");
+    assert_eq!(row(3309)["server_connections"], 9);
+    let (_, m) = proxy.admin("GET", "/metrics").await;
+    let m = m.as_str().unwrap_or_default();
+    assert!(m.contains("breakwater_proxy_signals_accepted_total 2"), "{m}");
+    assert!(m.contains("breakwater_proxy_signals_rejected_total 1"), "{m}");
+}
