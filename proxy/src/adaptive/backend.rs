@@ -10,7 +10,8 @@
 //!   timed out, a connect refused, 1040 or 1053 from the server) take the server out of
 //!   adaptive reader choice for 10 s, doubling per ejection up to 60 s. The balancer never
 //!   ejects every server of a hostgroup: with all ejected it fails open to the plain
-//!   choice (as PgDog does).
+//!   choice (as PgDog does). A server that the health monitor takes back (SHUNNED ->
+//!   ONLINE) is un-ejected at once.
 //!
 //! Kept apart from the pool (which enforces caps) and from the balancer that reads it.
 
@@ -170,6 +171,13 @@ impl BackendLoad {
         if !self.is_ejected() && self.ejection_level.load(Ordering::Relaxed) != 0 {
             self.ejection_level.store(0, Ordering::Relaxed); // healthy again after its ejection
         }
+    }
+
+    /// Back in adaptive choice at once: the server passed its health checks again after
+    /// being shunned (as Envoy's successful_active_health_check_uneject_host).
+    pub fn uneject(&self) {
+        self.ejected_until_us.store(0, Ordering::Relaxed);
+        self.failures_in_row.store(0, Ordering::Relaxed);
     }
 
     pub fn is_ejected(&self) -> bool {
@@ -385,6 +393,13 @@ mod tests {
         l.succeeded();
         assert!(!l.failed(), "the run was broken by a success");
         assert_eq!(l.ejections.load(Ordering::Relaxed), 2);
+        // Taken back by the health monitor: un-ejected at once.
+        for _ in 0..EJECT_AFTER {
+            l.failed();
+        }
+        assert!(l.is_ejected());
+        l.uneject();
+        assert!(!l.is_ejected());
     }
 
     fn quick(timeout_ms: u64, max_queue: u64) -> Admission {

@@ -214,6 +214,10 @@ impl Server {
         if old != st as u8 {
             if st != Status::Online {
                 self.pool.drain_idle();
+            } else {
+                // Healthy again by the monitor's checks: the failures that ejected it from
+                // adaptive choice are over.
+                self.pool.load.uneject();
             }
             tracing::warn!(server = %self.addr, hostgroup = self.cfg.hostgroup, status = st.as_str(), reason, "server status changed");
             true
