@@ -1536,3 +1536,44 @@ async fn otlp_grpc_reports_feed_the_backend_view() {
     assert!(m.contains("breakwater_proxy_signals_accepted_total 2"), "{m}");
     assert!(m.contains("breakwater_proxy_signals_rejected_total 1"), "{m}");
 }
+
+/// FOUND_ROWS() and ROW_COUNT() after a query-cache hit are the hit's (the rows it returned;
+/// -1), not those of the statement before it (failed before: FOUND_ROWS() kept the previous
+/// statement's count).
+#[tokio::test]
+async fn found_rows_after_a_cache_hit_is_the_hits() {
+    fresh_user("bw_cfr", "bw_cfr").await;
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(
+        "DROP DATABASE IF EXISTS sbtest_cfr; CREATE DATABASE sbtest_cfr; \
+         CREATE TABLE sbtest_cfr.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_cfr.t VALUES (1, 10), (2, 20), (3, 30)",
+    )
+    .await
+    .unwrap();
+    wait_replicas_caught_up().await;
+    let cfg = default_config_with(
+        "[[users]]\nusername = \"bw_cfr\"\npassword = \"bw_cfr\"\nbackend_password = \"bw_cfr\"\ndefault_hostgroup = 10\n\
+         [[query_rules]]\nrule_id = 50\nusername = \"bw_cfr\"\nmatch_digest = '^SELECT .* FROM t\\b'\ndestination_hostgroup = 20\ncache_ttl = 60000\napply = true\n",
+    );
+    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let mut c = Conn::new(proxy.opts("bw_cfr", "bw_cfr", Some("sbtest_cfr"))).await.unwrap();
+    let all = "SELECT v FROM t ORDER BY id";
+    let one = "SELECT v FROM t WHERE id = 1";
+    for round in 0..2 {
+        // Round 0 fills the cache, round 1 hits it: the same answers.
+        let v: Vec<i64> = c.query(all).await.unwrap();
+        assert_eq!(v.len(), 3);
+        let n: Option<u64> = c.query_first("SELECT FOUND_ROWS()").await.unwrap();
+        assert_eq!(n, Some(3), "round {round}: FOUND_ROWS() after the 3-row read");
+        let v: Vec<i64> = c.query(one).await.unwrap();
+        assert_eq!(v, vec![10]);
+        let n: Option<u64> = c.query_first("SELECT FOUND_ROWS()").await.unwrap();
+        assert_eq!(n, Some(1), "round {round}: FOUND_ROWS() after the 1-row read");
+        let v: Vec<i64> = c.query(all).await.unwrap();
+        assert_eq!(v.len(), 3);
+        let (n, rc): (u64, i64) = c.query_first("SELECT FOUND_ROWS(), ROW_COUNT()").await.unwrap().unwrap();
+        assert_eq!((n, rc), (3, -1), "round {round}: after the 3-row read again (a hit in both rounds)");
+    }
+    let (_, st) = proxy.admin("GET", "/api/cache").await;
+    assert!(st["hits"].as_u64().unwrap() >= 3, "{st}");
+}

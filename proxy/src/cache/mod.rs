@@ -53,8 +53,17 @@ pub struct Route {
     pub operation: &'static str,
 }
 
+/// A stored result: its packets (sequence ids from 1) and how many rows it has (what
+/// FOUND_ROWS() says after it).
+#[derive(Clone, Debug)]
+pub struct Cached {
+    pub data: Arc<[u8]>,
+    pub rows: u64,
+}
+
 struct Entry {
     data: Arc<[u8]>,
+    rows: u64,
     /// Set for text queries (prepared statements take the full path).
     route: Option<Arc<Route>>,
     tables: Vec<String>,
@@ -172,10 +181,10 @@ pub struct QueryCache {
 /// What a session should do for a cacheable read.
 pub enum Lookup {
     /// Send these packets (sequence ids start at 1).
-    Hit(Arc<[u8]>),
+    Hit(Cached),
     /// Send these (expired, within stale-while-revalidate) packets, then refresh the entry
     /// with the ticket.
-    Stale(Arc<[u8]>, Fill),
+    Stale(Cached, Fill),
     /// Fetch from a backend, then `store` (or drop the ticket) — other clients wait.
     Fill(Fill),
     /// Another client is filling: wait on this, then look up again.
@@ -191,7 +200,7 @@ pub struct Fill {
     notify: Option<Arc<Notify>>,
     /// An expired entry still within its stale-if-error window: what to answer if no
     /// backend can (see [`QueryCache::served_stale_if_error`]).
-    pub fallback: Option<Arc<[u8]>>,
+    pub fallback: Option<Cached>,
 }
 
 impl Fill {
@@ -243,7 +252,7 @@ impl QueryCache {
     /// A fresh entry stored by a text query routed under `rules_generation`, or None, with
     /// no other effect (no fill is started): the caller then takes the full path, which
     /// handles misses, stale entries and waits.
-    pub fn hit(&self, key: &[u8], rules_generation: u64) -> Option<(Arc<[u8]>, Arc<Route>)> {
+    pub fn hit(&self, key: &[u8], rules_generation: u64) -> Option<(Cached, Arc<Route>)> {
         if rules_generation == 0 {
             return None;
         }
@@ -256,7 +265,7 @@ impl QueryCache {
         }
         e.referenced = true;
         self.hits.fetch_add(1, Ordering::Relaxed);
-        Some((e.data.clone(), route))
+        Some((Cached { data: e.data.clone(), rows: e.rows }, route))
     }
 
     pub fn lookup(self: &Arc<Self>, key: &[u8]) -> Lookup {
@@ -267,24 +276,24 @@ impl QueryCache {
         let mut fallback = None;
         if let Some(e) = inner.entries.get_mut(key) {
             if now < e.expires {
-                let data = e.data.clone();
+                let data = Cached { data: e.data.clone(), rows: e.rows };
                 e.referenced = true;
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(data);
             }
             if now < e.stale_until && !e.refreshing {
                 e.refreshing = true;
-                let data = e.data.clone();
+                let data = Cached { data: e.data.clone(), rows: e.rows };
                 self.stale_hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Stale(data, Fill { cache: self.clone(), key: key.into(), gen_at_start: gen, notify: None, fallback: None });
             }
             if now < e.stale_until {
-                let data = e.data.clone();
+                let data = Cached { data: e.data.clone(), rows: e.rows };
                 self.stale_hits.fetch_add(1, Ordering::Relaxed);
                 return Lookup::Hit(data);
             }
             if now < e.error_until {
-                fallback = Some(e.data.clone());
+                fallback = Some(Cached { data: e.data.clone(), rows: e.rows });
             } else {
                 expired = true;
             }
@@ -310,7 +319,7 @@ impl QueryCache {
     /// Store a fetched result (raw packets, sequence ids from 1) for `ttl` (+ `stale`), kept
     /// `stale_if_error` past its expiry for reads that no backend can answer.
     #[allow(clippy::too_many_arguments)]
-    pub fn store(&self, fill: Fill, data: &[u8], route: Option<Arc<Route>>, tables: Vec<String>, ttl: Duration, stale: Duration, stale_if_error: Duration) {
+    pub fn store(&self, fill: Fill, data: &[u8], rows: u64, route: Option<Arc<Route>>, tables: Vec<String>, ttl: Duration, stale: Duration, stale_if_error: Duration) {
         let bytes = data.len() + fill.key.len() + 64 + tables.iter().map(|t| t.len()).sum::<usize>();
         if bytes > self.max_entry_bytes {
             return;
@@ -354,6 +363,7 @@ impl QueryCache {
                 InlineKey::new(&fill.key),
                 Entry {
                     data: data.into(),
+                    rows,
                     route,
                     tables,
                     expires: now + ttl,
@@ -468,25 +478,25 @@ mod tests {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k1");
         assert!(matches!(c.lookup(b"k1"), Lookup::Wait(_)), "second client waits");
-        c.store(f, b"rows", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
-        assert!(matches!(c.lookup(b"k1"), Lookup::Hit(d) if &*d == b"rows"));
+        c.store(f, b"rows", 1, None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        assert!(matches!(c.lookup(b"k1"), Lookup::Hit(d) if &*d.data == b"rows"));
         c.invalidate(Some(&["db.t".into()]));
         assert_eq!(c.stats().entries, 0);
         assert!(c.written_within(&["db.t".into()], Duration::from_secs(5)));
         // A fill that straddles an invalidation is not stored.
         let f = fill(&c, b"k2");
         c.invalidate(Some(&["db.t".into()]));
-        c.store(f, b"old", None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        c.store(f, b"old", 1, None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert_eq!(c.stats().entries, 0);
         // Expired entries are never served.
         let f = fill(&c, b"k3");
-        c.store(f, b"x", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        c.store(f, b"x", 1, None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(b"k3"), Lookup::Fill(_)));
         // Memory bound: many keys, bytes never above max.
         for i in 0..1000 {
             let k = format!("key{i}");
             let f = fill(&c, k.as_bytes());
-            c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+            c.store(f, &[0u8; 100], 1, None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
             assert!(c.stats().bytes <= 10_000);
         }
         assert!(c.stats().evictions > 900);
@@ -498,7 +508,7 @@ mod tests {
         let keys: Vec<String> = (1000 - hot..1000).map(|i| format!("key{i}")).collect();
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the oldest is still there");
         let f = fill(&c, b"new");
-        c.store(f, &[0u8; 100], None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        c.store(f, &[0u8; 100], 1, None, vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(matches!(c.lookup(keys[0].as_bytes()), Lookup::Hit(_)), "the referenced oldest got a second chance");
         assert!(!matches!(c.lookup(keys[1].as_bytes()), Lookup::Hit(_)), "the unreferenced next oldest was evicted");
     }
@@ -507,29 +517,29 @@ mod tests {
     fn stale_while_revalidate() {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k");
-        c.store(f, b"v1", None, vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"v1", 1, None, vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
         let Lookup::Stale(d, f) = c.lookup(b"k") else { panic!("stale expected") };
-        assert_eq!(&*d, b"v1");
+        assert_eq!(&*d.data, b"v1");
         assert!(matches!(c.lookup(b"k"), Lookup::Hit(_)), "others get stale data while one refreshes");
-        c.store(f, b"v2", None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
-        assert!(matches!(c.lookup(b"k"), Lookup::Hit(d) if &*d == b"v2"));
+        c.store(f, b"v2", 1, None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        assert!(matches!(c.lookup(b"k"), Lookup::Hit(d) if &*d.data == b"v2"));
     }
 
     #[test]
     fn stale_if_error_keeps_an_expired_entry_as_a_fallback_only() {
         let c = QueryCache::new(10_000, 5_000);
         let f = fill(&c, b"k");
-        c.store(f, b"v1", None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::from_secs(60));
+        c.store(f, b"v1", 1, None, vec!["db.t".into()], Duration::ZERO, Duration::ZERO, Duration::from_secs(60));
         // Expired: a miss that fetches, with the old result to answer if no backend can.
         let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
-        assert_eq!(f.fallback.as_deref(), Some(&b"v1"[..]));
+        assert_eq!(f.fallback.as_ref().map(|c| &*c.data), Some(&b"v1"[..]));
         drop(f);
         // A write to its table ends it: never served after an invalidation.
         c.invalidate(Some(&["db.t".to_string()]));
         let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
         assert!(f.fallback.is_none());
         // Without stale-if-error an expired entry is gone.
-        c.store(f, b"v2", None, vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        c.store(f, b"v2", 1, None, vec![], Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let Lookup::Fill(f) = c.lookup(b"k") else { panic!("a fill expected") };
         assert!(f.fallback.is_none());
     }
@@ -541,17 +551,17 @@ mod tests {
         assert!(c.hit(b"k", 7).is_none(), "nothing stored");
         assert!(matches!(c.lookup(b"k"), Lookup::Fill(_)), "a failed fast hit started no fill");
         let f = fill(&c, b"k2");
-        c.store(f, b"rows", Some(route.clone()), vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        c.store(f, b"rows", 1, Some(route.clone()), vec!["db.t".into()], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         let (d, r) = c.hit(b"k2", 7).expect("hit under generation 7");
-        assert_eq!((&*d, &*r.digest), (&b"rows"[..], "SELECT ?"));
+        assert_eq!((&*d.data, d.rows, &*r.digest), (&b"rows"[..], 1, "SELECT ?"));
         assert!(c.hit(b"k2", 8).is_none(), "other rules must route it again");
         assert!(c.hit(b"k2", 0).is_none());
         // Statements (no route) and expired entries take the full path.
         let f = fill(&c, b"k3");
-        c.store(f, b"x", None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
+        c.store(f, b"x", 1, None, vec![], Duration::from_secs(60), Duration::ZERO, Duration::ZERO);
         assert!(c.hit(b"k3", 7).is_none());
         let f = fill(&c, b"k4");
-        c.store(f, b"x", Some(route), vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
+        c.store(f, b"x", 1, Some(route), vec![], Duration::ZERO, Duration::from_secs(60), Duration::ZERO);
         assert!(c.hit(b"k4", 7).is_none(), "stale: the full path refreshes it");
         assert!(matches!(c.lookup(b"k4"), Lookup::Stale(..)));
     }

@@ -81,9 +81,7 @@ impl Session {
         let hit = self.proxy.cache.hit(&key, rules.generation());
         self.cache_key = key;
         let (data, route) = hit?;
-        self.held = None;
-        self.row_count = -1;
-        self.wr.buf_mut().extend_from_slice(&data);
+        self.push_cached(&data);
         let res = self.flush().await;
         let took = t0.elapsed();
         self.digest.clear();
@@ -116,6 +114,14 @@ impl Session {
         let r = self.cached_lookup(CacheSrc::Query(buf), d, hg, &cache, &key, Some(operation)).await;
         self.cache_key = key;
         r
+    }
+
+    /// Queue a cached result for the client: it is this client's previous statement from now
+    /// on (ROW_COUNT() -1, FOUND_ROWS() its row count, no warnings held).
+    pub(super) fn push_cached(&mut self, c: &cache::Cached) {
+        self.held = None;
+        (self.row_count, self.found_rows) = (-1, c.rows);
+        self.wr.buf_mut().extend_from_slice(&c.data);
     }
 
     /// The cache key of a read in this session's context (user, schema, character set,
@@ -175,7 +181,7 @@ impl Session {
         loop {
             match cache.lookup(key) {
                 Lookup::Hit(data) => {
-                    self.wr.buf_mut().extend_from_slice(&data);
+                    self.push_cached(&data);
                     return (self.flush().await, -1, 0, false);
                 }
                 Lookup::Wait(n) if !waited => {
@@ -190,15 +196,18 @@ impl Session {
                 Lookup::Stale(data, mut fill) => {
                     let tables = tables_of(&src, self.vars.schema.as_deref());
                     fill.begin(&tables);
-                    self.wr.buf_mut().extend_from_slice(&data);
+                    self.push_cached(&data);
                     if let Err(e) = self.flush().await {
                         return (Err(e), -1, 0, false);
                     }
                     // Refresh for the next clients; nothing of it reaches this one.
                     self.wr.start_capture(cache.max_entry_bytes, true);
-                    let (r, _, err) = self.fetch(&mut src, hg, true).await;
+                    let rows_before = (self.row_count, self.found_rows);
+                    let (r, rows, err) = self.fetch(&mut src, hg, true).await;
+                    // The refresh is not this client's statement: its diagnostics stay the hit's.
+                    (self.row_count, self.found_rows) = rows_before;
                     if let (Some(data), false, Ok(())) = (self.wr.end_capture(), err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale, stale_if_error);
+                        cache.store(fill, &data, rows, route(self), tables, ttl, stale, stale_if_error);
                     }
                     return (r, -1, 0, false);
                 }
@@ -216,7 +225,7 @@ impl Session {
                     self.stale_if_error = None;
                     let data = self.wr.end_capture();
                     if let (Some(data), false, Ok(())) = (data, err, &r) {
-                        cache.store(fill, &data, route(self), tables, ttl, stale, stale_if_error);
+                        cache.store(fill, &data, rows, route(self), tables, ttl, stale, stale_if_error);
                     }
                     return (r, hg as i64, rows, err);
                 }

@@ -168,7 +168,7 @@ impl Session {
             Some(data) => {
                 warn!(session = self.id, error = %e.message, "no backend answered: served an expired cached result (stale-if-error)");
                 self.proxy.cache.served_stale_if_error();
-                self.wr.buf_mut().extend_from_slice(&data);
+                self.push_cached(&data);
                 self.flush().await
             }
             None => self.send_err(self.reply_seq, e).await,

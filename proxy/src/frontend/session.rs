@@ -95,7 +95,7 @@ pub struct Session {
     pub(super) cache_key: Vec<u8>,
     /// While a cached read with stale-if-error is fetched: the expired result to answer
     /// instead of an error when no backend can answer (see `executor::run`).
-    pub(super) stale_if_error: Option<std::sync::Arc<[u8]>>,
+    pub(super) stale_if_error: Option<crate::cache::Cached>,
     /// For temporary users: turns true when their access ends.
     pub(super) revoked: Option<watch::Receiver<bool>>,
     pub(super) handle: Arc<SessionHandle>,
