@@ -20,6 +20,10 @@ pub enum Answer {
     Count(&'static str),
     /// Run this statement text instead (the references replaced by their values).
     Rewrite(Vec<u8>),
+    /// An OK with nothing changed: `GET DIAGNOSTICS CONDITION n …` when there is no
+    /// condition (the server leaves the targets as they are; MariaDB also notes error 1758
+    /// "Invalid condition number" in its diagnostics, which the proxy does not reproduce).
+    Ok,
 }
 
 /// Token with its byte span in the statement.
@@ -40,6 +44,47 @@ fn spans(sql: &[u8]) -> Vec<(Tok<'_>, usize, usize)> {
     out
 }
 
+/// `GET [CURRENT] DIAGNOSTICS` for a previous statement with no condition: the statement
+/// items become a SET of their values (`@n = NUMBER` -> `@n = 0`, `ROW_COUNT` -> its value),
+/// the CONDITION form an OK that changes nothing.
+fn get_diagnostics(sql: &[u8], toks: &[(Tok<'_>, usize, usize)], row_count: i64) -> Option<Answer> {
+    let word = |i: usize, s: &str| matches!(toks.get(i), Some((Tok::Word(w), _, _)) if eq_ci(w, s));
+    let mut i = 1;
+    if word(i, "CURRENT") {
+        i += 1;
+    }
+    if !word(i, "DIAGNOSTICS") {
+        return None; // STACKED (only inside a handler: the server says so) or not this
+    }
+    i += 1;
+    if word(i, "CONDITION") {
+        return Some(Answer::Ok);
+    }
+    let mut out = b"SET ".to_vec();
+    loop {
+        let (target, start, end) = *toks.get(i)?;
+        if !matches!(target, Tok::UserVar(_) | Tok::Word(_)) || !matches!(toks.get(i + 1), Some((Tok::Punct(b'='), _, _))) {
+            return None;
+        }
+        let value = match toks.get(i + 2) {
+            Some((Tok::Word(w), _, _)) if eq_ci(w, "NUMBER") => "0".to_string(),
+            Some((Tok::Word(w), _, _)) if eq_ci(w, "ROW_COUNT") => row_count.to_string(),
+            _ => return None,
+        };
+        if out.len() > 4 {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(&sql[start..end]);
+        out.extend_from_slice(b" = ");
+        out.extend_from_slice(value.as_bytes());
+        match toks.get(i + 3) {
+            None | Some((Tok::Punct(b';'), _, _)) => return Some(Answer::Rewrite(out)),
+            Some((Tok::Punct(b','), _, _)) => i += 4,
+            _ => return None,
+        }
+    }
+}
+
 fn session_sysvar(v: &[u8]) -> &[u8] {
     for p in [&b"session."[..], b"SESSION.", b"local.", b"LOCAL."] {
         if let Some(n) = v.strip_prefix(p) {
@@ -50,10 +95,14 @@ fn session_sysvar(v: &[u8]) -> &[u8] {
 }
 
 /// The answer for `sql` given the previous statement's ROW_COUNT() and FOUND_ROWS() and no
-/// warnings or errors. None: nothing to change (GET DIAGNOSTICS, or no reference after all).
+/// warnings or errors. None: nothing to change (no reference after all, or a form the
+/// server must answer, such as GET STACKED DIAGNOSTICS).
 pub fn answer(sql: &[u8], row_count: i64, found_rows: u64) -> Option<Answer> {
     let toks = spans(sql);
     let word = |i: usize, s: &str| matches!(toks.get(i), Some((Tok::Word(w), _, _)) if eq_ci(w, s));
+    if word(0, "GET") {
+        return get_diagnostics(sql, &toks, row_count);
+    }
     if word(0, "SHOW") {
         let rest_ok = |from: usize| toks[from..].iter().all(|(t, _, _)| matches!(t, Tok::Word(_) | Tok::Num(_) | Tok::Punct(b',') | Tok::Punct(b';')));
         if (word(1, "WARNINGS") || word(1, "ERRORS")) && rest_ok(2) {
@@ -152,6 +201,20 @@ mod tests {
     }
 
     #[test]
+    fn get_diagnostics_without_conditions() {
+        let rw = |s: &str| match answer(s.as_bytes(), 3, 0) {
+            Some(Answer::Rewrite(t)) => String::from_utf8(t).unwrap(),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(rw("GET DIAGNOSTICS @n = NUMBER"), "SET @n = 0");
+        assert_eq!(rw("get current diagnostics @n = NUMBER, @`r` = ROW_COUNT;"), "SET @n = 0, @`r` = 3");
+        assert_eq!(answer(b"GET DIAGNOSTICS CONDITION 1 @e = MYSQL_ERRNO", 3, 0), Some(Answer::Ok));
+        assert_eq!(answer(b"GET STACKED DIAGNOSTICS @n = NUMBER", 3, 0), None, "the server's to refuse");
+        assert_eq!(answer(b"GET DIAGNOSTICS @n = SOMETHING", 3, 0), None);
+        assert_eq!(answer(b"GET DIAGNOSTICS @n NUMBER", 3, 0), None);
+    }
+
+    #[test]
     fn answers_and_rewrites() {
         assert_eq!(answer(b"SHOW WARNINGS", 0, 0), Some(Answer::EmptyList));
         assert_eq!(answer(b"show errors limit 5", 0, 0), Some(Answer::EmptyList));
@@ -162,7 +225,7 @@ mod tests {
         assert_eq!(rw("SELECT a FROM t WHERE b = ROW_COUNT()"), "SELECT a FROM t WHERE b = 3");
         assert_eq!(rw("SELECT 'ROW_COUNT()', ROW_COUNT() FROM t"), "SELECT 'ROW_COUNT()', 3 AS `ROW_COUNT()` FROM t");
         assert_eq!(rw("SELECT @@session.error_count"), "SELECT 0 AS `@@session.error_count`");
-        assert_eq!(answer(b"GET DIAGNOSTICS @n = NUMBER", 0, 0), None);
+        assert_eq!(answer(b"GET DIAGNOSTICS @n = NUMBER", 0, 0), Some(Answer::Rewrite(b"SET @n = 0".to_vec())));
         assert_eq!(rw("SELECT ROW_COUNT() - 1"), "SELECT 3 - 1");
         assert_eq!(answer("SELECT ROW_COUNT()".as_bytes(), -1, 0), Some(Answer::Rewrite(b"SELECT -1 AS `ROW_COUNT()`".to_vec())));
     }

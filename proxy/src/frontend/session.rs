@@ -569,7 +569,11 @@ impl Session {
             // The previous statement's diagnostics: on its kept connection, or known here.
             let mut rewritten: Option<Vec<u8>> = None;
             let mut answered = false;
-            if a.diagnostics {
+            if a.diagnostics && self.pinned.is_some() {
+                // A pinned client's previous statement ran on its connection: the server
+                // answers for it there.
+                self.held = None;
+            } else if a.diagnostics {
                 match self.held.take() {
                     Some(h) if self.pinned.is_none() && (a.read_only || h.server.cfg.hostgroup == hg) => self.pinned = Some(h),
                     other => {
@@ -588,6 +592,11 @@ impl Session {
                                 let cols = [codec::Column { name: col, kind: codec::TYPE_LONGLONG, flags: codec::FLAG_UNSIGNED }];
                                 self.push_local_result(&cols, &[vec![Some("0".into())]]);
                                 answered = true;
+                            }
+                            Some(super::diagnostics::Answer::Ok) => {
+                                let st = self.status_flags();
+                                self.wr.push(self.reply_seq, &codec::ok_packet(0, 0, st, 0));
+                                answered = true; // GET DIAGNOSTICS leaves the diagnostics as they were
                             }
                             Some(super::diagnostics::Answer::Rewrite(text)) => {
                                 let mut p = Vec::with_capacity(text.len() + 1);

@@ -150,6 +150,35 @@ def last_statement_info(port, schema):
             (fr,) = cur.fetchone()
             if fr != 1:
                 note(f"diag {j}: FOUND_ROWS() after SQL_CALC_FOUND_ROWS = {fr}")
+        # GET DIAGNOSTICS reads the previous statement's diagnostics area: none after a
+        # clean read, one condition (1265) after a truncating INSERT. (It sets user
+        # variables, so the client stays on its connection afterwards: checked last.)
+        cur.execute("SELECT id FROM parent LIMIT 1")
+        cur.fetchall()
+        cur.execute("GET DIAGNOSTICS @n = NUMBER")
+        cur.execute("SELECT @n")
+        (n,) = cur.fetchone()
+        if n != 0:
+            note(f"GET DIAGNOSTICS after a clean read: NUMBER = {n}")
+        cur.execute("INSERT INTO parent (name) VALUES (REPEAT('x', 300))")
+        cur.execute("GET DIAGNOSTICS @n = NUMBER")
+        cur.execute("GET DIAGNOSTICS CONDITION 1 @errno = MYSQL_ERRNO")
+        cur.execute("SELECT @n, @errno")
+        got = tuple(cur.fetchone())
+        if got != (1, 1265):
+            note(f"GET DIAGNOSTICS after a truncating INSERT: NUMBER, MYSQL_ERRNO = {got}")
+        # Pinned (in a transaction): the diagnostics are the connection's own.
+        cur.execute("BEGIN")
+        cur.execute("INSERT INTO parent (name) VALUES (REPEAT('w', 300))")
+        cur.execute("SHOW WARNINGS")
+        w = cur.fetchall()
+        if not any(r[1] == 1265 for r in w):
+            note(f"SHOW WARNINGS in a transaction after a truncating INSERT = {w}")
+        cur.execute("SELECT @@warning_count")
+        (wc,) = cur.fetchone()
+        if wc != 1:
+            note(f"@@warning_count in a transaction after a truncating INSERT = {wc}")
+        cur.execute("COMMIT")
         c.close()
 
     errors = run_threads(8, lambda i: diagnostics(i) if i == 0 else parent_child(i))
