@@ -96,6 +96,7 @@ pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
     use std::collections::HashMap;
     const WINDOW: usize = 5;
     let mut history: HashMap<String, std::collections::VecDeque<u64>> = HashMap::new();
+    let mut fed: HashMap<String, bool> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
@@ -103,11 +104,26 @@ pub async fn sample_shares(proxy: std::sync::Arc<Proxy>) {
         let routing = rt.routing();
         let max_age = Duration::from_millis(rt.cfg.signals.max_age_ms);
         for s in routing.hostgroups.values().flat_map(|h| h.servers.iter()) {
-            let (throttled, pressure) = match agent_series(&proxy, s, max_age) {
+            let series = agent_series(&proxy, s, max_age);
+            let (throttled, pressure) = match &series {
                 Some((x, true)) => (x.recent.throttled_ratio, x.pressure[0].unwrap_or(0.0)),
                 _ => (0.0, 0.0),
             };
             s.pool.load.set_penalty(throttled, pressure);
+            // Say when a server's signal source changes (an agent starts or stops feeding it).
+            let fresh = matches!(series, Some((_, true)));
+            if fed.insert(s.addr.to_string(), fresh) != Some(fresh) && (fresh || series.is_some()) {
+                match &series {
+                    Some((x, true)) => tracing::info!(server = %s.addr, agent = %x.agent, "agent signals feed this server (signal_source agent+proxy)"),
+                    Some((x, false)) => tracing::warn!(
+                        server = %s.addr,
+                        agent = %x.agent,
+                        age_ms = x.received.elapsed().as_millis() as u64,
+                        "agent signals are stale: the proxy's own observations only (signal_source proxy)"
+                    ),
+                    None => {}
+                }
+            }
         }
         for hg in routing.hostgroups.values() {
             let mut deltas = Vec::with_capacity(hg.servers.len());
