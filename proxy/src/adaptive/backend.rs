@@ -73,7 +73,12 @@ pub struct BackendLoad {
     /// Statements waiting for the limit now, and shed so far.
     pub waiting: AtomicU64,
     pub shed: AtomicU64,
-    released: tokio::sync::Notify,
+    /// Slots under the limit, handed out in arrival order (tokio's semaphore is fair: a
+    /// freed slot goes to the longest waiter, never to a newcomer).
+    slots: Arc<tokio::sync::Semaphore>,
+    /// Slots to take out of circulation as they come back: the limit shrank below what was
+    /// out.
+    debt: AtomicU64,
     /// Outlier ejection: failures in a row, until when (µs of `now_us`) it is ejected, how
     /// many ejections in a row (the next lasts longer), and ejections so far.
     failures_in_row: AtomicU64,
@@ -98,6 +103,8 @@ impl Default for BackendLoad {
 /// `finish` (the statement failed or was never sent), it teaches nothing.
 pub struct InFlight {
     load: Arc<BackendLoad>,
+    /// Its slot under the limit (none when the limit does not apply to it).
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     started: Instant,
     started_us: u64,
     /// Statements in flight when it was admitted, itself included.
@@ -111,10 +118,7 @@ impl InFlight {
         self.load.succeeded();
         let Ok(mut l) = self.load.limiter.lock() else { return };
         if l.sample(now_us(), rtt.as_micros() as u64, self.at_start as u32) {
-            let before = self.load.limit.swap(l.limit() as u64, Ordering::Relaxed);
-            if l.limit() as u64 > before {
-                self.load.released.notify_waiters(); // room for more
-            }
+            self.load.set_limit(l.limit() as u64);
         }
     }
 }
@@ -123,13 +127,18 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.started_sum_us.fetch_sub(self.started_us, Ordering::Relaxed);
         self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.load.released.notify_one();
+        if let Some(slot) = self.slot.take() {
+            if self.load.debt.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |d| d.checked_sub(1)).is_ok() {
+                slot.forget(); // the limit shrank: this slot leaves circulation
+            }
+        }
     }
 }
 
 impl BackendLoad {
     pub fn new(cfg: LimitConfig) -> Self {
         let limiter = Gradient2::new(cfg);
+        let initial = limiter.limit();
         Self {
             in_flight: AtomicU64::new(0),
             started_sum_us: AtomicU64::new(0),
@@ -138,7 +147,8 @@ impl BackendLoad {
             limiter: Mutex::new(limiter),
             waiting: AtomicU64::new(0),
             shed: AtomicU64::new(0),
-            released: tokio::sync::Notify::new(),
+            slots: Arc::new(tokio::sync::Semaphore::new(initial)),
+            debt: AtomicU64::new(0),
             failures_in_row: AtomicU64::new(0),
             ejected_until_us: AtomicU64::new(0),
             ejection_level: AtomicU64::new(0),
@@ -190,14 +200,15 @@ impl BackendLoad {
         self.limit.load(Ordering::Relaxed)
     }
 
-    /// Take a slot under the limit: at once when there is room, else in the queue until a
-    /// statement finishes (or the limit grows) or `adm.timeout` passes.
+    /// Take a slot under the limit: at once when there is room and nobody waits, else in the
+    /// queue (in arrival order) until a statement finishes or the limit grows, or until
+    /// `adm.timeout` passes.
     pub async fn admit(self: &Arc<Self>, adm: Admission) -> Result<InFlight, Shed> {
         if !adm.enabled {
-            return Ok(self.enter(self.in_flight.fetch_add(1, Ordering::Relaxed) + 1));
+            return Ok(self.enter(None));
         }
-        if let Some(n) = self.try_enter() {
-            return Ok(self.enter(n));
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            return Ok(self.enter(Some(slot)));
         }
         let started = Instant::now();
         let waiting = self.waiting.fetch_add(1, Ordering::Relaxed);
@@ -205,45 +216,42 @@ impl BackendLoad {
         if waiting >= adm.max_queue {
             return Err(self.shed(started, true));
         }
-        let deadline = tokio::time::Instant::now() + adm.timeout;
-        loop {
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            if let Some(n) = self.try_enter() {
-                return Ok(self.enter(n));
-            }
-            tokio::select! {
-                _ = &mut released => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    if let Some(n) = self.try_enter() {
-                        return Ok(self.enter(n));
-                    }
-                    return Err(self.shed(started, false));
-                }
-            }
+        match tokio::time::timeout(adm.timeout, self.slots.clone().acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(self.enter(Some(slot))),
+            _ => Err(self.shed(started, false)),
         }
     }
 
-    /// Whether a statement would be admitted at once (disabled limits always have room).
+    /// Whether a statement would be admitted at once.
     pub fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) < self.limit()
+        self.slots.available_permits() > 0
     }
 
-    /// One slot if the limit has room: the new number in flight.
-    fn try_enter(&self) -> Option<u64> {
-        let limit = self.limit();
-        self.in_flight
-            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < limit).then_some(n + 1))
-            .ok()
-            .map(|n| n + 1)
+    /// A new limit from the limiter: slots added at once (paying any debt first), or taken
+    /// out (the free ones now, the others as they come back).
+    fn set_limit(&self, new: u64) {
+        let old = self.limit.swap(new, Ordering::Relaxed);
+        if new > old {
+            let grow = new - old;
+            let mut paid = 0;
+            let _ = self.debt.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |d| {
+                paid = d.min(grow);
+                Some(d - paid)
+            });
+            self.slots.add_permits((grow - paid) as usize);
+        } else if new < old {
+            let cut = old - new;
+            let freed = self.slots.forget_permits(cut as usize) as u64;
+            self.debt.fetch_add(cut - freed, Ordering::Relaxed);
+        }
     }
 
-    fn enter(self: &Arc<Self>, at_start: u64) -> InFlight {
+    fn enter(self: &Arc<Self>, slot: Option<tokio::sync::OwnedSemaphorePermit>) -> InFlight {
+        let at_start = self.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         self.statements.fetch_add(1, Ordering::Relaxed);
         let started_us = now_us();
         self.started_sum_us.fetch_add(started_us, Ordering::Relaxed);
-        InFlight { load: self.clone(), started: Instant::now(), started_us, at_start }
+        InFlight { load: self.clone(), slot, started: Instant::now(), started_us, at_start }
     }
 
     fn shed(&self, started: Instant, queue_full: bool) -> Shed {
@@ -262,7 +270,7 @@ impl BackendLoad {
     pub fn slow_start(&self) {
         if let Ok(mut l) = self.limiter.lock() {
             l.slow_start();
-            self.limit.store(l.limit() as u64, Ordering::Relaxed);
+            self.set_limit(l.limit() as u64);
         }
     }
 
@@ -404,6 +412,38 @@ mod tests {
 
     fn quick(timeout_ms: u64, max_queue: u64) -> Admission {
         Admission { enabled: true, timeout: Duration::from_millis(timeout_ms), max_queue }
+    }
+
+    #[tokio::test]
+    async fn a_shrinking_limit_takes_slots_back_as_they_return() {
+        let l = Arc::new(BackendLoad::new(LimitConfig { initial: 4.0, min: 1.0, ..LimitConfig::default() }));
+        let mut held: Vec<InFlight> = Vec::new();
+        for _ in 0..4 {
+            held.push(l.admit(quick(10, 10)).await.expect("room"));
+        }
+        l.set_limit(2);
+        held.pop();
+        held.pop();
+        assert!(!l.has_room(), "the two that came back left circulation");
+        held.pop();
+        assert!(l.has_room(), "the next one is a slot again");
+        l.set_limit(5);
+        assert_eq!(l.slots.available_permits(), 4, "grown: 5 slots, one out");
+        drop(held);
+        assert_eq!(l.slots.available_permits(), 5);
+    }
+
+    #[tokio::test]
+    async fn newcomers_queue_behind_waiters() {
+        let l = Arc::new(BackendLoad::new(LimitConfig { initial: 1.0, min: 1.0, ..LimitConfig::default() }));
+        let a = l.admit(quick(50, 10)).await.expect("first");
+        let l2 = l.clone();
+        let waiter = tokio::spawn(async move { l2.admit(quick(2000, 10)).await });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(a); // the slot frees; the waiter is woken
+        let newcomer = l.admit(quick(50, 10)).await;
+        assert!(newcomer.is_err(), "a newcomer does not take the slot the waiter was woken for");
+        assert!(waiter.await.unwrap().is_ok(), "the waiter got it");
     }
 
     #[tokio::test]

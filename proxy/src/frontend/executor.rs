@@ -23,17 +23,21 @@ impl Session {
     ///
     /// Every statement also takes a slot under its server's adaptive concurrency limit (the
     /// returned [`InFlight`]); one over the limit waits in the server's bounded queue, then
-    /// is refused with error 9001.
+    /// is refused with error 9001. A pinned client's statements are counted, not queued.
     pub(super) async fn acquire(&mut self, hostgroup: u32, exclude: Option<&Arc<Server>>, read: bool) -> Result<(PooledConn, InFlight), SqlError> {
         let admission = self.rt.cfg.proxy.admission();
         if let Some(c) = self.pinned.take() {
             if c.server.status() != Status::OfflineHard {
+                // A pinned client (a transaction, locks, ...) was admitted when it started:
+                // its statements are counted in flight but never queued or shed, since one
+                // holding locks must not wait behind statements that wait for its locks.
                 let load = c.server.pool.load.clone();
-                return match load.admit(admission).await {
+                let counted = crate::adaptive::backend::Admission { enabled: false, ..admission };
+                return match load.admit(counted).await {
                     Ok(slot) => Ok((c, slot)),
                     Err(shed) => {
                         let e = shed_error(&c.server, &shed);
-                        self.pinned = Some(c); // the transaction stays; the client may retry
+                        self.pinned = Some(c);
                         Err(e)
                     }
                 };
