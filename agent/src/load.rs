@@ -28,6 +28,11 @@ pub struct CgroupLoad {
     pub throttled_periods: u64,
     /// memory.current (absent in the root cgroup).
     pub memory_bytes: Option<u64>,
+    /// The CPU limit in cores (cpu.max quota / period; v1 cfs_quota_us / cfs_period_us);
+    /// None without one.
+    pub cpu_limit_cores: Option<f64>,
+    /// The memory limit (memory.max; v1 memory.limit_in_bytes); None without one.
+    pub memory_limit_bytes: Option<u64>,
     /// [resource][kind], None where the kernel has no such line or file.
     pub pressure: [[Option<Pressure>; 2]; 3],
 }
@@ -101,8 +106,34 @@ pub fn read(root: &Path, cg: &crate::cgroup::ServerCgroup) -> Option<CgroupLoad>
     }
     let number = |p: PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
     let memory_bytes = number(dir.join("memory.current")).or_else(|| cg.v1_memory.as_ref().and_then(|d| number(d.join("memory.usage_in_bytes"))));
+    let cpu_limit_cores = std::fs::read_to_string(dir.join("cpu.max")).ok().and_then(|t| parse_cpu_max(&t)).or_else(|| {
+        let d = cg.v1_cpu.as_ref()?;
+        let quota = std::fs::read_to_string(d.join("cpu.cfs_quota_us")).ok()?;
+        let period = std::fs::read_to_string(d.join("cpu.cfs_period_us")).ok()?;
+        parse_cpu_max(&format!("{} {}", quota.trim(), period.trim()))
+    });
+    let memory_limit_bytes = std::fs::read_to_string(dir.join("memory.max"))
+        .ok()
+        .or_else(|| cg.v1_memory.as_ref().and_then(|d| std::fs::read_to_string(d.join("memory.limit_in_bytes")).ok()))
+        .and_then(|t| parse_memory_limit(&t));
     let rel = dir.strip_prefix(root).map(|p| format!("/{}", p.display())).unwrap_or_else(|_| dir.display().to_string());
-    Some(CgroupLoad { cgroup: rel, cpu_seconds, throttled_seconds, throttled_periods, memory_bytes, pressure })
+    Some(CgroupLoad { cgroup: rel, cpu_seconds, throttled_seconds, throttled_periods, memory_bytes, cpu_limit_cores, memory_limit_bytes, pressure })
+}
+
+/// `cpu.max` ("20000 100000", or "max 100000" for none) or v1's quota and period ("-1" for
+/// none) as cores.
+pub fn parse_cpu_max(text: &str) -> Option<f64> {
+    let mut it = text.split_whitespace();
+    let quota: i64 = it.next()?.parse().ok()?;
+    let period: i64 = it.next().and_then(|p| p.parse().ok()).unwrap_or(100_000);
+    (quota > 0 && period > 0).then(|| quota as f64 / period as f64)
+}
+
+/// `memory.max` ("max" for none) or v1's `memory.limit_in_bytes` (a page-rounded
+/// 2^63 - 1 for none).
+pub fn parse_memory_limit(text: &str) -> Option<u64> {
+    let v: u64 = text.trim().parse().ok()?;
+    (v < 1 << 60).then_some(v)
 }
 
 /// Parse a v1 `cpu.stat`: (throttled seconds, throttled periods); throttled_time is in ns.
@@ -164,5 +195,16 @@ mod tests {
         assert_eq!(parse_cpu_stat(t), (3.0, 0.5, 4));
         assert_eq!(parse_cpu_stat("garbage\n"), (0.0, 0.0, 0));
         assert_eq!(parse_v1_cpu_stat("nr_periods 9\nnr_throttled 3\nthrottled_time 1500000000\n"), (1.5, 3));
+    }
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_cpu_max("20000 100000\n"), Some(0.2));
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("-1 100000"), None, "v1: no quota");
+        assert_eq!(parse_cpu_max("garbage"), None);
+        assert_eq!(parse_memory_limit("268435456\n"), Some(268_435_456));
+        assert_eq!(parse_memory_limit("max\n"), None);
+        assert_eq!(parse_memory_limit("9223372036854771712\n"), None, "v1: no limit");
     }
 }

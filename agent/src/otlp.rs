@@ -218,6 +218,10 @@ fn load_metrics(b: &mut Builder, stats: &Stats, port_attrs: &dyn Fn(u16) -> Vec<
         stats.load.iter().map(|(p, l)| (attrs(*p, l), l.throttled_seconds)).collect());
     b.gauge("breakwater.agent.server.memory.usage", "By", "Memory charged to the server's cgroup.",
         stats.load.iter().filter_map(|(p, l)| l.memory_bytes.map(|m| (attrs(*p, l), m as f64))).collect());
+    b.gauge("breakwater.agent.server.memory.limit", "By", "The memory limit of the server's cgroup (only where it has one).",
+        stats.load.iter().filter_map(|(p, l)| l.memory_limit_bytes.map(|m| (attrs(*p, l), m as f64))).collect());
+    b.gauge("breakwater.agent.server.cpu.limit", "{cpu}", "The CPU limit of the server's cgroup in cores (only where it has one).",
+        stats.load.iter().filter_map(|(p, l)| l.cpu_limit_cores.map(|c| (attrs(*p, l), c))).collect());
     let mut ratio = Vec::new();
     let mut stalled = Vec::new();
     for (p, l) in &stats.load {

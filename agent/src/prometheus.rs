@@ -178,6 +178,18 @@ fn render_load(o: &mut String, base: &str, stats: &Stats) {
             let _ = writeln!(o, "breakwater_agent_server_memory_bytes{{{base},server_port=\"{port}\"}} {m}");
         }
     }
+    family(o, "breakwater_agent_server_memory_limit_bytes", "gauge", "The memory limit of the server's cgroup (memory.max), where it has one.");
+    for (port, l) in &stats.load {
+        if let Some(m) = l.memory_limit_bytes {
+            let _ = writeln!(o, "breakwater_agent_server_memory_limit_bytes{{{base},server_port=\"{port}\"}} {m}");
+        }
+    }
+    family(o, "breakwater_agent_server_cpu_limit_cores", "gauge", "The CPU limit of the server's cgroup in cores (cpu.max), where it has one.");
+    for (port, l) in &stats.load {
+        if let Some(c) = l.cpu_limit_cores {
+            let _ = writeln!(o, "breakwater_agent_server_cpu_limit_cores{{{base},server_port=\"{port}\"}} {c:.3}");
+        }
+    }
     family(o, "breakwater_agent_server_pressure_ratio", "gauge", "Share of the last 10 s in which the server's tasks stalled on a resource (PSI avg10, 0..1).");
     for (port, l) in &stats.load {
         for (i, r) in RESOURCES.iter().enumerate() {

@@ -234,6 +234,31 @@ pub struct FailoverConfig {
     pub hook_timeout_ms: u64,
     /// Events kept in memory (oldest dropped first).
     pub max_events: usize,
+    /// "breakwater" (default): promotion gated on load, catch-up, write ramp, cascade watch.
+    /// "orchestrator": what Orchestrator and ProxySQL do (the most advanced replica, writes
+    /// switched at once, no gate, no clamp), for comparison in `cargo xtask drill cascade`.
+    pub policy: FailoverPolicy,
+    /// A fit candidate behind the most advanced replica is caught up from it within this long.
+    pub catchup_timeout_ms: u64,
+    pub gate: crate::failover::gate::GateConfig,
+    pub cascade: crate::failover::cascade::CascadeConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverPolicy {
+    #[default]
+    Breakwater,
+    Orchestrator,
+}
+
+impl FailoverPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailoverPolicy::Breakwater => "breakwater",
+            FailoverPolicy::Orchestrator => "orchestrator",
+        }
+    }
 }
 
 impl Default for FailoverConfig {
@@ -254,6 +279,10 @@ impl Default for FailoverConfig {
             post_promotion_hook: None,
             hook_timeout_ms: 30_000,
             max_events: 200,
+            policy: FailoverPolicy::Breakwater,
+            catchup_timeout_ms: 10_000,
+            gate: Default::default(),
+            cascade: Default::default(),
         }
     }
 }
@@ -612,6 +641,11 @@ pub struct QueryRule {
     /// limit, the connection is lost before an answer): stale-if-error, counted apart.
     #[serde(default)]
     pub cache_stale_if_error_ms: Option<u64>,
+    /// Sheddable traffic: while the failover controller sees a cascading risk on a freshly
+    /// promoted primary, statements matching a rule with shed_priority > 0 bound for its
+    /// hostgroup are refused at once (error 9001), so what is essential keeps the capacity.
+    #[serde(default)]
+    pub shed_priority: Option<u32>,
 }
 
 fn yes() -> bool {

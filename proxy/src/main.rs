@@ -393,7 +393,7 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
     breakwater_proxy::telemetry::spawn(&proxy, span_rx, rx.clone());
     backend::monitor::spawn(proxy.runtime(), monitor_cfg.clone(), rx.clone());
     breakwater_proxy::frontend::intercept::spawn_query_reaper(proxy.clone(), rx.clone());
-    let failover = proxy.rt.cfg.failover.enabled.then(|| failover::spawn(proxy.runtime(), &monitor_cfg, rx.clone()));
+    let failover = proxy.rt.cfg.failover.enabled.then(|| failover::spawn(proxy.clone(), &monitor_cfg, rx.clone()));
     let admin_listen = proxy.rt.cfg.admin.listen.clone();
     if !admin_listen.is_empty() {
         match tokio::net::TcpListener::bind(&admin_listen).await {

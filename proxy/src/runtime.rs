@@ -69,6 +69,49 @@ pub struct Runtime {
     pools: Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>,
     /// TLS to servers with use_ssl (`[proxy] ssl_p2s_*`).
     pub backend_tls: crate::backend::tls::BackendTls,
+    /// Sheddable traffic refused now (the failover controller's cascading-risk response).
+    pub shedding: Shedding,
+}
+
+/// While set, statements whose query rule has `shed_priority` >= `min_priority` and that are
+/// bound for `hostgroup` are refused at once (error 9001 with `reason`).
+#[derive(Debug, Default)]
+pub struct Shedding {
+    state: RwLock<Option<(u32, u32, Arc<str>)>>,
+    /// Statements refused so far.
+    pub shed: std::sync::atomic::AtomicU64,
+}
+
+impl Shedding {
+    pub fn start(&self, hostgroup: u32, min_priority: u32, reason: &str) {
+        if let Ok(mut s) = self.state.write() {
+            *s = Some((hostgroup, min_priority.max(1), reason.into()));
+        }
+    }
+
+    pub fn stop(&self) {
+        if let Ok(mut s) = self.state.write() {
+            *s = None;
+        }
+    }
+
+    pub fn active(&self) -> Option<(u32, u32)> {
+        self.state.read().ok().and_then(|s| s.as_ref().map(|(h, p, _)| (*h, *p)))
+    }
+
+    /// The refusal for a statement of `priority` bound for `hostgroup`, if it is shed now.
+    pub fn check(&self, hostgroup: u32, priority: u32) -> Option<Arc<str>> {
+        if priority == 0 {
+            return None;
+        }
+        let s = self.state.read().ok()?;
+        let (h, min, reason) = s.as_ref()?;
+        if *h != hostgroup || priority < *min {
+            return None;
+        }
+        self.shed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(reason.clone())
+    }
 }
 
 /// The pool of `addr`, made with cap `max` when there is none.
@@ -113,6 +156,7 @@ impl Runtime {
             registry: RwLock::new(servers),
             pools,
             backend_tls,
+            shedding: Shedding::default(),
         })
     }
 

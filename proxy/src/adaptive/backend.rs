@@ -274,6 +274,14 @@ impl BackendLoad {
         }
     }
 
+    /// Cut the limit to `factor` of itself now (cascading risk on a promoted primary).
+    pub fn clamp(&self, factor: f64) {
+        if let Ok(mut l) = self.limiter.lock() {
+            l.clamp_to(factor);
+            self.set_limit(l.limit() as u64);
+        }
+    }
+
     /// One statement's latency (ms) into the peak-EWMA.
     pub(crate) fn observe(&self, ms: f64) {
         let Ok(mut e) = self.ewma.lock() else { return };

@@ -89,10 +89,14 @@ impl Gradient2 {
     }
 
     /// Start over from `min`, doubling per window while latency holds (a backend that just
-    /// took over a load it never carried: a promoted primary). The long-term RTT stays.
+    /// took over a load it never carried: a promoted primary). The long-term RTT starts over
+    /// too: what it measured serving a replica's reads says nothing about the writes it now
+    /// takes (kept, it would end the slow start at the first write window).
     pub fn slow_start(&mut self) {
         self.limit = self.cfg.min;
         self.slow_start = true;
+        self.long_rtt_us = 0.0;
+        self.long_n = 0.0;
     }
 
     /// Cut the limit to `factor` of itself now (a clamp from outside: cascading risk).
@@ -220,9 +224,11 @@ mod tests {
         run(&mut l, &mut now, 20, 1_000, 0);
         l.slow_start();
         assert_eq!(l.limit(), 2);
-        run(&mut l, &mut now, 3, 1_000, 0);
+        // A promoted replica: its reads took 1 ms, the writes it now takes 3 ms. The ramp
+        // measures the new load: the first write window sets the long-term RTT.
+        run(&mut l, &mut now, 3, 3_000, 0);
         assert_eq!(l.limit(), 16, "2 → 4 → 8 → 16 over three good windows");
-        run(&mut l, &mut now, 1, 5_000, 0);
+        run(&mut l, &mut now, 1, 15_000, 0);
         assert!(l.limit() < 16, "rising latency ends the slow start and shrinks: {}", l.limit());
     }
 

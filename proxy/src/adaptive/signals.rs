@@ -67,6 +67,11 @@ pub struct Series {
     pub in_flight: u64,
     /// PSI "some" avg10 (0..1) of the server's cgroup: cpu, memory, io.
     pub pressure: [Option<f64>; 3],
+    /// Memory charged to the server's cgroup, and its limits (None: none, or not reported).
+    pub memory_bytes: Option<u64>,
+    pub memory_limit: Option<u64>,
+    /// CPU limit in cores.
+    pub cpu_limit: Option<f64>,
     pub recent: Recent,
     last: Cumulative,
 }
@@ -120,6 +125,9 @@ struct Report {
     active: u64,
     in_flight: u64,
     pressure: [Option<f64>; 3],
+    memory_bytes: Option<u64>,
+    memory_limit: Option<u64>,
+    cpu_limit: Option<f64>,
 }
 
 /// The `q` quantile (0..1) of a histogram with explicit bounds (bucket i counts
@@ -178,6 +186,9 @@ impl Signals {
                     active: r.active,
                     in_flight: r.in_flight,
                     pressure: r.pressure,
+                    memory_bytes: r.memory_bytes,
+                    memory_limit: r.memory_limit,
+                    cpu_limit: r.cpu_limit,
                     recent: match &prev {
                         Some(p) => recent(&p.last, &r.cum, now.saturating_duration_since(p.received)).unwrap_or_else(|| p.recent.clone()),
                         None => Recent::default(),
@@ -231,6 +242,18 @@ impl Signals {
                         "breakwater.agent.server.cpu.time" => r.cum.cpu_seconds = v,
                         "breakwater.agent.server.cpu.throttled_time" => r.cum.throttled_seconds = v,
                         _ => {}
+                    }
+                }
+            }
+            ("breakwater.agent.server.memory.usage" | "breakwater.agent.server.memory.limit" | "breakwater.agent.server.cpu.limit", metric::Data::Gauge(g)) => {
+                for p in &g.data_points {
+                    let Some(port) = attr_port(&p.attributes) else { continue };
+                    let v = number(p).max(0.0);
+                    let r = ports.entry(port).or_default();
+                    match m.name.as_str() {
+                        "breakwater.agent.server.memory.usage" => r.memory_bytes = Some(v as u64),
+                        "breakwater.agent.server.memory.limit" => r.memory_limit = Some(v as u64),
+                        _ => r.cpu_limit = (v > 0.0).then_some(v),
                     }
                 }
             }

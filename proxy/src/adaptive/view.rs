@@ -40,9 +40,14 @@ pub struct BackendRow {
 
 /// The agent series that feeds server `s` (see `signals` for the rule), and whether it is fresh.
 fn agent_series(proxy: &Proxy, s: &crate::backend::server::Server, max_age: Duration) -> Option<(crate::adaptive::signals::Series, bool)> {
+    agent_series_of(proxy, &s.cfg.host, s.cfg.port, max_age)
+}
+
+/// The same for a server known by host and port (the failover controller's members).
+pub fn agent_series_of(proxy: &Proxy, host: &str, port: u16, max_age: Duration) -> Option<(crate::adaptive::signals::Series, bool)> {
     let cfg = &proxy.rt.cfg.signals;
-    let name = if cfg.agent_hosts.is_empty() { None } else { cfg.agent_hosts.get(&format!("{}:{}", s.cfg.host, s.cfg.port)).map(String::as_str) };
-    proxy.signals.for_server(&s.cfg.host, s.cfg.port, name, max_age)
+    let name = if cfg.agent_hosts.is_empty() { None } else { cfg.agent_hosts.get(&format!("{host}:{port}")).map(String::as_str) };
+    proxy.signals.for_server(host, port, name, max_age)
 }
 
 /// Every routed server entry, in hostgroup order.

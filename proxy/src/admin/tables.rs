@@ -38,7 +38,7 @@ const CONFIG_TABLES: &[(&str, &str)] = &[
         "(rule_id INT NOT NULL PRIMARY KEY, active INT NOT NULL DEFAULT 1, username VARCHAR, schemaname VARCHAR, \
           match_digest VARCHAR, match_pattern VARCHAR, negate_match_pattern INT NOT NULL DEFAULT 0, \
           destination_hostgroup INT, cache_ttl INT, cache_stale_while_revalidate INT, apply INT NOT NULL DEFAULT 0, comment VARCHAR, \
-          cache_stale_if_error_ms INT)",
+          cache_stale_if_error_ms INT, shed_priority INT)",
     ),
 ];
 
@@ -78,6 +78,7 @@ impl AdminDb {
                     ("mysql_servers", "status", "VARCHAR NOT NULL DEFAULT 'ONLINE'"),
                     ("mysql_servers", "use_ssl", "INT NOT NULL DEFAULT 0"),
                     ("mysql_query_rules", "cache_stale_if_error_ms", "INT"),
+                    ("mysql_query_rules", "shed_priority", "INT"),
                 ];
                 for (_, col, def) in added.iter().filter(|(t, _, _)| t == name) {
                     let has: bool = conn
@@ -197,7 +198,7 @@ impl AdminDb {
         }
         for r in &cfg.query_rules {
             tx.execute(
-                "INSERT OR REPLACE INTO mysql_query_rules VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, ?12)",
+                "INSERT OR REPLACE INTO mysql_query_rules VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL, ?12, ?13)",
                 rusqlite::params![
                     r.rule_id,
                     r.active as i64,
@@ -210,7 +211,8 @@ impl AdminDb {
                     r.cache_ttl.map(|v| v as i64),
                     r.cache_stale_while_revalidate.map(|v| v as i64),
                     r.apply as i64,
-                    r.cache_stale_if_error_ms.map(|v| v as i64)
+                    r.cache_stale_if_error_ms.map(|v| v as i64),
+                    r.shed_priority.map(|v| v as i64)
                 ],
             )
             .map_err(sql_err)?;
@@ -273,7 +275,7 @@ impl AdminDb {
     }
 
     fn rules(&self) -> Result<Vec<QueryRule>, String> {
-        let mut st = self.conn.prepare("SELECT rule_id, active, username, schemaname, match_digest, match_pattern, negate_match_pattern, destination_hostgroup, cache_ttl, cache_stale_while_revalidate, apply, cache_stale_if_error_ms FROM mysql_query_rules ORDER BY rule_id").map_err(sql_err)?;
+        let mut st = self.conn.prepare("SELECT rule_id, active, username, schemaname, match_digest, match_pattern, negate_match_pattern, destination_hostgroup, cache_ttl, cache_stale_while_revalidate, apply, cache_stale_if_error_ms, shed_priority FROM mysql_query_rules ORDER BY rule_id").map_err(sql_err)?;
         let rows = st
             .query_map([], |r| {
                 Ok(QueryRule {
@@ -289,6 +291,7 @@ impl AdminDb {
                     cache_stale_while_revalidate: r.get::<_, Option<i64>>(9)?.map(|v| v.max(0) as u64),
                     apply: r.get::<_, i64>(10)? != 0,
                     cache_stale_if_error_ms: r.get::<_, Option<i64>>(11)?.map(|v| v.max(0) as u64),
+                    shed_priority: r.get::<_, Option<i64>>(12)?.map(|v| v.clamp(0, u32::MAX as i64) as u32),
                 })
             })
             .map_err(sql_err)?;

@@ -6,15 +6,27 @@
 //!
 //! Everything a person needs to see (topology, problems, events, cooldown) is published to
 //! [`Shared`] after every step; the HTTP API and /metrics read it without blocking the loop.
+//!
+//! Under the `breakwater` policy (the default) a promotion is load-aware: every poll samples
+//! each member's load ([`gate::Sample`]); a dead primary's load before its failure is held
+//! against each candidate's recent signals ([`gate::judge`]); an unfit one is skipped for a
+//! fit one, which is first caught up from the most advanced replica when it is behind
+//! ([`candidate::plan`]); with no fit candidate nothing is promoted (writes refused with the
+//! reasons, reads served) until a person acts. The new primary's concurrency limit starts
+//! low and ramps (slow start), and it is watched for a cascading risk ([`cascade`]): then
+//! its limit is clamped, sheddable traffic refused, and automated promotions held until a
+//! person acknowledges. The `orchestrator` policy does none of that, for comparison.
 
 use super::actions::{self, HookEnv};
 use super::candidate::{self, Replica};
+use super::cascade::{Step, Watch};
 use super::detect::{self, Kind, Problem};
+use super::gate::{self, AgentSample, PrimaryLoad, Sample, Verdict};
 use super::gtid::Position;
 use super::topology::{Instance, Prober};
 use crate::backend::hostgroup::{Gate, Hostgroup};
-use crate::config::{FailoverConfig, MonitorConfig, PromotionRule, ServerConfig};
-use crate::runtime::Runtime;
+use crate::config::{FailoverConfig, FailoverPolicy, MonitorConfig, PromotionRule, ServerConfig};
+use crate::runtime::{Proxy, Runtime};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -92,6 +104,30 @@ pub struct Counters {
     /// Automated recoveries not run because of the cooldown.
     pub blocked: u64,
     pub acks: u64,
+    /// Candidates the load gate judged unfit, and cascading risks raised.
+    pub unfit_candidates: u64,
+    pub cascading_risks: u64,
+}
+
+/// The last load judgment of a dead primary's replicas (breakwater policy).
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Judgment {
+    pub failed: String,
+    pub at_ms: u64,
+    pub load: PrimaryLoad,
+    pub verdicts: Vec<Verdict>,
+}
+
+/// A cascading risk raised on a freshly promoted primary.
+#[derive(Debug, Clone, Serialize)]
+pub struct Risk {
+    pub addr: String,
+    pub since_ms: u64,
+    pub signs: Vec<String>,
+    /// The concurrency limit after the last clamp.
+    pub limit: u64,
+    /// Query rules' shed_priority at or above which statements are refused.
+    pub shedding_priority: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -110,6 +146,15 @@ pub struct View {
     pub counters: Counters,
     pub polls: u64,
     pub updated_ms: u64,
+    /// breakwater or orchestrator.
+    pub policy: String,
+    pub last_judgment: Option<Judgment>,
+    /// Raised now (None when there is none).
+    pub cascading_risk: Option<Risk>,
+    /// Why automated promotions are held until `failover ack` (after a cascading risk).
+    pub promotion_hold: Option<String>,
+    /// The newly promoted primary being watched for a cascading risk.
+    pub watching: Option<String>,
 }
 
 type Reply = oneshot::Sender<Result<String, String>>;
@@ -143,6 +188,7 @@ struct Member {
 }
 
 pub struct Controller {
+    proxy: Arc<Proxy>,
     rt: Arc<Runtime>,
     cfg: FailoverConfig,
     members: Vec<Member>,
@@ -159,6 +205,43 @@ pub struct Controller {
     discovered: bool,
     dead_since: Option<SystemTime>,
     monitor: MonitorConfig,
+    /// Each member's recent samples (oldest first), and the counters they are deltas of.
+    history: BTreeMap<String, VecDeque<Sample>>,
+    counts: BTreeMap<String, (u64, u64, Instant)>,
+    /// The new primary under watch for a cascading risk, the raised risk, the hold.
+    watch: Option<Watch>,
+    risk: Option<Risk>,
+    last_clamp_ms: u64,
+    hold: Option<String>,
+    /// The load gate found no fit candidate: no automated retry until a person acts.
+    refused: bool,
+}
+
+/// Why a promotion did not happen.
+enum NotPromoted {
+    /// No candidate can carry the load: writes refused, nothing promoted, no cooldown.
+    Unfit(String),
+    Failed(String),
+}
+
+impl NotPromoted {
+    fn text(&self) -> &str {
+        match self {
+            NotPromoted::Unfit(e) | NotPromoted::Failed(e) => e,
+        }
+    }
+}
+
+impl From<String> for NotPromoted {
+    fn from(e: String) -> Self {
+        NotPromoted::Failed(e)
+    }
+}
+
+impl From<&str> for NotPromoted {
+    fn from(e: &str) -> Self {
+        NotPromoted::Failed(e.to_string())
+    }
 }
 
 fn now_ms(t: SystemTime) -> u64 {
@@ -190,7 +273,8 @@ fn split_addr(addr: &str) -> (String, u16) {
 }
 
 /// Start the controller; returns the handle the admin interface uses.
-pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receiver<bool>) -> Arc<Shared> {
+pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiver<bool>) -> Arc<Shared> {
+    let rt = proxy.runtime();
     let cfg = rt.cfg.failover.clone();
     let (tx, rx) = mpsc::channel(16);
     let shared = Arc::new(Shared { view: Mutex::new(View::default()), tx });
@@ -219,6 +303,7 @@ pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receive
     let reader_tpl = reader.unwrap_or_else(|| ServerConfig { hostgroup: cfg.reader_hostgroup, ..writer_tpl.clone() });
     let c = Controller {
         primary: writer_tpl.address(),
+        proxy,
         rt,
         members,
         shared: shared.clone(),
@@ -233,6 +318,13 @@ pub fn spawn(rt: Arc<Runtime>, monitor: &MonitorConfig, shutdown: watch::Receive
         discovered: false,
         dead_since: None,
         monitor: monitor.clone(),
+        history: BTreeMap::new(),
+        counts: BTreeMap::new(),
+        watch: None,
+        risk: None,
+        last_clamp_ms: 0,
+        hold: None,
+        refused: false,
         cfg,
     };
     tokio::spawn(c.run(rx, shutdown));
@@ -367,6 +459,7 @@ impl Controller {
     async fn tick(&mut self) {
         self.sync_members();
         self.probe_all().await;
+        self.sample_all();
         if !self.discovered {
             self.discover_primary();
         }
@@ -413,10 +506,30 @@ impl Controller {
             }
         }
         self.active = now;
+        self.watch_cascade().await;
     }
 
     async fn on_dead_primary(&mut self) {
         let detected = *self.dead_since.get_or_insert_with(SystemTime::now);
+        if self.refused {
+            return; // no fit candidate: a person decides (`failover failover --to`, or `ack` to judge again)
+        }
+        if let Some(why) = self.hold.clone() {
+            if !self.blocked_reported {
+                self.blocked_reported = true;
+                self.count(|c| c.blocked += 1);
+                let msg = format!(
+                    "Breakwater: primary {} of cluster {} is down and automated promotion is held: {why}. Writes are refused, \
+                     reads keep going to replicas. Run `breakwater-proxy failover ack` to allow automated recovery, or \
+                     `breakwater-proxy failover failover --to HOST:PORT` to promote now",
+                    self.primary, self.cfg.cluster
+                );
+                self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Block(msg.clone().into()));
+                let p = self.primary.clone();
+                self.event("RecoveryBlocked", &p, vec![msg], "no automated promotion (held after a cascading risk); reads keep going to replicas");
+            }
+            return;
+        }
         if self.cooldown_active() {
             if !self.blocked_reported {
                 self.blocked_reported = true;
@@ -444,8 +557,10 @@ impl Controller {
         info!(?req, "failover command");
         match req {
             Request::Ack { by } => {
-                let was = self.cooldown_active();
+                let was = self.cooldown_active() || self.hold.is_some() || self.refused;
                 self.cooldown_until = None;
+                self.hold = None;
+                self.refused = false;
                 if let Ok(mut v) = self.shared.view.lock() {
                     if let Some(r) = v.last_recovery.as_mut() {
                         r.acknowledged = true;
@@ -453,7 +568,7 @@ impl Controller {
                 }
                 self.count(|c| c.acks += 1);
                 let p = self.primary.clone();
-                self.event("Acknowledged", &p, vec![format!("by {by}")], if was { "cooldown ended" } else { "no cooldown was active" });
+                self.event("Acknowledged", &p, vec![format!("by {by}")], if was { "cooldown and holds ended" } else { "no cooldown or hold was active" });
                 // A primary that is dead right now is recovered at once.
                 if self.instances.get(&self.primary).is_none_or(|i| !i.reachable) {
                     self.blocked_reported = false;
@@ -557,12 +672,30 @@ impl Controller {
         }
         let whg = self.cfg.writer_hostgroup;
         self.rt.set_gate(whg, Gate::Hold(format!("failover of {failed} in progress").into()));
-        let res = self.promote_replica(&failed, kind, want, limit, &mut steps).await;
+        let res = self.promote_replica(&failed, kind, want, limit, detected, &mut steps).await;
+        if let Err(NotPromoted::Unfit(e)) = &res {
+            // Nothing was done to any server: no cooldown, no automated retry; a person decides.
+            self.count(|c| *c.recoveries.entry(format!("{kind}/refused")).or_default() += 1);
+            let msg = format!(
+                "Breakwater: primary {failed} of cluster {} is down and no replica can carry its load ({e}). Writes are refused, \
+                 reads are served by the replicas. Promote one anyway with `breakwater-proxy failover failover --to HOST:PORT`, \
+                 or judge again with `breakwater-proxy failover ack`",
+                self.cfg.cluster
+            );
+            self.rt.set_gate(whg, Gate::Block(msg.clone().into()));
+            self.refused = true;
+            self.blocked_reported = true;
+            warn!(%failed, reason = %e, "no fit candidate: nothing promoted");
+            steps.push(msg);
+            self.event("NoFitCandidate", &failed, steps, "nothing promoted; writes refused, reads served; waiting for a person");
+            return Err(e.clone());
+        }
         let result = if res.is_ok() { "ok" } else { "failed" };
         self.count(|c| *c.recoveries.entry(format!("{kind}/{result}")).or_default() += 1);
         // Any recovery attempt (even a vetoed or failed one) starts the block: no retry loop.
         self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
         self.blocked_reported = false;
+        self.refused = false;
         match res {
             Ok((promoted, at)) => {
                 let duration = at.duration_since(detected).unwrap_or_default();
@@ -594,6 +727,7 @@ impl Controller {
                 Ok(msg)
             }
             Err(e) => {
+                let e = e.text().to_string();
                 let msg = format!(
                     "Breakwater: primary {failed} of cluster {} is down and failover failed: {e}. Writes are refused until a person acts (`breakwater-proxy failover failover --to HOST:PORT`)",
                     self.cfg.cluster
@@ -607,27 +741,164 @@ impl Controller {
         }
     }
 
+    /// Each member's load this poll: the proxy's counters as rates since the last poll, its
+    /// latency and limit, replication lag, and the agent's fresh signals.
+    fn sample_all(&mut self) {
+        let at_ms = now_ms(SystemTime::now());
+        let routing = self.rt.routing();
+        let max_age = Duration::from_millis(self.rt.cfg.signals.max_age_ms);
+        let adaptive = self.rt.cfg.proxy.adaptive_limit;
+        // Kept: the gate's window twice over, so the window before a failure is still there
+        // when a person asks for a judgment a while later.
+        let keep = ((self.cfg.gate.window_ms * 2) / self.cfg.poll_interval_ms.max(50)).clamp(4, 10_000) as usize;
+        for m in &self.members {
+            let inst = self.instances.get(&m.addr);
+            let mut s = Sample { at_ms, lag_s: inst.and_then(|i| i.replication.as_ref()).and_then(|r| r.seconds_behind_master), ..Default::default() };
+            if let Some(srv) = routing.hostgroups.values().flat_map(|h| h.servers.iter()).find(|x| *x.addr == *m.addr) {
+                let load = &srv.pool.load;
+                let (stmts, shed) = (load.statements.load(std::sync::atomic::Ordering::Relaxed), load.shed.load(std::sync::atomic::Ordering::Relaxed));
+                if let Some((ps, pshed, pt)) = self.counts.insert(m.addr.clone(), (stmts, shed, Instant::now())) {
+                    let dt = pt.elapsed().as_secs_f64();
+                    if dt > 0.0 {
+                        s.statements_per_s = stmts.saturating_sub(ps) as f64 / dt;
+                    }
+                    s.shed = shed.saturating_sub(pshed);
+                }
+                s.latency_ms = load.latency_ms();
+                s.in_flight = load.in_flight.load(std::sync::atomic::Ordering::Relaxed);
+                s.limit = adaptive.then(|| load.limit());
+                if let Some((x, true)) = crate::adaptive::view::agent_series_of(&self.proxy, &srv.cfg.host, srv.cfg.port, max_age) {
+                    s.agent = Some(AgentSample {
+                        cpu_cores: x.recent.cpu_cores,
+                        cpu_limit: x.cpu_limit,
+                        throttled_ratio: x.recent.throttled_ratio,
+                        pressure: x.pressure,
+                        memory_bytes: x.memory_bytes,
+                        memory_limit: x.memory_limit,
+                        p99_ms: x.recent.p99_ms,
+                        requests_per_s: x.recent.requests_per_s,
+                        connections: x.active,
+                    });
+                }
+            }
+            let h = self.history.entry(m.addr.clone()).or_default();
+            h.push_back(s);
+            while h.len() > keep {
+                h.pop_front();
+            }
+        }
+    }
+
+    /// The dead primary's load over the gate's window before `dead_ms` (the sample of the
+    /// poll that saw it die is left out), and each candidate's verdict on its samples of
+    /// the same window (its latest window when those aged out).
+    fn judge(&self, failed: &str, replicas: &[Replica], dead_ms: u64) -> Judgment {
+        let w = self.cfg.gate.window_ms;
+        let poll = self.cfg.poll_interval_ms;
+        let before = |addr: &str, until: u64| -> Vec<Sample> {
+            self.history.get(addr).map(|h| h.iter().filter(|s| s.at_ms + w >= dead_ms && s.at_ms < until).cloned().collect()).unwrap_or_default()
+        };
+        let load = gate::primary_load(&before(failed, dead_ms.saturating_sub(poll / 2)));
+        let verdicts = replicas
+            .iter()
+            .map(|r| {
+                let mut samples = before(&r.addr, dead_ms + poll);
+                if samples.is_empty() {
+                    let h = self.history.get(&r.addr);
+                    let n = (w / poll.max(50)).max(1) as usize;
+                    samples = h.map(|h| h.iter().rev().take(n).rev().cloned().collect()).unwrap_or_default();
+                }
+                gate::judge(&r.addr, &samples, &load, &self.cfg.gate)
+            })
+            .collect();
+        Judgment { failed: failed.into(), at_ms: now_ms(SystemTime::now()), load, verdicts }
+    }
+
     /// Returns the promoted server and when the proxy started sending it writes.
-    async fn promote_replica(&mut self, failed: &str, kind: &str, want: Option<&str>, limit: Duration, steps: &mut Vec<String>) -> Result<(String, SystemTime), String> {
+    async fn promote_replica(
+        &mut self,
+        failed: &str,
+        kind: &str,
+        want: Option<&str>,
+        limit: Duration,
+        detected: SystemTime,
+        steps: &mut Vec<String>,
+    ) -> Result<(String, SystemTime), NotPromoted> {
         let replicas = self.replicas_for_choice(failed);
-        let (cand, notes) = candidate::choose(&replicas, want)?;
-        steps.push(format!("candidate {cand}{}", if notes.is_empty() { String::new() } else { format!(" (passed over: {})", notes.join("; ")) }));
+        let breakwater = self.cfg.policy == FailoverPolicy::Breakwater;
+        let mut judgment = None;
+        let (cand, donor) = if breakwater {
+            let j = self.judge(failed, &replicas, now_ms(detected));
+            steps.push(format!("load of {failed} before its failure: {}", j.load));
+            steps.extend(j.verdicts.iter().map(|v| v.to_string()));
+            let unfit: Vec<(String, String)> = j.verdicts.iter().filter(|v| !v.fit).map(|v| (v.addr.clone(), v.reasons.join("; "))).collect();
+            self.count(|c| c.unfit_candidates += unfit.len() as u64);
+            if let Ok(mut v) = self.shared.view.lock() {
+                v.last_judgment = Some(j.clone());
+            }
+            judgment = Some(j);
+            let plan = candidate::plan(&replicas, &unfit, want).map_err(|e| {
+                if want.is_none() && !unfit.is_empty() {
+                    NotPromoted::Unfit(e)
+                } else {
+                    NotPromoted::Failed(e)
+                }
+            })?;
+            let overridden = want.filter(|w| unfit.iter().any(|(a, _)| a == w)).map(|w| format!(" (judged unfit, promoted on a person's order: {w})")).unwrap_or_default();
+            steps.push(format!(
+                "candidate {}{overridden}{}{}",
+                plan.candidate,
+                plan.donor.as_ref().map(|d| format!(", caught up from {d} first")).unwrap_or_default(),
+                if plan.notes.is_empty() { String::new() } else { format!(" (passed over: {})", plan.notes.join("; ")) }
+            ));
+            (plan.candidate, plan.donor)
+        } else {
+            let (cand, notes) = candidate::choose(&replicas, want)?;
+            steps.push(format!("candidate {cand}{}", if notes.is_empty() { String::new() } else { format!(" (passed over: {})", notes.join("; ")) }));
+            (cand, None)
+        };
         self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), kind, failed, &cand).await.map_err(|e| format!("promotion vetoed by {e}"))?;
-        let io_pos = self.instances.get(&cand).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
         let relay = Duration::from_millis(self.cfg.relay_apply_timeout_ms);
-        {
+        if let Some(d) = &donor {
+            self.catch_up(&cand, d, limit, steps).await?;
+        } else {
+            let io_pos = self.instances.get(&cand).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
             let m = self.member(&cand).ok_or("candidate is not a member")?;
             let c = m.prober.conn().await?;
             actions::wait_applied(c, &io_pos, relay).await.map_err(|e| format!("{cand} relay log: {e}"))?;
+            steps.push(format!("{cand} applied its relay log up to {io_pos:?}"));
+        }
+        {
+            let m = self.member(&cand).ok_or("candidate is not a member")?;
+            let c = m.prober.conn().await?;
             actions::promote(c, limit).await.map_err(|e| format!("promoting {cand}: {e}"))?;
         }
-        steps.push(format!("{cand} applied its relay log up to {io_pos:?}, STOP SLAVE, RESET SLAVE ALL, read_only=0"));
+        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
         let others: Vec<String> = replicas.iter().map(|r| r.addr.clone()).filter(|a| *a != cand).collect();
-        self.place(&cand, &others, &format!("failed primary {failed} fenced by failover"));
+        let mut readers = others.clone();
+        if breakwater {
+            // The remaining replicas may not carry the reads alone (all unfit, or none): the
+            // new primary serves reads too, balanced by latency with them.
+            let unfit_left = |a: &String| judgment.as_ref().is_some_and(|j| j.verdicts.iter().any(|v| v.addr == *a && !v.fit));
+            if readers.iter().all(unfit_left) {
+                readers.push(cand.clone());
+                steps.push(format!("readers {others:?} cannot carry the reads alone: {cand} serves reads too"));
+            }
+        }
+        self.place(&cand, &readers, &format!("failed primary {failed} fenced by failover"));
         let switched = SystemTime::now();
+        if breakwater {
+            if let Some(srv) = self.rt.servers().iter().find(|s| *s.addr == *cand) {
+                srv.pool.load.slow_start();
+                steps.push(format!("write ramp: {cand}'s concurrency limit starts at {} and grows while its latency holds", srv.pool.load.limit()));
+            }
+            let old = judgment.map(|j| j.load).unwrap_or_default();
+            self.watch = Some(Watch::new(&cand, now_ms(switched), old));
+            self.risk = None;
+        }
         self.fenced.insert(failed.to_string());
         self.primary = cand.clone();
-        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, others));
+        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, readers));
         let (host, port) = split_addr(&cand);
         let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
         for o in others {
@@ -642,6 +913,97 @@ impl Controller {
             });
         }
         Ok((cand, switched))
+    }
+
+    /// Give `cand` every transaction `donor` received: the donor applies its relay log (its
+    /// binlog then has them: log_slave_updates), `cand` replicates from it with GTID until
+    /// it has applied the donor's position, all within `catchup_timeout_ms`. On a timeout
+    /// nothing is promoted.
+    async fn catch_up(&mut self, cand: &str, donor: &str, limit: Duration, steps: &mut Vec<String>) -> Result<(), NotPromoted> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.catchup_timeout_ms);
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let target = self.instances.get(donor).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
+        let target = if target.is_empty() { self.instances.get(donor).map(|i| i.gtid_slave_pos.clone()).unwrap_or_default() } else { target };
+        {
+            let m = self.member(donor).ok_or("donor is not a member")?;
+            let c = m.prober.conn().await?;
+            actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up: donor {donor} applying its relay log: {e}"))?;
+        }
+        let (host, port) = split_addr(donor);
+        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let t = Instant::now();
+        {
+            let m = self.member(cand).ok_or("candidate is not a member")?;
+            let c = m.prober.conn().await?;
+            actions::repoint(c, &host, port, &user, &pw, "slave_pos", limit).await.map_err(|e| format!("catch-up: pointing {cand} at {donor}: {e}"))?;
+            actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up of {cand} from {donor}: {e}; nothing promoted"))?;
+        }
+        steps.push(format!("{cand} caught up from {donor} to {target} in {} ms", t.elapsed().as_millis()));
+        Ok(())
+    }
+
+    /// One poll of the cascade watch on a freshly promoted primary (breakwater policy).
+    async fn watch_cascade(&mut self) {
+        let Some(mut w) = self.watch.take() else { return };
+        if w.addr != self.primary {
+            return; // replaced since (a switchover, a manual failover): the watch ends
+        }
+        let now = now_ms(SystemTime::now());
+        let recent: Vec<Sample> = self.history.get(&w.addr).map(|h| h.iter().filter(|s| s.at_ms >= w.promoted_ms).cloned().collect()).unwrap_or_default();
+        let step = w.step(now, &recent, &self.cfg.cascade);
+        let addr = w.addr.clone();
+        let load = self.rt.servers().iter().find(|s| *s.addr == *addr).map(|s| s.pool.load.clone());
+        let clamp = |risk: &mut Risk| {
+            if let Some(l) = &load {
+                l.clamp(self.cfg.cascade.clamp);
+                risk.limit = l.limit();
+            }
+        };
+        match step {
+            Step::Quiet => self.watch = Some(w),
+            Step::Done => {
+                let e = format!("no sign of a cascading risk in {} s after its promotion", self.cfg.cascade.watch_seconds);
+                self.event("CascadeWatchEnded", &addr, vec![], e);
+            }
+            Step::Raise(signs) => {
+                let mut risk = Risk { addr: addr.clone(), since_ms: now, signs: signs.clone(), limit: 0, shedding_priority: 1 };
+                clamp(&mut risk);
+                self.last_clamp_ms = now;
+                let reason = format!("cascading risk on the new primary {addr}: {}", signs.join("; "));
+                self.rt.shedding.start(self.cfg.writer_hostgroup, 1, &reason);
+                self.hold = Some(reason.clone());
+                self.count(|c| c.cascading_risks += 1);
+                let action = format!(
+                    "concurrency limit clamped to {}; sheddable traffic (query rules with shed_priority > 0) refused; automated promotion held until `failover ack`",
+                    risk.limit
+                );
+                self.risk = Some(risk);
+                let hook = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), "cascading_risk", &addr, &addr).await;
+                let mut evidence = signs;
+                if let Err(e) = hook {
+                    evidence.push(e);
+                }
+                self.event("CascadingRisk", &addr, evidence, action);
+                self.watch = Some(w);
+            }
+            Step::Persist(signs) => {
+                if !signs.is_empty() && now.saturating_sub(self.last_clamp_ms) >= self.cfg.cascade.clamp_every_s * 1000 {
+                    if let Some(mut risk) = self.risk.take() {
+                        clamp(&mut risk);
+                        risk.signs = signs;
+                        self.last_clamp_ms = now;
+                        self.risk = Some(risk);
+                    }
+                }
+                self.watch = Some(w);
+            }
+            Step::Clear => {
+                self.rt.shedding.stop();
+                self.risk = None;
+                self.event("CascadingRiskCleared", &addr, vec![], "no sign for a while: sheddable traffic served again; the promotion hold stays until `failover ack`");
+                self.watch = Some(w);
+            }
+        }
     }
 
     /// Planned primary change with the primary alive: no acknowledged write is lost.
@@ -870,6 +1232,10 @@ impl Controller {
             v.cooldown = cooldown;
             v.polls = polls;
             v.updated_ms = now_ms(SystemTime::now());
+            v.policy = self.cfg.policy.as_str().into();
+            v.cascading_risk = self.risk.clone();
+            v.promotion_hold = self.hold.clone();
+            v.watching = self.watch.as_ref().map(|w| w.addr.clone());
         }
     }
 }

@@ -3,14 +3,19 @@
 //! - [`topology`]: probing servers (mysql_async, hard timeouts) into an [`topology::Instance`].
 //! - [`gtid`]: MariaDB GTID positions and their comparison.
 //! - [`detect`]: holistic detection (DeadPrimary vs UnreachablePrimary, DeadReplica, …).
-//! - [`candidate`]: which replica to promote (promotion rules, no lost transactions).
+//! - [`gate`]: can a replica carry the dead primary's load (the load-aware promotion gate).
+//! - [`candidate`]: which replica to promote (promotion rules, no lost transactions, the
+//!   gate's verdicts, catch-up from the most advanced replica).
+//! - [`cascade`]: watching a freshly promoted primary for a cascading risk.
 //! - [`actions`]: the SQL of a recovery and the promotion hooks.
 //! - [`controller`]: the loop, recoveries, switchover, cooldown (anti-flapping), events.
 
 pub mod actions;
 pub mod candidate;
+pub mod cascade;
 pub mod controller;
 pub mod detect;
+pub mod gate;
 pub mod gtid;
 pub mod topology;
 

@@ -566,6 +566,18 @@ impl Session {
             let t0 = Instant::now();
             let d = self.route(sql, &a);
             let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
+            // Sheddable traffic under a cascading risk (a client already pinned, e.g. in a
+            // transaction holding locks, finishes what it started).
+            if self.pinned.is_none() {
+                if let Some(why) = self.rt.shedding.check(hg, d.shed_priority) {
+                    let e = SqlError::new(
+                        errcode::MAX_CONNECT_TIMEOUT,
+                        "HY000",
+                        format!("Breakwater: shed (query rule {} has shed_priority {}): {why}; the statement was not sent", d.rule_id, d.shed_priority),
+                    );
+                    return self.send_err(self.reply_seq, &e).await;
+                }
+            }
             // The previous statement's diagnostics: on its kept connection, or known here.
             let mut rewritten: Option<Vec<u8>> = None;
             let mut answered = false;

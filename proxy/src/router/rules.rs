@@ -19,6 +19,7 @@ struct Compiled {
     cache_ttl_ms: Option<u64>,
     cache_stale_ms: Option<u64>,
     cache_stale_if_error_ms: Option<u64>,
+    shed_priority: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +42,8 @@ pub struct Decision {
     pub cache_ttl_ms: u64,
     pub cache_stale_ms: u64,
     pub cache_stale_if_error_ms: u64,
+    /// Sheddable under a cascading risk when > 0 (see `QueryRule::shed_priority`).
+    pub shed_priority: u32,
     /// The generation of the rules that decided (cache::Route).
     pub rules_generation: u64,
 }
@@ -65,6 +68,7 @@ impl Rules {
                 cache_ttl_ms: r.cache_ttl,
                 cache_stale_ms: r.cache_stale_while_revalidate,
                 cache_stale_if_error_ms: r.cache_stale_if_error_ms,
+                shed_priority: r.shed_priority,
             });
         }
         out.sort_by_key(|r| r.rule_id);
@@ -120,6 +124,9 @@ impl Rules {
             }
             if let Some(st) = r.cache_stale_if_error_ms {
                 d.cache_stale_if_error_ms = st;
+            }
+            if let Some(sp) = r.shed_priority {
+                d.shed_priority = sp;
             }
             if r.apply {
                 break;

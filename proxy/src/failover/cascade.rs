@@ -1,0 +1,247 @@
+//! Cascading-risk detection: after a promotion, the new primary is watched for the signature
+//! that preceded the old one's death. Four signs, each from the samples the controller takes
+//! every poll ([`super::gate::Sample`]) against the old primary's load before it failed:
+//!
+//! - latency rising fast: the proxy's latency over `latency_ratio` × the old primary's (and
+//!   over `min_latency_ms`), and higher than two polls before;
+//! - in flight pinned at the concurrency limit (two polls in a row), or statements shed;
+//! - pressure rising: CPU or memory PSI over `pressure` and not falling, or memory over
+//!   `memory_ratio` of the cgroup's limit;
+//! - a reconnect storm: the server's connections (the agent's count) over
+//!   `reconnect_ratio` × the old primary's and still rising.
+//!
+//! `signs_needed` signs in `polls_needed` polls in a row raise the risk; it clears after
+//! `clear_after_s` without any sign. A pure state machine: the controller acts on its steps
+//! (clamp the limit, shed sheddable traffic, hold promotions until a person acknowledges).
+
+use super::gate::{PrimaryLoad, Sample};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CascadeConfig {
+    /// How long after a promotion the new primary is watched (a raised risk is watched
+    /// until it clears).
+    pub watch_seconds: u64,
+    pub latency_ratio: f64,
+    pub min_latency_ms: f64,
+    pub pressure: f64,
+    pub memory_ratio: f64,
+    pub reconnect_ratio: f64,
+    pub signs_needed: usize,
+    pub polls_needed: u32,
+    pub clear_after_s: u64,
+    /// The new primary's concurrency limit is cut to this share of itself when the risk is
+    /// raised, and again every `clamp_every_s` while signs persist.
+    pub clamp: f64,
+    pub clamp_every_s: u64,
+}
+
+impl Default for CascadeConfig {
+    fn default() -> Self {
+        Self {
+            watch_seconds: 300,
+            latency_ratio: 4.0,
+            min_latency_ms: 20.0,
+            pressure: 0.30,
+            memory_ratio: 0.90,
+            reconnect_ratio: 2.0,
+            signs_needed: 2,
+            polls_needed: 2,
+            clear_after_s: 15,
+            clamp: 0.5,
+            clamp_every_s: 3,
+        }
+    }
+}
+
+/// The signs in the newest samples (oldest first) of the new primary.
+pub fn signs(recent: &[Sample], old: &PrimaryLoad, cfg: &CascadeConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(last) = recent.last() else { return out };
+    let back = |n: usize| recent.len().checked_sub(1 + n).and_then(|i| recent.get(i));
+    let lat_limit = (old.latency_ms * cfg.latency_ratio).max(cfg.min_latency_ms);
+    if last.latency_ms > lat_limit && back(2).is_some_and(|b| last.latency_ms > b.latency_ms) {
+        out.push(format!(
+            "latency rising: {:.1} ms (was {:.1} ms two polls before; the old primary's {:.1} ms)",
+            last.latency_ms,
+            back(2).map(|b| b.latency_ms).unwrap_or(0.0),
+            old.latency_ms
+        ));
+    }
+    let at_limit = |s: &Sample| s.limit.is_some_and(|l| s.in_flight >= l);
+    if last.shed > 0 {
+        out.push(format!("{} statements shed by its concurrency limit {}", last.shed, last.limit.unwrap_or(0)));
+    } else if at_limit(last) && back(1).is_some_and(at_limit) {
+        out.push(format!("in flight pinned at its concurrency limit {}", last.limit.unwrap_or(0)));
+    }
+    if let Some(a) = &last.agent {
+        let prev = back(1).and_then(|b| b.agent.as_ref());
+        for (i, name) in [(0, "CPU"), (1, "memory")] {
+            if let Some(p) = a.pressure[i].filter(|p| *p > cfg.pressure) {
+                if prev.and_then(|b| b.pressure[i]).is_none_or(|q| p >= q) {
+                    out.push(format!("{name} pressure {:.0}% and rising", p * 100.0));
+                }
+            }
+        }
+        if let (Some(m), Some(l)) = (a.memory_bytes, a.memory_limit) {
+            if m as f64 > l as f64 * cfg.memory_ratio {
+                out.push(format!("memory {} MiB of its {} MiB limit", m >> 20, l >> 20));
+            }
+        }
+        if let Some(base) = old.connections.filter(|b| *b > 0) {
+            let rising = prev.is_none_or(|b| a.connections > b.connections);
+            if a.connections as f64 > base as f64 * cfg.reconnect_ratio && rising {
+                out.push(format!("reconnect storm: {} connections (the old primary had {base})", a.connections));
+            }
+        }
+    }
+    out
+}
+
+/// What the controller should do after one poll.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Quiet,
+    /// The risk is raised now, with its signs.
+    Raise(Vec<String>),
+    /// Still raised; signs seen in this poll (maybe none).
+    Persist(Vec<String>),
+    /// No sign for `clear_after_s`: the risk is over.
+    Clear,
+    /// The watch period ended without a risk.
+    Done,
+}
+
+#[derive(Debug, Clone)]
+pub struct Watch {
+    pub addr: String,
+    pub promoted_ms: u64,
+    pub old: PrimaryLoad,
+    pub raised_ms: Option<u64>,
+    strikes: u32,
+    last_sign_ms: u64,
+}
+
+impl Watch {
+    pub fn new(addr: &str, promoted_ms: u64, old: PrimaryLoad) -> Self {
+        Self { addr: addr.into(), promoted_ms, old, raised_ms: None, strikes: 0, last_sign_ms: promoted_ms }
+    }
+
+    /// One poll: the new primary's samples since its promotion (oldest first).
+    pub fn step(&mut self, now_ms: u64, recent: &[Sample], cfg: &CascadeConfig) -> Step {
+        let s = signs(recent, &self.old, cfg);
+        if !s.is_empty() {
+            self.last_sign_ms = now_ms;
+        }
+        if self.raised_ms.is_some() {
+            if s.is_empty() && now_ms.saturating_sub(self.last_sign_ms) >= cfg.clear_after_s * 1000 {
+                self.raised_ms = None;
+                self.strikes = 0;
+                return Step::Clear;
+            }
+            return Step::Persist(s);
+        }
+        if s.len() >= cfg.signs_needed.max(1) {
+            self.strikes += 1;
+        } else {
+            self.strikes = 0;
+        }
+        if self.strikes >= cfg.polls_needed.max(1) {
+            self.raised_ms = Some(now_ms);
+            return Step::Raise(s);
+        }
+        if now_ms.saturating_sub(self.promoted_ms) >= cfg.watch_seconds * 1000 {
+            return Step::Done;
+        }
+        Step::Quiet
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::failover::gate::AgentSample;
+
+    fn old() -> PrimaryLoad {
+        PrimaryLoad { samples: 10, statements_per_s: 900.0, latency_ms: 2.0, peak_in_flight: 8, connections: Some(40), ..Default::default() }
+    }
+
+    fn sample(lat: f64, in_flight: u64, limit: u64, cpu_p: f64, conns: u64) -> Sample {
+        Sample {
+            statements_per_s: 300.0,
+            latency_ms: lat,
+            in_flight,
+            limit: Some(limit),
+            agent: Some(AgentSample { pressure: [Some(cpu_p), Some(0.0), Some(0.0)], connections: conns, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    /// A recorded series of a promoted replica going the way the old primary went: latency
+    /// climbing, in flight pinned at the limit, CPU pressure rising, connections piling up.
+    fn dying() -> Vec<Sample> {
+        vec![
+            sample(3.0, 4, 16, 0.05, 40),
+            sample(8.0, 12, 16, 0.20, 55),
+            sample(30.0, 16, 16, 0.45, 90),
+            sample(80.0, 16, 16, 0.70, 140),
+            sample(200.0, 16, 16, 0.85, 210),
+        ]
+    }
+
+    #[test]
+    fn the_dying_primary_shows_every_sign() {
+        let s = signs(&dying(), &old(), &CascadeConfig::default());
+        assert_eq!(s.len(), 4, "{s:?}");
+        assert!(s[0].starts_with("latency rising: 200.0 ms"), "{s:?}");
+        assert!(s[1].contains("pinned at its concurrency limit 16"), "{s:?}");
+        assert!(s[2].starts_with("CPU pressure 85%"), "{s:?}");
+        assert!(s[3].contains("210 connections (the old primary had 40)"), "{s:?}");
+    }
+
+    #[test]
+    fn raised_after_two_bad_polls_then_cleared_when_quiet() {
+        let cfg = CascadeConfig::default();
+        let mut w = Watch::new("b:3309", 0, old());
+        let d = dying();
+        let mut steps = Vec::new();
+        for i in 1..=d.len() {
+            steps.push(w.step(i as u64 * 1000, &d[..i], &cfg));
+        }
+        // Polls 1-2: too few signs; poll 3: latency, limit and pressure (one strike); 4: raised.
+        assert_eq!(steps[..3], [Step::Quiet, Step::Quiet, Step::Quiet], "{steps:?}");
+        assert!(matches!(&steps[3], Step::Raise(s) if s.len() >= 2), "{steps:?}");
+        assert!(matches!(&steps[4], Step::Persist(s) if !s.is_empty()));
+        // Healthy again: persists until clear_after_s without a sign.
+        let calm = vec![sample(2.0, 2, 16, 0.01, 40); 3];
+        assert_eq!(w.step(10_000, &calm, &cfg), Step::Persist(vec![]));
+        assert_eq!(w.step(5_000 + 15_000, &calm, &cfg), Step::Clear);
+    }
+
+    #[test]
+    fn a_healthy_ramp_raises_nothing() {
+        // The limit starts low (slow start) and is used fully while it doubles: in flight
+        // at the limit alone is one sign, not a risk; latency holds.
+        let cfg = CascadeConfig::default();
+        let mut w = Watch::new("b:3309", 0, old());
+        let ramp: Vec<Sample> = [4u64, 8, 16, 32, 64, 64, 64].iter().map(|l| sample(2.5, *l, *l, 0.05, 42)).collect();
+        for i in 1..=ramp.len() {
+            assert_eq!(w.step(i as u64 * 1000, &ramp[..i], &cfg), Step::Quiet, "poll {i}");
+        }
+        assert_eq!(w.step(301_000, &ramp, &cfg), Step::Done);
+    }
+
+    #[test]
+    fn memory_near_its_limit_and_shedding_are_signs() {
+        let cfg = CascadeConfig::default();
+        let mut s = sample(1.0, 1, 16, 0.0, 10);
+        s.shed = 7;
+        if let Some(a) = s.agent.as_mut() {
+            a.memory_bytes = Some(95 << 20);
+            a.memory_limit = Some(100 << 20);
+        }
+        let out = signs(&[s], &old(), &cfg);
+        assert_eq!(out, vec!["7 statements shed by its concurrency limit 16".to_string(), "memory 95 MiB of its 100 MiB limit".to_string()]);
+    }
+}
