@@ -101,6 +101,9 @@ struct Cli {
     /// Cooldown after a recovery, in seconds (overrides [failover] recovery_block_seconds).
     #[arg(long)]
     recovery_block_seconds: Option<u64>,
+    /// Failover policy (overrides [failover] policy): breakwater (load-aware) or orchestrator.
+    #[arg(long, value_name = "breakwater|orchestrator")]
+    failover_policy: Option<String>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -306,6 +309,15 @@ fn main() -> ExitCode {
     }
     if let Some(n) = cli.recovery_block_seconds {
         cfg.failover.recovery_block_seconds = n;
+    }
+    match cli.failover_policy.as_deref() {
+        None => {}
+        Some("breakwater") => cfg.failover.policy = breakwater_proxy::config::FailoverPolicy::Breakwater,
+        Some("orchestrator") => cfg.failover.policy = breakwater_proxy::config::FailoverPolicy::Orchestrator,
+        Some(other) => {
+            eprintln!("breakwater-proxy: --failover-policy {other:?}: expected breakwater or orchestrator");
+            return ExitCode::from(2);
+        }
     }
     if cli.check_config {
         println!("{cfg:#?}");

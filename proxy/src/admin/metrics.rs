@@ -59,6 +59,12 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
         ("breakwater_proxy_cache_max_bytes", "gauge", "The query cache's memory bound.", c.max_bytes as u64),
         ("breakwater_proxy_digests", "gauge", "Rows in the query digest table.", proxy.digests.len() as u64),
         ("breakwater_proxy_digests_evicted_total", "counter", "Digest rows evicted to keep the table bounded.", proxy.digests.evicted()),
+        (
+            "breakwater_proxy_statements_shed_total",
+            "counter",
+            "Statements refused because their query rule's shed_priority is shed under a cascading risk.",
+            proxy.rt.shedding.shed.load(std::sync::atomic::Ordering::Relaxed),
+        ),
     ] {
         family(&mut o, name, kind, help);
         let _ = writeln!(o, "{name}{{db_system_name=\"mysql\"}} {v}");
@@ -83,6 +89,14 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
     let _ = writeln!(o, "breakwater_failover_cooldown_active{{{c}}} {}", v.cooldown.active as u8);
     family(&mut o, "breakwater_failover_cooldown_remaining_seconds", "gauge", "Seconds left in the cooldown.");
     let _ = writeln!(o, "breakwater_failover_cooldown_remaining_seconds{{{c}}} {}", v.cooldown.remaining_seconds);
+    family(&mut o, "breakwater_failover_cascading_risk", "gauge", "1 while a cascading risk is raised on a freshly promoted primary.");
+    let _ = writeln!(o, "breakwater_failover_cascading_risk{{{c}}} {}", v.cascading_risk.is_some() as u8);
+    family(&mut o, "breakwater_failover_cascading_risks_total", "counter", "Cascading risks raised on freshly promoted primaries.");
+    let _ = writeln!(o, "breakwater_failover_cascading_risks_total{{{c}}} {}", v.counters.cascading_risks);
+    family(&mut o, "breakwater_failover_promotion_held", "gauge", "1 while automated promotion is held until a person acknowledges (after a cascading risk).");
+    let _ = writeln!(o, "breakwater_failover_promotion_held{{{c}}} {}", v.promotion_hold.is_some() as u8);
+    family(&mut o, "breakwater_failover_unfit_candidates_total", "counter", "Promotion candidates the load gate judged unable to carry the primary's load.");
+    let _ = writeln!(o, "breakwater_failover_unfit_candidates_total{{{c}}} {}", v.counters.unfit_candidates);
     family(&mut o, "breakwater_failover_writes_blocked", "gauge", "1 while the proxy refuses or holds writes for this cluster.");
     let _ = writeln!(o, "breakwater_failover_writes_blocked{{{c}}} {}", (v.writer_gate != "open") as u8);
     if let Some(r) = &v.last_recovery {
