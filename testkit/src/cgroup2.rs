@@ -72,3 +72,35 @@ pub fn set_cpu_limit(port: u16, cores: Option<f64>) -> std::io::Result<()> {
     };
     std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string())
 }
+
+/// Limit a lab node's memory to `bytes` (None lifts the limit): `memory.max` where the v2
+/// tree has the memory controller, else the v1 `memory.limit_in_bytes`. The kernel then
+/// reclaims and, when nothing can be reclaimed, OOM-kills inside the node's cgroup only.
+pub fn set_memory_limit(port: u16, bytes: Option<u64>) -> std::io::Result<()> {
+    let rel = format!("breakwater-lab/node{port}");
+    if v2_has("memory") {
+        let dir = cgroup2_root().ok_or_else(|| std::io::Error::other("no cgroup v2"))?.join(rel);
+        return std::fs::write(dir.join("memory.max"), bytes.map(|b| b.to_string()).unwrap_or_else(|| "max".into()));
+    }
+    let dir = v1_mount("memory").ok_or_else(|| std::io::Error::other("no memory controller (v1 or v2)"))?.join(rel);
+    std::fs::write(dir.join("memory.limit_in_bytes"), bytes.map(|b| b.to_string()).unwrap_or_else(|| "-1".into()))
+}
+
+/// Memory charged to a lab node's cgroup now (memory.current, or v1 memory.usage_in_bytes).
+pub fn memory_usage(port: u16) -> Option<u64> {
+    let rel = format!("breakwater-lab/node{port}");
+    let read = |p: PathBuf| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse().ok());
+    if v2_has("memory") {
+        return read(cgroup2_root()?.join(rel).join("memory.current"));
+    }
+    read(v1_mount("memory")?.join(rel).join("memory.usage_in_bytes"))
+}
+
+/// Anonymous memory of a lab node's cgroup (v2 memory.stat `anon`, v1 `total_rss`): what
+/// the kernel cannot reclaim without killing (no swap), unlike the page cache in its usage.
+pub fn memory_anon(port: u16) -> Option<u64> {
+    let rel = format!("breakwater-lab/node{port}");
+    let (dir, key) = if v2_has("memory") { (cgroup2_root()?.join(rel), "anon ") } else { (v1_mount("memory")?.join(rel), "total_rss ") };
+    let stat = std::fs::read_to_string(dir.join("memory.stat")).ok()?;
+    stat.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.trim().parse().ok())
+}

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod cgroup2;
-pub use cgroup2::{cgroup2_root, node_dirs, set_cpu_limit};
+pub use cgroup2::{cgroup2_root, memory_anon, memory_usage, node_dirs, set_cpu_limit, set_memory_limit};
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")

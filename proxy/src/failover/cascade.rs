@@ -8,10 +8,12 @@
 //! - pressure rising: CPU or memory PSI over `pressure` and not falling, or memory over
 //!   `memory_ratio` of the cgroup's limit;
 //! - a reconnect storm: the server's connections (the agent's count) over
-//!   `reconnect_ratio` × the old primary's and still rising.
+//!   `reconnect_ratio` × what it should have now (the old primary's plus its own before the
+//!   promotion: it keeps serving reads) and still rising.
 //!
 //! `signs_needed` signs in `polls_needed` polls in a row raise the risk; it clears after
-//! `clear_after_s` without any sign. A pure state machine: the controller acts on its steps
+//! `clear_after_s` without any sign. Once raised, in flight at the limit is no longer a sign
+//! (the clamp puts it there). A pure state machine: the controller acts on its steps
 //! (clamp the limit, shed sheddable traffic, hold promotions until a person acknowledges).
 
 use super::gate::{PrimaryLoad, Sample};
@@ -55,44 +57,54 @@ impl Default for CascadeConfig {
     }
 }
 
-/// The signs in the newest samples (oldest first) of the new primary.
-pub fn signs(recent: &[Sample], old: &PrimaryLoad, cfg: &CascadeConfig) -> Vec<String> {
+/// Which of the four a sign is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignKind {
+    Latency,
+    Limit,
+    Pressure,
+    Reconnects,
+}
+
+/// The signs in the newest samples (oldest first) of the new primary; `expected_conns` is
+/// the connection count it should have after taking the old primary's load.
+pub fn signs(recent: &[Sample], old: &PrimaryLoad, expected_conns: Option<u64>, cfg: &CascadeConfig) -> Vec<(SignKind, String)> {
     let mut out = Vec::new();
     let Some(last) = recent.last() else { return out };
     let back = |n: usize| recent.len().checked_sub(1 + n).and_then(|i| recent.get(i));
     let lat_limit = (old.latency_ms * cfg.latency_ratio).max(cfg.min_latency_ms);
     if last.latency_ms > lat_limit && back(2).is_some_and(|b| last.latency_ms > b.latency_ms) {
-        out.push(format!(
+        out.push((SignKind::Latency, format!(
             "latency rising: {:.1} ms (was {:.1} ms two polls before; the old primary's {:.1} ms)",
             last.latency_ms,
             back(2).map(|b| b.latency_ms).unwrap_or(0.0),
             old.latency_ms
-        ));
+        )));
     }
     let at_limit = |s: &Sample| s.limit.is_some_and(|l| s.in_flight >= l);
     if last.shed > 0 {
-        out.push(format!("{} statements shed by its concurrency limit {}", last.shed, last.limit.unwrap_or(0)));
+        out.push((SignKind::Limit, format!("{} statements shed by its concurrency limit {}", last.shed, last.limit.unwrap_or(0))));
     } else if at_limit(last) && back(1).is_some_and(at_limit) {
-        out.push(format!("in flight pinned at its concurrency limit {}", last.limit.unwrap_or(0)));
+        out.push((SignKind::Limit, format!("in flight pinned at its concurrency limit {}", last.limit.unwrap_or(0))));
     }
     if let Some(a) = &last.agent {
         let prev = back(1).and_then(|b| b.agent.as_ref());
         for (i, name) in [(0, "CPU"), (1, "memory")] {
             if let Some(p) = a.pressure[i].filter(|p| *p > cfg.pressure) {
                 if prev.and_then(|b| b.pressure[i]).is_none_or(|q| p >= q) {
-                    out.push(format!("{name} pressure {:.0}% and rising", p * 100.0));
+                    out.push((SignKind::Pressure, format!("{name} pressure {:.0}% and rising", p * 100.0)));
                 }
             }
         }
         if let (Some(m), Some(l)) = (a.memory_bytes, a.memory_limit) {
             if m as f64 > l as f64 * cfg.memory_ratio {
-                out.push(format!("memory {} MiB of its {} MiB limit", m >> 20, l >> 20));
+                out.push((SignKind::Pressure, format!("memory {} MiB of its {} MiB limit", m >> 20, l >> 20)));
             }
         }
-        if let Some(base) = old.connections.filter(|b| *b > 0) {
+        if let Some(base) = expected_conns.or(old.connections).filter(|b| *b > 0) {
             let rising = prev.is_none_or(|b| a.connections > b.connections);
             if a.connections as f64 > base as f64 * cfg.reconnect_ratio && rising {
-                out.push(format!("reconnect storm: {} connections (the old primary had {base})", a.connections));
+                out.push((SignKind::Reconnects, format!("reconnect storm: {} connections (about {base} expected with the old primary's load)", a.connections)));
             }
         }
     }
@@ -118,19 +130,29 @@ pub struct Watch {
     pub addr: String,
     pub promoted_ms: u64,
     pub old: PrimaryLoad,
+    /// Connections it should have with the old primary's load (see `signs`).
+    pub expected_conns: Option<u64>,
     pub raised_ms: Option<u64>,
     strikes: u32,
     last_sign_ms: u64,
 }
 
 impl Watch {
-    pub fn new(addr: &str, promoted_ms: u64, old: PrimaryLoad) -> Self {
-        Self { addr: addr.into(), promoted_ms, old, raised_ms: None, strikes: 0, last_sign_ms: promoted_ms }
+    pub fn new(addr: &str, promoted_ms: u64, old: PrimaryLoad, own_conns: Option<u64>) -> Self {
+        let expected_conns = match (old.connections, own_conns) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        Self { addr: addr.into(), promoted_ms, old, expected_conns, raised_ms: None, strikes: 0, last_sign_ms: promoted_ms }
     }
 
     /// One poll: the new primary's samples since its promotion (oldest first).
     pub fn step(&mut self, now_ms: u64, recent: &[Sample], cfg: &CascadeConfig) -> Step {
-        let s = signs(recent, &self.old, cfg);
+        let mut found = signs(recent, &self.old, self.expected_conns, cfg);
+        if self.raised_ms.is_some() {
+            found.retain(|(k, _)| *k != SignKind::Limit); // the clamp itself keeps it at the limit
+        }
+        let s: Vec<String> = found.into_iter().map(|(_, t)| t).collect();
         if !s.is_empty() {
             self.last_sign_ms = now_ms;
         }
@@ -192,18 +214,21 @@ mod tests {
 
     #[test]
     fn the_dying_primary_shows_every_sign() {
-        let s = signs(&dying(), &old(), &CascadeConfig::default());
+        let s: Vec<String> = signs(&dying(), &old(), None, &CascadeConfig::default()).into_iter().map(|x| x.1).collect();
         assert_eq!(s.len(), 4, "{s:?}");
         assert!(s[0].starts_with("latency rising: 200.0 ms"), "{s:?}");
         assert!(s[1].contains("pinned at its concurrency limit 16"), "{s:?}");
         assert!(s[2].starts_with("CPU pressure 85%"), "{s:?}");
-        assert!(s[3].contains("210 connections (the old primary had 40)"), "{s:?}");
+        assert!(s[3].contains("210 connections (about 40 expected"), "{s:?}");
+        // A new primary that keeps its readers' connections is expected to have more.
+        let s = signs(&dying(), &old(), Some(120), &CascadeConfig::default());
+        assert!(!s.iter().any(|x| x.0 == SignKind::Reconnects), "{s:?}");
     }
 
     #[test]
     fn raised_after_two_bad_polls_then_cleared_when_quiet() {
         let cfg = CascadeConfig::default();
-        let mut w = Watch::new("b:3309", 0, old());
+        let mut w = Watch::new("b:3309", 0, old(), None);
         let d = dying();
         let mut steps = Vec::new();
         for i in 1..=d.len() {
@@ -213,8 +238,9 @@ mod tests {
         assert_eq!(steps[..3], [Step::Quiet, Step::Quiet, Step::Quiet], "{steps:?}");
         assert!(matches!(&steps[3], Step::Raise(s) if s.len() >= 2), "{steps:?}");
         assert!(matches!(&steps[4], Step::Persist(s) if !s.is_empty()));
-        // Healthy again: persists until clear_after_s without a sign.
-        let calm = vec![sample(2.0, 2, 16, 0.01, 40); 3];
+        // Healthy again (in flight at the clamped limit does not keep it raised): persists
+        // until clear_after_s without a sign.
+        let calm = vec![sample(2.0, 16, 16, 0.01, 40); 3];
         assert_eq!(w.step(10_000, &calm, &cfg), Step::Persist(vec![]));
         assert_eq!(w.step(5_000 + 15_000, &calm, &cfg), Step::Clear);
     }
@@ -224,7 +250,7 @@ mod tests {
         // The limit starts low (slow start) and is used fully while it doubles: in flight
         // at the limit alone is one sign, not a risk; latency holds.
         let cfg = CascadeConfig::default();
-        let mut w = Watch::new("b:3309", 0, old());
+        let mut w = Watch::new("b:3309", 0, old(), None);
         let ramp: Vec<Sample> = [4u64, 8, 16, 32, 64, 64, 64].iter().map(|l| sample(2.5, *l, *l, 0.05, 42)).collect();
         for i in 1..=ramp.len() {
             assert_eq!(w.step(i as u64 * 1000, &ramp[..i], &cfg), Step::Quiet, "poll {i}");
@@ -241,7 +267,7 @@ mod tests {
             a.memory_bytes = Some(95 << 20);
             a.memory_limit = Some(100 << 20);
         }
-        let out = signs(&[s], &old(), &cfg);
+        let out: Vec<String> = signs(&[s], &old(), None, &cfg).into_iter().map(|x| x.1).collect();
         assert_eq!(out, vec!["7 statements shed by its concurrency limit 16".to_string(), "memory 95 MiB of its 100 MiB limit".to_string()]);
     }
 }

@@ -892,8 +892,9 @@ impl Controller {
                 srv.pool.load.slow_start();
                 steps.push(format!("write ramp: {cand}'s concurrency limit starts at {} and grows while its latency holds", srv.pool.load.limit()));
             }
+            let own = self.history.get(&cand).and_then(|h| h.iter().rev().take(10).filter_map(|x| x.agent.as_ref().map(|a| a.connections)).max());
             let old = judgment.map(|j| j.load).unwrap_or_default();
-            self.watch = Some(Watch::new(&cand, now_ms(switched), old));
+            self.watch = Some(Watch::new(&cand, now_ms(switched), old, own));
             self.risk = None;
         }
         self.fenced.insert(failed.to_string());

@@ -205,7 +205,7 @@ impl Drop for Proxy {
     }
 }
 
-fn lab_opts(port: u16) -> OptsBuilder {
+pub fn lab_opts(port: u16) -> OptsBuilder {
     OptsBuilder::default()
         .ip_or_hostname("127.0.0.1")
         .tcp_port(port)
