@@ -38,6 +38,9 @@ struct Cumulative {
     retransmits: u64,
     cpu_seconds: f64,
     throttled_seconds: f64,
+    /// The agent's own time of the report (the points' time_unix_nano): rates are taken over
+    /// the agent's interval, not the receiving times (two reports can arrive close together).
+    at_ns: u64,
 }
 
 /// What the last two reports of one series say about the recent past.
@@ -226,6 +229,7 @@ impl Signals {
                         *a = a.saturating_add(*b);
                     }
                     c.count = c.count.saturating_add(p.count);
+                    c.at_ns = c.at_ns.max(p.time_unix_nano);
                     c.sum += p.sum.filter(|s| s.is_finite()).unwrap_or(0.0);
                 }
             }
@@ -234,6 +238,7 @@ impl Signals {
                     let Some(port) = attr_port(&p.attributes) else { continue };
                     let v = number(p);
                     let r = ports.entry(port).or_default();
+                    r.cum.at_ns = r.cum.at_ns.max(p.time_unix_nano);
                     match name {
                         "breakwater.agent.request.errors" => r.cum.errors = r.cum.errors.saturating_add(v as u64),
                         "breakwater.agent.tcp.retransmits" => r.cum.retransmits = v as u64,
@@ -312,7 +317,7 @@ impl Signals {
 /// The recent past between two cumulative reports `dt` apart; None when the agent restarted
 /// (a counter went down) or no time passed.
 fn recent(prev: &Cumulative, now: &Cumulative, dt: Duration) -> Option<Recent> {
-    let secs = dt.as_secs_f64();
+    let secs = if prev.at_ns > 0 && now.at_ns > prev.at_ns { (now.at_ns - prev.at_ns) as f64 / 1e9 } else { dt.as_secs_f64() };
     if secs <= 0.0 || now.count < prev.count || now.errors < prev.errors {
         return None;
     }

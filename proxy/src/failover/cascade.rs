@@ -4,9 +4,11 @@
 //!
 //! - latency rising fast: the proxy's latency over `latency_ratio` × the old primary's (and
 //!   over `min_latency_ms`), and higher than two polls before;
-//! - in flight pinned at the concurrency limit (two polls in a row), or statements shed;
-//! - pressure rising: CPU or memory PSI over `pressure` and not falling, or memory over
-//!   `memory_ratio` of the cgroup's limit;
+//! - in flight pinned at the concurrency limit two polls in a row while the limit stopped
+//!   growing (a ramp in progress keeps it at the limit by design), or statements shed;
+//! - pressure rising: CPU or memory PSI over `pressure`, over the old primary's by more than
+//!   `pressure_margin` (a host that is merely busy stalls the old and the new alike), and not
+//!   falling; or memory over `memory_ratio` of the cgroup's limit;
 //! - a reconnect storm: the server's connections (the agent's count) over
 //!   `reconnect_ratio` × what it should have now (the old primary's plus its own before the
 //!   promotion: it keeps serving reads) and still rising.
@@ -28,6 +30,7 @@ pub struct CascadeConfig {
     pub latency_ratio: f64,
     pub min_latency_ms: f64,
     pub pressure: f64,
+    pub pressure_margin: f64,
     pub memory_ratio: f64,
     pub reconnect_ratio: f64,
     pub signs_needed: usize,
@@ -46,6 +49,7 @@ impl Default for CascadeConfig {
             latency_ratio: 4.0,
             min_latency_ms: 20.0,
             pressure: 0.30,
+            pressure_margin: 0.15,
             memory_ratio: 0.90,
             reconnect_ratio: 2.0,
             signs_needed: 2,
@@ -84,13 +88,14 @@ pub fn signs(recent: &[Sample], old: &PrimaryLoad, expected_conns: Option<u64>, 
     let at_limit = |s: &Sample| s.limit.is_some_and(|l| s.in_flight >= l);
     if last.shed > 0 {
         out.push((SignKind::Limit, format!("{} statements shed by its concurrency limit {}", last.shed, last.limit.unwrap_or(0))));
-    } else if at_limit(last) && back(1).is_some_and(at_limit) {
+    } else if at_limit(last) && back(1).is_some_and(|b| at_limit(b) && b.limit >= last.limit) {
         out.push((SignKind::Limit, format!("in flight pinned at its concurrency limit {}", last.limit.unwrap_or(0))));
     }
     if let Some(a) = &last.agent {
         let prev = back(1).and_then(|b| b.agent.as_ref());
         for (i, name) in [(0, "CPU"), (1, "memory")] {
-            if let Some(p) = a.pressure[i].filter(|p| *p > cfg.pressure) {
+            let floor = cfg.pressure.max(old.pressure[i].unwrap_or(0.0) + cfg.pressure_margin);
+            if let Some(p) = a.pressure[i].filter(|p| *p > floor) {
                 if prev.and_then(|b| b.pressure[i]).is_none_or(|q| p >= q) {
                     out.push((SignKind::Pressure, format!("{name} pressure {:.0}% and rising", p * 100.0)));
                 }
@@ -243,6 +248,22 @@ mod tests {
         let calm = vec![sample(2.0, 16, 16, 0.01, 40); 3];
         assert_eq!(w.step(10_000, &calm, &cfg), Step::Persist(vec![]));
         assert_eq!(w.step(5_000 + 15_000, &calm, &cfg), Step::Clear);
+    }
+
+    #[test]
+    fn a_busy_host_and_a_stalled_ramp_alone_raise_nothing() {
+        // The old primary stalled on CPU as much (a busy host): no pressure sign.
+        let cfg = CascadeConfig::default();
+        let busy = PrimaryLoad { pressure: [Some(0.45), None, None], ..old() };
+        let s = signs(&[sample(2.0, 4, 16, 0.5, 40), sample(2.0, 4, 16, 0.5, 40)], &busy, None, &cfg);
+        assert!(s.is_empty(), "{s:?}");
+        // Pinned at a limit that stopped growing: one sign, not a risk.
+        let mut w = Watch::new("b:3309", 0, old(), None);
+        let stalled = vec![sample(2.0, 8, 8, 0.05, 40); 3];
+        for i in 1..=3 {
+            assert_eq!(w.step(i * 1000, &stalled, &cfg), Step::Quiet);
+        }
+        assert_eq!(signs(&stalled, &old(), None, &cfg).len(), 1);
     }
 
     #[test]

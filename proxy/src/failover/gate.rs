@@ -103,6 +103,8 @@ pub struct PrimaryLoad {
     pub memory_bytes: Option<u64>,
     pub p99_ms: Option<f64>,
     pub connections: Option<u64>,
+    /// PSI some avg10 (cpu, memory, io), the window's mean.
+    pub pressure: [Option<f64>; 3],
 }
 
 impl std::fmt::Display for PrimaryLoad {
@@ -143,6 +145,7 @@ pub fn primary_load(samples: &[Sample]) -> PrimaryLoad {
         memory_bytes: agent.iter().filter_map(|a| a.memory_bytes).max(),
         p99_ms: mean(agent.iter().filter_map(|a| a.p99_ms)),
         connections: agent.iter().map(|a| a.connections).max(),
+        pressure: [0, 1, 2].map(|i| mean(agent.iter().filter_map(|a| a.pressure[i]))),
     }
 }
 
