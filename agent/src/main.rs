@@ -202,12 +202,14 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         tokio::spawn(prometheus::serve(listener, render));
     }
     {
-        // The servers' cgroup load, once a second; which cgroup serves a port is looked up
-        // again every 30 s (a restarted server may be in another one).
+        // The servers' cgroup load, once a second or once per export if that is more often
+        // (a report must not carry the previous read again: its CPU rate would alias into 0
+        // and 2x); which cgroup serves a port is looked up again every 30 reads.
         let stats = stats.clone();
         let mut watcher = load::Watcher::new(&cli.ports, 30);
+        let every = Duration::from_millis(cli.export_interval_ms.clamp(100, 1000));
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let now = tokio::task::block_in_place(|| watcher.read());

@@ -76,7 +76,9 @@ pub struct Series {
     /// CPU limit in cores.
     pub cpu_limit: Option<f64>,
     pub recent: Recent,
+    /// The report the rates are taken from, and when it came.
     last: Cumulative,
+    last_received: Instant,
 }
 
 impl Series {
@@ -192,11 +194,23 @@ impl Signals {
                     memory_bytes: r.memory_bytes,
                     memory_limit: r.memory_limit,
                     cpu_limit: r.cpu_limit,
+                    // Rates over at least RATE_SPAN: with reports closer together, counters the
+                    // agent refreshes less often (its cgroup reads) alias into 0 and 2x.
                     recent: match &prev {
-                        Some(p) => recent(&p.last, &r.cum, now.saturating_duration_since(p.received)).unwrap_or_else(|| p.recent.clone()),
+                        Some(p) if span(&p.last, &r.cum, now.saturating_duration_since(p.last_received)) >= RATE_SPAN => {
+                            recent(&p.last, &r.cum, now.saturating_duration_since(p.last_received)).unwrap_or_else(|| p.recent.clone())
+                        }
+                        Some(p) => p.recent.clone(),
                         None => Recent::default(),
                     },
-                    last: r.cum,
+                    last: match &prev {
+                        Some(p) if span(&p.last, &r.cum, now.saturating_duration_since(p.last_received)) < RATE_SPAN && p.last.count <= r.cum.count => p.last.clone(),
+                        _ => r.cum.clone(),
+                    },
+                    last_received: match &prev {
+                        Some(p) if span(&p.last, &r.cum, now.saturating_duration_since(p.last_received)) < RATE_SPAN && p.last.count <= r.cum.count => p.last_received,
+                        _ => now,
+                    },
                 };
                 series.insert(key, s);
                 updated += 1;
@@ -314,10 +328,23 @@ impl Signals {
     }
 }
 
+/// Rates are taken over at least this long.
+const RATE_SPAN: Duration = Duration::from_millis(950);
+
+/// The time between two reports: the agent's own clock when both carry it, else the
+/// receiving times `dt` apart.
+fn span(prev: &Cumulative, now: &Cumulative, dt: Duration) -> Duration {
+    if prev.at_ns > 0 && now.at_ns > prev.at_ns {
+        Duration::from_nanos(now.at_ns - prev.at_ns)
+    } else {
+        dt
+    }
+}
+
 /// The recent past between two cumulative reports `dt` apart; None when the agent restarted
 /// (a counter went down) or no time passed.
 fn recent(prev: &Cumulative, now: &Cumulative, dt: Duration) -> Option<Recent> {
-    let secs = if prev.at_ns > 0 && now.at_ns > prev.at_ns { (now.at_ns - prev.at_ns) as f64 / 1e9 } else { dt.as_secs_f64() };
+    let secs = span(prev, now, dt).as_secs_f64();
     if secs <= 0.0 || now.count < prev.count || now.errors < prev.errors {
         return None;
     }
