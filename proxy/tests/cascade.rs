@@ -192,7 +192,7 @@ struct Counts {
 
 impl Counts {
     fn error(&self, e: &str) {
-        let k: String = e.chars().take(90).collect();
+        let k: String = e.chars().take(200).collect();
         *self.errors.lock().unwrap().entry(k).or_default() += 1;
     }
 }
@@ -631,4 +631,101 @@ async fn short_drill_orchestrator_cascades() {
 async fn short_drill_breakwater_stops_the_cascade() {
     let o = run(Scenario { policy: "breakwater", warmup: Duration::from_secs(12), after: Duration::from_secs(30), keep: false }).await;
     assert!(o.ok, "{}", o.verdict);
+}
+
+fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .args(args)
+        .output()
+        .expect("run breakwater-proxy failover");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Both replicas are weak (CPU and memory limits below what the primary uses for the load):
+/// when the primary dies nothing is promoted, reads keep being served by the replicas,
+/// writes are refused at once with the reason and the way out, the verdicts are on the API,
+/// the page's data and /metrics; a person's `failover failover --to` still promotes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
+    let _limits = Limits;
+    setup_schema().await;
+    let proxy = Proxy::start_with(Some(&config("breakwater")), &["--failover", "on"]);
+    let _agent = start_agent(&proxy);
+    for r in [WEAK, STRONG] {
+        breakwater_testkit::set_cpu_limit(r, Some(WEAK_CPU)).expect("CPU limit");
+        let anon = breakwater_testkit::memory_anon(r).expect("memory.stat");
+        breakwater_testkit::set_memory_limit(r, Some(anon + (WEAK_MEMORY_HEADROOM_MIB << 20))).expect("memory limit");
+    }
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let next_id = Arc::new(AtomicI64::new(1));
+    let opts = proxy.opts("app", "app", Some(SCHEMA));
+    let mut tasks = Vec::new();
+    for (role, n) in [(Role::Writer, 6), (Role::Reader, 6), (Role::Reporter, 4)] {
+        for _ in 0..n {
+            tasks.push(client(role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    kill_node(3307);
+    let killed = Instant::now();
+    let reads_at_kill = counts.reads_ok.load(Ordering::Relaxed);
+    let failed_at_kill = counts.reads_failed.load(Ordering::Relaxed);
+    let t = Instant::now();
+    let v = loop {
+        let v = view(&proxy).await;
+        if v["events"].as_array().into_iter().flatten().any(|e| e["kind"] == "NoFitCandidate") {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "no NoFitCandidate event: {:#}", v["events"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Reads go on for a while with the primary dead and nothing promoted.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
+    }
+    let v2 = view(&proxy).await;
+    assert_eq!(v2["primary"], addr(3307), "nothing promoted: {:#}", v2["events"]);
+    assert!(!v2["events"].as_array().into_iter().flatten().any(|e| e["kind"] == "RecoverDeadPrimary"));
+    let gate = v2["writer_gate"].as_str().unwrap_or("");
+    assert!(gate.starts_with("block:") && gate.contains("no replica can carry its load") && gate.contains("failover failover --to"), "{gate}");
+    // The verdicts, with their numbers.
+    let j = &v["last_judgment"];
+    let verdicts = j["verdicts"].as_array().expect("verdicts");
+    assert_eq!(verdicts.len(), 2, "{j:#}");
+    for x in verdicts {
+        assert_eq!(x["fit"], false, "{x:#}");
+        let why = x["reasons"].as_array().map(|r| r.iter().filter_map(|s| s.as_str()).collect::<Vec<_>>().join("; ")).unwrap_or_default();
+        assert!(why.contains("CPU limit 0.30 cores is below"), "{why}");
+    }
+    assert!(j["load"]["statements_per_s"].as_f64().is_some_and(|s| s > 10.0), "the primary's load was measured: {j:#}");
+    // Writes were refused at once with the reason; reads were served.
+    let errors = counts.errors.lock().unwrap().clone();
+    assert!(errors.keys().any(|e| e.contains("no replica can carry its load")), "{errors:#?}");
+    let reads = counts.reads_ok.load(Ordering::Relaxed) - reads_at_kill;
+    let reads_failed = counts.reads_failed.load(Ordering::Relaxed) - failed_at_kill;
+    println!("after the kill ({:?}): {reads} reads served, {reads_failed} failed; errors {errors:#?}", killed.elapsed());
+    assert!(reads > 100 && reads_failed * 100 <= reads, "reads served after the kill: {reads} ok, {reads_failed} failed");
+    let mut c = proxy.conn().await;
+    let e = c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-1)")).await.expect_err("writes are refused");
+    assert!(e.to_string().contains("no replica can carry its load"), "{e}");
+    drop(c);
+    let (_, m) = proxy.admin("GET", "/metrics").await;
+    let m = m.as_str().unwrap_or_default().to_string();
+    for want in ["breakwater_failover_unfit_candidates_total{cluster=\"lab\"} 2", "breakwater_failover_recoveries_total{cluster=\"lab\",kind=\"automated\",result=\"refused\"} 1"] {
+        assert!(m.contains(want), "metrics lack {want}");
+    }
+    // A person overrides the gate.
+    let (ok, out) = cli(&proxy, &["failover", "--to", &addr(STRONG)]);
+    assert!(ok, "{out}");
+    let v3 = view(&proxy).await;
+    assert_eq!(v3["primary"], addr(STRONG), "{:#}", v3["events"]);
+    let rec = v3["events"].as_array().into_iter().flatten().rev().find(|e| e["kind"] == "RecoverDeadPrimary").cloned().unwrap_or_default();
+    let steps = rec["evidence"].to_string();
+    assert!(steps.contains("judged unfit, promoted on a person's order"), "{steps}");
+    let mut c = proxy.conn().await;
+    c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-2)")).await.expect("writes work after the manual failover");
 }

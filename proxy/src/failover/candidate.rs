@@ -113,7 +113,7 @@ pub fn plan(replicas: &[Replica], unfit: &[(String, String)], want: Option<&str>
     ok.sort_by(|a, b| a.rule.cmp(&b.rule).then(b.received.weight().cmp(&a.received.weight())).then(a.addr.cmp(&b.addr)));
     match ok.first() {
         Some(r) => Ok(Plan { candidate: r.addr.clone(), donor: donor.filter(|_| !complete(r)), notes }),
-        None => Err(format!("no replica can carry the load safely: {}", notes.join("; "))),
+        None => Err(format!("no fit replica: {}", notes.join("; "))),
     }
 }
 

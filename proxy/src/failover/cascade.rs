@@ -13,7 +13,11 @@
 //!   `reconnect_ratio` × what it should have now (the old primary's plus its own before the
 //!   promotion: it keeps serving reads) and still rising.
 //!
-//! `signs_needed` signs in `polls_needed` polls in a row raise the risk; it clears after
+//! `signs_needed` signs in `polls_needed` polls in a row raise the risk, one of them a sign of
+//! degradation (latency rising, or memory: a server at its limit and stalling on CPU while
+//! its latency holds is busy, not dying: in the drill on the 2-core lab, the healthy new
+//! primary took writes several times faster than the old one and stalled on CPU that way);
+//! it clears after
 //! `clear_after_s` without any sign. Once raised, in flight at the limit is no longer a sign
 //! (the clamp puts it there). A pure state machine: the controller acts on its steps
 //! (clamp the limit, shed sheddable traffic, hold promotions until a person acknowledges).
@@ -67,7 +71,15 @@ pub enum SignKind {
     Latency,
     Limit,
     Pressure,
+    Memory,
     Reconnects,
+}
+
+impl SignKind {
+    /// A sign that the server is getting worse, not only busy.
+    pub fn degrading(self) -> bool {
+        matches!(self, SignKind::Latency | SignKind::Memory)
+    }
 }
 
 /// The signs in the newest samples (oldest first) of the new primary; `expected_conns` is
@@ -97,13 +109,14 @@ pub fn signs(recent: &[Sample], old: &PrimaryLoad, expected_conns: Option<u64>, 
             let floor = cfg.pressure.max(old.pressure[i].unwrap_or(0.0) + cfg.pressure_margin);
             if let Some(p) = a.pressure[i].filter(|p| *p > floor) {
                 if prev.and_then(|b| b.pressure[i]).is_none_or(|q| p >= q) {
-                    out.push((SignKind::Pressure, format!("{name} pressure {:.0}% and rising", p * 100.0)));
+                    let kind = if i == 1 { SignKind::Memory } else { SignKind::Pressure };
+                    out.push((kind, format!("{name} pressure {:.0}% and rising", p * 100.0)));
                 }
             }
         }
         if let (Some(m), Some(l)) = (a.memory_bytes, a.memory_limit) {
             if m as f64 > l as f64 * cfg.memory_ratio {
-                out.push((SignKind::Pressure, format!("memory {} MiB of its {} MiB limit", m >> 20, l >> 20)));
+                out.push((SignKind::Memory, format!("memory {} MiB of its {} MiB limit", m >> 20, l >> 20)));
             }
         }
         if let Some(base) = expected_conns.or(old.connections).filter(|b| *b > 0) {
@@ -157,6 +170,7 @@ impl Watch {
         if self.raised_ms.is_some() {
             found.retain(|(k, _)| *k != SignKind::Limit); // the clamp itself keeps it at the limit
         }
+        let degrading = found.iter().any(|(k, _)| k.degrading());
         let s: Vec<String> = found.into_iter().map(|(_, t)| t).collect();
         if !s.is_empty() {
             self.last_sign_ms = now_ms;
@@ -169,7 +183,7 @@ impl Watch {
             }
             return Step::Persist(s);
         }
-        if s.len() >= cfg.signs_needed.max(1) {
+        if s.len() >= cfg.signs_needed.max(1) && degrading {
             self.strikes += 1;
         } else {
             self.strikes = 0;
@@ -257,6 +271,13 @@ mod tests {
         let busy = PrimaryLoad { pressure: [Some(0.45), None, None], ..old() };
         let s = signs(&[sample(2.0, 4, 16, 0.5, 40), sample(2.0, 4, 16, 0.5, 40)], &busy, None, &cfg);
         assert!(s.is_empty(), "{s:?}");
+        // Pinned at a stalled limit with CPU pressure, latency holding: busy, not dying.
+        let mut w = Watch::new("b:3309", 0, old(), None);
+        let busy_new = vec![sample(2.0, 8, 8, 0.65, 40); 3];
+        assert_eq!(signs(&busy_new, &old(), None, &cfg).len(), 2);
+        for i in 1..=3 {
+            assert_eq!(w.step(i * 1000, &busy_new, &cfg), Step::Quiet);
+        }
         // Pinned at a limit that stopped growing: one sign, not a risk.
         let mut w = Watch::new("b:3309", 0, old(), None);
         let stalled = vec![sample(2.0, 8, 8, 0.05, 40); 3];
