@@ -10,8 +10,15 @@ use anyhow::Result;
 /// connection on a port in the kernel): they run serially, last. (package, target)
 const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-agent", "agent"), ("breakwater-proxy", "adaptive")];
 
-/// Tests that change the lab's topology (promotions): last, from and back to a fresh lab.
-const TOPOLOGY: &[(&str, &str)] = &[("breakwater-proxy", "failover")];
+/// Tests that change the lab's topology (promotions) or limit its nodes: last, each from and
+/// back to a fresh lab. (package, target, one test by its exact name or all of the target)
+const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
+    ("breakwater-proxy", "failover", None),
+    ("breakwater-proxy", "cascade", Some("only_unfit_candidates_nothing_is_promoted_until_a_person_acts")),
+    // The short cascade drill, once per policy (`cargo xtask drill cascade` is the long one).
+    ("breakwater-proxy", "cascade", Some("short_drill_orchestrator_cascades")),
+    ("breakwater-proxy", "cascade", Some("short_drill_breakwater_stops_the_cascade")),
+];
 
 pub fn run(extra: &[&str]) -> Result<()> {
     deps::ensure()?;
@@ -46,13 +53,18 @@ fn run_tests(extra: &[&str]) -> Result<()> {
         args.extend_from_slice(extra);
         proc::cargo(&args)?;
     }
-    for (package, target) in TOPOLOGY {
+    for (package, target, only) in TOPOLOGY {
         lab::reset()?;
         let mut args = vec!["test", "-p", package, "--test", target, "--", "--test-threads=1", "--nocapture"];
+        if let Some(name) = only {
+            args.extend_from_slice(&["--exact", name]);
+        }
         args.extend_from_slice(extra);
-        let r = proc::cargo(&args);
-        lab::reset()?;
-        r?;
+        if let Err(e) = proc::cargo(&args) {
+            lab::reset()?;
+            return Err(e);
+        }
     }
-    Ok(())
+    // Back to the initial topology, the nodes' limits lifted.
+    lab::reset()
 }
