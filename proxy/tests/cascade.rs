@@ -533,7 +533,12 @@ async fn run(sc: Scenario) -> Outcome {
             (false, format!("FAILED: {}", bad.join("; ")))
         }
     };
-    timeline.push((end.duration_since(killed_at).as_secs_f64(), format!("end: final primary {final_primary}, writer gate {}", v["writer_gate"].as_str().unwrap_or("?").chars().take(60).collect::<String>())));
+    let gate = v["writer_gate"].as_str().unwrap_or("?");
+    let writes = match gate.split_once(':') {
+        None => format!("writes {gate}"),
+        Some((state, why)) => format!("writes {}: {}", if state == "block" { "refused" } else { state }, why.split_once(". ").map(|x| x.0).unwrap_or(why).trim()),
+    };
+    timeline.push((end.duration_since(killed_at).as_secs_f64(), format!("end: primary {final_primary}, {writes}")));
     timeline.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
     let out = Outcome {
         policy: sc.policy.into(),

@@ -173,6 +173,10 @@ fn drill_cascade(args: &[&str]) -> Result<()> {
         }
     } else {
         print!("{text}");
+        println!();
+        for r in &runs {
+            println!("{}", r.json);
+        }
     }
     let failed: Vec<&str> = runs.iter().filter(|r| !r.passed()).map(|r| r.policy.as_str()).collect();
     if !failed.is_empty() {
@@ -227,7 +231,15 @@ fn side_by_side(runs: &[CascadeRun]) -> String {
                 out.push_str(&format!("  {text}\n"));
             }
         }
-        out.push_str(&format!("  verdict: {}\n", r.json["verdict"].as_str().unwrap_or("?")));
+        let j = &r.json;
+        out.push_str(&format!(
+            "  promoted {}, crashes {}, writes unavailable {} s, reads served {:.2}%\n",
+            j["promoted"],
+            j["crashes"],
+            j["write_unavailable_seconds"],
+            j["reads_served_ratio"].as_f64().unwrap_or(0.0) * 100.0
+        ));
+        out.push_str(&format!("  verdict: {}\n", j["verdict"].as_str().unwrap_or("?")));
     }
     out
 }
