@@ -650,12 +650,17 @@ fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
 /// Both replicas are weak (CPU and memory limits below what the primary uses for the load):
 /// when the primary dies nothing is promoted, reads keep being served by the replicas,
 /// writes are refused at once with the reason and the way out, the verdicts are on the API,
-/// the page's data and /metrics; a person's `failover failover --to` still promotes.
+/// the page's data and /metrics; a person's `failover failover --to` still promotes. Then
+/// the promoted node degrades under the load: CascadingRisk, shedding, the hold, the hook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     let _limits = Limits;
     setup_schema().await;
-    let proxy = Proxy::start_with(Some(&config("breakwater")), &["--failover", "on"]);
+    let hooks = std::env::temp_dir().join(format!("bw-cascade-hooks-{}", std::process::id()));
+    std::fs::create_dir_all(&hooks).unwrap();
+    let post = format!("post_promotion_hook = 'echo \"$BREAKWATER_RECOVERY_KIND $BREAKWATER_PROMOTED_HOST:$BREAKWATER_PROMOTED_PORT\" >> {}/post.log'\n", hooks.display());
+    let cfg = config("breakwater").replace("# pre_promotion_hook =", &format!("{post}# pre_promotion_hook ="));
+    let proxy = Proxy::start_with(Some(&cfg), &["--failover", "on"]);
     let _agent = start_agent(&proxy);
     for r in [WEAK, STRONG] {
         breakwater_testkit::set_cpu_limit(r, Some(WEAK_CPU)).expect("CPU limit");
@@ -733,4 +738,57 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     assert!(steps.contains("judged unfit, promoted on a person's order"), "{steps}");
     let mut c = proxy.conn().await;
     c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-2)")).await.expect("writes work after the manual failover");
+    drop(c);
+
+    // The person's choice goes the way the gate feared: the new primary gets slower and
+    // slower under the load (its CPU cut further). The cascade watch raises the risk: the
+    // limit is clamped, the reports (shed_priority 1) are refused, promotion is held until
+    // an ack, and the post-promotion hook is told.
+    let _ = breakwater_testkit::set_memory_limit(STRONG, None);
+    let counts = Arc::new(Counts::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for (role, n) in [(Role::Writer, 6), (Role::Reporter, 4)] {
+        for _ in 0..n {
+            tasks.push(client(role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    breakwater_testkit::set_cpu_limit(STRONG, Some(0.08)).expect("CPU limit");
+    let t = Instant::now();
+    let risk = loop {
+        let v = view(&proxy).await;
+        if let Some(e) = v["events"].as_array().into_iter().flatten().find(|e| e["kind"] == "CascadingRisk") {
+            break (v.clone(), e.clone());
+        }
+        assert!(t.elapsed() < Duration::from_secs(40), "no CascadingRisk: {:#}", v["events"]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    println!("CascadingRisk after {:?}: {:#}", t.elapsed(), risk.1);
+    let (v, e) = risk;
+    assert_eq!(e["addr"], addr(STRONG));
+    let signs = e["evidence"].to_string();
+    assert!(signs.contains("latency rising"), "a sign of degradation: {signs}");
+    assert!(v["cascading_risk"]["limit"].as_u64().is_some(), "{:#}", v["cascading_risk"]);
+    assert!(v["promotion_hold"].as_str().is_some_and(|h| h.contains("cascading risk on the new primary")), "{}", v["promotion_hold"]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = breakwater_testkit::set_cpu_limit(STRONG, None);
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+    }
+    let errors = counts.errors.lock().unwrap().clone();
+    assert!(errors.keys().any(|e| e.starts_with("Breakwater: shed (query rule 50 has shed_priority 1): cascading risk")), "{errors:#?}");
+    let hook = std::fs::read_to_string(hooks.join("post.log")).unwrap_or_default();
+    assert!(hook.contains("cascading_risk 127.0.0.1:3309"), "post-promotion hook told: {hook:?}");
+    let (_, m) = proxy.admin("GET", "/metrics").await;
+    let m = m.as_str().unwrap_or_default().to_string();
+    for want in ["breakwater_failover_cascading_risks_total{cluster=\"lab\"} 1", "breakwater_failover_promotion_held{cluster=\"lab\"} 1"] {
+        assert!(m.contains(want), "metrics lack {want}");
+    }
+    assert!(!m.contains("breakwater_proxy_statements_shed_total{db_system_name=\"mysql\"} 0\n"), "statements were shed");
+    // A person acknowledges: the hold ends.
+    let (ok, out) = cli(&proxy, &["ack"]);
+    assert!(ok, "{out}");
+    assert!(view(&proxy).await["promotion_hold"].is_null());
 }
