@@ -275,6 +275,36 @@ fn client(role: Role, opts: Opts, counts: Arc<Counts>, next_id: Arc<AtomicI64>, 
     })
 }
 
+/// A running load: its clients and what they counted.
+struct Load {
+    counts: Arc<Counts>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(proxy: &Proxy, mix: &[(Role, usize)], next_id: &Arc<AtomicI64>) -> Load {
+        let counts = Arc::new(Counts::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let opts = proxy.opts("app", "app", Some(SCHEMA));
+        let mut tasks = Vec::new();
+        for (role, n) in mix {
+            for _ in 0..*n {
+                tasks.push(client(*role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
+            }
+        }
+        Load { counts, stop, tasks }
+    }
+
+    /// Stop the clients (each finishes or gives up on its statement).
+    async fn finish(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+    }
+}
+
 async fn setup_schema() {
     let mut c = lab(3307).await;
     c.query_drop(format!(
@@ -365,16 +395,9 @@ async fn run(sc: Scenario) -> Outcome {
         anon >> 20
     );
 
-    let counts = Arc::new(Counts::default());
-    let stop = Arc::new(AtomicBool::new(false));
     let next_id = Arc::new(AtomicI64::new(1));
-    let opts = proxy.opts("app", "app", Some(SCHEMA));
-    let mut tasks = Vec::new();
-    for (role, n) in [(Role::Writer, 8), (Role::Reader, 8), (Role::Reporter, 6)] {
-        for _ in 0..n {
-            tasks.push(client(role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
-        }
-    }
+    let mut load = Load::start(&proxy, &[(Role::Writer, 8), (Role::Reader, 8), (Role::Reporter, 6)], &next_id);
+    let (counts, stop) = (load.counts.clone(), load.stop.clone());
     let watcher = Watcher::start();
     // BREAKWATER_DRILL_VERBOSE=1: the load and the proxy's view every 2 s.
     let verbose = std::env::var("BREAKWATER_DRILL_VERBOSE").is_ok_and(|v| v == "1");
@@ -413,11 +436,8 @@ async fn run(sc: Scenario) -> Outcome {
     // 3309 tries its dead primary again, as after a network blip.
     lab(STRONG).await.query_drop("START SLAVE IO_THREAD").await.unwrap();
     tokio::time::sleep(sc.after).await;
-    stop.store(true, Ordering::Relaxed);
     let end = Instant::now();
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-    }
+    load.finish().await;
     let deaths = watcher.finish();
     if let Some(p) = progress {
         p.abort();
@@ -667,16 +687,9 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
         let anon = breakwater_testkit::memory_anon(r).expect("memory.stat");
         breakwater_testkit::set_memory_limit(r, Some(anon + (WEAK_MEMORY_HEADROOM_MIB << 20))).expect("memory limit");
     }
-    let counts = Arc::new(Counts::default());
-    let stop = Arc::new(AtomicBool::new(false));
     let next_id = Arc::new(AtomicI64::new(1));
-    let opts = proxy.opts("app", "app", Some(SCHEMA));
-    let mut tasks = Vec::new();
-    for (role, n) in [(Role::Writer, 6), (Role::Reader, 6), (Role::Reporter, 4)] {
-        for _ in 0..n {
-            tasks.push(client(role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
-        }
-    }
+    let mut load = Load::start(&proxy, &[(Role::Writer, 6), (Role::Reader, 6), (Role::Reporter, 4)], &next_id);
+    let counts = load.counts.clone();
     tokio::time::sleep(Duration::from_secs(12)).await;
     kill_node(3307);
     let killed = Instant::now();
@@ -693,10 +706,7 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     };
     // Reads go on for a while with the primary dead and nothing promoted.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(15), t).await;
-    }
+    load.finish().await;
     let v2 = view(&proxy).await;
     assert_eq!(v2["primary"], addr(3307), "nothing promoted: {:#}", v2["events"]);
     assert!(!v2["events"].as_array().into_iter().flatten().any(|e| e["kind"] == "RecoverDeadPrimary"));
@@ -745,14 +755,8 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     // limit is clamped, the reports (shed_priority 1) are refused, promotion is held until
     // an ack, and the post-promotion hook is told.
     let _ = breakwater_testkit::set_memory_limit(STRONG, None);
-    let counts = Arc::new(Counts::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for (role, n) in [(Role::Writer, 6), (Role::Reporter, 4)] {
-        for _ in 0..n {
-            tasks.push(client(role, opts.clone(), counts.clone(), next_id.clone(), stop.clone()));
-        }
-    }
+    let mut load = Load::start(&proxy, &[(Role::Writer, 6), (Role::Reporter, 4)], &next_id);
+    let counts = load.counts.clone();
     tokio::time::sleep(Duration::from_secs(2)).await;
     breakwater_testkit::set_cpu_limit(STRONG, Some(0.08)).expect("CPU limit");
     let t = Instant::now();
@@ -773,10 +777,7 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     assert!(v["promotion_hold"].as_str().is_some_and(|h| h.contains("cascading risk on the new primary")), "{}", v["promotion_hold"]);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = breakwater_testkit::set_cpu_limit(STRONG, None);
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
-    }
+    load.finish().await;
     let errors = counts.errors.lock().unwrap().clone();
     assert!(errors.keys().any(|e| e.starts_with("Breakwater: shed (query rule 50 has shed_priority 1): cascading risk")), "{errors:#?}");
     let hook = std::fs::read_to_string(hooks.join("post.log")).unwrap_or_default();
