@@ -754,6 +754,11 @@ impl Controller {
         for m in &self.members {
             let inst = self.instances.get(&m.addr);
             let mut s = Sample { at_ms, lag_s: inst.and_then(|i| i.replication.as_ref()).and_then(|r| r.seconds_behind_master), ..Default::default() };
+            // Committed (the primary's binlog) or applied (a replica's slave position).
+            s.trx = inst.filter(|i| i.reachable).and_then(|i| {
+                let pos = if i.replication.is_some() { &i.gtid_slave_pos } else { &i.gtid_binlog_pos };
+                Position::parse(pos).ok().map(|p| p.weight())
+            });
             if let Some(srv) = routing.hostgroups.values().flat_map(|h| h.servers.iter()).find(|x| *x.addr == *m.addr) {
                 let load = &srv.pool.load;
                 let (stmts, shed) = (load.statements.load(std::sync::atomic::Ordering::Relaxed), load.shed.load(std::sync::atomic::Ordering::Relaxed));

@@ -19,7 +19,8 @@
 //! - saturation: statements shed by its concurrency limit, or in flight at the limit in most
 //!   samples;
 //! - replication: lag above `max_lag_seconds`, or growing by more than `max_lag_growth_s`
-//!   over the window (it applies slower than the primary wrote).
+//!   over the window, or an apply rate (GTIDs applied per second) below `min_apply_ratio` of
+//!   the primary's commit rate (it applies slower than the primary wrote).
 //!
 //! A signal that is not there (no agent, no limit) decides nothing; the verdict says what
 //! it was judged on.
@@ -41,6 +42,9 @@ pub struct Sample {
     pub shed: u64,
     /// Seconds_Behind_Master (replicas).
     pub lag_s: Option<i64>,
+    /// Transactions committed (the primary's gtid_binlog_pos) or applied (a replica's
+    /// gtid_slave_pos), as the sum of their GTID sequence numbers: its deltas are rates.
+    pub trx: Option<u64>,
     /// The agent's fresh signals, when a fresh series feeds the server.
     pub agent: Option<AgentSample>,
 }
@@ -73,6 +77,7 @@ pub struct GateConfig {
     pub min_latency_ms: f64,
     pub max_lag_seconds: i64,
     pub max_lag_growth_s: i64,
+    pub min_apply_ratio: f64,
 }
 
 impl Default for GateConfig {
@@ -87,6 +92,7 @@ impl Default for GateConfig {
             min_latency_ms: 5.0,
             max_lag_seconds: 30,
             max_lag_growth_s: 5,
+            min_apply_ratio: 0.8,
         }
     }
 }
@@ -105,6 +111,8 @@ pub struct PrimaryLoad {
     pub connections: Option<u64>,
     /// PSI some avg10 (cpu, memory, io), the window's mean.
     pub pressure: [Option<f64>; 3],
+    /// Transactions committed per second (GTIDs).
+    pub commits_per_s: Option<f64>,
 }
 
 impl std::fmt::Display for PrimaryLoad {
@@ -146,7 +154,17 @@ pub fn primary_load(samples: &[Sample]) -> PrimaryLoad {
         p99_ms: mean(agent.iter().filter_map(|a| a.p99_ms)),
         connections: agent.iter().map(|a| a.connections).max(),
         pressure: [0, 1, 2].map(|i| mean(agent.iter().filter_map(|a| a.pressure[i]))),
+        commits_per_s: trx_rate(samples),
     }
+}
+
+/// Transactions per second over the samples (at least 2 s apart), from their GTID sums.
+pub fn trx_rate(samples: &[Sample]) -> Option<f64> {
+    let mut with = samples.iter().filter_map(|s| s.trx.map(|t| (s.at_ms, t)));
+    let first = with.next()?;
+    let last = with.last()?;
+    let ms = last.0.checked_sub(first.0).filter(|ms| *ms >= 2000)?;
+    Some(last.1.saturating_sub(first.1) as f64 * 1000.0 / ms as f64)
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -243,6 +261,15 @@ pub fn judge(addr: &str, cand: &[Sample], primary: &PrimaryLoad, cfg: &GateConfi
     let at_limit = cand.iter().filter(|s| s.limit.is_some_and(|l| s.in_flight >= l)).count();
     if !cand.is_empty() && at_limit * 2 > cand.len() {
         reasons.push(format!("in flight at its concurrency limit in {at_limit} of {} samples", cand.len()));
+    }
+    if let (Some(c), Some(a)) = (primary.commits_per_s.filter(|c| *c >= 5.0), trx_rate(cand)) {
+        basis.push(format!("applied {a:.0} of the primary's {c:.0} transactions/s"));
+        if a < c * cfg.min_apply_ratio {
+            reasons.push(format!(
+                "applied {a:.0} transactions/s while the primary committed {c:.0}/s (less than {:.0}%): it falls behind",
+                cfg.min_apply_ratio * 100.0
+            ));
+        }
     }
     let lags: Vec<i64> = cand.iter().filter_map(|s| s.lag_s).collect();
     if let Some(last) = lags.last() {
@@ -357,5 +384,14 @@ mod tests {
         assert!(judge("x", &fast, &PrimaryLoad { latency_ms: 0.1, ..Default::default() }, &cfg).fit);
         // No samples at all: nothing to hold against it.
         assert!(judge("x", &[], &p, &cfg).fit);
+        // Applying 300 of the primary's 500 transactions/s: it falls behind, whatever its lag says.
+        let primary = series(10, |i| Sample { trx: Some(10_000 + i as u64 * 500), ..Default::default() });
+        let p = primary_load(&primary);
+        assert_eq!(p.commits_per_s, Some(500.0));
+        let slow = series(10, |i| Sample { lag_s: Some(0), trx: Some(9_000 + i as u64 * 300), ..Default::default() });
+        let v = judge("x", &slow, &p, &cfg);
+        assert!(v.reasons.iter().any(|r| r.contains("applied 300 transactions/s while the primary committed 500/s")), "{v}");
+        let keeps_up = series(10, |i| Sample { trx: Some(9_000 + i as u64 * 480), ..Default::default() });
+        assert!(judge("x", &keeps_up, &p, &cfg).fit, "96% of the commit rate is keeping up");
     }
 }
