@@ -19,8 +19,10 @@
 //! - saturation: statements shed by its concurrency limit, or in flight at the limit in most
 //!   samples;
 //! - replication: lag above `max_lag_seconds`, or growing by more than `max_lag_growth_s`
-//!   over the window, or an apply rate (GTIDs applied per second) below `min_apply_ratio` of
-//!   the primary's commit rate (it applies slower than the primary wrote).
+//!   over the window, or falling behind: its backlog (the primary's GTIDs it has not
+//!   applied, at the same polls) grew in most polls of the window, by more than
+//!   1 - `min_apply_ratio` of the primary's commit rate (it applies slower than the primary
+//!   wrote; a one-off jump, a network blip caught up right after, is not that).
 //!
 //! A signal that is not there (no agent, no limit) decides nothing; the verdict says what
 //! it was judged on.
@@ -111,8 +113,10 @@ pub struct PrimaryLoad {
     pub connections: Option<u64>,
     /// PSI some avg10 (cpu, memory, io), the window's mean.
     pub pressure: [Option<f64>; 3],
-    /// Transactions committed per second (GTIDs).
+    /// Transactions committed per second (GTIDs), and the primary's GTID sum per poll.
     pub commits_per_s: Option<f64>,
+    #[serde(skip)]
+    pub trx: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Display for PrimaryLoad {
@@ -155,24 +159,36 @@ pub fn primary_load(samples: &[Sample]) -> PrimaryLoad {
         connections: agent.iter().map(|a| a.connections).max(),
         pressure: [0, 1, 2].map(|i| mean(agent.iter().filter_map(|a| a.pressure[i]))),
         commits_per_s: trx_rate(samples),
+        trx: samples.iter().filter_map(|s| s.trx.map(|t| (s.at_ms, t))).collect(),
     }
 }
 
-/// Transactions per second: the median of the rates between consecutive samples (at least
-/// three), from their GTID sums. The median, so that a second without any (a replica's
-/// network blip, caught up right after) does not make a steady applier look slow.
+/// Transactions per second over the samples (at least 2 s apart), from their GTID sums.
 pub fn trx_rate(samples: &[Sample]) -> Option<f64> {
-    let points: Vec<(u64, u64)> = samples.iter().filter_map(|s| s.trx.map(|t| (s.at_ms, t))).collect();
-    let mut rates: Vec<f64> = points
-        .windows(2)
-        .filter(|w| w[1].0 >= w[0].0 + 200)
-        .map(|w| w[1].1.saturating_sub(w[0].1) as f64 * 1000.0 / (w[1].0 - w[0].0) as f64)
+    let mut with = samples.iter().filter_map(|s| s.trx.map(|t| (s.at_ms, t)));
+    let first = with.next()?;
+    let last = with.last()?;
+    let ms = last.0.checked_sub(first.0).filter(|ms| *ms >= 2000)?;
+    Some(last.1.saturating_sub(first.1) as f64 * 1000.0 / ms as f64)
+}
+
+/// A replica's backlog against the primary at the polls both were sampled in: (polls in
+/// which it grew, intervals, its growth per second over them). None with fewer than four.
+pub fn backlog_growth(primary: &[(u64, u64)], cand: &[Sample]) -> Option<(usize, usize, f64)> {
+    let backlog: Vec<(u64, i64)> = cand
+        .iter()
+        .filter_map(|s| {
+            let p = primary.iter().find(|(at, _)| *at == s.at_ms)?.1;
+            Some((s.at_ms, p as i64 - s.trx? as i64))
+        })
         .collect();
-    if rates.len() < 3 {
+    if backlog.len() < 5 {
         return None;
     }
-    rates.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    Some(rates[rates.len() / 2])
+    let grew = backlog.windows(2).filter(|w| w[1].1 > w[0].1).count();
+    let (first, last) = (backlog[0], backlog[backlog.len() - 1]);
+    let secs = (last.0.saturating_sub(first.0)) as f64 / 1000.0;
+    (secs > 0.0).then(|| (grew, backlog.len() - 1, (last.1 - first.1) as f64 / secs))
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -270,11 +286,12 @@ pub fn judge(addr: &str, cand: &[Sample], primary: &PrimaryLoad, cfg: &GateConfi
     if !cand.is_empty() && at_limit * 2 > cand.len() {
         reasons.push(format!("in flight at its concurrency limit in {at_limit} of {} samples", cand.len()));
     }
-    if let (Some(c), Some(a)) = (primary.commits_per_s.filter(|c| *c >= 5.0), trx_rate(cand)) {
-        basis.push(format!("applied {a:.0} of the primary's {c:.0} transactions/s"));
-        if a < c * cfg.min_apply_ratio {
+    if let (Some(c), Some((grew, n, per_s))) = (primary.commits_per_s.filter(|c| *c >= 5.0), backlog_growth(&primary.trx, cand)) {
+        basis.push(format!("backlog {per_s:+.0} transactions/s (primary {c:.0} commits/s)"));
+        if grew * 10 >= n * 8 && per_s > c * (1.0 - cfg.min_apply_ratio) {
             reasons.push(format!(
-                "applied {a:.0} transactions/s while the primary committed {c:.0}/s (less than {:.0}%): it falls behind",
+                "falls behind: its backlog grew in {grew} of {n} polls, by {per_s:.0} transactions/s while the primary committed {c:.0}/s \
+                 (it applied less than {:.0}% of them)",
                 cfg.min_apply_ratio * 100.0
             ));
         }
@@ -398,9 +415,10 @@ mod tests {
         assert_eq!(p.commits_per_s, Some(500.0));
         let slow = series(10, |i| Sample { lag_s: Some(0), trx: Some(9_000 + i as u64 * 300), ..Default::default() });
         let v = judge("x", &slow, &p, &cfg);
-        assert!(v.reasons.iter().any(|r| r.contains("applied 300 transactions/s while the primary committed 500/s")), "{v}");
-        let keeps_up = series(10, |i| Sample { trx: Some(9_000 + i as u64 * 480), ..Default::default() });
-        assert!(judge("x", &keeps_up, &p, &cfg).fit, "96% of the commit rate is keeping up");
+        assert!(v.reasons.iter().any(|r| r.contains("falls behind: its backlog grew in 9 of 9 polls, by 200 transactions/s")), "{v}");
+        // Keeping up: the backlog goes up and down.
+        let keeps_up = series(10, |i| Sample { trx: Some(9_000 + i as u64 * 500 - (i as u64 % 2) * 150), ..Default::default() });
+        assert!(judge("x", &keeps_up, &p, &cfg).fit, "{}", judge("x", &keeps_up, &p, &cfg));
         // A replica whose IO thread stopped for the last two seconds (a blip): still fit.
         let blip = series(10, |i| Sample { trx: Some(9_000 + i.min(7) as u64 * 500), ..Default::default() });
         assert!(judge("x", &blip, &p, &cfg).fit, "{}", judge("x", &blip, &p, &cfg));
