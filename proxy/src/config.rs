@@ -62,6 +62,44 @@ pub struct AdminConfig {
     /// configuration is used at start instead of the TOML's servers, users and rules
     /// (start with --initial to ignore it). Empty: SAVE ... TO DISK is refused.
     pub db_file: String,
+    /// Bearer token for the HTTP API's state-changing requests and for what returns secrets
+    /// (`--admin-token`, or BREAKWATER_ADMIN_TOKEN, which the CLI reads too). Empty: the
+    /// proxy makes one at start and writes it to `token_file` (mode 0600), where the CLI
+    /// finds it. A config file that holds a token should be 0600 (a warning says so).
+    pub token: String,
+    /// Where a generated token is kept. Empty: `<db_file>.admin-token`, or without a
+    /// db_file `$XDG_RUNTIME_DIR/breakwater-admin-<port>.token` (else under
+    /// /tmp/breakwater-<uid>/, a 0700 directory).
+    pub token_file: String,
+    /// Host header values accepted besides IP literals and localhost (DNS rebinding: a
+    /// page served from another name must not reach the API through this proxy's address).
+    pub allowed_hosts: Vec<String>,
+}
+
+impl AdminConfig {
+    /// Where the generated token is kept (see `token_file`).
+    pub fn token_path(&self) -> std::path::PathBuf {
+        if !self.token_file.is_empty() {
+            return self.token_file.clone().into();
+        }
+        if !self.db_file.is_empty() {
+            return format!("{}.admin-token", self.db_file).into();
+        }
+        let port = self.listen.rsplit_once(':').map(|(_, p)| p).unwrap_or("6070");
+        let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            Some(d) => std::path::PathBuf::from(d),
+            None => std::path::PathBuf::from(format!("/tmp/breakwater-{}", current_uid())),
+        };
+        dir.join(format!("breakwater-admin-{port}.token"))
+    }
+}
+
+/// The process's real uid (from /proc/self/status; 0 when unreadable).
+pub fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|v| v.split_whitespace().next()?.parse().ok())))
+        .unwrap_or(0)
 }
 
 impl Default for AdminConfig {
@@ -72,6 +110,9 @@ impl Default for AdminConfig {
             username: "admin".into(),
             password: "admin".into(),
             db_file: String::new(),
+            token: String::new(),
+            token_file: String::new(),
+            allowed_hosts: Vec::new(),
         }
     }
 }

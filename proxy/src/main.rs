@@ -68,6 +68,10 @@ struct Cli {
     /// Admin HTTP interface address (overrides [admin] listen; "" disables it).
     #[arg(long)]
     admin_listen: Option<String>,
+    /// Bearer token of the admin HTTP API (overrides [admin] token; also from the
+    /// environment variable BREAKWATER_ADMIN_TOKEN).
+    #[arg(long, env = "BREAKWATER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     /// PEM certificate chain for client TLS (overrides [proxy] tls_cert).
     #[arg(long)]
     tls_cert: Option<String>,
@@ -273,6 +277,9 @@ fn main() -> ExitCode {
     if let Some(n) = cli.shun_after_failures {
         cfg.monitor.shun_after_failures = n;
     }
+    if let Some(t) = cli.admin_token.filter(|t| !t.is_empty()) {
+        cfg.admin.token = t;
+    }
     if let Some(a) = cli.admin_listen {
         cfg.admin.listen = a;
     }
@@ -341,10 +348,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio_rt.block_on(run(rt, cli.initial))
+    tokio_rt.block_on(run(rt, cli.initial, cli.config.clone()))
 }
 
-async fn run(rt: Runtime, initial: bool) -> ExitCode {
+async fn run(rt: Runtime, initial: bool, config_file: Option<std::path::PathBuf>) -> ExitCode {
     let listen = rt.cfg.proxy.listen.clone();
     let monitor_cfg = rt.cfg.monitor.clone();
     let proxy = Proxy::new(rt);
@@ -411,7 +418,14 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
         match tokio::net::TcpListener::bind(&admin_listen).await {
             Ok(l) => {
                 tracing::info!(listen = %admin_listen, "admin interface listening (/topology, /api/failover, /metrics)");
-                let a = std::sync::Arc::new(admin::http::Admin { proxy: proxy.clone(), failover: failover.clone() });
+                let token = match admin::http::token(&proxy.rt.cfg.admin, config_file.as_deref()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        eprintln!("breakwater-proxy: admin token: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let a = std::sync::Arc::new(admin::http::Admin { proxy: proxy.clone(), failover: failover.clone(), token });
                 tokio::spawn(admin::http::run(l, a, rx.clone()));
             }
             Err(e) => {
@@ -439,6 +453,11 @@ async fn run(rt: Runtime, initial: bool) -> ExitCode {
         match tokio::net::TcpListener::bind(&mysql_admin).await {
             Ok(l) => {
                 tracing::info!(listen = %mysql_admin, "MySQL admin interface listening (mysql_servers, mysql_query_rules, stats_mysql_query_digest, ...)");
+                if proxy.rt.cfg.admin.username == "admin" && proxy.rt.cfg.admin.password == "admin" {
+                    // mysql_listen is loopback only (checked with the config); still, any local
+                    // process knows these.
+                    tracing::warn!(listen = %mysql_admin, "the MySQL admin interface uses the default admin/admin: set [admin] username and password");
+                }
                 let a = admin::mysql::AdminSql::new(proxy.clone(), failover.clone(), admin_db);
                 tokio::spawn(admin::mysql::run(l, a, rx.clone()));
             }
@@ -473,15 +492,21 @@ async fn wait_for_signal() {
     }
 }
 
-fn admin_addr(config: Option<&std::path::Path>, admin: Option<String>) -> Result<String, String> {
-    match admin {
-        Some(a) => Ok(a),
-        None => match Config::load(config) {
-            Ok(c) if !c.admin.listen.is_empty() => Ok(c.admin.listen),
-            Ok(_) => Ok("127.0.0.1:6070".into()),
-            Err(e) => Err(e.to_string()),
-        },
-    }
+/// The admin interface to talk to (`--admin`, else `[admin] listen`) and the token to send
+/// (see `admin::client::cli_token`).
+fn admin_addr(config: Option<&std::path::Path>, admin: Option<String>) -> Result<(String, Option<String>), String> {
+    let cfg = match Config::load(config) {
+        Ok(c) => Some(c),
+        Err(e) if admin.is_none() => return Err(e.to_string()),
+        Err(_) => None,
+    };
+    let token = admin::client::cli_token(cfg.as_ref().map(|c| &c.admin));
+    let addr = match (admin, &cfg) {
+        (Some(a), _) => a,
+        (None, Some(c)) if !c.admin.listen.is_empty() => c.admin.listen.clone(),
+        _ => "127.0.0.1:6070".into(),
+    };
+    Ok((addr, token))
 }
 
 fn enc(s: &str) -> String {
@@ -491,14 +516,14 @@ fn enc(s: &str) -> String {
 }
 
 /// One admin HTTP call from the command line: (status, parsed body).
-fn admin_call(admin: &str, method: &str, path: &str) -> Result<(u16, serde_json::Value), String> {
+fn admin_call(admin: &str, token: Option<&str>, method: &str, path: &str) -> Result<(u16, serde_json::Value), String> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let (code, body) = rt.block_on(admin::client::call(admin, method, path, std::time::Duration::from_secs(120)))?;
+    let (code, body) = rt.block_on(admin::client::call(admin, method, path, token, std::time::Duration::from_secs(120)))?;
     Ok((code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body))))
 }
 
 fn access_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &AccessCmd) -> ExitCode {
-    let admin = match admin_addr(config, admin) {
+    let (admin, token) = match admin_addr(config, admin) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("breakwater-proxy: {e}");
@@ -524,7 +549,7 @@ fn access_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &
         AccessCmd::Revoke { user } => ("POST", format!("/api/access/revoke?user={}&by={}", enc(user), enc(&by)), "text"),
         AccessCmd::Extend { user, ttl } => ("POST", format!("/api/access/extend?user={}&ttl={}&by={}", enc(user), enc(ttl), enc(&by)), "text"),
     };
-    let (code, v) = match admin_call(&admin, method, &path) {
+    let (code, v) = match admin_call(&admin, token.as_deref(), method, &path) {
         Ok(x) => x,
         Err(e) => {
             eprintln!("breakwater-proxy: {e}");
@@ -567,7 +592,7 @@ fn access_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &
 }
 
 fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action: &FailoverCmd) -> ExitCode {
-    let admin = match admin_addr(config, admin) {
+    let (admin, token) = match admin_addr(config, admin) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("breakwater-proxy: {e}");
@@ -588,7 +613,7 @@ fn failover_cli(config: Option<&std::path::Path>, admin: Option<String>, action:
             return ExitCode::FAILURE;
         }
     };
-    let res = rt.block_on(admin::client::call(&admin, method, &path, std::time::Duration::from_secs(120)));
+    let res = rt.block_on(admin::client::call(&admin, method, &path, token.as_deref(), std::time::Duration::from_secs(120)));
     let (code, body) = match res {
         Ok(x) => x,
         Err(e) => {

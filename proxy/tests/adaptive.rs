@@ -300,7 +300,7 @@ async fn an_overloaded_backend_runs_at_most_its_limit() {
                         .await
                         .unwrap()
                         .unwrap();
-                    let (_, body) = breakwater_proxy::admin::client::call(&format!("127.0.0.1:{admin}"), "GET", "/api/backends", Duration::from_secs(5)).await.unwrap();
+                    let (_, body) = breakwater_proxy::admin::client::call(&format!("127.0.0.1:{admin}"), "GET", "/api/backends", None, Duration::from_secs(5)).await.unwrap();
                     let rows: serde_json::Value = serde_json::from_str(&body).unwrap();
                     let limit = rows.as_array().unwrap().iter().find(|r| r["hostgroup"] == 20 && r["srv_port"] == port).unwrap()["concurrency_limit"].as_u64().unwrap();
                     seen.push((port, n.saturating_sub(idle[&port]), limit));

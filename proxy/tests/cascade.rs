@@ -612,7 +612,7 @@ async fn run(sc: Scenario) -> Outcome {
 async fn reqwest_like(admin: u16, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(("127.0.0.1", admin))).await else { return "admin?".into() };
-    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes()).await;
+    let _ = s.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{admin}\r\n\r\n").as_bytes()).await;
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf);
@@ -661,6 +661,7 @@ async fn short_drill_breakwater_stops_the_cascade() {
 fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
         .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .args(args)
         .output()
         .expect("run breakwater-proxy failover");

@@ -194,6 +194,7 @@ fn events(v: &serde_json::Value) -> Vec<String> {
 fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
         .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .args(args)
         .output()
         .expect("run breakwater-proxy failover");
@@ -494,6 +495,7 @@ async fn cluster_survives_primary_failures() {
     // A temporary user granted before the failover.
     let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
         .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "grant", "--user", "dave", "--ttl", "1h", "--output", "json"])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -509,6 +511,7 @@ async fn cluster_survives_primary_failures() {
     drop(d);
     let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
         .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "revoke", "--user", "dave"])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .output()
         .unwrap();
     let msg = String::from_utf8_lossy(&out.stdout).to_string();

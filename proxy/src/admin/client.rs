@@ -4,11 +4,12 @@
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Returns (status code, body).
-pub async fn call(admin: &str, method: &str, path: &str, timeout: Duration) -> Result<(u16, String), String> {
+/// Returns (status code, body). `token`: the admin API's bearer token.
+pub async fn call(admin: &str, method: &str, path: &str, token: Option<&str>, timeout: Duration) -> Result<(u16, String), String> {
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(admin).await.map_err(|e| format!("cannot reach the admin interface at {admin}: {e}"))?;
-        let req = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let auth = token.filter(|t| !t.is_empty()).map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        let req = format!("{method} {path} HTTP/1.1\r\nHost: {admin}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
         s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
@@ -18,6 +19,19 @@ pub async fn call(admin: &str, method: &str, path: &str, timeout: Duration) -> R
         Ok::<_, String>((code, body.to_string()))
     };
     tokio::time::timeout(timeout, fut).await.map_err(|_| format!("no answer from {admin} within {} s", timeout.as_secs()))?
+}
+
+/// The token the CLI sends: BREAKWATER_ADMIN_TOKEN, else `[admin] token` of the config,
+/// else the token file a running proxy wrote (`[admin] token_file` and its defaults).
+pub fn cli_token(cfg: Option<&crate::config::AdminConfig>) -> Option<String> {
+    if let Some(t) = std::env::var("BREAKWATER_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()) {
+        return Some(t);
+    }
+    let cfg = cfg?;
+    if !cfg.token.is_empty() {
+        return Some(cfg.token.clone());
+    }
+    std::fs::read_to_string(cfg.token_path()).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
 }
 
 /// A terminal view of GET /api/failover.

@@ -1,4 +1,11 @@
 //! A minimal HTTP/1.1 responder: one request per connection, bounded header size and time.
+//!
+//! Locked down: every request but the agents' OTLP must carry a Host header that is an IP
+//! literal, localhost or one of `[admin] allowed_hosts` (a page on another name reaching
+//! this address through DNS rebinding is refused); state-changing requests and those whose
+//! answers carry secrets (`/api/access`) need `Authorization: Bearer <[admin] token>` (401
+//! without it) and, when a browser sends an Origin, the same origin (403 for a cross-site
+//! POST). `/metrics`, `/healthz`, `/readyz`, the topology page and its GETs stay open.
 
 use crate::failover::{Request, Shared};
 use crate::runtime::Proxy;
@@ -14,6 +21,107 @@ const PAGE: &str = include_str!("topology.html");
 pub struct Admin {
     pub proxy: Arc<Proxy>,
     pub failover: Option<Arc<Shared>>,
+    /// The bearer token state-changing requests must carry.
+    pub token: String,
+}
+
+/// The API's token: the configured one (`[admin] token`, `--admin-token`,
+/// BREAKWATER_ADMIN_TOKEN), else one made now and written to the token file (0600, its
+/// directory made 0700), where the CLI reads it. Warns when the config file holding a token
+/// can be read by others.
+pub fn token(cfg: &crate::config::AdminConfig, config_file: Option<&std::path::Path>) -> Result<String, String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if !cfg.token.is_empty() {
+        if let Some(f) = config_file {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            let mode = std::fs::metadata(f).map(|m| m.permissions().mode()).unwrap_or(0);
+            if text.contains(&cfg.token) && mode & 0o077 != 0 {
+                warn!(file = %f.display(), mode = format!("{:o}", mode & 0o777), "the config file holds the admin token and others can read it: chmod 600");
+            }
+        }
+        return Ok(cfg.token.clone());
+    }
+    use rand::Rng;
+    let t: String = rand::thread_rng().sample_iter(&rand::distributions::Alphanumeric).take(40).map(char::from).collect();
+    let path = cfg.token_path();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    // A new file each start (no one else's file or link is written through).
+    let _ = std::fs::remove_file(&path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    use std::io::Write;
+    f.write_all(format!("{t}\n").as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    tracing::info!(file = %path.display(), "admin API token made for this run (the CLI reads it from there; set [admin] token to choose one)");
+    Ok(t)
+}
+
+/// The request's headers we look at (names lowercased).
+struct Headers<'a> {
+    host: Option<&'a str>,
+    origin: Option<&'a str>,
+    authorization: Option<&'a str>,
+}
+
+fn headers(text: &str) -> Headers<'_> {
+    let mut h = Headers { host: None, origin: None, authorization: None };
+    for line in text.split("\r\n").skip(1).take_while(|l| !l.is_empty()) {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let v = v.trim();
+        match k.trim().to_ascii_lowercase().as_str() {
+            "host" => h.host = Some(v),
+            "origin" => h.origin = Some(v),
+            "authorization" => h.authorization = Some(v),
+            _ => {}
+        }
+    }
+    h
+}
+
+/// An IP literal, localhost, or a name the operator allowed.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split_once(']').map(|(h, _)| h).unwrap_or(rest)
+    } else {
+        host.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map(|(h, _)| h).unwrap_or(host)
+    };
+    name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Byte-wise comparison in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Why a request is refused before it is routed: (status, message).
+fn refuse(admin: &Admin, method: &str, path: &str, h: &Headers<'_>) -> Option<(u16, String)> {
+    let allowed = &admin.proxy.rt.cfg.admin.allowed_hosts;
+    let host = h.host.unwrap_or("");
+    if !host_allowed(host, allowed) {
+        return Some((403, format!("Host {host:?} is not an address of this proxy (add it to [admin] allowed_hosts)")));
+    }
+    let guarded = !matches!(method, "GET" | "HEAD") || path.starts_with("/api/access");
+    if !guarded {
+        return None;
+    }
+    if let Some(o) = h.origin {
+        let same = o.strip_prefix("http://").or_else(|| o.strip_prefix("https://")).is_some_and(|rest| rest.eq_ignore_ascii_case(host));
+        if !same {
+            return Some((403, format!("cross-origin request from {o} refused")));
+        }
+    }
+    let given = h.authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer "))).map(str::trim);
+    match given {
+        Some(t) if same_secret(t.as_bytes(), admin.token.as_bytes()) => None,
+        Some(_) => Some((401, "wrong admin token".into())),
+        None => Some((401, "this request needs the admin token: Authorization: Bearer <token> ([admin] token, BREAKWATER_ADMIN_TOKEN, or the token file the proxy wrote)".into())),
+    }
 }
 
 pub async fn run(listener: TcpListener, admin: Arc<Admin>, mut shutdown: watch::Receiver<bool>) {
@@ -91,6 +199,9 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
                 // Commands (failover, access grants) only from this host; reads may be remote
                 // (a Prometheus server scraping /metrics).
                 Response::json(403, &serde_json::json!({"error": "commands are accepted from loopback clients only"}))
+            } else if let Some((status, why)) = refuse(admin, method, target.split('?').next().unwrap_or(""), &headers(&text)) {
+                warn!(method, path = target.split('?').next().unwrap_or(""), status, reason = %why, "admin request refused");
+                Response::json(status, &serde_json::json!({"error": why}))
             } else {
                 route(admin, method, target).await
             }
@@ -102,6 +213,7 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
     let reason = match resp.status {
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
@@ -112,8 +224,9 @@ async fn serve(mut stream: TcpStream, admin: &Admin) -> std::io::Result<()> {
         503 => "Service Unavailable",
         _ => "Error",
     };
+    let challenge = if resp.status == 401 { "WWW-Authenticate: Bearer realm=\"breakwater-admin\"\r\n" } else { "" };
     let head = format!(
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {} {reason}\r\n{challenge}Content-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         resp.status,
         resp.content_type,
         resp.body.len()
@@ -252,6 +365,21 @@ async fn access(admin: &Admin, method: &str, path: &str, query: &str) -> Respons
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn hosts_and_secrets() {
+        let allowed = vec!["proxy.internal".to_string()];
+        for ok in ["127.0.0.1:6070", "localhost:6070", "[::1]:6070", "10.0.0.5", "proxy.internal:6070", "LOCALHOST"] {
+            assert!(super::host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in ["evil.example:6070", "", "attacker.test", "127.0.0.1.nip.io:6070"] {
+            assert!(!super::host_allowed(bad, &allowed), "{bad}");
+        }
+        assert!(super::same_secret(b"abc", b"abc"));
+        assert!(!super::same_secret(b"abc", b"abd") && !super::same_secret(b"abc", b"ab"));
+        let h = super::headers("POST /x HTTP/1.1\r\nhOsT: 127.0.0.1:1\r\nOrigin: http://a\r\nAuthorization: Bearer t\r\n\r\n");
+        assert_eq!((h.host, h.origin, h.authorization), (Some("127.0.0.1:1"), Some("http://a"), Some("Bearer t")));
+    }
+
     #[test]
     fn params() {
         assert_eq!(super::param("to=127.0.0.1%3A3308&x=1", "to").as_deref(), Some("127.0.0.1:3308"));

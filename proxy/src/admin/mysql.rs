@@ -206,6 +206,9 @@ fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
     if matches!(words.first(), Some(&"SET") | Some(&"USE") | Some(&"BEGIN") | Some(&"COMMIT")) {
         return Ok(Outcome::Affected(0));
     }
+    if let Some(why) = outside_own_tables(&upper) {
+        return Err(why);
+    }
     if upper == "SHOW DATABASES" {
         return Ok(Outcome::Rows(vec!["name".into()], vec![vec![Some("main".into())], vec![Some("disk".into())], vec![Some("stats".into())]]));
     }
@@ -217,8 +220,70 @@ fn statement(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
     db.execute(sql)
 }
 
+/// Why a statement reaches beyond the admin's own tables, if it does: the SQLite behind
+/// them must not be driven (ATTACH, PRAGMA, VACUUM INTO, extension and file functions,
+/// sqlite_* tables), and the attached disk file also holds the temporary-access store, whose
+/// password-equivalents are never to be read and whose expiry changes only through the
+/// access API (audited): of `disk.`, only the saved mysql_* tables are reachable, and the
+/// grants view is read-only.
+fn outside_own_tables(upper: &str) -> Option<String> {
+    // Quotes and brackets around identifiers do not hide a name from this scan.
+    let flat: String = upper.chars().map(|c| if matches!(c, '"' | '`' | '[' | ']') { ' ' } else { c }).collect();
+    let flat = flat.split_whitespace().collect::<Vec<_>>().join(" ").replace(" .", ".").replace(". ", ".");
+    let words: Vec<&str> = flat.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.')).filter(|w| !w.is_empty()).collect();
+    for w in &words {
+        if ["ATTACH", "DETACH", "PRAGMA", "VACUUM", "REINDEX", "LOAD_EXTENSION", "READFILE", "WRITEFILE", "EDIT", "FTS3_TOKENIZER"].contains(w)
+            || w.starts_with("SQLITE_")
+            || w.contains(".SQLITE_")
+        {
+            return Some(format!("the admin interface does not run {w}: only its own tables (SHOW TABLES) are reachable"));
+        }
+        if let Some(table) = w.strip_prefix("DISK.") {
+            if !["MYSQL_SERVERS", "MYSQL_USERS", "MYSQL_QUERY_RULES"].contains(&table) {
+                return Some(format!("disk.{} is not an admin table (disk holds mysql_servers, mysql_users, mysql_query_rules)", table.to_ascii_lowercase()));
+            }
+        }
+    }
+    let writes = matches!(words.first(), Some(&("INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "DROP" | "ALTER" | "CREATE")));
+    if writes && words.iter().any(|w| w.contains("BREAKWATER_ACCESS")) {
+        return Some("breakwater_access_grants is read-only here: temporary access changes only through `breakwater-proxy access` (audited)".into());
+    }
+    None
+}
+
 /// A text-protocol result set with every column a string.
 fn result_set<W: tokio::io::AsyncWrite + Unpin>(wr: &mut PacketWriter<W>, cols: &[String], rows: &[Vec<Option<String>>]) {
     let cols: Vec<codec::Column> = cols.iter().map(|c| codec::Column { name: c, kind: codec::TYPE_VAR_STRING, flags: 0 }).collect();
     codec::push_text_result_set(wr, 1, &cols, rows, status::AUTOCOMMIT);
+}
+
+#[cfg(test)]
+mod guard_tests {
+    use super::outside_own_tables as g;
+
+    #[test]
+    fn only_its_own_tables() {
+        for ok in [
+            "SELECT * FROM MYSQL_SERVERS",
+            "SELECT * FROM DISK.MYSQL_QUERY_RULES",
+            "UPDATE MYSQL_SERVERS SET WEIGHT = 2",
+            "SELECT USERNAME, EXPIRES_AT FROM BREAKWATER_ACCESS_GRANTS",
+            "SHOW TABLES",
+        ] {
+            assert_eq!(g(ok), None, "{ok}");
+        }
+        for bad in [
+            "ATTACH DATABASE '/tmp/x' AS X",
+            "PRAGMA DATABASE_LIST",
+            "SELECT * FROM SQLITE_MASTER",
+            "SELECT * FROM DISK.BREAKWATER_ACCESS_GRANTS",
+            "SELECT STAGE1_HEX FROM \"DISK\".\"BREAKWATER_ACCESS_GRANTS\"",
+            "SELECT * FROM DISK . BREAKWATER_ACCESS_META",
+            "UPDATE BREAKWATER_ACCESS_GRANTS SET EXPIRES_AT = 9999999999",
+            "VACUUM INTO '/tmp/copy.db'",
+            "SELECT LOAD_EXTENSION('X')",
+        ] {
+            assert!(g(bad).is_some(), "{bad}");
+        }
+    }
 }

@@ -30,6 +30,8 @@ pub struct Proxy {
     pub admin_port: u16,
     /// The MySQL-protocol admin interface (admin/admin).
     pub admin_sql_port: u16,
+    /// The admin API's bearer token (`--admin-token`).
+    pub token: String,
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
     _dir: Option<PathBuf>,
@@ -82,6 +84,11 @@ impl Proxy {
             cmd.args(["--failover", "off"]);
         }
         cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")]);
+        let token = format!("test-token-{port}-{}", std::process::id());
+        if !args.contains(&"--admin-token") {
+            cmd.args(["--admin-token", &token]);
+        }
+        cmd.env_remove("BREAKWATER_ADMIN_TOKEN");
         cmd.args(["--admin-mysql-listen", &format!("127.0.0.1:{admin_sql_port}")]);
         cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "info,breakwater_proxy=debug"])
             .args(["--monitor-interval-ms", "300"])
@@ -106,7 +113,7 @@ impl Proxy {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Proxy { port, admin_port, admin_sql_port, child: Some(child), log, _dir: dir }
+        Proxy { port, admin_port, admin_sql_port, token, child: Some(child), log, _dir: dir }
     }
 
     pub fn opts(&self, user: &str, pass: &str, db: Option<&str>) -> Opts {
@@ -127,7 +134,7 @@ impl Proxy {
     /// GET/POST on the admin interface; the body parsed as JSON (or a JSON string).
     pub async fn admin(&self, method: &str, path: &str) -> (u16, serde_json::Value) {
         let addr = format!("127.0.0.1:{}", self.admin_port);
-        let (code, body) = breakwater_proxy::admin::client::call(&addr, method, path, Duration::from_secs(60))
+        let (code, body) = breakwater_proxy::admin::client::call(&addr, method, path, Some(&self.token), Duration::from_secs(60))
             .await
             .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"));
         (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
