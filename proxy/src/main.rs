@@ -149,9 +149,11 @@ enum AccessCmd {
         /// e.g. 30m, 4h (at most [access] max_ttl_seconds).
         #[arg(long)]
         ttl: String,
-        /// read_only, read_write, or a privilege list like "SELECT, INSERT".
+        /// read_only, read_write, or a privilege list like "SELECT, INSERT" (schema-level
+        /// privileges only: never SUPER, FILE, PROCESS, CREATE USER, GRANT OPTION, ALL).
         #[arg(long, default_value = "read_only")]
         role: String,
+        /// The one schema the grant is on (required; never mysql or another system schema).
         #[arg(long)]
         schema: Option<String>,
         #[arg(long, default_value = "")]

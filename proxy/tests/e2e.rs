@@ -997,6 +997,27 @@ async fn temporary_access_expires_and_cleans_up() {
     let http = format!("http://127.0.0.1:{http_port}");
     let p = Proxy::start(&["--admin-db", &db, "--otlp-endpoint", &grpc, "--otlp-http-endpoint", &http, "--trace-sample-ratio", "0"]);
 
+    // 0. Roles are an allow-list and a schema is required: nothing that could mint a
+    //    permanent account or reach beyond one schema.
+    for (args, want) in [
+        (vec!["--role", "SELECT, SUPER", "--schema", "sbtest"], "privilege \"SUPER\" cannot be given to a temporary user"),
+        (vec!["--role", "ALL", "--schema", "sbtest"], "privilege \"ALL\" cannot be given"),
+        (vec!["--role", "CREATE USER", "--schema", "sbtest"], "privilege \"CREATE USER\" cannot be given"),
+        (vec!["--role", "read_only"], "a schema is required"),
+        (vec!["--role", "read_only", "--schema", "mysql"], "system schema"),
+    ] {
+        let mut a = vec!["grant", "--user", "mallory", "--ttl", "1h"];
+        a.extend(args.iter().copied());
+        let (ok, out) = access_cli(&p, &a);
+        assert!(!ok && out.contains(want), "{args:?}: {out}");
+    }
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for f in [db.clone(), format!("{db}.audit.jsonl")] {
+            let mode = std::fs::metadata(&f).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+            assert_eq!(mode, 0o600, "{f} holds secrets or their audit: owner only");
+        }
+    }
     // 1. A 5 s read_only grant.
     let (ok, out) = access_cli(&p, &["grant", "--user", "alice", "--ttl", "5s", "--role", "read_only", "--schema", "sbtest", "--reason", "INC-42 look at orders", "--output", "json"]);
     assert!(ok, "{out}");

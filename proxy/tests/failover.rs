@@ -494,7 +494,7 @@ async fn cluster_survives_primary_failures() {
 
     // A temporary user granted before the failover.
     let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "grant", "--user", "dave", "--ttl", "1h", "--output", "json"])
+        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port), "grant", "--user", "dave", "--ttl", "1h", "--schema", "sbtest_failover", "--output", "json"])
         .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .output()
         .unwrap();

@@ -15,7 +15,8 @@ pub struct Audit {
 
 impl Audit {
     pub fn open(path: &str, otlp: Option<tokio::sync::mpsc::Sender<crate::telemetry::LogEvent>>) -> Result<Self, String> {
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| format!("cannot open audit log {path}: {e}"))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(|e| format!("cannot open audit log {path}: {e}"))?;
         Ok(Self { path: path.to_string(), file: Mutex::new(file), otlp })
     }
 

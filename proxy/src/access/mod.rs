@@ -206,16 +206,8 @@ impl Access {
         if req.ttl_seconds == 0 || req.ttl_seconds > self.cfg.max_ttl_seconds {
             return Err(format!("ttl must be between 1 s and max_ttl_seconds ({} s)", self.cfg.max_ttl_seconds));
         }
-        let privileges = match req.role.as_str() {
-            "read_only" => "SELECT, SHOW VIEW".to_string(),
-            "read_write" => "SELECT, INSERT, UPDATE, DELETE, CREATE TEMPORARY TABLES, LOCK TABLES, EXECUTE, SHOW VIEW".to_string(),
-            custom if !custom.is_empty() && custom.bytes().all(|b| b.is_ascii_alphabetic() || b" ,_".contains(&b)) => custom.to_ascii_uppercase(),
-            other => return Err(format!("unknown role {other:?}: read_only, read_write, or a privilege list like \"SELECT, INSERT\"")),
-        };
-        let schema = req.schema.clone().unwrap_or_else(|| "*".into());
-        if schema != "*" && !schema.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$') {
-            return Err(format!("bad schema name {schema:?}"));
-        }
+        let privileges = role_privileges(&req.role)?;
+        let schema = grant_schema(req.schema.as_deref())?;
         let _op = self.ops.lock().await;
         if self.rt.user(&req.user).is_some() {
             return Err(format!("a user named {} already exists in the proxy", req.user));
@@ -228,7 +220,7 @@ impl Access {
         };
         let suffix: u32 = rand::random::<u32>() & 0xff_ffff;
         let account = format!("{}{}_{suffix:06x}", self.marker, req.user.to_ascii_lowercase());
-        let on = if schema == "*" { "*.*".to_string() } else { format!("`{schema}`.*") };
+        let on = format!("`{schema}`.*");
         let (writer, readers) = self.targets();
         let (host, port) = writer.ok_or("no writer server to create the account on")?;
         let mut c = self.connect(&host, port).await?;
@@ -402,5 +394,90 @@ impl Access {
                 }
             }
         });
+    }
+}
+
+/// Privileges a temporary user may get: object privileges on one schema, never anything
+/// that reaches beyond it (SUPER, FILE, PROCESS, CREATE USER, GRANT OPTION, ALL, RELOAD,
+/// SHUTDOWN, replication, ...): a temporary user must not be able to make a permanent one.
+const ALLOWED_PRIVILEGES: &[&str] = &[
+    "SELECT",
+    "INSERT",
+    "UPDATE",
+    "DELETE",
+    "CREATE TEMPORARY TABLES",
+    "LOCK TABLES",
+    "EXECUTE",
+    "SHOW VIEW",
+    "CREATE",
+    "ALTER",
+    "INDEX",
+    "DROP",
+    "CREATE VIEW",
+    "TRIGGER",
+    "REFERENCES",
+    "CREATE ROUTINE",
+    "ALTER ROUTINE",
+    "EVENT",
+    "DELETE HISTORY",
+];
+
+/// A role's privilege list: read_only, read_write, or a list from the allow-list.
+pub fn role_privileges(role: &str) -> Result<String, String> {
+    match role {
+        "read_only" => return Ok("SELECT, SHOW VIEW".into()),
+        "read_write" => return Ok("SELECT, INSERT, UPDATE, DELETE, CREATE TEMPORARY TABLES, LOCK TABLES, EXECUTE, SHOW VIEW".into()),
+        _ => {}
+    }
+    let mut out = Vec::new();
+    for p in role.split(',') {
+        let p = p.split_whitespace().collect::<Vec<_>>().join(" ").to_ascii_uppercase();
+        if p.is_empty() {
+            continue;
+        }
+        if !ALLOWED_PRIVILEGES.contains(&p.as_str()) {
+            return Err(format!(
+                "privilege {p:?} cannot be given to a temporary user (allowed: read_only, read_write, or a list of {})",
+                ALLOWED_PRIVILEGES.join(", ")
+            ));
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(format!("unknown role {role:?}: read_only, read_write, or a privilege list like \"SELECT, INSERT\""));
+    }
+    Ok(out.join(", "))
+}
+
+/// The schema of a grant: required, a plain name, never a system schema.
+pub fn grant_schema(schema: Option<&str>) -> Result<String, String> {
+    let s = schema.map(str::trim).filter(|s| !s.is_empty()).ok_or("a schema is required (--schema NAME): temporary access is to one schema")?;
+    if s == "*" || !s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$') || s.len() > 64 {
+        return Err(format!("bad schema name {s:?}: one schema by name"));
+    }
+    if ["mysql", "information_schema", "performance_schema", "sys"].contains(&s.to_ascii_lowercase().as_str()) {
+        return Err(format!("schema {s} is a system schema: not for temporary access"));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod allow_list_tests {
+    #[test]
+    fn roles_and_schemas() {
+        use super::{grant_schema, role_privileges};
+        assert_eq!(role_privileges("read_only").unwrap(), "SELECT, SHOW VIEW");
+        assert_eq!(role_privileges("select,  insert").unwrap(), "SELECT, INSERT");
+        for bad in ["ALL", "ALL PRIVILEGES", "SUPER", "SELECT, FILE", "PROCESS", "CREATE USER", "GRANT OPTION", "SELECT, RELOAD", "", "SELECT; DROP"] {
+            let e = role_privileges(bad).unwrap_err();
+            assert!(e.contains("cannot be given") || e.contains("unknown role"), "{bad}: {e}");
+        }
+        assert!(role_privileges("CREATE USER").unwrap_err().contains("\"CREATE USER\" cannot be given to a temporary user"));
+        assert_eq!(grant_schema(Some("sbtest")).unwrap(), "sbtest");
+        assert!(grant_schema(None).unwrap_err().contains("a schema is required"));
+        assert!(grant_schema(Some("*")).is_err());
+        assert!(grant_schema(Some("mysql")).unwrap_err().contains("system schema"));
+        assert!(grant_schema(Some("MySQL")).is_err());
+        assert!(grant_schema(Some("a`b")).is_err());
     }
 }

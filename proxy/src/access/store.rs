@@ -44,6 +44,11 @@ impl Store {
             std::fs::create_dir_all(dir).map_err(|err| format!("cannot create {}: {err}", dir.display()))?;
         }
         let conn = Connection::open(path).map_err(|err| format!("cannot open access store {path}: {err}"))?;
+        // It holds password-equivalents (SHA1 stages of the temporary users' passwords).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|err| format!("cannot make {path} 0600: {err}"))?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(e)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS breakwater_access_grants (

@@ -113,7 +113,7 @@ async fn serve(admin: Arc<AdminSql>, stream: TcpStream, id: u32, peer: String) {
     }
 }
 
-/// `ACCESS GRANT USER u TTL 4h [ROLE r] [SCHEMA s] [REASON 'text']`, `ACCESS REVOKE USER u`,
+/// `ACCESS GRANT USER u TTL 4h SCHEMA s [ROLE r] [REASON 'text']`, `ACCESS REVOKE USER u`,
 /// `ACCESS EXTEND USER u TTL 1h`, `ACCESS LIST`.
 async fn access_command(admin: &AdminSql, sql: &str) -> Result<Outcome, String> {
     let a = admin.proxy.access.get().ok_or("temporary access is disabled: set [admin] db_file (or --admin-db)")?;
@@ -142,7 +142,7 @@ async fn access_command(admin: &AdminSql, sql: &str) -> Result<Outcome, String> 
             let ttl = crate::access::parse_ttl(&get("TTL").ok_or("missing TTL <duration>")?)?;
             a.extend(&user, ttl, &by).await.map(|_| Outcome::Affected(1))
         }
-        _ => Err("usage: ACCESS GRANT|REVOKE|EXTEND USER <name> [TTL 4h] [ROLE read_only] [SCHEMA s] [REASON 'why']".into()),
+        _ => Err("usage: ACCESS GRANT USER <name> TTL 4h SCHEMA s [ROLE read_only] [REASON 'why'] | ACCESS REVOKE USER <name> | ACCESS EXTEND USER <name> TTL 1h".into()),
     }
 }
 

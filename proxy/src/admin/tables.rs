@@ -64,6 +64,11 @@ impl AdminDb {
                 std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
             }
             conn.execute("ATTACH DATABASE ?1 AS disk", [db_file]).map_err(|e| format!("cannot open admin db {db_file}: {e}"))?;
+            // The same file is the temporary-access store (password-equivalents): owner only.
+            use std::os::unix::fs::PermissionsExt;
+            if std::path::Path::new(db_file).exists() {
+                std::fs::set_permissions(db_file, std::fs::Permissions::from_mode(0o600)).map_err(|e| format!("cannot make {db_file} 0600: {e}"))?;
+            }
         }
         for (name, cols) in CONFIG_TABLES {
             conn.execute_batch(&format!("CREATE TABLE main.{name} {cols};")).map_err(sql_err)?;
