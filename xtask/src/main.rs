@@ -62,6 +62,10 @@ fn demo() -> Result<()> {
     let admin_db = lab::lab_dir().join("breakwater-admin.db");
     println!("Admin (SQL):    mariadb -h127.0.0.1 -P6032 -uadmin -padmin   (saved config and access grants: {})", admin_db.display());
     println!("Temporary user: cargo run -p breakwater-proxy -- access grant --user alice --ttl 1h --role read_only --schema sbtest");
+    println!(
+        "Admin API token (commands need it): the proxy writes one to {0}.admin-token; for the CLI: export BREAKWATER_ADMIN_TOKEN=$(cat {0}.admin-token)",
+        admin_db.display()
+    );
     let status = std::process::Command::new(bin).arg("--admin-db").arg(&admin_db).status()?;
     if !status.success() {
         bail!("proxy exited with {status}");
