@@ -638,3 +638,71 @@ async fn drill() {
     }
     println!("\nthe lab is left as the drill made it; `cargo xtask lab reset` restores 3307 as primary");
 }
+
+/// What the controller decided survives a restart of the proxy (the admin db file): after a
+/// failover, the proxy goes down and the old primary comes back writable meanwhile; the
+/// restarted proxy keeps the new primary, fences the old one (read_only, not routed) and
+/// keeps the cooldown. A second proxy with no state of its own follows the replication
+/// topology: it routes to the primary the replicas follow and fences a writable stray.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_proxy_keeps_its_decisions() {
+    assert_initial_topology().await;
+    setup_schema().await;
+    let dir = std::env::temp_dir().join(format!("bw-state-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("admin.db").display().to_string();
+    let args = ["--failover", "on", "--admin-db", db.as_str()];
+    let p = Proxy::start(&args);
+    wait_for("controller ready", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    kill_node(3307);
+    wait_for("a replica promoted", Duration::from_secs(15), || async {
+        let v = view(&p).await;
+        v["primary"] != addr(3307) && v["writer_gate"] == "open"
+    })
+    .await;
+    let new = current_primary(&p).await;
+    println!("promoted {new}; the proxy goes down, 3307 comes back writable");
+    drop(p);
+    start_node(3307).await;
+    assert_eq!(read_only(3307).await, Some(false), "the old primary restarts writable (its start.sh says read_only=0)");
+
+    let p = Proxy::start(&args);
+    wait_for("restarted controller polls", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    wait_for("3307 fenced again", Duration::from_secs(10), || async { read_only(3307).await == Some(true) }).await;
+    let v = view(&p).await;
+    assert_eq!(v["primary"], new.as_str(), "{v:#}");
+    assert!(v["cooldown"]["active"].as_bool() == Some(true), "the cooldown survived the restart: {:#}", v["cooldown"]);
+    assert!(events(&v).iter().any(|e| e == "StateRestored"), "{:?}", events(&v));
+    let old = v["servers"].as_array().into_iter().flatten().find(|s| s["addr"] == addr(3307)).cloned().unwrap_or_default();
+    assert_eq!(old["role"], "fenced", "{old:#}");
+    assert!(old["hostgroups"].as_array().is_some_and(|h| h.is_empty()), "the fenced server is not routed: {old:#}");
+    // Writes through the restarted proxy land on the new primary.
+    let mut c = Conn::new(p.opts("app", "app", Some(SCHEMA))).await.unwrap();
+    c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (424242)")).await.unwrap();
+    drop(c);
+    let on = |port: u16| async move {
+        let mut c = lab(port).await;
+        let n: Option<i64> = c.query_first(format!("SELECT COUNT(*) FROM {SCHEMA}.w WHERE id = 424242")).await.unwrap();
+        n.unwrap_or(0)
+    };
+    assert_eq!(on(port_of(&new)).await, 1);
+    assert_eq!(on(3307).await, 0, "nothing reached the fenced old primary");
+    drop(p);
+
+    // A proxy with no state (its own db file) and the default config naming 3307 as the
+    // writer: it follows the replicas, and fences 3307 when it is writable again.
+    lab(3307).await.query_drop("SET GLOBAL read_only = 0").await.unwrap();
+    let other = dir.join("other.db").display().to_string();
+    let q = Proxy::start(&["--failover", "on", "--admin-db", other.as_str()]);
+    wait_for("the stateless proxy follows the topology", Duration::from_secs(10), || async {
+        let v = view(&q).await;
+        v["primary"] == new.as_str() && read_only(3307).await == Some(true)
+    })
+    .await;
+    let v = view(&q).await;
+    let ev = events(&v);
+    assert!(ev.iter().any(|e| e == "DiscoveredPrimary") && ev.iter().any(|e| e == "UnknownWritableServer"), "{ev:?}");
+    drop(q);
+    let _ = std::fs::remove_dir_all(&dir);
+}

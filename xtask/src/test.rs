@@ -13,7 +13,9 @@ const SERIAL: &[(&str, &str)] = &[("breakwater-proxy", "faults"), ("breakwater-a
 /// Tests that change the lab's topology (promotions) or limit its nodes: last, each from and
 /// back to a fresh lab. (package, target, one test by its exact name or all of the target)
 const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
-    ("breakwater-proxy", "failover", None),
+    ("breakwater-proxy", "failover", Some("admin_added_server_joins_the_controller")),
+    ("breakwater-proxy", "failover", Some("cluster_survives_primary_failures")),
+    ("breakwater-proxy", "failover", Some("restarted_proxy_keeps_its_decisions")),
     ("breakwater-proxy", "cascade", Some("only_unfit_candidates_nothing_is_promoted_until_a_person_acts")),
     // The short cascade drill, once per policy (`cargo xtask drill cascade` is the long one).
     ("breakwater-proxy", "cascade", Some("short_drill_orchestrator_cascades")),

@@ -22,6 +22,7 @@ use super::candidate::{self, Replica};
 use super::cascade::{Step, Watch};
 use super::detect::{self, Kind, Problem};
 use super::gate::{self, AgentSample, PrimaryLoad, Sample, Verdict};
+use super::state::{Durable, Persisted};
 use super::gtid::Position;
 use super::topology::{Instance, Prober};
 use crate::backend::hostgroup::{Gate, Hostgroup};
@@ -215,6 +216,8 @@ pub struct Controller {
     hold: Option<String>,
     /// The load gate found no fit candidate: no automated retry until a person acts.
     refused: bool,
+    /// The state above that must survive a restart (see `state`).
+    durable: Durable,
 }
 
 /// Why a promotion did not happen.
@@ -301,7 +304,19 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         return shared;
     };
     let reader_tpl = reader.unwrap_or_else(|| ServerConfig { hostgroup: cfg.reader_hostgroup, ..writer_tpl.clone() });
-    let c = Controller {
+    let durable = match Durable::open(&rt.cfg.admin.db_file, &cfg.cluster) {
+        Ok(d) => d,
+        Err(e) => {
+            // Not knowing what this proxy decided before is worse than not starting: a
+            // returning old primary could be trusted again.
+            error!(error = %e, "failover: the durable state cannot be read; controller not started");
+            return shared;
+        }
+    };
+    if !durable.is_durable() {
+        warn!("failover state in memory only: without [admin] db_file a restarted proxy forgets fenced servers and the cooldown");
+    }
+    let mut c = Controller {
         primary: writer_tpl.address(),
         proxy,
         rt,
@@ -325,8 +340,20 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         last_clamp_ms: 0,
         hold: None,
         refused: false,
+        durable,
         cfg,
     };
+    if let Some(p) = c.durable.loaded().cloned() {
+        info!(cluster = %c.cfg.cluster, primary = %p.primary, fenced = ?p.fenced, cooldown_until_ms = p.cooldown_until_ms, "failover: state restored");
+        if !p.primary.is_empty() {
+            c.primary = p.primary.clone();
+        }
+        c.fenced = p.fenced.clone();
+        c.cooldown_until = (p.cooldown_until_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(p.cooldown_until_ms));
+        c.hold = p.hold.clone();
+        c.refused = p.refused;
+        c.event("StateRestored", &p.primary, vec![format!("fenced {:?}, cooldown until {}", p.fenced, rfc3339(p.cooldown_until_ms))], "from the admin db file");
+    }
     tokio::spawn(c.run(rx, shutdown));
     shared
 }
@@ -340,6 +367,7 @@ impl Controller {
             let t = Instant::now();
             self.tick().await;
             polls += 1;
+            self.persist();
             self.publish(polls);
             let sleep = tokio::time::sleep(interval.saturating_sub(t.elapsed()));
             tokio::select! {
@@ -348,6 +376,7 @@ impl Controller {
                     let Some((req, reply)) = req else { break };
                     self.probe_all().await;
                     let res = self.handle(req).await;
+                    self.persist();
                     self.publish(polls);
                     let _ = reply.send(res);
                 }
@@ -386,41 +415,96 @@ impl Controller {
         }
     }
 
-    /// The first successful discovery decides who the primary is: the configured writer
-    /// when it is writable and not a replica, else the one writable non-replica the
-    /// replicas follow (e.g. after a failover, when the proxy restarted).
-    fn discover_primary(&mut self) {
-        let reachable: Vec<&Instance> = self.instances.values().filter(|i| i.reachable).collect();
+    /// Write what must survive a restart (a no-op when nothing changed).
+    fn persist(&mut self) {
+        let state = Persisted {
+            primary: self.primary.clone(),
+            fenced: self.fenced.clone(),
+            cooldown_until_ms: self.cooldown_until.map(now_ms).unwrap_or(0),
+            hold: self.hold.clone(),
+            refused: self.refused,
+        };
+        if let Err(e) = self.durable.save(&self.cfg.cluster, &state, now_ms(SystemTime::now())) {
+            error!(error = %e, "failover: cannot save the state");
+        }
+    }
+
+    /// Discovery, every poll: the primary is the writable server that is no replica and that
+    /// the replicas follow (the most of them). When that is another server than the one the
+    /// controller knows (another proxy failed over, or this one restarted after a failover),
+    /// it follows. A writable server that is neither the primary nor fenced yet is fenced
+    /// (read_only = 1, out of every hostgroup) and reported: two writable servers is a split
+    /// brain in the making. The first discovery after a start also makes the routing match
+    /// the primary (a persisted one may differ from the configured writer).
+    fn discover_primary(&mut self) -> Vec<String> {
+        let reachable: Vec<Instance> = self.instances.values().filter(|i| i.reachable).cloned().collect();
         if reachable.is_empty() {
-            return;
+            return Vec::new();
         }
+        let first = !self.discovered;
         self.discovered = true;
-        let is_primary = |i: &Instance| !i.read_only && i.replication.is_none();
-        if self.instances.get(&self.primary).is_some_and(|i| i.reachable && is_primary(i)) {
-            return;
-        }
+        let writable = |i: &Instance| !i.read_only && i.replication.is_none();
         let mut votes: BTreeMap<String, usize> = BTreeMap::new();
         for i in &reachable {
             if let Some(r) = &i.replication {
                 *votes.entry(r.master_addr()).or_default() += 1;
             }
         }
-        let found = reachable
+        let followed = reachable
             .iter()
-            .filter(|i| is_primary(i))
-            .max_by_key(|i| votes.get(&i.addr).copied().unwrap_or(0))
+            .filter(|i| writable(i) && !self.fenced.contains(&i.addr))
+            .filter(|i| votes.get(&i.addr).copied().unwrap_or(0) > 0)
+            .max_by_key(|i| (votes.get(&i.addr).copied().unwrap_or(0), i.addr == self.primary))
             .map(|i| i.addr.clone());
-        if let Some(p) = found.filter(|p| *p != self.primary && votes.get(p).copied().unwrap_or(0) > 0) {
-            let old = std::mem::replace(&mut self.primary, p.clone());
-            let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
-            self.place(&p, &readers, "discovery: not the primary");
+        let known_ok = reachable.iter().any(|i| i.addr == self.primary && writable(i));
+        let known_votes = votes.get(&self.primary).copied().unwrap_or(0);
+        let mut moved = false;
+        if let Some(p) = followed.filter(|p| *p != self.primary) {
+            if !known_ok || votes.get(&p).copied().unwrap_or(0) > known_votes {
+                let old = std::mem::replace(&mut self.primary, p.clone());
+                let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+                self.place(&p, &readers, "discovery: the replicas follow another primary");
+                moved = true;
+                self.event(
+                    "DiscoveredPrimary",
+                    &p,
+                    vec![format!("{old} is not the primary: {p} is writable and {} replica(s) follow it", votes.get(&p).copied().unwrap_or(0))],
+                    format!("writer hostgroup {} now routes to {p}", self.cfg.writer_hostgroup),
+                );
+            }
+        }
+        if first && !moved && known_ok {
+            let routing = self.rt.routing();
+            let routed = routing.hostgroups.get(&self.cfg.writer_hostgroup).and_then(|h| h.servers.first()).map(|s| s.addr.to_string());
+            if routed.as_deref() != Some(self.primary.as_str()) {
+                let p = self.primary.clone();
+                let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+                self.place(&p, &readers, "restored failover state");
+                self.event("DiscoveredPrimary", &p, vec![format!("the restored state names {p}; the configuration named {}", routed.unwrap_or_default())], "routing follows the restored state");
+            }
+        }
+        // Writable servers that are not the primary: fence them.
+        let strays: Vec<String> = reachable
+            .iter()
+            .filter(|i| writable(i) && i.addr != self.primary && !self.fenced.contains(&i.addr))
+            .filter(|_| reachable.iter().any(|i| i.addr == self.primary))
+            .map(|i| i.addr.clone())
+            .collect();
+        for a in &strays {
+            self.fenced.insert(a.clone());
             self.event(
-                "DiscoveredPrimary",
-                &p,
-                vec![format!("configured writer {old} is not the primary; {p} is writable and replicated from")],
-                format!("writer hostgroup {} now routes to {p}", self.cfg.writer_hostgroup),
+                "UnknownWritableServer",
+                a,
+                vec![format!("{a} accepts writes but the primary is {}; {} replica(s) follow it", self.primary, votes.get(a).copied().unwrap_or(0))],
+                "fenced: read_only = 1, out of every hostgroup until `failover rejoin`",
             );
         }
+        if !strays.is_empty() {
+            let p = self.primary.clone();
+            let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+            self.place(&p, &readers, "writable server fenced by discovery");
+        }
+        strays
     }
 
     /// Servers put in the writer or reader hostgroup at runtime (admin `LOAD MYSQL SERVERS
@@ -460,8 +544,8 @@ impl Controller {
         self.sync_members();
         self.probe_all().await;
         self.sample_all();
-        if !self.discovered {
-            self.discover_primary();
+        for stray in self.discover_primary() {
+            self.fence_quietly(&stray).await;
         }
         let problems = detect::detect(&self.primary, &self.instances, &self.fenced, self.reader_tpl.max_replication_lag.max(1) as i64);
         let now: BTreeSet<(Kind, String)> = problems.iter().map(|p| (p.kind, p.addr.clone())).collect();
@@ -1145,6 +1229,20 @@ impl Controller {
         match r {
             Ok(()) => self.event("Fenced", &a, vec!["former primary came back writable".into()], "set read_only = 1; kept out of every hostgroup until `failover rejoin`"),
             Err(e) => self.event("FenceFailed", &a, vec![e], "could not set read_only = 1"),
+        }
+    }
+
+    /// read_only = 1 on a server discovery found writable (the event is already out).
+    async fn fence_quietly(&mut self, addr: &str) {
+        let limit = Duration::from_millis(self.cfg.probe_timeout_ms);
+        let Some(m) = self.member(addr) else { return };
+        let r = match m.prober.conn().await {
+            Ok(c) => actions::exec(c, "SET GLOBAL read_only = 1", limit).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            let a = addr.to_string();
+            self.event("FenceFailed", &a, vec![e], "could not set read_only = 1");
         }
     }
 

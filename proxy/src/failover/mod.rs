@@ -7,6 +7,7 @@
 //! - [`candidate`]: which replica to promote (promotion rules, no lost transactions, the
 //!   gate's verdicts, catch-up from the most advanced replica).
 //! - [`cascade`]: watching a freshly promoted primary for a cascading risk.
+//! - [`state`]: what the controller decided, kept in the admin db file across restarts.
 //! - [`actions`]: the SQL of a recovery and the promotion hooks.
 //! - [`controller`]: the loop, recoveries, switchover, cooldown (anti-flapping), events.
 
@@ -16,6 +17,7 @@ pub mod cascade;
 pub mod controller;
 pub mod detect;
 pub mod gate;
+pub mod state;
 pub mod gtid;
 pub mod topology;
 
