@@ -281,6 +281,11 @@ pub struct FailoverConfig {
     pub policy: FailoverPolicy,
     /// A fit candidate behind the most advanced replica is caught up from it within this long.
     pub catchup_timeout_ms: u64,
+    /// Semi-synchronous replication managed by the controller: a promoted primary gets the
+    /// master side (AFTER_SYNC, `semi_sync_timeout_ms`), repointed replicas the replica
+    /// side; a primary that fell back to asynchronous replication is a SemiSyncFallback.
+    pub semi_sync: bool,
+    pub semi_sync_timeout_ms: u64,
     pub gate: crate::failover::gate::GateConfig,
     pub cascade: crate::failover::cascade::CascadeConfig,
 }
@@ -322,6 +327,8 @@ impl Default for FailoverConfig {
             max_events: 200,
             policy: FailoverPolicy::Breakwater,
             catchup_timeout_ms: 10_000,
+            semi_sync: true,
+            semi_sync_timeout_ms: 10_000,
             gate: Default::default(),
             cascade: Default::default(),
         }

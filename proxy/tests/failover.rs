@@ -662,6 +662,22 @@ async fn restarted_proxy_keeps_its_decisions() {
     })
     .await;
     let new = current_primary(&p).await;
+    // Semi-sync is managed: the new primary waits for the other replica, which was
+    // repointed with its replica side on.
+    let mut c = lab(port_of(&new)).await;
+    let on: Option<i64> = c.query_first("SELECT @@rpl_semi_sync_master_enabled").await.unwrap();
+    assert_eq!(on, Some(1), "semi-sync master side on the promoted primary");
+    drop(c);
+    let np = port_of(&new);
+    wait_for("the other replica registers as a semi-sync client", Duration::from_secs(10), || async move {
+        global_status(np, "Rpl_semi_sync_master_clients").await >= 1
+    })
+    .await;
+    wait_for("the metric says so", Duration::from_secs(5), || async {
+        let (_, m) = p.admin("GET", "/metrics").await;
+        m.as_str().unwrap_or_default().contains("breakwater_failover_semisync_active{cluster=\"lab\"} 1")
+    })
+    .await;
     println!("promoted {new}; the proxy goes down, 3307 comes back writable");
     drop(p);
     start_node(3307).await;

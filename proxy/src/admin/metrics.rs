@@ -89,6 +89,9 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
     let _ = writeln!(o, "breakwater_failover_cooldown_active{{{c}}} {}", v.cooldown.active as u8);
     family(&mut o, "breakwater_failover_cooldown_remaining_seconds", "gauge", "Seconds left in the cooldown.");
     let _ = writeln!(o, "breakwater_failover_cooldown_remaining_seconds{{{c}}} {}", v.cooldown.remaining_seconds);
+    family(&mut o, "breakwater_failover_semisync_active", "gauge", "1 while the primary's commits wait for a replica's acknowledgement (Rpl_semi_sync_master_status ON).");
+    let semi = v.servers.iter().find(|s| s.role == "primary").is_some_and(|s| s.instance.semi_sync_master_status == Some(true));
+    let _ = writeln!(o, "breakwater_failover_semisync_active{{{c}}} {}", semi as u8);
     family(&mut o, "breakwater_failover_cascading_risk", "gauge", "1 while a cascading risk is raised on a freshly promoted primary.");
     let _ = writeln!(o, "breakwater_failover_cascading_risk{{{c}}} {}", v.cascading_risk.is_some() as u8);
     family(&mut o, "breakwater_failover_cascading_risks_total", "counter", "Cascading risks raised on freshly promoted primaries.");

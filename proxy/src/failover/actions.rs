@@ -37,10 +37,16 @@ pub async fn wait_applied(c: &mut Conn, pos: &str, limit: Duration) -> Result<()
     }
 }
 
-/// Make a replica a primary: stop and forget replication, accept writes.
-pub async fn promote(c: &mut Conn, limit: Duration) -> Result<(), String> {
+/// Make a replica a primary: stop and forget replication, accept writes; with `semi_sync`
+/// (its timeout) commits wait for a replica's acknowledgement (AFTER_SYNC) first.
+pub async fn promote(c: &mut Conn, limit: Duration, semi_sync: Option<Duration>) -> Result<(), String> {
     exec(c, "STOP SLAVE", limit).await?;
     exec(c, "RESET SLAVE ALL", limit).await?;
+    if let Some(t) = semi_sync {
+        exec(c, "SET GLOBAL rpl_semi_sync_master_wait_point = 'AFTER_SYNC'", limit).await?;
+        exec(c, &format!("SET GLOBAL rpl_semi_sync_master_timeout = {}", t.as_millis()), limit).await?;
+        exec(c, "SET GLOBAL rpl_semi_sync_master_enabled = 1", limit).await?;
+    }
     exec(c, "SET GLOBAL read_only = 0", limit).await
 }
 
@@ -53,6 +59,7 @@ pub async fn repoint(
     user: &str,
     password: &str,
     use_gtid: &str,
+    semi_sync: bool,
     limit: Duration,
 ) -> Result<(), String> {
     let q = |s: &str| s.replace('\\', "\\\\").replace('\'', "\\'");
@@ -66,6 +73,11 @@ pub async fn repoint(
         q(password)
     );
     bounded("CHANGE MASTER TO", limit, c.query_drop(sql)).await?;
+    if semi_sync {
+        // The replica side, registered when the IO thread starts; a replica never waits as a master.
+        exec(c, "SET GLOBAL rpl_semi_sync_slave_enabled = 1", limit).await?;
+        exec(c, "SET GLOBAL rpl_semi_sync_master_enabled = 0", limit).await?;
+    }
     exec(c, "START SLAVE", limit).await
 }
 

@@ -957,12 +957,13 @@ impl Controller {
             actions::wait_applied(c, &io_pos, relay).await.map_err(|e| format!("{cand} relay log: {e}"))?;
             steps.push(format!("{cand} applied its relay log up to {io_pos:?}"));
         }
+        let semi = self.cfg.semi_sync.then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
         {
             let m = self.member(&cand).ok_or("candidate is not a member")?;
             let c = m.prober.conn().await?;
-            actions::promote(c, limit).await.map_err(|e| format!("promoting {cand}: {e}"))?;
+            actions::promote(c, limit, semi).await.map_err(|e| format!("promoting {cand}: {e}"))?;
         }
-        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
+        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0{}", if semi.is_some() { ", semi-sync master side on (AFTER_SYNC)" } else { "" }));
         let others: Vec<String> = replicas.iter().map(|r| r.addr.clone()).filter(|a| *a != cand).collect();
         let mut readers = others.clone();
         if breakwater {
@@ -990,11 +991,11 @@ impl Controller {
         self.primary = cand.clone();
         steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, readers));
         let (host, port) = split_addr(&cand);
-        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         for o in others {
             let Some(m) = self.member(&o) else { continue };
             let r = match m.prober.conn().await {
-                Ok(c) => actions::repoint(c, &host, port, &user, &pw, "slave_pos", limit).await,
+                Ok(c) => actions::repoint(c, &host, port, &user, &pw, "slave_pos", semi_sync, limit).await,
                 Err(e) => Err(e),
             };
             steps.push(match r {
@@ -1020,12 +1021,12 @@ impl Controller {
             actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up: donor {donor} applying its relay log: {e}"))?;
         }
         let (host, port) = split_addr(donor);
-        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         let t = Instant::now();
         {
             let m = self.member(cand).ok_or("candidate is not a member")?;
             let c = m.prober.conn().await?;
-            actions::repoint(c, &host, port, &user, &pw, "slave_pos", limit).await.map_err(|e| format!("catch-up: pointing {cand} at {donor}: {e}"))?;
+            actions::repoint(c, &host, port, &user, &pw, "slave_pos", semi_sync, limit).await.map_err(|e| format!("catch-up: pointing {cand} at {donor}: {e}"))?;
             actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up of {cand} from {donor}: {e}; nothing promoted"))?;
         }
         steps.push(format!("{cand} caught up from {donor} to {target} in {} ms", t.elapsed().as_millis()));
@@ -1187,9 +1188,10 @@ impl Controller {
             target = now;
         }
         steps.push(format!("{cand} caught up to {target}"));
+        let semi = self.cfg.semi_sync.then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
         {
             let m = self.member(cand).ok_or("candidate is not a member")?;
-            actions::promote(m.prober.conn().await?, limit).await?;
+            actions::promote(m.prober.conn().await?, limit, semi).await?;
         }
         steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
         let mut readers: Vec<String> = detect::replicas_of(old, &self.instances, &self.fenced)
@@ -1202,12 +1204,12 @@ impl Controller {
         self.primary = cand.to_string();
         steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {readers:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup));
         let (host, port) = split_addr(cand);
-        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         for o in readers {
             let use_gtid = if o == old { "current_pos" } else { "slave_pos" };
             let Some(m) = self.member(&o) else { continue };
             let r = match m.prober.conn().await {
-                Ok(c) => actions::repoint(c, &host, port, &user, &pw, use_gtid, limit).await,
+                Ok(c) => actions::repoint(c, &host, port, &user, &pw, use_gtid, semi_sync, limit).await,
                 Err(e) => Err(e),
             };
             steps.push(match r {
@@ -1252,10 +1254,10 @@ impl Controller {
         }
         let (host, port) = split_addr(&self.primary.clone());
         let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
-        let (user, pw) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone());
+        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         let m = self.member(addr).ok_or_else(|| format!("{addr} is not a member of the cluster"))?;
         let c = m.prober.conn().await?;
-        actions::repoint(c, &host, port, &user, &pw, "current_pos", limit).await?;
+        actions::repoint(c, &host, port, &user, &pw, "current_pos", semi_sync, limit).await?;
         self.fenced.remove(addr);
         let mut readers: Vec<String> = detect::replicas_of(&self.primary, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
         if !readers.iter().any(|r| r == addr) {

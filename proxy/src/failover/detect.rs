@@ -26,6 +26,9 @@ pub enum Kind {
     LaggingReplica,
     ErrantTransactions,
     WritableFencedServer,
+    /// Semi-sync is enabled on the primary but it fell back to asynchronous replication
+    /// (no replica acknowledged in time): acknowledged commits may exist on it alone.
+    SemiSyncFallback,
 }
 
 impl Kind {
@@ -40,6 +43,7 @@ impl Kind {
             Kind::LaggingReplica => "LaggingReplica",
             Kind::ErrantTransactions => "ErrantTransactions",
             Kind::WritableFencedServer => "WritableFencedServer",
+            Kind::SemiSyncFallback => "SemiSyncFallback",
         }
     }
 }
@@ -69,6 +73,16 @@ pub fn detect(primary: &str, instances: &BTreeMap<String, Instance>, fenced: &BT
         Some(p) if p.reachable => {
             if p.read_only {
                 out.push(Problem { kind: Kind::ReadOnlyPrimary, addr: primary.into(), evidence: vec!["@@read_only = 1 on the primary".into()] });
+            }
+            if p.semi_sync_master && p.semi_sync_master_status == Some(false) {
+                out.push(Problem {
+                    kind: Kind::SemiSyncFallback,
+                    addr: primary.into(),
+                    evidence: vec![format!(
+                        "rpl_semi_sync_master_enabled = 1 but Rpl_semi_sync_master_status = OFF ({} semi-sync replicas connected): commits are acknowledged before any replica has them",
+                        p.semi_sync_clients.unwrap_or(0)
+                    )],
+                });
             }
             for r in &replicas {
                 let errant = errant(p, r);
@@ -187,6 +201,22 @@ mod tests {
     }
 
     const P: &str = "h:1";
+
+    #[test]
+    fn semi_sync_fallback_is_reported() {
+        let mut p = primary(P, true);
+        p.semi_sync_master = true;
+        p.semi_sync_master_status = Some(true);
+        let m = map(vec![p.clone(), replica("h:2", P, "Yes")]);
+        assert!(detect(P, &m, &Default::default(), 10).is_empty(), "semi-sync working");
+        p.semi_sync_master_status = Some(false);
+        p.semi_sync_clients = Some(0);
+        let m = map(vec![p, replica("h:2", P, "Yes")]);
+        let d = detect(P, &m, &Default::default(), 10);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].kind, Kind::SemiSyncFallback);
+        assert!(d[0].evidence[0].contains("0 semi-sync replicas connected"), "{:?}", d[0].evidence);
+    }
 
     #[test]
     fn healthy_cluster_has_no_problems() {

@@ -47,6 +47,10 @@ pub struct Instance {
     pub gtid_current_pos: String,
     pub gtid_slave_pos: String,
     pub semi_sync_master: bool,
+    /// Rpl_semi_sync_master_status (ON while commits wait for a replica's ack) and the
+    /// semi-sync replicas connected; None where the server does not report them.
+    pub semi_sync_master_status: Option<bool>,
+    pub semi_sync_clients: Option<u64>,
     pub replication: Option<Replication>,
     /// Milliseconds the probe took.
     pub probe_ms: u64,
@@ -135,6 +139,12 @@ impl Prober {
             .map_err(|e| e.to_string())?;
         let (server_id, version, ro, binlog, current, slave) = row.ok_or("no row from SELECT @@server_id")?;
         let semi: Option<i64> = c.query_first("SELECT @@rpl_semi_sync_master_enabled").await.unwrap_or(None);
+        let status: Vec<(String, String)> = c
+            .query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync_master_status', 'Rpl_semi_sync_master_clients')")
+            .await
+            .unwrap_or_default();
+        let semi_status = status.iter().find(|(k, _)| k.eq_ignore_ascii_case("Rpl_semi_sync_master_status")).map(|(_, v)| v.eq_ignore_ascii_case("ON"));
+        let semi_clients = status.iter().find(|(k, _)| k.eq_ignore_ascii_case("Rpl_semi_sync_master_clients")).and_then(|(_, v)| v.parse().ok());
         let rows: Vec<mysql_async::Row> = match c.query("SHOW ALL SLAVES STATUS").await {
             Ok(r) => r,
             Err(_) => c.query("SHOW SLAVE STATUS").await.map_err(|e| e.to_string())?,
@@ -161,6 +171,8 @@ impl Prober {
             gtid_current_pos: current,
             gtid_slave_pos: slave,
             semi_sync_master: semi == Some(1),
+            semi_sync_master_status: semi_status,
+            semi_sync_clients: semi_clients,
             replication,
             ..Default::default()
         })
