@@ -957,7 +957,10 @@ impl Controller {
             actions::wait_applied(c, &io_pos, relay).await.map_err(|e| format!("{cand} relay log: {e}"))?;
             steps.push(format!("{cand} applied its relay log up to {io_pos:?}"));
         }
-        let semi = self.cfg.semi_sync.then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
+        // The master side only with a replica to acknowledge: alone, every commit would wait
+        // out the timeout first (rpl_semi_sync_master_wait_no_slave).
+        let has_replicas = replicas.iter().any(|r| r.addr != cand);
+        let semi = (self.cfg.semi_sync && has_replicas).then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
         {
             let m = self.member(&cand).ok_or("candidate is not a member")?;
             let c = m.prober.conn().await?;
