@@ -658,15 +658,6 @@ async fn short_drill_breakwater_stops_the_cascade() {
     assert!(o.ok, "{}", o.verdict);
 }
 
-fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
-        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
-        .args(args)
-        .output()
-        .expect("run breakwater-proxy failover");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
 
 /// Both replicas are weak (CPU and memory limits below what the primary uses for the load):
 /// when the primary dies nothing is promoted, reads keep being served by the replicas,
@@ -740,7 +731,7 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
         assert!(m.contains(want), "metrics lack {want}");
     }
     // A person overrides the gate.
-    let (ok, out) = cli(&proxy, &["failover", "--to", &addr(STRONG)]);
+    let (ok, out) = failover_cli(&proxy, &["failover", "--to", &addr(STRONG)]);
     assert!(ok, "{out}");
     let v3 = view(&proxy).await;
     assert_eq!(v3["primary"], addr(STRONG), "{:#}", v3["events"]);
@@ -790,7 +781,7 @@ async fn only_unfit_candidates_nothing_is_promoted_until_a_person_acts() {
     }
     assert!(!m.contains("breakwater_proxy_statements_shed_total{db_system_name=\"mysql\"} 0\n"), "statements were shed");
     // A person acknowledges: the hold ends.
-    let (ok, out) = cli(&proxy, &["ack"]);
+    let (ok, out) = failover_cli(&proxy, &["ack"]);
     assert!(ok, "{out}");
     assert!(view(&proxy).await["promotion_hold"].is_null());
 }

@@ -191,15 +191,6 @@ fn events(v: &serde_json::Value) -> Vec<String> {
     v["events"].as_array().into_iter().flatten().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
 }
 
-fn cli(p: &Proxy, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
-        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
-        .args(args)
-        .output()
-        .expect("run breakwater-proxy failover");
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
 
 async fn current_primary(p: &Proxy) -> String {
     view(p).await["primary"].as_str().unwrap_or("").to_string()
@@ -451,7 +442,7 @@ async fn cluster_survives_primary_failures() {
     // 2. Graceful switchover with a writer loop.
     let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), 0);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (ok, out) = cli(&p, &["switchover", "--to", "127.0.0.1:3308"]);
+    let (ok, out) = failover_cli(&p, &["switchover", "--to", "127.0.0.1:3308"]);
     assert!(ok, "switchover: {out}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rep = w.finish().await;
@@ -557,7 +548,7 @@ async fn cluster_survives_primary_failures() {
     println!("phase 4: second kill inside the cooldown: blocked {blocked_in:?} after the kill; 3 s later still no promotion, reads OK, writes refused: {e}");
     // ack lets automated recovery run, but the pre-promotion hook vetoes it.
     std::fs::write(hooks_dir.join("veto"), "").unwrap();
-    let (ok, out) = cli(&p, &["ack", "--by", "failover-test"]);
+    let (ok, out) = failover_cli(&p, &["ack", "--by", "failover-test"]);
     assert!(ok, "ack: {out}");
     let v = view(&p).await;
     assert_eq!(v["primary"], tl.promoted, "vetoed: {v}");
@@ -566,7 +557,7 @@ async fn cluster_survives_primary_failures() {
     assert!(e.to_string().contains("vetoed"), "{e}");
     // A person runs a manual failover: it ignores the cooldown the vetoed attempt started.
     std::fs::remove_file(hooks_dir.join("veto")).unwrap();
-    let (ok, out) = cli(&p, &["failover"]);
+    let (ok, out) = failover_cli(&p, &["failover"]);
     assert!(ok, "manual failover: {out}");
     assert_eq!(current_primary(&p).await, addr(remaining));
     c.query_drop(format!("INSERT INTO {SCHEMA}.w (id) VALUES (-3)")).await.expect("writes work after the manual failover");

@@ -288,6 +288,18 @@ pub fn lab_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.lab"))
 }
 
+/// `breakwater-proxy failover <args>` against this proxy's admin interface, with its token:
+/// (exit 0, stdout and stderr).
+pub fn failover_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
+        .args(args)
+        .output()
+        .expect("run breakwater-proxy failover");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
 /// kill -9 a lab node.
 pub fn kill_node(port: u16) {
     let pid = std::fs::read_to_string(lab_dir().join(format!("node{port}/mysqld.pid"))).expect("lab node pid file");
