@@ -390,14 +390,7 @@ impl Background {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_stalled_by_a_table_lock_gets_less_traffic() {
     let _heavy = HEAVY.lock().await;
-    let mut p = lab(PRIMARY).await;
-    p.query_drop(
-        "DROP DATABASE IF EXISTS sbtest_adaptive; CREATE DATABASE sbtest_adaptive; \
-         CREATE TABLE sbtest_adaptive.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_adaptive.t VALUES (1, 1)",
-    )
-    .await
-    .unwrap();
-    wait_replicas_caught_up().await;
+    fresh_table("sbtest_adaptive", "(1, 1)").await;
     let proxy = Proxy::start(&[]);
     let load = Background::start(&proxy, 8, "SELECT v FROM sbtest_adaptive.t WHERE id = 1");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -433,5 +426,5 @@ async fn a_replica_stalled_by_a_table_lock_gets_less_traffic() {
     let n = load.finish().await;
     assert!(back.is_some(), "the replica did not regain 35% of the reads within 40 s");
     println!("{n} reads, every one answered");
-    p.query_drop("DROP DATABASE sbtest_adaptive").await.unwrap();
+    lab(PRIMARY).await.query_drop("DROP DATABASE sbtest_adaptive").await.unwrap();
 }

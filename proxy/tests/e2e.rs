@@ -1443,14 +1443,7 @@ async fn proxy_error(proxy: &Proxy, user: &str, pass: &str) -> String {
 #[tokio::test]
 async fn stale_if_error_answers_when_no_backend_can() {
     fresh_user("bw_sie", "bw_sie").await;
-    let mut p = lab(PRIMARY).await;
-    p.query_drop(
-        "DROP DATABASE IF EXISTS sbtest_sie; CREATE DATABASE sbtest_sie; \
-         CREATE TABLE sbtest_sie.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_sie.t VALUES (1, 10)",
-    )
-    .await
-    .unwrap();
-    wait_replicas_caught_up().await;
+    fresh_table("sbtest_sie", "(1, 10)").await;
     let cfg = default_config_with(
         "[[users]]\nusername = \"bw_sie\"\npassword = \"bw_sie\"\nbackend_password = \"bw_sie\"\ndefault_hostgroup = 10\n\
          [[query_rules]]\nrule_id = 50\nusername = \"bw_sie\"\nmatch_digest = '^SELECT .* FROM t\\b'\ndestination_hostgroup = 20\n\
@@ -1474,7 +1467,7 @@ async fn stale_if_error_answers_when_no_backend_can() {
     assert_eq!(sql.trim(), "1");
     proxy.admin_sql(&set("ONLINE")).expect("servers back");
     // Back: fetched fresh (the value changed meanwhile), and a write ends the old entry.
-    p.query_drop("UPDATE sbtest_sie.t SET v = 11 WHERE id = 1").await.unwrap();
+    lab(PRIMARY).await.query_drop("UPDATE sbtest_sie.t SET v = 11 WHERE id = 1").await.unwrap();
     wait_replicas_caught_up().await;
     let t = std::time::Instant::now();
     let v = loop {
@@ -1565,14 +1558,7 @@ async fn otlp_grpc_reports_feed_the_backend_view() {
 #[tokio::test]
 async fn found_rows_after_a_cache_hit_is_the_hits() {
     fresh_user("bw_cfr", "bw_cfr").await;
-    let mut p = lab(PRIMARY).await;
-    p.query_drop(
-        "DROP DATABASE IF EXISTS sbtest_cfr; CREATE DATABASE sbtest_cfr; \
-         CREATE TABLE sbtest_cfr.t (id INT PRIMARY KEY, v INT); INSERT INTO sbtest_cfr.t VALUES (1, 10), (2, 20), (3, 30)",
-    )
-    .await
-    .unwrap();
-    wait_replicas_caught_up().await;
+    fresh_table("sbtest_cfr", "(1, 10), (2, 20), (3, 30)").await;
     let cfg = default_config_with(
         "[[users]]\nusername = \"bw_cfr\"\npassword = \"bw_cfr\"\nbackend_password = \"bw_cfr\"\ndefault_hostgroup = 10\n\
          [[query_rules]]\nrule_id = 50\nusername = \"bw_cfr\"\nmatch_digest = '^SELECT .* FROM t\\b'\ndestination_hostgroup = 20\ncache_ttl = 60000\napply = true\n",

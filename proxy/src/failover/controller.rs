@@ -462,8 +462,7 @@ impl Controller {
         if let Some(p) = followed.filter(|p| *p != self.primary) {
             if !known_ok || votes.get(&p).copied().unwrap_or(0) > known_votes {
                 let old = std::mem::replace(&mut self.primary, p.clone());
-                let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
-                self.place(&p, &readers, "discovery: the replicas follow another primary");
+                self.route_to(&p, "discovery: the replicas follow another primary");
                 moved = true;
                 self.event(
                     "DiscoveredPrimary",
@@ -478,8 +477,7 @@ impl Controller {
             let routed = routing.hostgroups.get(&self.cfg.writer_hostgroup).and_then(|h| h.servers.first()).map(|s| s.addr.to_string());
             if routed.as_deref() != Some(self.primary.as_str()) {
                 let p = self.primary.clone();
-                let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
-                self.place(&p, &readers, "restored failover state");
+                self.route_to(&p, "restored failover state");
                 self.event("DiscoveredPrimary", &p, vec![format!("the restored state names {p}; the configuration named {}", routed.unwrap_or_default())], "routing follows the restored state");
             }
         }
@@ -501,8 +499,7 @@ impl Controller {
         }
         if !strays.is_empty() {
             let p = self.primary.clone();
-            let readers: Vec<String> = detect::replicas_of(&p, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
-            self.place(&p, &readers, "writable server fenced by discovery");
+            self.route_to(&p, "writable server fenced by discovery");
         }
         strays
     }
@@ -702,6 +699,16 @@ impl Controller {
                 Replica { addr: i.addr.clone(), rule, received, errant }
             })
             .collect()
+    }
+
+    /// The reachable, unfenced replicas of `primary`.
+    fn readers_of(&self, primary: &str) -> Vec<String> {
+        detect::replicas_of(primary, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect()
+    }
+
+    /// Writes to `primary`, reads to its replicas.
+    fn route_to(&self, primary: &str, reason: &str) {
+        self.place(primary, &self.readers_of(primary), reason);
     }
 
     /// Route writes to `writer` and reads to `readers`, in one snapshot.
@@ -1197,11 +1204,8 @@ impl Controller {
             actions::promote(m.prober.conn().await?, limit, semi).await?;
         }
         steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
-        let mut readers: Vec<String> = detect::replicas_of(old, &self.instances, &self.fenced)
-            .iter()
-            .map(|i| i.addr.clone())
-            .filter(|a| a != cand)
-            .collect();
+        let mut readers = self.readers_of(old);
+        readers.retain(|a| a != cand);
         readers.push(old.to_string());
         self.place(cand, &readers, &format!("switchover: {old} is now a replica"));
         self.primary = cand.to_string();
@@ -1223,13 +1227,18 @@ impl Controller {
         Ok(())
     }
 
-    async fn fence(&mut self, addr: &str) {
+    /// read_only = 1 on a member (bounded by the probe timeout).
+    async fn set_read_only(&mut self, addr: &str) -> Result<(), String> {
         let limit = Duration::from_millis(self.cfg.probe_timeout_ms);
-        let Some(m) = self.member(addr) else { return };
-        let r = match m.prober.conn().await {
-            Ok(c) => actions::exec(c, "SET GLOBAL read_only = 1", limit).await,
-            Err(e) => Err(e),
-        };
+        let m = self.member(addr).ok_or_else(|| format!("{addr} is not a member"))?;
+        actions::exec(m.prober.conn().await?, "SET GLOBAL read_only = 1", limit).await
+    }
+
+    async fn fence(&mut self, addr: &str) {
+        if self.member(addr).is_none() {
+            return;
+        }
+        let r = self.set_read_only(addr).await;
         let a = addr.to_string();
         match r {
             Ok(()) => self.event("Fenced", &a, vec!["former primary came back writable".into()], "set read_only = 1; kept out of every hostgroup until `failover rejoin`"),
@@ -1239,13 +1248,10 @@ impl Controller {
 
     /// read_only = 1 on a server discovery found writable (the event is already out).
     async fn fence_quietly(&mut self, addr: &str) {
-        let limit = Duration::from_millis(self.cfg.probe_timeout_ms);
-        let Some(m) = self.member(addr) else { return };
-        let r = match m.prober.conn().await {
-            Ok(c) => actions::exec(c, "SET GLOBAL read_only = 1", limit).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = r {
+        if self.member(addr).is_none() {
+            return;
+        }
+        if let Err(e) = self.set_read_only(addr).await {
             let a = addr.to_string();
             self.event("FenceFailed", &a, vec![e], "could not set read_only = 1");
         }
@@ -1262,7 +1268,7 @@ impl Controller {
         let c = m.prober.conn().await?;
         actions::repoint(c, &host, port, &user, &pw, "current_pos", semi_sync, limit).await?;
         self.fenced.remove(addr);
-        let mut readers: Vec<String> = detect::replicas_of(&self.primary, &self.instances, &self.fenced).iter().map(|i| i.addr.clone()).collect();
+        let mut readers = self.readers_of(&self.primary);
         if !readers.iter().any(|r| r == addr) {
             readers.push(addr.to_string());
         }

@@ -258,6 +258,18 @@ pub async fn fresh_schema(name: &str) {
     wait_replicas_caught_up().await;
 }
 
+/// A fresh schema with one table `t (id INT PRIMARY KEY, v INT)` holding `rows` (SQL
+/// values such as "(1, 10), (2, 20)"), on every replica before it returns.
+pub async fn fresh_table(schema: &str, rows: &str) {
+    let mut p = lab(PRIMARY).await;
+    p.query_drop(format!(
+        "DROP DATABASE IF EXISTS {schema}; CREATE DATABASE {schema}; CREATE TABLE {schema}.t (id INT PRIMARY KEY, v INT); INSERT INTO {schema}.t VALUES {rows}"
+    ))
+    .await
+    .unwrap();
+    wait_replicas_caught_up().await;
+}
+
 /// A lab user for one test, so server-side connection counts are the proxy's alone.
 pub async fn fresh_user(name: &str, password: &str) {
     let mut p = lab(PRIMARY).await;
