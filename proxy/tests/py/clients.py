@@ -97,6 +97,14 @@ def last_statement_info(port, schema):
         with lock:
             problems.append(msg)
 
+    def expect_row(cur, sql, want, what):
+        """Run a one-row query; note it when the row (its value, for one column) is not `want`."""
+        cur.execute(sql)
+        row = tuple(cur.fetchone())
+        got = row[0] if len(row) == 1 else row
+        if got != want:
+            note(f"{what} = {got}")
+
     def parent_child(i):
         c = connect(port, schema)
         cur = c.cursor()
@@ -117,20 +125,14 @@ def last_statement_info(port, schema):
         for j in range(20):
             cur.execute("UPDATE parent SET name = name WHERE id < 0")
             cur.execute("INSERT INTO parent (name) VALUES ('d1'), ('d2'), ('d3')")
-            cur.execute("SELECT ROW_COUNT()")
-            (rc,) = cur.fetchone()
-            if rc != 3:
-                note(f"diag {j}: ROW_COUNT() after a 3-row INSERT = {rc}")
+            expect_row(cur, "SELECT ROW_COUNT()", 3, f"diag {j}: ROW_COUNT() after a 3-row INSERT")
             cur.execute("INSERT INTO parent (name) VALUES (REPEAT('z', 300))")
             cur.execute("SHOW WARNINGS")
             w = cur.fetchall()
             if not any(r[1] == 1265 for r in w):
                 note(f"diag {j}: SHOW WARNINGS after a truncating INSERT = {w}")
             cur.execute("INSERT INTO parent (name) VALUES (REPEAT('y', 300))")
-            cur.execute("SELECT @@warning_count")
-            (wc,) = cur.fetchone()
-            if wc != 1:
-                note(f"diag {j}: @@warning_count after a truncating INSERT = {wc}")
+            expect_row(cur, "SELECT @@warning_count", 1, f"diag {j}: @@warning_count after a truncating INSERT")
             # A statement that reads a table and has no warnings empties the list (MySQL
             # and MariaDB; MariaDB keeps it across statements that use no table).
             cur.execute("SELECT id FROM parent LIMIT 1")
@@ -139,34 +141,22 @@ def last_statement_info(port, schema):
             w = cur.fetchall()
             if w:
                 note(f"diag {j}: SHOW WARNINGS after a clean SELECT = {w}")
-            cur.execute("SELECT @@warning_count, ROW_COUNT()")
-            got = cur.fetchone()
-            if tuple(got) != (0, -1):
-                note(f"diag {j}: @@warning_count, ROW_COUNT() after a clean SELECT = {got}")
+            expect_row(cur, "SELECT @@warning_count, ROW_COUNT()", (0, -1), f"diag {j}: @@warning_count, ROW_COUNT() after a clean SELECT")
             # (A table every replica has whole, however far behind it is.)
             cur.execute("SELECT SQL_CALC_FOUND_ROWS table_name FROM information_schema.tables LIMIT 1")
             cur.fetchall()
-            cur.execute("SELECT FOUND_ROWS() > 1")
-            (fr,) = cur.fetchone()
-            if fr != 1:
-                note(f"diag {j}: FOUND_ROWS() after SQL_CALC_FOUND_ROWS = {fr}")
+            expect_row(cur, "SELECT FOUND_ROWS() > 1", 1, f"diag {j}: FOUND_ROWS() > 1 after SQL_CALC_FOUND_ROWS")
         # GET DIAGNOSTICS reads the previous statement's diagnostics area: none after a
         # clean read, one condition (1265) after a truncating INSERT. (It sets user
         # variables, so the client stays on its connection afterwards: checked last.)
         cur.execute("SELECT id FROM parent LIMIT 1")
         cur.fetchall()
         cur.execute("GET DIAGNOSTICS @n = NUMBER")
-        cur.execute("SELECT @n")
-        (n,) = cur.fetchone()
-        if n != 0:
-            note(f"GET DIAGNOSTICS after a clean read: NUMBER = {n}")
+        expect_row(cur, "SELECT @n", 0, "GET DIAGNOSTICS after a clean read: NUMBER")
         cur.execute("INSERT INTO parent (name) VALUES (REPEAT('x', 300))")
         cur.execute("GET DIAGNOSTICS @n = NUMBER")
         cur.execute("GET DIAGNOSTICS CONDITION 1 @errno = MYSQL_ERRNO")
-        cur.execute("SELECT @n, @errno")
-        got = tuple(cur.fetchone())
-        if got != (1, 1265):
-            note(f"GET DIAGNOSTICS after a truncating INSERT: NUMBER, MYSQL_ERRNO = {got}")
+        expect_row(cur, "SELECT @n, @errno", (1, 1265), "GET DIAGNOSTICS after a truncating INSERT: NUMBER, MYSQL_ERRNO")
         # Pinned (in a transaction): the diagnostics are the connection's own.
         cur.execute("BEGIN")
         cur.execute("INSERT INTO parent (name) VALUES (REPEAT('w', 300))")
@@ -174,10 +164,7 @@ def last_statement_info(port, schema):
         w = cur.fetchall()
         if not any(r[1] == 1265 for r in w):
             note(f"SHOW WARNINGS in a transaction after a truncating INSERT = {w}")
-        cur.execute("SELECT @@warning_count")
-        (wc,) = cur.fetchone()
-        if wc != 1:
-            note(f"@@warning_count in a transaction after a truncating INSERT = {wc}")
+        expect_row(cur, "SELECT @@warning_count", 1, "@@warning_count in a transaction after a truncating INSERT")
         cur.execute("COMMIT")
         c.close()
 
