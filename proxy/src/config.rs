@@ -44,6 +44,33 @@ pub struct Config {
     pub failover: FailoverConfig,
     #[serde(default)]
     pub signals: SignalsConfig,
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Several proxies of one replication cluster, one failover controller: the proxies elect a
+/// leader through an etcd lease; only the leader detects and recovers, every proxy applies
+/// the leader's decisions from etcd. Without endpoints (the default) a proxy runs its
+/// controller alone, with its state in the admin db file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// etcd v3 client URLs (http://host:port); empty: no coordination.
+    pub etcd_endpoints: Vec<String>,
+    /// This proxy's name in the election (default: `<hostname>:<listen port>`).
+    pub name: String,
+    /// The leader's lease: a dead leader is replaced within this long.
+    pub lease_ttl_s: u64,
+    /// Keys live under `<prefix>/<failover cluster>/`.
+    pub prefix: String,
+    /// Bound of every etcd request.
+    pub timeout_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { etcd_endpoints: Vec::new(), name: String::new(), lease_ttl_s: 5, prefix: "/breakwater".into(), timeout_ms: 1000 }
+    }
 }
 
 /// The admin interfaces: HTTP (JSON API, Prometheus /metrics, the topology page) and
@@ -720,6 +747,14 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        for e in &self.cluster.etcd_endpoints {
+            if !e.starts_with("http://") {
+                return bad(format!("[cluster] etcd endpoint {e:?}: only http://host:port is supported (this build has no etcd TLS)"));
+            }
+        }
+        if !self.cluster.etcd_endpoints.is_empty() && self.cluster.lease_ttl_s < 2 {
+            return bad(format!("[cluster] lease_ttl_s = {}: at least 2", self.cluster.lease_ttl_s));
+        }
         if self.servers.is_empty() {
             return bad("no [[servers]]".into());
         }

@@ -713,3 +713,88 @@ async fn restarted_proxy_keeps_its_decisions() {
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A proxy killed -9 right after it saved recovery step `step` (the test hook
+/// `BREAKWATER_FAILOVER_PAUSE_AT` holds it there), then started again from the same admin db
+/// file: it takes the recovery up and completes it once. One promotion (one pre and one
+/// post hook run, the candidate chosen before the kill is the primary, the other replica
+/// follows it), no acknowledged write lost across the kill, the cooldown in force.
+async fn killed_at_step(step: &str) {
+    assert_initial_topology().await;
+    setup_schema().await;
+    enable_semisync(3307, &[3308, 3309]).await;
+    let dir = std::env::temp_dir().join(format!("bw-journal-{step}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display().to_string();
+    let db = dir.join("admin.db").display().to_string();
+    let cfg = config(&d);
+    let mut p = Proxy::start_env(Some(&cfg), &["--failover", "on", "--admin-db", db.as_str()], &[("BREAKWATER_FAILOVER_PAUSE_AT", step)]);
+    wait_for("controller ready", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill_node(3307);
+    wait_for(&format!("the recovery pauses after step {step}"), Duration::from_secs(20), || async {
+        let v = view(&p).await;
+        v["recovery_in_progress"]["step"] == step && events(&v).iter().any(|e| e == "RecoveryPaused")
+    })
+    .await;
+    let j = view(&p).await["recovery_in_progress"].clone();
+    let cand = j["candidate"].as_str().unwrap().to_string();
+    let other = ALL.iter().copied().find(|x| *x != 3307 && *x != port_of(&cand)).unwrap();
+    println!("paused after {step}: recovery {} to {cand}; kill -9 of the proxy", j["id"]);
+    p.kill9_and_restart(&[]);
+    let restarted = Instant::now();
+    wait_for("the restarted proxy completes the recovery", Duration::from_secs(30), || async {
+        let v = view(&p).await;
+        v["primary"] == cand.as_str() && v["writer_gate"] == "open" && v["recovery_in_progress"].is_null()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rep = w.finish().await;
+    let v = view(&p).await;
+    let ev = events(&v);
+    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
+    assert_eq!((n("RecoveryResumed"), n("RecoverDeadPrimary"), n("RecoveryFailed")), (1, 1, 0), "{ev:?}");
+    assert_eq!(v["counters"]["recoveries"]["automated/ok"], 1, "{:#}", v["counters"]);
+    let lines = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default().lines().count();
+    assert_eq!((lines("pre.log"), lines("post.log")), (1, 1), "one promotion: one pre and one post hook");
+    assert_eq!(read_only(port_of(&cand)).await, Some(false), "the candidate is the writable primary");
+    let cp = port_of(&cand);
+    wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
+        replication_of(other).await.is_some_and(|(m, io)| m == cp && io == "Yes")
+    })
+    .await;
+    assert_eq!(read_only(other).await, Some(true));
+    assert!(rep.first_ack_after(restarted).is_some(), "writes through the restarted proxy");
+    check_acked(cp, &rep, true).await;
+    assert_eq!(v["cooldown"]["active"], true, "the cooldown survived the kill: {:#}", v["cooldown"]);
+    println!("{step}: {} writes acknowledged, none lost; {} failed during the outage", rep.acked.len(), rep.errors.len());
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_after_step_chosen() {
+    killed_at_step("chosen").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_after_step_caught_up() {
+    killed_at_step("caught_up").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_after_step_promoted() {
+    killed_at_step("promoted").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_after_step_switched() {
+    killed_at_step("switched").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_after_step_repointed() {
+    killed_at_step("repointed").await;
+}

@@ -4,7 +4,7 @@ use crate::proc;
 use anyhow::{bail, Result};
 use std::process::Command;
 
-/// (binary that proves the package is there, package name)
+/// (binary, or absolute path of a file, that proves the package is there; package name)
 const NEEDED: &[(&str, &str)] = &[
     ("mariadbd", "mariadb-server"),
     ("mariadb", "mariadb-client"),
@@ -13,6 +13,11 @@ const NEEDED: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("openssl", "openssl"),
+    // etcd for the proxies' leader election ([cluster]); protoc and the well-known protobuf
+    // types to build the etcd-client crate.
+    ("etcd", "etcd-server"),
+    ("protoc", "protobuf-compiler"),
+    ("/usr/include/google/protobuf/descriptor.proto", "libprotobuf-dev"),
 ];
 
 pub fn ensure() -> Result<()> {

@@ -50,6 +50,9 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
 }
 
 pub fn have(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return std::path::Path::new(bin).exists();
+    }
     ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"]
         .iter()
         .any(|d| std::path::Path::new(d).join(bin).exists())

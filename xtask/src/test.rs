@@ -16,6 +16,11 @@ const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
     ("breakwater-proxy", "failover", Some("admin_added_server_joins_the_controller")),
     ("breakwater-proxy", "failover", Some("cluster_survives_primary_failures")),
     ("breakwater-proxy", "failover", Some("restarted_proxy_keeps_its_decisions")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_after_step_chosen")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_after_step_caught_up")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_after_step_promoted")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_after_step_switched")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_after_step_repointed")),
     ("breakwater-proxy", "cascade", Some("only_unfit_candidates_nothing_is_promoted_until_a_person_acts")),
     // The short cascade drill, once per policy (`cargo xtask drill cascade` is the long one).
     ("breakwater-proxy", "cascade", Some("short_drill_orchestrator_cascades")),

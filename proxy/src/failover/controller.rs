@@ -18,15 +18,20 @@
 //! person acknowledges. The `orchestrator` policy does none of that, for comparison.
 
 use super::actions::{self, HookEnv};
+
+mod leader;
+mod recovery;
 use super::candidate::{self, Replica};
 use super::cascade::{Step, Watch};
 use super::detect::{self, Kind, Problem};
 use super::gate::{self, AgentSample, PrimaryLoad, Sample, Verdict};
+use super::cluster::{self, Cluster};
+use super::journal::{self, Journal};
 use super::state::{Durable, Persisted};
 use super::gtid::Position;
 use super::topology::{Instance, Prober};
 use crate::backend::hostgroup::{Gate, Hostgroup};
-use crate::config::{FailoverConfig, FailoverPolicy, MonitorConfig, PromotionRule, ServerConfig};
+use crate::config::{FailoverConfig, MonitorConfig, PromotionRule, ServerConfig};
 use crate::runtime::{Proxy, Runtime};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -156,6 +161,14 @@ pub struct View {
     pub promotion_hold: Option<String>,
     /// The newly promoted primary being watched for a cascading risk.
     pub watching: Option<String>,
+    /// A recovery under way: its journal (the last step saved, the steps' log).
+    pub recovery_in_progress: Option<Journal>,
+    /// Whether this proxy runs detection and recovery (always, without etcd).
+    pub leader: bool,
+    /// The leader's name (this proxy's own without etcd).
+    pub leader_name: Option<String>,
+    /// The election (`[cluster]`).
+    pub cluster_status: cluster::Status,
 }
 
 type Reply = oneshot::Sender<Result<String, String>>;
@@ -216,8 +229,23 @@ pub struct Controller {
     hold: Option<String>,
     /// The load gate found no fit candidate: no automated retry until a person acts.
     refused: bool,
+    /// The recovery under way, saved at every step (see `journal`).
+    journal: Option<Journal>,
+    /// The test hook `BREAKWATER_FAILOVER_PAUSE_AT`.
+    pause_at: Option<journal::Step>,
+    polls: u64,
     /// The state above that must survive a restart (see `state`).
     durable: Durable,
+    /// `[cluster]`: the election and the shared state (None: this proxy leads alone).
+    cluster: Option<Arc<Cluster>>,
+    shared_rx: Option<watch::Receiver<cluster::Shared>>,
+    /// The leadership term whose shared state this controller adopted (0: none yet).
+    term: u64,
+    /// The state last written to etcd, and the revision of the last one applied.
+    etcd_saved: Option<Persisted>,
+    applied_rev: i64,
+    /// A follower's copy of the leader's refusal of writes.
+    writer_block: Option<String>,
 }
 
 /// Why a promotion did not happen.
@@ -225,14 +253,6 @@ enum NotPromoted {
     /// No candidate can carry the load: writes refused, nothing promoted, no cooldown.
     Unfit(String),
     Failed(String),
-}
-
-impl NotPromoted {
-    fn text(&self) -> &str {
-        match self {
-            NotPromoted::Unfit(e) | NotPromoted::Failed(e) => e,
-        }
-    }
 }
 
 impl From<String> for NotPromoted {
@@ -313,6 +333,13 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
             return shared;
         }
     };
+    let pause_at = match journal::pause_at_from_env() {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error = %e, "failover: controller not started");
+            return shared;
+        }
+    };
     if !durable.is_durable() {
         warn!("failover state in memory only: without [admin] db_file a restarted proxy forgets fenced servers and the cooldown");
     }
@@ -340,9 +367,28 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         last_clamp_ms: 0,
         hold: None,
         refused: false,
+        journal: None,
+        pause_at,
+        polls: 0,
         durable,
+        cluster: None,
+        shared_rx: None,
+        term: 0,
+        etcd_saved: None,
+        applied_rev: 0,
+        writer_block: None,
         cfg,
     };
+    let cl = &c.rt.cfg.cluster;
+    if !cl.etcd_endpoints.is_empty() {
+        let port = c.rt.cfg.proxy.listen.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
+        let name = if cl.name.is_empty() { format!("{}:{port}", cluster::hostname()) } else { cl.name.clone() };
+        let me = cluster::Identity { name, admin: c.rt.cfg.admin.listen.clone() };
+        let k = Cluster::new(cl, &c.cfg.cluster, me);
+        tokio::spawn(k.clone().run(shutdown.clone()));
+        c.shared_rx = Some(k.state());
+        c.cluster = Some(k);
+    }
     if let Some(p) = c.durable.loaded().cloned() {
         info!(cluster = %c.cfg.cluster, primary = %p.primary, fenced = ?p.fenced, cooldown_until_ms = p.cooldown_until_ms, "failover: state restored");
         if !p.primary.is_empty() {
@@ -352,6 +398,7 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         c.cooldown_until = (p.cooldown_until_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(p.cooldown_until_ms));
         c.hold = p.hold.clone();
         c.refused = p.refused;
+        c.journal = p.journal.clone();
         c.event("StateRestored", &p.primary, vec![format!("fenced {:?}, cooldown until {}", p.fenced, rfc3339(p.cooldown_until_ms))], "from the admin db file");
     }
     tokio::spawn(c.run(rx, shutdown));
@@ -362,22 +409,37 @@ impl Controller {
     async fn run(mut self, mut rx: mpsc::Receiver<(Request, Reply)>, mut shutdown: watch::Receiver<bool>) {
         let interval = Duration::from_millis(self.cfg.poll_interval_ms.max(50));
         info!(cluster = %self.cfg.cluster, primary = %self.primary, members = self.members.len(), "failover controller started");
-        let mut polls = 0u64;
+        // A recovery the previous run left unfinished comes first (with etcd: once this
+        // proxy is elected, from the shared state).
+        if self.cluster.is_none() {
+            self.resume().await;
+        }
+        let mut shared_rx = self.shared_rx.clone();
         loop {
             let t = Instant::now();
-            self.tick().await;
-            polls += 1;
-            self.persist();
-            self.publish(polls);
+            self.round().await;
+            self.publish();
             let sleep = tokio::time::sleep(interval.saturating_sub(t.elapsed()));
+            // A follower applies the leader's decisions as soon as they are read.
+            let following = self.cluster.as_ref().is_some_and(|c| !c.is_leader());
+            let decided = async {
+                let ok = match shared_rx.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => false,
+                };
+                if !ok {
+                    std::future::pending::<()>().await;
+                }
+            };
             tokio::select! {
                 _ = sleep => {}
+                _ = decided, if following => {}
                 req = rx.recv() => {
                     let Some((req, reply)) = req else { break };
                     self.probe_all().await;
                     let res = self.handle(req).await;
-                    self.persist();
-                    self.publish(polls);
+                    let _ = self.persist().await;
+                    self.publish();
                     let _ = reply.send(res);
                 }
                 _ = shutdown.changed() => break,
@@ -412,20 +474,6 @@ impl Controller {
     fn count(&self, f: impl FnOnce(&mut Counters)) {
         if let Ok(mut v) = self.shared.view.lock() {
             f(&mut v.counters);
-        }
-    }
-
-    /// Write what must survive a restart (a no-op when nothing changed).
-    fn persist(&mut self) {
-        let state = Persisted {
-            primary: self.primary.clone(),
-            fenced: self.fenced.clone(),
-            cooldown_until_ms: self.cooldown_until.map(now_ms).unwrap_or(0),
-            hold: self.hold.clone(),
-            refused: self.refused,
-        };
-        if let Err(e) = self.durable.save(&self.cfg.cluster, &state, now_ms(SystemTime::now())) {
-            error!(error = %e, "failover: cannot save the state");
         }
     }
 
@@ -636,6 +684,9 @@ impl Controller {
 
     async fn handle(&mut self, req: Request) -> Result<String, String> {
         info!(?req, "failover command");
+        if !self.may_act() {
+            return Err(self.not_leader());
+        }
         match req {
             Request::Ack { by } => {
                 let was = self.cooldown_active() || self.hold.is_some() || self.refused;
@@ -744,94 +795,6 @@ impl Controller {
         actions::run_hook(cmd, &env, Duration::from_millis(self.cfg.hook_timeout_ms)).await.map_err(|e| format!("{which}: {e}"))
     }
 
-    /// Promote a replica of the dead primary. `kind` is automated or manual.
-    async fn recover(&mut self, kind: &str, want: Option<&str>, detected: SystemTime) -> Result<String, String> {
-        let failed = self.primary.clone();
-        let t0 = Instant::now();
-        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
-        let mut steps = Vec::new();
-        // Re-check with a fresh connection before acting.
-        if let Some(m) = self.member(&failed) {
-            m.prober.forget();
-            let again = m.prober.probe().await;
-            if again.reachable {
-                let msg = format!("primary {failed} answered the re-check; no promotion");
-                self.event("RecoveryAborted", &failed, vec![], msg.clone());
-                return Err(msg);
-            }
-            steps.push(format!("re-check of {failed}: {}", again.error.unwrap_or_default()));
-        }
-        let whg = self.cfg.writer_hostgroup;
-        self.rt.set_gate(whg, Gate::Hold(format!("failover of {failed} in progress").into()));
-        let res = self.promote_replica(&failed, kind, want, limit, detected, &mut steps).await;
-        if let Err(NotPromoted::Unfit(e)) = &res {
-            // Nothing was done to any server: no cooldown, no automated retry; a person decides.
-            self.count(|c| *c.recoveries.entry(format!("{kind}/refused")).or_default() += 1);
-            let msg = format!(
-                "Breakwater: primary {failed} of cluster {} is down and no replica can carry its load ({e}). Writes are refused, \
-                 reads are served by the replicas. Promote one anyway with `breakwater-proxy failover failover --to HOST:PORT`, \
-                 or judge again with `breakwater-proxy failover ack`",
-                self.cfg.cluster
-            );
-            self.rt.set_gate(whg, Gate::Block(msg.clone().into()));
-            self.refused = true;
-            self.blocked_reported = true;
-            warn!(%failed, reason = %e, "no fit candidate: nothing promoted");
-            steps.push(msg);
-            self.event("NoFitCandidate", &failed, steps, "nothing promoted; writes refused, reads served; waiting for a person");
-            return Err(e.clone());
-        }
-        let result = if res.is_ok() { "ok" } else { "failed" };
-        self.count(|c| *c.recoveries.entry(format!("{kind}/{result}")).or_default() += 1);
-        // Any recovery attempt (even a vetoed or failed one) starts the block: no retry loop.
-        self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
-        self.blocked_reported = false;
-        self.refused = false;
-        match res {
-            Ok((promoted, at)) => {
-                let duration = at.duration_since(detected).unwrap_or_default();
-                let rec = Recovery {
-                    kind: kind.into(),
-                    failed: failed.clone(),
-                    promoted: promoted.clone(),
-                    detected_at_ms: now_ms(detected),
-                    promoted_at_ms: now_ms(at),
-                    duration_ms: duration.as_millis() as u64,
-                    write_pause_ms: t0.elapsed().as_millis() as u64,
-                    acknowledged: false,
-                    steps: steps.clone(),
-                };
-                if let Ok(mut v) = self.shared.view.lock() {
-                    v.last_recovery = Some(rec);
-                }
-                self.dead_since = None;
-                let post = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), kind, &failed, &promoted).await;
-                if let Err(e) = post {
-                    steps.push(e);
-                }
-                let msg = format!(
-                    "promoted {promoted} in {} ms after detection; {failed} fenced; automated recoveries blocked for {} s",
-                    duration.as_millis(),
-                    self.cfg.recovery_block_seconds
-                );
-                self.event("RecoverDeadPrimary", &failed, steps, msg.clone());
-                Ok(msg)
-            }
-            Err(e) => {
-                let e = e.text().to_string();
-                let msg = format!(
-                    "Breakwater: primary {failed} of cluster {} is down and failover failed: {e}. Writes are refused until a person acts (`breakwater-proxy failover failover --to HOST:PORT`)",
-                    self.cfg.cluster
-                );
-                self.rt.set_gate(whg, Gate::Block(msg.clone().into()));
-                self.blocked_reported = true;
-                error!(%failed, error = %e, "failover failed");
-                self.event("RecoveryFailed", &failed, steps, e.clone());
-                Err(e)
-            }
-        }
-    }
-
     /// Each member's load this poll: the proxy's counters as rates since the last poll, its
     /// latency and limit, replication lag, and the agent's fresh signals.
     fn sample_all(&mut self) {
@@ -908,139 +871,6 @@ impl Controller {
             })
             .collect();
         Judgment { failed: failed.into(), at_ms: now_ms(SystemTime::now()), load, verdicts }
-    }
-
-    /// Returns the promoted server and when the proxy started sending it writes.
-    async fn promote_replica(
-        &mut self,
-        failed: &str,
-        kind: &str,
-        want: Option<&str>,
-        limit: Duration,
-        detected: SystemTime,
-        steps: &mut Vec<String>,
-    ) -> Result<(String, SystemTime), NotPromoted> {
-        let replicas = self.replicas_for_choice(failed);
-        let breakwater = self.cfg.policy == FailoverPolicy::Breakwater;
-        let mut judgment = None;
-        let (cand, donor) = if breakwater {
-            let j = self.judge(failed, &replicas, now_ms(detected));
-            steps.push(format!("load of {failed} before its failure: {}", j.load));
-            steps.extend(j.verdicts.iter().map(|v| v.to_string()));
-            let unfit: Vec<(String, String)> = j.verdicts.iter().filter(|v| !v.fit).map(|v| (v.addr.clone(), v.reasons.join("; "))).collect();
-            self.count(|c| c.unfit_candidates += unfit.len() as u64);
-            if let Ok(mut v) = self.shared.view.lock() {
-                v.last_judgment = Some(j.clone());
-            }
-            judgment = Some(j);
-            let plan = candidate::plan(&replicas, &unfit, want).map_err(|e| {
-                if want.is_none() && !unfit.is_empty() {
-                    NotPromoted::Unfit(e)
-                } else {
-                    NotPromoted::Failed(e)
-                }
-            })?;
-            let overridden = want.filter(|w| unfit.iter().any(|(a, _)| a == w)).map(|w| format!(" (judged unfit, promoted on a person's order: {w})")).unwrap_or_default();
-            steps.push(format!(
-                "candidate {}{overridden}{}{}",
-                plan.candidate,
-                plan.donor.as_ref().map(|d| format!(", caught up from {d} first")).unwrap_or_default(),
-                if plan.notes.is_empty() { String::new() } else { format!(" (passed over: {})", plan.notes.join("; ")) }
-            ));
-            (plan.candidate, plan.donor)
-        } else {
-            let (cand, notes) = candidate::choose(&replicas, want)?;
-            steps.push(format!("candidate {cand}{}", if notes.is_empty() { String::new() } else { format!(" (passed over: {})", notes.join("; ")) }));
-            (cand, None)
-        };
-        self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), kind, failed, &cand).await.map_err(|e| format!("promotion vetoed by {e}"))?;
-        let relay = Duration::from_millis(self.cfg.relay_apply_timeout_ms);
-        if let Some(d) = &donor {
-            self.catch_up(&cand, d, limit, steps).await?;
-        } else {
-            let io_pos = self.instances.get(&cand).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
-            let m = self.member(&cand).ok_or("candidate is not a member")?;
-            let c = m.prober.conn().await?;
-            actions::wait_applied(c, &io_pos, relay).await.map_err(|e| format!("{cand} relay log: {e}"))?;
-            steps.push(format!("{cand} applied its relay log up to {io_pos:?}"));
-        }
-        // The master side only with a replica to acknowledge: alone, every commit would wait
-        // out the timeout first (rpl_semi_sync_master_wait_no_slave).
-        let has_replicas = replicas.iter().any(|r| r.addr != cand);
-        let semi = (self.cfg.semi_sync && has_replicas).then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
-        {
-            let m = self.member(&cand).ok_or("candidate is not a member")?;
-            let c = m.prober.conn().await?;
-            actions::promote(c, limit, semi).await.map_err(|e| format!("promoting {cand}: {e}"))?;
-        }
-        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0{}", if semi.is_some() { ", semi-sync master side on (AFTER_SYNC)" } else { "" }));
-        let others: Vec<String> = replicas.iter().map(|r| r.addr.clone()).filter(|a| *a != cand).collect();
-        let mut readers = others.clone();
-        if breakwater {
-            // The remaining replicas may not carry the reads alone (all unfit, or none): the
-            // new primary serves reads too, balanced by latency with them.
-            let unfit_left = |a: &String| judgment.as_ref().is_some_and(|j| j.verdicts.iter().any(|v| v.addr == *a && !v.fit));
-            if readers.iter().all(unfit_left) {
-                readers.push(cand.clone());
-                steps.push(format!("readers {others:?} cannot carry the reads alone: {cand} serves reads too"));
-            }
-        }
-        self.place(&cand, &readers, &format!("failed primary {failed} fenced by failover"));
-        let switched = SystemTime::now();
-        if breakwater {
-            if let Some(srv) = self.rt.servers().iter().find(|s| *s.addr == *cand) {
-                srv.pool.load.slow_start();
-                steps.push(format!("write ramp: {cand}'s concurrency limit starts at {} and grows while its latency holds", srv.pool.load.limit()));
-            }
-            let own = self.history.get(&cand).and_then(|h| h.iter().rev().take(10).filter_map(|x| x.agent.as_ref().map(|a| a.connections)).max());
-            let old = judgment.map(|j| j.load).unwrap_or_default();
-            self.watch = Some(Watch::new(&cand, now_ms(switched), old, own));
-            self.risk = None;
-        }
-        self.fenced.insert(failed.to_string());
-        self.primary = cand.clone();
-        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, readers));
-        let (host, port) = split_addr(&cand);
-        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
-        for o in others {
-            let Some(m) = self.member(&o) else { continue };
-            let r = match m.prober.conn().await {
-                Ok(c) => actions::repoint(c, &host, port, &user, &pw, "slave_pos", semi_sync, limit).await,
-                Err(e) => Err(e),
-            };
-            steps.push(match r {
-                Ok(()) => format!("{o} now replicates from {cand}"),
-                Err(e) => format!("{o} could not be repointed: {e}"),
-            });
-        }
-        Ok((cand, switched))
-    }
-
-    /// Give `cand` every transaction `donor` received: the donor applies its relay log (its
-    /// binlog then has them: log_slave_updates), `cand` replicates from it with GTID until
-    /// it has applied the donor's position, all within `catchup_timeout_ms`. On a timeout
-    /// nothing is promoted.
-    async fn catch_up(&mut self, cand: &str, donor: &str, limit: Duration, steps: &mut Vec<String>) -> Result<(), NotPromoted> {
-        let deadline = Instant::now() + Duration::from_millis(self.cfg.catchup_timeout_ms);
-        let left = || deadline.saturating_duration_since(Instant::now());
-        let target = self.instances.get(donor).and_then(|i| i.replication.as_ref()).map(|r| r.gtid_io_pos.clone()).unwrap_or_default();
-        let target = if target.is_empty() { self.instances.get(donor).map(|i| i.gtid_slave_pos.clone()).unwrap_or_default() } else { target };
-        {
-            let m = self.member(donor).ok_or("donor is not a member")?;
-            let c = m.prober.conn().await?;
-            actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up: donor {donor} applying its relay log: {e}"))?;
-        }
-        let (host, port) = split_addr(donor);
-        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
-        let t = Instant::now();
-        {
-            let m = self.member(cand).ok_or("candidate is not a member")?;
-            let c = m.prober.conn().await?;
-            actions::repoint(c, &host, port, &user, &pw, "slave_pos", semi_sync, limit).await.map_err(|e| format!("catch-up: pointing {cand} at {donor}: {e}"))?;
-            actions::wait_applied(c, &target, left()).await.map_err(|e| format!("catch-up of {cand} from {donor}: {e}; nothing promoted"))?;
-        }
-        steps.push(format!("{cand} caught up from {donor} to {target} in {} ms", t.elapsed().as_millis()));
-        Ok(())
     }
 
     /// One poll of the cascade watch on a freshly promoted primary (breakwater policy).
@@ -1279,7 +1109,7 @@ impl Controller {
         Ok(msg)
     }
 
-    fn publish(&self, polls: u64) {
+    fn publish(&self) {
         let routing = self.rt.routing();
         let whg = self.cfg.writer_hostgroup;
         let gate = match routing.hostgroups.get(&whg).map(|h| h.gate.clone()) {
@@ -1345,12 +1175,16 @@ impl Controller {
             v.servers = servers;
             v.problems = problems;
             v.cooldown = cooldown;
-            v.polls = polls;
+            v.polls = self.polls;
             v.updated_ms = now_ms(SystemTime::now());
             v.policy = self.cfg.policy.as_str().into();
             v.cascading_risk = self.risk.clone();
             v.promotion_hold = self.hold.clone();
             v.watching = self.watch.as_ref().map(|w| w.addr.clone());
+            v.recovery_in_progress = self.journal.clone();
+            v.cluster_status = self.cluster_status();
+            v.leader = v.cluster_status.leader;
+            v.leader_name = v.cluster_status.leader_name.clone();
         }
     }
 }

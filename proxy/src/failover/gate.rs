@@ -100,7 +100,8 @@ impl Default for GateConfig {
 }
 
 /// The load the primary carried over the window before it failed.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq)]
+#[serde(default)]
 pub struct PrimaryLoad {
     pub samples: usize,
     pub statements_per_s: f64,

@@ -7,6 +7,8 @@
 //! - [`candidate`]: which replica to promote (promotion rules, no lost transactions, the
 //!   gate's verdicts, catch-up from the most advanced replica).
 //! - [`cascade`]: watching a freshly promoted primary for a cascading risk.
+//! - [`journal`]: a recovery's steps, saved one by one so a restarted proxy finishes it.
+//! - [`cluster`]: several proxies, one controller: the etcd election and shared state.
 //! - [`state`]: what the controller decided, kept in the admin db file across restarts.
 //! - [`actions`]: the SQL of a recovery and the promotion hooks.
 //! - [`controller`]: the loop, recoveries, switchover, cooldown (anti-flapping), events.
@@ -14,9 +16,11 @@
 pub mod actions;
 pub mod candidate;
 pub mod cascade;
+pub mod cluster;
 pub mod controller;
 pub mod detect;
 pub mod gate;
+pub mod journal;
 pub mod state;
 pub mod gtid;
 pub mod topology;

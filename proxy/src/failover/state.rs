@@ -9,7 +9,8 @@
 use rusqlite::{params, Connection};
 use std::collections::BTreeSet;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Persisted {
     pub primary: String,
     pub fenced: BTreeSet<String>,
@@ -17,6 +18,10 @@ pub struct Persisted {
     pub cooldown_until_ms: u64,
     pub hold: Option<String>,
     pub refused: bool,
+    /// A recovery under way (see `journal`): taken up by the next run.
+    pub journal: Option<super::journal::Journal>,
+    /// Why writes are refused now (the writer hostgroup's block), for the other proxies.
+    pub writer_block: Option<String>,
 }
 
 pub struct Durable {
@@ -102,6 +107,8 @@ mod tests {
             cooldown_until_ms: 1_800_000_000_000,
             hold: Some("cascading risk".into()),
             refused: false,
+            journal: None,
+            writer_block: Some("refused".into()),
         };
         d.save("lab", &s, 1).unwrap();
         drop(d);

@@ -35,6 +35,9 @@ pub struct Proxy {
     child: Option<Child>,
     pub log: Arc<Mutex<Vec<String>>>,
     _dir: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    nobody: bool,
 }
 
 impl Proxy {
@@ -56,49 +59,70 @@ impl Proxy {
         Self::spawn(config, args, true)
     }
 
+    /// Start with a config (None: the embedded default), flags and environment variables.
+    pub fn start_env(config: Option<&str>, args: &[&str], env: &[(&str, &str)]) -> Proxy {
+        let mut p = Self::prepare(config, args, false);
+        p.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        p.launch();
+        p
+    }
+
     fn spawn(config: Option<&str>, args: &[&str], nobody: bool) -> Proxy {
+        let mut p = Self::prepare(config, args, nobody);
+        p.launch();
+        p
+    }
+
+    fn prepare(config: Option<&str>, args: &[&str], nobody: bool) -> Proxy {
         let port = free_port();
         let admin_port = free_port();
         let admin_sql_port = free_port();
         let d = std::env::temp_dir().join(format!("bw-test-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        let mut cmd = if nobody {
+        if nobody {
             use std::os::unix::fs::PermissionsExt;
             let bin = d.join("breakwater-proxy");
             std::fs::copy(env!("CARGO_BIN_EXE_breakwater-proxy"), &bin).unwrap();
             std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o777)).unwrap();
             std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let mut all: Vec<String> = Vec::new();
+        if let Some(toml) = config {
+            let f = d.join("breakwater.toml");
+            std::fs::write(&f, toml).unwrap();
+            all.extend(["--config".to_string(), f.display().to_string()]);
+        }
+        if !args.contains(&"--failover") {
+            all.extend(["--failover".into(), "off".into()]);
+        }
+        all.extend(["--admin-listen".into(), format!("127.0.0.1:{admin_port}")]);
+        let token = format!("test-token-{port}-{}", std::process::id());
+        if !args.contains(&"--admin-token") {
+            all.extend(["--admin-token".into(), token.clone()]);
+        }
+        all.extend(["--admin-mysql-listen".into(), format!("127.0.0.1:{admin_sql_port}")]);
+        all.extend(["--listen".into(), format!("127.0.0.1:{port}"), "--log-level".into(), "info,breakwater_proxy=debug".into()]);
+        all.extend(["--monitor-interval-ms".into(), "300".into()]);
+        all.extend(args.iter().map(|a| a.to_string()));
+        Proxy { port, admin_port, admin_sql_port, token, child: None, log: Arc::new(Mutex::new(Vec::new())), _dir: Some(d), args: all, env: Vec::new(), nobody }
+    }
+
+    /// Start the process (again) with the same ports, flags and environment.
+    fn launch(&mut self) {
+        let d = self.dir();
+        let mut cmd = if self.nobody {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&bin);
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(d.join("breakwater-proxy"));
             c
         } else {
             Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
         };
-        if let Some(toml) = config {
-            let f = d.join("breakwater.toml");
-            std::fs::write(&f, toml).unwrap();
-            cmd.arg("--config").arg(&f);
-        }
-        let dir = Some(d);
-        if !args.contains(&"--failover") {
-            cmd.args(["--failover", "off"]);
-        }
-        cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")]);
-        let token = format!("test-token-{port}-{}", std::process::id());
-        if !args.contains(&"--admin-token") {
-            cmd.args(["--admin-token", &token]);
-        }
-        cmd.env_remove("BREAKWATER_ADMIN_TOKEN");
-        cmd.args(["--admin-mysql-listen", &format!("127.0.0.1:{admin_sql_port}")]);
-        cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "info,breakwater_proxy=debug"])
-            .args(["--monitor-interval-ms", "300"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.env_remove("BREAKWATER_ADMIN_TOKEN").env_remove("BREAKWATER_FAILOVER_PAUSE_AT");
+        cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        cmd.args(&self.args).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn breakwater-proxy");
-        let log = Arc::new(Mutex::new(Vec::new()));
         if let Some(out) = child.stdout.take() {
-            let log = log.clone();
+            let log = self.log.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(out).lines().map_while(Result::ok) {
                     log.lock().unwrap().push(line);
@@ -107,13 +131,30 @@ impl Proxy {
         }
         let t = Instant::now();
         // The client port is bound first; the admin ports come up last.
-        for p in [port, admin_port, admin_sql_port] {
+        for p in [self.port, self.admin_port, self.admin_sql_port] {
             while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
                 assert!(t.elapsed() < Duration::from_secs(10), "proxy did not start listening on {p}");
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Proxy { port, admin_port, admin_sql_port, token, child: Some(child), log, _dir: dir }
+        self.child = Some(child);
+    }
+
+    /// kill -9 the process, then start it again on the same ports with the same flags and
+    /// files, and `env` as its environment variables.
+    pub fn kill9_and_restart(&mut self, env: &[(&str, &str)]) {
+        self.kill9();
+        self.log.lock().unwrap().push("---- restart ----".into());
+        self.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.launch();
+    }
+
+    /// kill -9 the process (its files stay).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     pub fn opts(&self, user: &str, pass: &str, db: Option<&str>) -> Opts {
