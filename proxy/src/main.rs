@@ -108,6 +108,16 @@ struct Cli {
     /// Failover policy (overrides [failover] policy): breakwater (load-aware) or orchestrator.
     #[arg(long, value_name = "breakwater|orchestrator")]
     failover_policy: Option<String>,
+    /// etcd endpoints for the leader election of several proxies, comma-separated
+    /// (overrides [cluster] etcd_endpoints; "" turns coordination off).
+    #[arg(long, value_name = "URL[,URL…]")]
+    etcd: Option<String>,
+    /// This proxy's name in the election (overrides [cluster] name).
+    #[arg(long)]
+    cluster_name: Option<String>,
+    /// The leader's etcd lease in seconds (overrides [cluster] lease_ttl_s).
+    #[arg(long)]
+    etcd_lease_ttl: Option<u64>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -308,6 +318,15 @@ fn main() -> ExitCode {
     }
     if let Some(a) = cli.admin_db {
         cfg.admin.db_file = a;
+    }
+    if let Some(e) = cli.etcd {
+        cfg.cluster.etcd_endpoints = e.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();
+    }
+    if let Some(n) = cli.cluster_name {
+        cfg.cluster.name = n;
+    }
+    if let Some(t) = cli.etcd_lease_ttl {
+        cfg.cluster.lease_ttl_s = t;
     }
     if let Err(e) = cfg.validate() {
         eprintln!("breakwater-proxy: {e}");

@@ -798,3 +798,195 @@ async fn proxy_killed_after_step_switched() {
 async fn proxy_killed_after_step_repointed() {
     killed_at_step("repointed").await;
 }
+
+/// Three proxies of one cluster with etcd (a real etcd-server on free ports), each with its
+/// own admin db file and the same hooks; a lease of 2 s.
+struct Trio {
+    etcd: breakwater_testkit::Etcd,
+    proxies: Vec<Proxy>,
+    dir: std::path::PathBuf,
+}
+
+impl Trio {
+    async fn start(name: &str, env: &[(&str, &str)]) -> Trio {
+        let etcd = breakwater_testkit::Etcd::start();
+        let dir = std::env::temp_dir().join(format!("bw-trio-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir.display().to_string());
+        let proxies = (0..3)
+            .map(|i| {
+                let db = dir.join(format!("admin-{i}.db")).display().to_string();
+                let me = format!("proxy-{i}");
+                Proxy::start_env(Some(&cfg), &["--failover", "on", "--admin-db", &db, "--etcd", &etcd.url, "--cluster-name", &me, "--etcd-lease-ttl", "2"], env)
+            })
+            .collect();
+        let t = Trio { etcd, proxies, dir };
+        wait_for("one leader, known to all three", Duration::from_secs(15), || async { t.leader().await.is_some() }).await;
+        t
+    }
+
+    /// The index of the one proxy that leads, when exactly one does and every live proxy
+    /// names it.
+    async fn leader(&self) -> Option<usize> {
+        let mut leaders = Vec::new();
+        let mut named = BTreeSet::new();
+        for (i, p) in self.proxies.iter().enumerate().filter(|(_, p)| p.pid() != 0) {
+            let v = view(p).await;
+            if v["leader"] == true {
+                leaders.push(i);
+            }
+            named.insert(v["leader_name"].as_str().unwrap_or("").to_string());
+        }
+        (leaders.len() == 1 && named.len() == 1 && named.contains(&format!("proxy-{}", leaders[0]))).then(|| leaders[0])
+    }
+
+    fn hook_lines(&self, f: &str) -> usize {
+        std::fs::read_to_string(self.dir.join(f)).unwrap_or_default().lines().count()
+    }
+}
+
+impl Drop for Trio {
+    fn drop(&mut self) {
+        self.proxies.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        let _ = self.etcd.port;
+    }
+}
+
+/// kill -9 of the primary under writer loops through all three proxies: one proxy leads and
+/// promotes once (one pre and one post hook, one recovery counted among the three); the two
+/// followers route writes to the new primary from the leader's decision in etcd; every
+/// acknowledged write is on the new primary. A follower refuses commands, naming the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_one_promotion() {
+    assert_initial_topology().await;
+    setup_schema().await;
+    enable_semisync(3307, &[3308, 3309]).await;
+    let trio = Trio::start("one", &[]).await;
+    let leader = trio.leader().await.unwrap();
+    println!("leader: proxy-{leader}");
+    let follower = (leader + 1) % 3;
+    let (code, body) = trio.proxies[follower].admin("POST", "/api/failover/ack").await;
+    assert!(code >= 400 && body.to_string().contains("not the leader") && body.to_string().contains(&format!("proxy-{leader}")), "{code} {body}");
+    let writers: Vec<Writer> = trio.proxies.iter().enumerate().map(|(i, p)| Writer::start(p.opts("app", "app", Some(SCHEMA)), i as i64 * 10_000_000)).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = Instant::now();
+    kill_node(3307);
+    wait_for("all three route writes to one new primary", Duration::from_secs(20), || async {
+        let mut prim = BTreeSet::new();
+        for p in &trio.proxies {
+            let v = view(p).await;
+            if v["writer_gate"] != "open" || v["primary"] == addr(3307).as_str() {
+                return false;
+            }
+            prim.insert(v["primary"].as_str().unwrap_or("").to_string());
+        }
+        prim.len() == 1
+    })
+    .await;
+    let new = current_primary(&trio.proxies[0]).await;
+    println!("all three route writes to {new} after {:?}", killed.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut recoveries = 0;
+    for p in &trio.proxies {
+        let v = view(p).await;
+        recoveries += v["counters"]["recoveries"]["automated/ok"].as_u64().unwrap_or(0);
+    }
+    assert_eq!(recoveries, 1, "one promotion among the three");
+    assert_eq!((trio.hook_lines("pre.log"), trio.hook_lines("post.log")), (1, 1), "one pre and one post hook");
+    assert!(events(&view(&trio.proxies[follower]).await).iter().any(|e| e == "LeaderDecision"));
+    for (i, w) in writers.into_iter().enumerate() {
+        let rep = w.finish().await;
+        assert!(rep.first_ack_after(killed + Duration::from_millis(5)).is_some(), "proxy-{i}: no write acknowledged after the failover");
+        let missing = check_acked(port_of(&new), &rep, true).await;
+        println!("proxy-{i}: {} writes acknowledged, {missing} lost, {} failed during the outage", rep.acked.len(), rep.errors.len());
+    }
+}
+
+/// The leader is killed -9 in the middle of a recovery (the test hook pauses it after
+/// `promoted`): within the lease another proxy leads, takes the recovery up from etcd and
+/// completes it once (the same candidate; one pre and one post hook); both survivors route
+/// writes to it and no write acknowledged through any of the three is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed_mid_recovery() {
+    assert_initial_topology().await;
+    setup_schema().await;
+    enable_semisync(3307, &[3308, 3309]).await;
+    let mut trio = Trio::start("mid", &[("BREAKWATER_FAILOVER_PAUSE_AT", "promoted")]).await;
+    let leader = trio.leader().await.unwrap();
+    let writers: Vec<Writer> = trio.proxies.iter().enumerate().map(|(i, p)| Writer::start(p.opts("app", "app", Some(SCHEMA)), i as i64 * 10_000_000)).collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kill_node(3307);
+    wait_for("the leader pauses after promoted", Duration::from_secs(20), || async {
+        let v = view(&trio.proxies[leader]).await;
+        v["recovery_in_progress"]["step"] == "promoted" && events(&v).iter().any(|e| e == "RecoveryPaused")
+    })
+    .await;
+    let cand = view(&trio.proxies[leader]).await["recovery_in_progress"]["candidate"].as_str().unwrap().to_string();
+    println!("proxy-{leader} paused after promoting {cand}: kill -9");
+    trio.proxies[leader].kill9();
+    let killed = Instant::now();
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    wait_for("a new leader completes the recovery", Duration::from_secs(20), || async {
+        for i in &survivors {
+            let v = view(&trio.proxies[*i]).await;
+            if v["primary"] != cand.as_str() || v["writer_gate"] != "open" || !v["recovery_in_progress"].is_null() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let took = killed.elapsed();
+    let new_leader = trio.leader().await.expect("one leader among the survivors");
+    println!("proxy-{new_leader} took over and completed the recovery {took:?} after the kill");
+    let v = view(&trio.proxies[new_leader]).await;
+    let ev = events(&v);
+    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
+    assert_eq!((n("LeaderElected"), n("RecoveryResumed"), n("RecoverDeadPrimary")), (1, 1, 1), "{ev:?}");
+    assert_eq!((trio.hook_lines("pre.log"), trio.hook_lines("post.log")), (1, 1), "the recovery completed once");
+    let other = ALL.iter().copied().find(|x| *x != 3307 && *x != port_of(&cand)).unwrap();
+    let cp = port_of(&cand);
+    wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
+        replication_of(other).await.is_some_and(|(m, io)| m == cp && io == "Yes")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for (i, w) in writers.into_iter().enumerate() {
+        let rep = w.finish().await;
+        if i != leader {
+            assert!(rep.first_ack_after(killed).is_some(), "proxy-{i}: no write acknowledged after the takeover");
+        }
+        let missing = check_acked(cp, &rep, true).await;
+        println!("proxy-{i}: {} writes acknowledged, {missing} lost", rep.acked.len());
+    }
+}
+
+/// A proxy cut off from etcd never promotes: once etcd is gone its lease cannot be renewed,
+/// it stops leading (`leader: false`, etcd unreachable in `failover status`), and a primary
+/// that dies then is left alone: no promotion, routing stays on the last known topology.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_etcd_never_promotes() {
+    assert_initial_topology().await;
+    let etcd = breakwater_testkit::Etcd::start();
+    let p = Proxy::start(&["--failover", "on", "--etcd", &etcd.url, "--cluster-name", "lonely", "--etcd-lease-ttl", "2"]);
+    wait_for("leading", Duration::from_secs(10), || async { view(&p).await["leader"] == true }).await;
+    let (ok, out) = failover_cli(&p, &["status"]);
+    assert!(ok && out.contains("this proxy lonely  leader: true") && out.contains("etcd: reachable"), "{out}");
+    drop(etcd);
+    let lost = wait_for("leadership given up without etcd", Duration::from_secs(5), || async { view(&p).await["leader"] == false }).await;
+    println!("leadership given up {lost:?} after etcd stopped (lease 2 s)");
+    let (_, out) = failover_cli(&p, &["status"]);
+    assert!(out.contains("leader: false") && out.contains("etcd: UNREACHABLE"), "{out}");
+    kill_node(3307);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let v = view(&p).await;
+    assert_eq!(v["primary"], addr(3307).as_str(), "{v:#}");
+    assert!(!events(&v).iter().any(|e| e == "RecoverDeadPrimary" || e == "RecoveryFailed"), "{:?}", events(&v));
+    for r in [3308, 3309] {
+        assert_eq!(read_only(r).await, Some(true), "{r} was not promoted");
+    }
+    let (ok, out) = failover_cli(&p, &["failover"]);
+    assert!(!ok && out.contains("not the leader"), "a command is refused too: {out}");
+}

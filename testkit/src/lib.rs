@@ -40,6 +40,53 @@ impl Drop for Prometheus {
     }
 }
 
+/// A one-member etcd (Debian's etcd-server) on free loopback ports, with its own data dir.
+pub struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    pub port: u16,
+    /// http://127.0.0.1:<port>
+    pub url: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Etcd {
+    /// Start it and wait until it is healthy (20 s at most).
+    pub fn start() -> Etcd {
+        let (port, peer) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("bw-etcd-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("etcd dir");
+        let url = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", "bw-test", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bw-test={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd (apt-get install etcd-server; cargo xtask deps does)");
+        let e = Etcd { child, dir, port, url };
+        let t = std::time::Instant::now();
+        while !http_get(port, "/health").is_some_and(|b| b.contains("\"health\":\"true\"")) {
+            assert!(t.elapsed() < Duration::from_secs(20), "etcd did not become healthy: {}", std::fs::read_to_string(e.dir.join("etcd.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        e
+    }
+}
+
 fn encode(e: &str) -> String {
     e.bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b"_.-".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })

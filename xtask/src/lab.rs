@@ -23,15 +23,26 @@ pub fn command(args: &[&str]) -> Result<()> {
     match args.first().copied() {
         Some("up") => {
             deps::ensure()?;
-            up()
+            up()?;
+            if args.contains(&"--etcd") {
+                crate::etcd::up()?;
+            }
+            Ok(())
         }
-        Some("down") => down(),
-        Some("status") => status(),
+        Some("down") => {
+            crate::etcd::down();
+            down()
+        }
+        Some("status") => {
+            status()?;
+            println!("{}", crate::etcd::status());
+            Ok(())
+        }
         Some("reset") => {
             deps::ensure()?;
             reset()
         }
-        _ => bail!("usage: cargo xtask lab up|down|status|reset"),
+        _ => bail!("usage: cargo xtask lab up [--etcd]|down|status|reset"),
     }
 }
 

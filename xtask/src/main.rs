@@ -1,7 +1,8 @@
 //! `cargo xtask …`: everything a person runs around Breakwater.
 //!
 //! - `deps`   install the Debian packages the lab, tests and benches need
-//! - `lab`    up | down | status | reset: a 3-node MariaDB GTID replication lab on 127.0.0.1:3307-3309
+//! - `lab`    up [--etcd] | down | status | reset: a 3-node MariaDB GTID replication lab on 127.0.0.1:3307-3309
+//!   (and with --etcd one etcd on 127.0.0.1:2379 for several proxies)
 //! - `demo`   lab + proxy on its embedded default config, in the foreground
 //! - `test`   deps, lab, every test, then stop what it started
 //! - `bench`  sysbench direct vs through the proxy, interleaved, with ratios and p95
@@ -10,6 +11,7 @@
 //!   policy, side by side (see `proxy/tests/cascade.rs`)
 
 mod bench;
+mod etcd;
 /// Shared with the tests (testkit): one definition of where cgroup v2 is mounted.
 #[path = "../../testkit/src/cgroup2.rs"]
 #[allow(dead_code)]
@@ -40,7 +42,7 @@ fn run() -> Result<()> {
         Some("drill") => drill(&rest),
         _ => {
             eprintln!(
-                "usage: cargo xtask <deps | lab up|down|status|reset | demo | test | bench | drill failover [--async] | drill cascade [--policy P] [--json] [--keep] [--short]>"
+                "usage: cargo xtask <deps | lab up [--etcd]|down|status|reset | demo | test | bench | drill failover [--async] | drill cascade [--policy P] [--json] [--keep] [--short]>"
             );
             bail!("unknown or missing command")
         }

@@ -21,6 +21,10 @@ const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_promoted")),
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_switched")),
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_repointed")),
+    // Several proxies through etcd (each test starts its own etcd on free ports).
+    ("breakwater-proxy", "failover", Some("three_proxies_one_promotion")),
+    ("breakwater-proxy", "failover", Some("leader_killed_mid_recovery")),
+    ("breakwater-proxy", "failover", Some("cut_off_from_etcd_never_promotes")),
     ("breakwater-proxy", "cascade", Some("only_unfit_candidates_nothing_is_promoted_until_a_person_acts")),
     // The short cascade drill, once per policy (`cargo xtask drill cascade` is the long one).
     ("breakwater-proxy", "cascade", Some("short_drill_orchestrator_cascades")),

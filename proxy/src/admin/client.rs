@@ -40,6 +40,21 @@ pub fn format_status(v: &serde_json::Value) -> String {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_string();
     let mut o = String::new();
     let _ = writeln!(o, "cluster {}  primary {}  writes {}", s(&v["cluster"]), s(&v["primary"]), s(&v["writer_gate"]));
+    let cs = &v["cluster_status"];
+    if cs["mode"] == "etcd" {
+        let leader = if v["leader"].as_bool() == Some(true) { "true (this proxy runs detection and recovery)".to_string() } else { "false".to_string() };
+        let who = match (cs["leader_name"].as_str(), cs["leader_admin"].as_str()) {
+            (Some(n), Some(a)) => format!("{n} (admin {a})"),
+            _ => "none elected".into(),
+        };
+        let etcd = if cs["etcd_reachable"].as_bool() == Some(true) { "reachable".to_string() } else { format!("UNREACHABLE: {}", s(&cs["last_error"])) };
+        let _ = writeln!(o, "this proxy {}  leader: {leader}  the leader: {who}  etcd: {etcd}", s(&cs["me"]));
+    } else {
+        let _ = writeln!(o, "leader: true (single proxy, no etcd)");
+    }
+    if let Some(j) = v["recovery_in_progress"].as_object() {
+        let _ = writeln!(o, "recovery in progress: {} of {} to {}, after step {}", s(&j["id"]), s(&j["failed"]), s(&j["candidate"]), s(&j["step"]));
+    }
     let cd = &v["cooldown"];
     if cd["active"].as_bool() == Some(true) {
         let _ = writeln!(o, "cooldown: ACTIVE, {} s left (automated recoveries blocked; `failover ack` ends it)", cd["remaining_seconds"]);
