@@ -245,6 +245,9 @@ async fn kill_primary_under_load(p: &Proxy, first_id: i64, semisync: bool) -> Ti
     let replicas: Vec<u16> = ALL.iter().copied().filter(|x| *x != old_port).collect();
     if semisync {
         enable_semisync(old_port, &replicas).await;
+    } else {
+        // The lab runs semi-sync; the asynchronous drill turns it off to show what is lost.
+        lab(old_port).await.query_drop("SET GLOBAL rpl_semi_sync_master_enabled = 0").await.unwrap();
     }
     let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), first_id);
     tokio::time::sleep(Duration::from_millis(1500)).await;

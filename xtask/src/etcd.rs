@@ -1,6 +1,6 @@
 //! `cargo xtask lab up --etcd`: one etcd (Debian's etcd-server 3.4) on 127.0.0.1:2379 for
 //! proxies started with `--etcd http://127.0.0.1:2379` (leader election, shared failover
-//! state). Data and log in `<lab>/etcd`; `lab down` stops it.
+//! state). Data and log in `.lab-etcd` (beside `.lab`); `lab down` stops it.
 
 use crate::{lab, proc};
 use anyhow::{bail, Result};
@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 pub const URL: &str = "http://127.0.0.1:2379";
 const PORT: u16 = 2379;
 
+/// Beside the lab's directory, not in it: `lab reset` rebuilds the MariaDB nodes only.
 fn dir() -> PathBuf {
-    lab::lab_dir().join("etcd")
+    PathBuf::from(format!("{}-etcd", lab::lab_dir().display()))
 }
 
 /// Whether an etcd answers healthy on 127.0.0.1:2379.

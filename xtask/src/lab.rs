@@ -1,7 +1,8 @@
 //! The local lab: three MariaDB servers from Debian's packages with GTID replication.
 //!
 //! 127.0.0.1:3307 is the primary, 3308 and 3309 replicate from it (read_only=1,
-//! MASTER_USE_GTID=slave_pos). Data lives in `<repo>/.lab/node<port>`; each node has a
+//! MASTER_USE_GTID=slave_pos), semi-synchronously (AFTER_SYNC, 10 s timeout): a write the
+//! primary acknowledged is on a replica, so a failover loses none. Data lives in `<repo>/.lab/node<port>`; each node has a
 //! `start.sh` with its exact command line, so tests and drills can kill -9 a node and bring
 //! it back the same way. Everything is idempotent: `up` on a running lab takes milliseconds.
 //!
@@ -142,9 +143,11 @@ exec setsid /usr/sbin/mariadbd --no-defaults --user=root --datadir={d}/data --po
 --gtid-strict-mode=1 --read-only={ro} --skip-name-resolve --max-connections=2000 --max-allowed-packet=64M \
 --innodb-buffer-pool-size=96M --innodb-log-file-size=48M --innodb-flush-log-at-trx-commit=2 --sync-binlog=0 \
 --performance-schema=OFF --userstat=1 --thread-cache-size=64 --table-open-cache=400 \
---rpl-semi-sync-master-enabled=0 --rpl-semi-sync-slave-enabled=1 --slave-net-timeout=5 \
+--rpl-semi-sync-master-enabled={semi} --rpl-semi-sync-master-wait-point=AFTER_SYNC --rpl-semi-sync-master-timeout=10000 \
+--rpl-semi-sync-slave-enabled=1 --slave-net-timeout=5 \
 --report-host=127.0.0.1 --report-port={port} --ssl-ca={t}/ca.pem --ssl-cert={t}/server.pem --ssl-key={t}/server-key.pem </dev/null >>{d}/stdout.log 2>&1 &\n",
-        ro = if primary { 0 } else { 1 }
+        ro = if primary { 0 } else { 1 },
+        semi = if primary { 1 } else { 0 }
     )
 }
 
@@ -235,6 +238,9 @@ fn create() -> Result<()> {
     for port in PORTS {
         start_node(port)?;
     }
+    // No replica is connected yet: without this every commit below would wait out the
+    // semi-sync timeout first. On again once the replicas follow.
+    sql(PRIMARY, "SET GLOBAL rpl_semi_sync_master_enabled = 0")?;
     sql(
         PRIMARY,
         "CREATE USER 'repl'@'%' IDENTIFIED BY 'repl'; GRANT REPLICATION SLAVE ON *.* TO 'repl'@'%'; \
@@ -264,9 +270,32 @@ fn create() -> Result<()> {
     for port in PORTS.iter().copied().filter(|p| *p != PRIMARY) {
         wait_caught_up(port)?;
     }
+    semi_sync_on()?;
     std::fs::write(lab_dir().join("ready"), "ok\n")?;
     println!("xtask: lab created in {:.1}s (3307 primary, 3308/3309 replicas)", t.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// Semi-synchronous replication on the primary (AFTER_SYNC: a commit is acknowledged once a
+/// replica has it), with both replicas registered as its semi-sync clients.
+fn semi_sync_on() -> Result<()> {
+    sql(PRIMARY, "SET GLOBAL rpl_semi_sync_master_enabled = 1")?;
+    for port in PORTS.iter().copied().filter(|p| *p != PRIMARY) {
+        // The IO thread registers as a semi-sync client when it starts.
+        sql(port, "STOP SLAVE IO_THREAD; START SLAVE IO_THREAD")?;
+    }
+    let t = Instant::now();
+    loop {
+        let out = sql(PRIMARY, "SHOW GLOBAL STATUS LIKE 'Rpl_semi_sync_master_clients'")?;
+        let n: u32 = out.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if n as usize == PORTS.len() - 1 {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(20) {
+            bail!("semi-sync: {n} replica(s) registered on {PRIMARY}, expected {}", PORTS.len() - 1);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn point_replica(port: u16, primary: u16) -> Result<()> {
