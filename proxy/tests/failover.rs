@@ -713,6 +713,28 @@ async fn restarted_proxy_keeps_its_decisions() {
     let v = view(&q).await;
     let ev = events(&v);
     assert!(ev.iter().any(|e| e == "DiscoveredPrimary") && ev.iter().any(|e| e == "UnknownWritableServer"), "{ev:?}");
+    // 3307 wrote nothing the new primary lacks: its history fits and it rejoins as a replica.
+    let (ok, out) = failover_cli(&q, &["rejoin", "127.0.0.1:3307"]);
+    assert!(ok, "{out}");
+    let np = port_of(&new);
+    wait_for("3307 replicates from the new primary", Duration::from_secs(10), || async move {
+        replication_of(3307).await.is_some_and(|(m, io)| m == np && io == "Yes")
+    })
+    .await;
+    // A write on the replica in another GTID domain (9): an errant transaction the old
+    // per-domain check (the replica's own server id in the last GTID of each domain the
+    // primary has) would miss when the domain is new; found over every (domain, server id).
+    lab(3307)
+        .await
+        .query_drop(format!("SET GLOBAL read_only = 0; SET SESSION gtid_domain_id = 9; INSERT INTO {SCHEMA}.w (id) VALUES (-9); SET GLOBAL read_only = 1"))
+        .await
+        .unwrap();
+    wait_for("ErrantTransactions on 3307", Duration::from_secs(10), || async {
+        view(&q).await["problems"].as_array().into_iter().flatten().any(|p| {
+            p["kind"] == "ErrantTransactions" && p["addr"] == addr(3307).as_str() && p["evidence"].to_string().contains("9-7-1..1")
+        })
+    })
+    .await;
     drop(q);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -773,6 +795,20 @@ async fn killed_at_step(step: &str) {
     check_acked(cp, &rep, true).await;
     assert_eq!(v["cooldown"]["active"], true, "the cooldown survived the kill: {:#}", v["cooldown"]);
     println!("{step}: {} writes acknowledged, none lost; {} failed during the outage", rep.acked.len(), rep.errors.len());
+    if step == "repointed" {
+        // The old primary comes back writable: fenced. With a write of its own that the new
+        // primary lacks (made here; in life, a commit in flight at the crash, or a write
+        // after), its history does not fit, and rejoin refuses it, naming the transactions.
+        start_node(3307).await;
+        wait_for("3307 fenced", Duration::from_secs(10), || async { read_only(3307).await == Some(true) }).await;
+        lab(3307).await.query_drop(format!("SET GLOBAL read_only = 0; INSERT INTO {SCHEMA}.w (id) VALUES (-7); SET GLOBAL read_only = 1")).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (ok, out) = failover_cli(&p, &["rejoin", "127.0.0.1:3307"]);
+        assert!(!ok && out.contains("refused") && out.contains("0-7-") && out.contains("transaction"), "{out}");
+        println!("rejoin refused: {}", out.trim());
+        assert!(events(&view(&p).await).iter().any(|e| e == "RejoinRefused"));
+        assert_eq!(replication_of(3307).await, None, "3307 was not repointed");
+    }
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -28,7 +28,7 @@ use super::gate::{self, AgentSample, PrimaryLoad, Sample, Verdict};
 use super::cluster::{self, Cluster};
 use super::journal::{self, Journal};
 use super::state::{Durable, Persisted};
-use super::gtid::Position;
+use super::gtid::{Position, State};
 use super::topology::{Instance, Prober};
 use crate::backend::hostgroup::{Gate, Hostgroup};
 use crate::config::{FailoverConfig, MonitorConfig, PromotionRule, ServerConfig};
@@ -246,6 +246,9 @@ pub struct Controller {
     applied_rev: i64,
     /// A follower's copy of the leader's refusal of writes.
     writer_block: Option<String>,
+    /// The primary as last seen reachable: the errant-transaction check of candidates
+    /// compares against it when the primary is dead.
+    last_primary: Option<Instance>,
 }
 
 /// Why a promotion did not happen.
@@ -377,6 +380,7 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         etcd_saved: None,
         applied_rev: 0,
         writer_block: None,
+        last_primary: None,
         cfg,
     };
     let cl = &c.rt.cfg.cluster;
@@ -626,6 +630,7 @@ impl Controller {
         }
         let primary_ok = self.instances.get(&self.primary).is_some_and(|i| i.reachable);
         if primary_ok {
+            self.last_primary = self.instances.get(&self.primary).cloned();
             self.dead_since = None;
             if self.blocked_reported {
                 self.blocked_reported = false;
@@ -725,7 +730,9 @@ impl Controller {
     }
 
     fn replicas_for_choice(&self, of: &str) -> Vec<Replica> {
-        let primary = self.instances.get(of);
+        // A dead primary's history as last seen (its newest writes are then left out of the
+        // check by its server id anyway).
+        let primary = self.instances.get(of).filter(|p| p.reachable).or(self.last_primary.as_ref().filter(|p| p.addr == of));
         detect::replicas_of(of, &self.instances, &self.fenced)
             .into_iter()
             .map(|i| {
@@ -738,14 +745,7 @@ impl Controller {
                         }
                     }
                 }
-                let errant = primary.filter(|p| p.reachable).is_some_and(|p| {
-                    let pp = Position::parse(&p.gtid_binlog_pos).unwrap_or_default();
-                    Position::parse(&i.gtid_binlog_pos)
-                        .unwrap_or_default()
-                        .domains
-                        .values()
-                        .any(|g| g.server == i.server_id && pp.domains.get(&g.domain).is_none_or(|x| x.seq < g.seq))
-                });
+                let errant = primary.is_some_and(|p| !detect::errant(p, i).is_empty());
                 let rule = self.members.iter().find(|m| m.addr == i.addr).map(|m| m.rule).unwrap_or_default();
                 Replica { addr: i.addr.clone(), rule, received, errant }
             })
@@ -1091,7 +1091,29 @@ impl Controller {
         if !self.fenced.contains(addr) {
             return Err(format!("{addr} is not fenced"));
         }
-        let (host, port) = split_addr(&self.primary.clone());
+        let p = self.primary.clone();
+        // Its history must fit: nothing the primary does not have (writes that never reached
+        // the primary before the failover, or written since). Replicating on top of those
+        // would stop on a gtid_strict_mode error, or leave rows that differ silently.
+        let old = self.instances.get(addr).cloned().unwrap_or_default();
+        let prim = self.instances.get(&p).cloned().unwrap_or_default();
+        if !old.reachable || !prim.reachable {
+            let (who, why) = if !old.reachable { (addr, old.error) } else { (p.as_str(), prim.error) };
+            return Err(format!("{who} is not reachable ({}): rejoin needs both {addr} and the primary {p}", why.unwrap_or_default()));
+        }
+        let extra = match (State::parse(&old.gtid_binlog_state), State::parse(&prim.gtid_binlog_state)) {
+            (Ok(o), Ok(n)) => o.beyond(&n, &[]),
+            (Err(e), _) | (_, Err(e)) => return Err(format!("rejoin refused: cannot read the GTID histories: {e}")),
+        };
+        if !extra.is_empty() {
+            let msg = format!(
+                "rejoin of {addr} refused: it has transactions the primary {p} does not have: {}. Replicating from {p} on top of                  them would diverge. They never reached the primary: keep what matters from {addr}'s binlog (mariadb-binlog), then                  rebuild {addr} from a copy of {p} and rejoin it",
+                extra.join("; ")
+            );
+            self.event("RejoinRefused", addr, extra, "kept fenced (read_only = 1, out of every hostgroup)");
+            return Err(msg);
+        }
+        let (host, port) = split_addr(&p);
         let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
         let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         let m = self.member(addr).ok_or_else(|| format!("{addr} is not a member of the cluster"))?;
@@ -1102,7 +1124,6 @@ impl Controller {
         if !readers.iter().any(|r| r == addr) {
             readers.push(addr.to_string());
         }
-        let p = self.primary.clone();
         self.place(&p, &readers, "rejoin");
         let msg = format!("{addr} replicates from {p} and is back in reader hostgroup {}", self.cfg.reader_hostgroup);
         self.event("Rejoined", addr, vec![], msg.clone());

@@ -10,7 +10,7 @@
 //! - DeadReplica, BrokenReplication, LaggingReplica, ErrantTransactions, ReadOnlyPrimary,
 //!   WritableFencedServer: per-server problems.
 
-use super::gtid::Position;
+use super::gtid::{Position, State};
 use super::topology::Instance;
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -156,7 +156,16 @@ pub fn detect(primary: &str, instances: &BTreeMap<String, Instance>, fenced: &BT
 }
 
 /// Transactions that originated on the replica itself and that the primary does not have.
-fn errant(primary: &Instance, replica: &Instance) -> Vec<String> {
+/// Transactions a replica has that its primary lacks, over every GTID domain and server id
+/// (`@@gtid_binlog_state`). The primary's own server id is left out: its newest writes may
+/// reach the replica between the two probes. Without binlog states (an older server), the
+/// last GTID per domain written under the replica's own server id.
+pub fn errant(primary: &Instance, replica: &Instance) -> Vec<String> {
+    if let (Ok(p), Ok(r)) = (State::parse(&primary.gtid_binlog_state), State::parse(&replica.gtid_binlog_state)) {
+        if !r.pairs.is_empty() {
+            return r.beyond(&p, &[primary.server_id]).into_iter().map(|t| format!("{t} on the replica, not on the primary")).collect();
+        }
+    }
     let (Ok(p), Ok(r)) = (Position::parse(&primary.gtid_binlog_pos), Position::parse(&replica.gtid_binlog_pos)) else {
         return Vec::new();
     };
@@ -262,5 +271,23 @@ mod tests {
         let fenced: BTreeSet<String> = ["h:9".to_string()].into();
         let kinds: Vec<Kind> = detect(P, &m, &fenced, 10).iter().map(|p| p.kind).collect();
         assert_eq!(kinds, vec![Kind::ErrantTransactions, Kind::WritableFencedServer]);
+    }
+
+    #[test]
+    fn errant_over_every_domain_and_server_id() {
+        let mut p = primary(P, true);
+        p.gtid_binlog_state = "0-6-50,0-7-100".into();
+        let mut r = replica("h:2", P, "Yes");
+        // Behind, and one newer write of the primary's (raced the probes): not errant.
+        r.gtid_binlog_state = "0-6-50,0-7-101".into();
+        assert!(errant(&p, &r).is_empty());
+        // Written on the replica in another domain: errant, though the domain-0 position is fine.
+        r.gtid_binlog_state = "0-6-50,0-7-99,5-8-2".into();
+        let e = errant(&p, &r);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("5-8-1..2"), "{e:?}");
+        // Under an old primary's server id the current primary never had.
+        r.gtid_binlog_state = "0-6-51,0-7-99".into();
+        assert!(errant(&p, &r)[0].starts_with("0-6-51..51"));
     }
 }

@@ -46,6 +46,9 @@ pub struct Instance {
     pub gtid_binlog_pos: String,
     pub gtid_current_pos: String,
     pub gtid_slave_pos: String,
+    /// The last GTID of every (domain, server id) pair in its binlog: the errant-transaction
+    /// and rejoin checks compare these, not just the last GTID per domain.
+    pub gtid_binlog_state: String,
     pub semi_sync_master: bool,
     /// Rpl_semi_sync_master_status (ON while commits wait for a replica's ack) and the
     /// semi-sync replicas connected; None where the server does not report them.
@@ -133,11 +136,11 @@ impl Prober {
 
     async fn query(&mut self) -> Result<Instance, String> {
         let c = self.conn().await?;
-        let row: Option<(u32, String, i64, String, String, String)> = c
-            .query_first("SELECT @@server_id, @@version, @@read_only, @@gtid_binlog_pos, @@gtid_current_pos, @@gtid_slave_pos")
+        let row: Option<(u32, String, i64, String, String, String, String)> = c
+            .query_first("SELECT @@server_id, @@version, @@read_only, @@gtid_binlog_pos, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_state")
             .await
             .map_err(|e| e.to_string())?;
-        let (server_id, version, ro, binlog, current, slave) = row.ok_or("no row from SELECT @@server_id")?;
+        let (server_id, version, ro, binlog, current, slave, binlog_state) = row.ok_or("no row from SELECT @@server_id")?;
         let semi: Option<i64> = c.query_first("SELECT @@rpl_semi_sync_master_enabled").await.unwrap_or(None);
         let status: Vec<(String, String)> = c
             .query("SHOW GLOBAL STATUS WHERE Variable_name IN ('Rpl_semi_sync_master_status', 'Rpl_semi_sync_master_clients')")
@@ -170,6 +173,7 @@ impl Prober {
             gtid_binlog_pos: binlog,
             gtid_current_pos: current,
             gtid_slave_pos: slave,
+            gtid_binlog_state: binlog_state,
             semi_sync_master: semi == Some(1),
             semi_sync_master_status: semi_status,
             semi_sync_clients: semi_clients,
