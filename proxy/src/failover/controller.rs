@@ -1107,7 +1107,7 @@ impl Controller {
         };
         if !extra.is_empty() {
             let msg = format!(
-                "rejoin of {addr} refused: it has transactions the primary {p} does not have: {}. Replicating from {p} on top of                  them would diverge. They never reached the primary: keep what matters from {addr}'s binlog (mariadb-binlog), then                  rebuild {addr} from a copy of {p} and rejoin it",
+                "rejoin of {addr} refused: it has transactions the primary {p} does not have: {}. Replicating from {p} on top of them would diverge. They never reached the primary: keep what matters from {addr}'s binlog (mariadb-binlog), then rebuild {addr} from a copy of {p} and rejoin it",
                 extra.join("; ")
             );
             self.event("RejoinRefused", addr, extra, "kept fenced (read_only = 1, out of every hostgroup)");
