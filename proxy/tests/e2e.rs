@@ -959,27 +959,6 @@ async fn otlp_spans_and_metrics_for_queries() {
     let _ = c.disconnect().await;
 }
 
-/// How many accounts named `account` each lab server has.
-async fn account_counts(account: &str) -> Vec<i64> {
-    let mut v = Vec::new();
-    for port in [PRIMARY, REPLICAS[0], REPLICAS[1]] {
-        let mut c = lab(port).await;
-        let n: Option<i64> = c.exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (account,)).await.unwrap();
-        v.push(n.unwrap_or(-1));
-    }
-    v
-}
-
-fn access_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
-        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
-        .args(args)
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
-}
-
 /// Temporary access, all in one test (each proxy with a store reconciles every marked
 /// account it does not own, so these scenarios must not run side by side):
 /// expiry on time with sessions closed and accounts dropped everywhere; a grant outliving a
@@ -1032,6 +1011,15 @@ async fn temporary_access_expires_and_cleans_up() {
     let mut c = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.expect("temporary user logs in");
     let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM sbtest1").await.unwrap();
     assert_eq!(n, Some(10000));
+    // Prepared statements are audited too: one prepare, then each execute.
+    for _ in 0..2 {
+        let n: Option<i64> = c.exec_first("SELECT COUNT(*) FROM sbtest1 WHERE id < ?", (100,)).await.unwrap();
+        assert_eq!(n, Some(99));
+    }
+    // So is COM_CHANGE_USER away from (or to) a temporary user.
+    let mut handed = Conn::new(p.opts("alice", &password, Some("sbtest"))).await.unwrap();
+    handed.change_user(mysql_async::ChangeUserOpts::default().with_user(Some("app".into())).with_pass(Some("app".into()))).await.unwrap();
+    drop(handed);
     let port: Option<u16> = c.query_first("SELECT @@port").await.unwrap();
     assert!(matches!(port, Some(3308 | 3309)), "read_only users read from replicas: {port:?}");
     let e = c.query_drop("DELETE FROM sbtest1 WHERE id = 1").await.unwrap_err();
@@ -1141,9 +1129,26 @@ async fn temporary_access_expires_and_cleans_up() {
     let audit = std::fs::read_to_string(format!("{db}.audit.jsonl")).unwrap();
     let events: Vec<serde_json::Value> = audit.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let has = |ev: &str, user: &str| events.iter().any(|e| e["event"] == ev && e["user"] == user && e["ts"].as_str().is_some());
-    for (ev, user) in [("grant", "alice"), ("extend", "alice"), ("login", "alice"), ("statement", "alice"), ("expired", "alice"), ("login_failed", "alice"), ("grant", "bob"), ("expired", "bob"), ("orphan_removed", orphan.as_str())] {
+    for (ev, user) in [
+        ("grant", "alice"),
+        ("extend", "alice"),
+        ("login", "alice"),
+        ("statement", "alice"),
+        ("prepare", "alice"),
+        ("execute", "alice"),
+        ("change_user", "alice"),
+        ("expired", "alice"),
+        ("account_dropped", "alice"),
+        ("login_failed", "alice"),
+        ("grant", "bob"),
+        ("expired", "bob"),
+        ("orphan_removed", orphan.as_str()),
+    ] {
         assert!(has(ev, user), "audit lacks {ev} of {user}:\n{audit}");
     }
+    let ps = |ev: &str| events.iter().filter(|e| e["event"] == ev && e["user"] == "alice" && e["digest"].as_str().is_some_and(|d| d.contains("sbtest1 WHERE id < ?"))).count();
+    assert_eq!((ps("prepare"), ps("execute")), (1, 2), "one prepare, two executes, with the statement's digest:\n{audit}");
+    assert!(events.iter().any(|e| e["event"] == "change_user" && e["user"] == "alice" && e["to"] == "app"), "{audit}");
     assert!(events.iter().any(|e| e["event"] == "grant" && e["reason"] == "INC-42 look at orders"));
     assert!(events.iter().any(|e| e["event"] == "statement" && e["digest"].as_str().is_some_and(|d| d.contains("sbtest1"))));
     drop(p);

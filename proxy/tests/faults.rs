@@ -320,3 +320,81 @@ async fn broken_replication_is_shunned() {
     assert!(back, "{}", proxy.log_text());
     wait_replicas_caught_up().await;
 }
+
+/// Cuts the proxy running as uid 65534 (and only it) off from `port`; lifted on drop.
+struct CutOff;
+
+impl CutOff {
+    fn on(port: u16) -> CutOff {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_cutoff"]).stderr(std::process::Stdio::null()).status();
+        nft(&format!(
+            "table inet bw_cutoff {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
+             meta skuid 65534 tcp dport {port} drop\n }}\n}}\n"
+        ));
+        CutOff
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_cutoff"]).status();
+    }
+}
+
+/// A temporary grant that expires while the proxy cannot reach the writer (nftables drops
+/// its packets to 3307): its sessions are closed at expiry all the same (the account still
+/// exists on the servers, the proxy no longer lets it in), the audit log says the drop is
+/// pending, and the account is dropped everywhere once the writer answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_expiring_while_the_writer_is_unreachable() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("bw-cutoff-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let db = dir.join("admin.db").display().to_string();
+    let audit = format!("{db}.audit.jsonl");
+    let p = Proxy::start_as_nobody(None, &["--admin-db", &db]);
+    let (ok, out) = access_cli(&p, &["grant", "--user", "dora", "--ttl", "6s", "--role", "read_only", "--schema", "sbtest", "--reason", "INC-77", "--output", "json"]);
+    assert!(ok, "{out}");
+    let granted = Instant::now();
+    let g: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let (pw, account) = (g["password"].as_str().unwrap().to_string(), g["account"].as_str().unwrap().to_string());
+    let mut c = Conn::new(p.opts("dora", &pw, Some("sbtest"))).await.expect("dora logs in");
+    let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM sbtest1").await.unwrap();
+    assert_eq!(n, Some(10000));
+    let cut = CutOff::on(PRIMARY);
+    // The session is closed at expiry, though the writer does not answer.
+    let closed = loop {
+        if c.query_first::<i64, _>("SELECT 1").await.is_err() {
+            break granted.elapsed();
+        }
+        assert!(granted.elapsed() < Duration::from_secs(12), "the session outlived its grant");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("session closed {closed:?} after a 6 s grant, the writer unreachable");
+    assert!(closed >= Duration::from_secs(5), "not before the expiry: {closed:?}");
+    let e = Conn::new(p.opts("dora", &pw, Some("sbtest"))).await.unwrap_err();
+    assert_eq!(server_code(&e), Some(1045), "no new login: {e}");
+    let t = Instant::now();
+    while !std::fs::read_to_string(&audit).unwrap_or_default().contains("\"event\":\"drop_pending\"") {
+        assert!(t.elapsed() < Duration::from_secs(15), "no drop_pending in the audit log:\n{}", std::fs::read_to_string(&audit).unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(account_counts(&account).await, vec![1, 1, 1], "the account is still on the servers");
+    drop(cut);
+    let back = Instant::now();
+    while account_counts(&account).await != vec![0, 0, 0] {
+        assert!(back.elapsed() < Duration::from_secs(20), "the account was not dropped once the writer answered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    println!("account dropped everywhere {:?} after the writer answered again", back.elapsed());
+    let log = std::fs::read_to_string(&audit).unwrap();
+    for ev in ["expired", "drop_pending", "account_dropped"] {
+        assert!(log.lines().any(|l| l.contains(&format!("\"event\":\"{ev}\"")) && l.contains("\"user\":\"dora\"")), "audit lacks {ev}:\n{log}");
+    }
+    let (ok, list) = access_cli(&p, &["list"]);
+    assert!(ok && list.contains("dora") && list.contains("expired"), "{list}");
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}

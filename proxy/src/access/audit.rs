@@ -1,5 +1,6 @@
 //! The audit log of temporary access: one JSON object per line (grant, extend, revoked,
-//! expired, revoke_failed, orphan_removed, login, login_failed, statement), each with the
+//! expired, drop_pending, account_dropped, orphan_removed, login, login_failed, statement,
+//! prepare, execute, change_user), each with the
 //! time, the event, the user and the event's details. Also mirrored to the tracing log.
 
 use crate::failover::controller::rfc3339;

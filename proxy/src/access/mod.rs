@@ -261,6 +261,7 @@ impl Access {
             expires_at: now + req.ttl_seconds,
             state: "active".into(),
             ended_at: None,
+            account_dropped: false,
             stage1_hex: auth::to_hex(&stage1),
             stage2_hex: auth::to_hex(&stage2),
         };
@@ -300,29 +301,12 @@ impl Access {
         self.end(&g, state, by).await
     }
 
+    /// End a grant: no new logins, its client sessions closed and its running statements
+    /// killed at once, whatever the servers' state; then its account dropped on the writer.
+    /// When the writer cannot be reached the grant is ended all the same and its account is
+    /// dropped as soon as a writer answers ([`Access::drop_pending`]).
     async fn end(&self, g: &Grant, state: &str, by: &str) -> Result<String, String> {
-        // No new logins from here on.
         self.rt.remove_temp_user(&g.username);
-        let (writer, readers) = self.targets();
-        let (host, port) = writer.ok_or("no writer server to drop the account on")?;
-        let mut c = self.connect(&host, port).await.inspect_err(|e| {
-            self.audit.event("revoke_failed", &g.username, &[("account", &g.account), ("error", e)]);
-        })?;
-        c.query_drop(format!("DROP USER IF EXISTS '{}'@'%'", g.account)).await.map_err(|e| e.to_string())?;
-        // Running statements of the account end with an error (KILL), on every server.
-        let mut killed = 0;
-        for (h, p) in std::iter::once((host.clone(), port)).chain(readers) {
-            if let Ok(mut k) = self.connect(&h, p).await {
-                let ids: Vec<u64> = k.exec("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?", (g.account.clone(),)).await.unwrap_or_default();
-                for id in ids {
-                    if k.query_drop(format!("KILL {id}")).await.is_ok() {
-                        killed += 1;
-                    }
-                }
-                let _ = k.disconnect().await;
-            }
-        }
-        let _ = c.disconnect().await;
         // Client sessions close with a clear error.
         if let Ok(mut m) = self.revoked.lock() {
             if let Some(tx) = m.remove(&g.username) {
@@ -331,9 +315,71 @@ impl Access {
         }
         let now = now_s();
         self.with_store(|s| s.end(g.id, state, now))?;
-        self.audit.event(state, &g.username, &[("account", &g.account), ("by", by), ("reason", &g.reason), ("killed_backend_connections", &killed.to_string())]);
+        self.audit.event(state, &g.username, &[("account", &g.account), ("by", by), ("reason", &g.reason)]);
         info!(user = %g.username, account = %g.account, state, "temporary access ended");
-        Ok(format!("{}: access {state}; account {} dropped on {host}:{port}", g.username, g.account))
+        match self.drop_account(g).await {
+            Ok(done) => Ok(format!("{}: access {state}; {done}", g.username)),
+            Err(e) => {
+                self.audit.event("drop_pending", &g.username, &[("account", &g.account), ("error", &e)]);
+                warn!(user = %g.username, account = %g.account, error = %e, "temporary access ended; its account is dropped once the writer answers");
+                Ok(format!("{}: access {state}; sessions closed; account {} not dropped yet ({e}): dropped as soon as the writer answers", g.username, g.account))
+            }
+        }
+    }
+
+    /// Drop the account on the writer (the DROP replicates), and kill its server
+    /// connections wherever a server answers (its statements end with an error), also when
+    /// the writer does not.
+    async fn drop_account(&self, g: &Grant) -> Result<String, String> {
+        let bound = Duration::from_secs(5);
+        let (writer, readers) = self.targets();
+        let dropped = match &writer {
+            None => Err("no writer server to drop the account on".to_string()),
+            Some((host, port)) => match self.connect(host, *port).await {
+                Err(e) => Err(e),
+                Ok(mut c) => {
+                    let r = tokio::time::timeout(bound, c.query_drop(format!("DROP USER IF EXISTS '{}'@'%'", g.account))).await;
+                    let _ = tokio::time::timeout(bound, c.disconnect()).await;
+                    match r {
+                        Ok(Ok(())) => Ok(format!("{host}:{port}")),
+                        Ok(Err(e)) => Err(format!("DROP USER on {host}:{port}: {e}")),
+                        Err(_) => Err(format!("DROP USER on {host}:{port}: no answer within {} s", bound.as_secs())),
+                    }
+                }
+            },
+        };
+        let mut killed = 0;
+        for (h, p) in writer.iter().cloned().chain(readers) {
+            let Ok(mut k) = self.connect(&h, p).await else { continue };
+            let ids: Vec<u64> = tokio::time::timeout(bound, k.exec("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = ?", (g.account.clone(),)))
+                .await
+                .ok()
+                .and_then(|r| r.ok())
+                .unwrap_or_default();
+            for id in ids {
+                if let Ok(Ok(())) = tokio::time::timeout(bound, k.query_drop(format!("KILL {id}"))).await {
+                    killed += 1;
+                }
+            }
+            let _ = tokio::time::timeout(bound, k.disconnect()).await;
+        }
+        let server = dropped?;
+        self.with_store(|s| s.dropped(g.id))?;
+        self.audit.event("account_dropped", &g.username, &[("account", &g.account), ("server", &server), ("killed_backend_connections", &killed.to_string())]);
+        Ok(format!("account {} dropped on {server}, {killed} server connection(s) killed", g.account))
+    }
+
+    /// Drop the accounts of ended grants whose writer was unreachable at their end.
+    pub async fn drop_pending(&self) -> usize {
+        let _op = self.ops.lock().await;
+        let mut done = 0;
+        for g in self.with_store(|s| s.pending_drops()).unwrap_or_default() {
+            match self.drop_account(&g).await {
+                Ok(_) => done += 1,
+                Err(e) => tracing::debug!(account = %g.account, error = %e, "account drop still pending"),
+            }
+        }
+        done
     }
 
     /// Drop accounts with this store's marker that no active grant owns, on every server;
@@ -381,6 +427,10 @@ impl Access {
                     if let Err(e) = a.revoke(&g.username, "expired", "breakwater").await {
                         warn!(user = %g.username, error = %e, "expiry failed; retrying");
                     }
+                }
+                // Accounts left behind by a writer that did not answer, every 5 s or so.
+                if n.is_multiple_of((5000 / tick.as_millis().max(1) as u64).max(1)) {
+                    a.drop_pending().await;
                 }
                 if n.is_multiple_of(every) {
                     if let Err(e) = a.reconcile().await {

@@ -21,6 +21,9 @@ pub struct Grant {
     /// active, revoked, expired.
     pub state: String,
     pub ended_at: Option<u64>,
+    /// Whether the MariaDB account is gone (an ended grant whose writer was unreachable at
+    /// the end keeps false until its account is dropped).
+    pub account_dropped: bool,
     #[serde(skip)]
     pub stage1_hex: String,
     #[serde(skip)]
@@ -58,6 +61,15 @@ impl Store {
                 stage1_hex TEXT NOT NULL, stage2_hex TEXT NOT NULL)",
         )
         .map_err(e)?;
+        // Stores made before the column: their ended grants had their accounts dropped.
+        let has_dropped: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('breakwater_access_grants') WHERE name = 'account_dropped'")
+            .and_then(|mut st| st.exists([]))
+            .map_err(e)?;
+        if !has_dropped {
+            conn.execute_batch("ALTER TABLE breakwater_access_grants ADD COLUMN account_dropped INTEGER NOT NULL DEFAULT 0; UPDATE breakwater_access_grants SET account_dropped = 1 WHERE state <> 'active'")
+                .map_err(e)?;
+        }
         conn.execute_batch("CREATE TABLE IF NOT EXISTS breakwater_access_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)").map_err(e)?;
         let tag: Option<String> = conn
             .query_row("SELECT value FROM breakwater_access_meta WHERE name = 'store_tag'", [], |r| r.get(0))
@@ -90,18 +102,29 @@ impl Store {
         Ok(())
     }
 
+    /// The grant ends (its account is dropped separately: `dropped`).
     pub fn end(&self, id: i64, state: &str, at: u64) -> Result<(), String> {
         self.conn
-            .execute("UPDATE breakwater_access_grants SET state = ?2, ended_at = ?3 WHERE id = ?1", params![id, state, at as i64])
+            .execute("UPDATE breakwater_access_grants SET state = ?2, ended_at = ?3, account_dropped = 0 WHERE id = ?1", params![id, state, at as i64])
             .map_err(e)?;
         Ok(())
+    }
+
+    pub fn dropped(&self, id: i64) -> Result<(), String> {
+        self.conn.execute("UPDATE breakwater_access_grants SET account_dropped = 1 WHERE id = ?1", params![id]).map_err(e)?;
+        Ok(())
+    }
+
+    /// Ended grants whose account could not be dropped yet.
+    pub fn pending_drops(&self) -> Result<Vec<Grant>, String> {
+        self.query("WHERE state <> 'active' AND account_dropped = 0")
     }
 
     fn query(&self, filter: &str) -> Result<Vec<Grant>, String> {
         let mut st = self
             .conn
             .prepare(&format!(
-                "SELECT id, username, account, role, schema_name, grants, reason, granted_by, granted_at, expires_at, state, ended_at, stage1_hex, stage2_hex
+                "SELECT id, username, account, role, schema_name, grants, reason, granted_by, granted_at, expires_at, state, ended_at, stage1_hex, stage2_hex, account_dropped
                  FROM breakwater_access_grants {filter} ORDER BY id"
             ))
             .map_err(e)?;
@@ -122,6 +145,7 @@ impl Store {
                     ended_at: r.get::<_, Option<i64>>(11)?.map(|v| v as u64),
                     stage1_hex: r.get(12)?,
                     stage2_hex: r.get(13)?,
+                    account_dropped: r.get::<_, i64>(14)? != 0,
                 })
             })
             .map_err(e)?;

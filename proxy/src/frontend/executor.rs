@@ -57,6 +57,16 @@ impl Session {
                 ),
             ));
         }
+        if self.user.temporary && self.rt.user(&self.user.name).is_none() {
+            // Its grant ended: no new backend connection, not even to retry a read whose
+            // connection the expiry killed (its account may live on a while on a server the
+            // proxy could not reach).
+            return Err(SqlError::new(
+                errcode::CONNECTION_KILLED,
+                "70100",
+                format!("Breakwater: temporary access of '{}' has ended (expired or revoked)", self.user.name),
+            ));
+        }
         let rt = self.rt.clone();
         let queue_timeout = Duration::from_millis(rt.cfg.proxy.queue_timeout_ms);
         let deadline = tokio::time::Instant::now() + queue_timeout;

@@ -13,6 +13,7 @@ use crate::backend::pool::PooledConn;
 use crate::protocol::response::Kind;
 use crate::protocol::{errcode, status};
 use crate::router::classify::{self, Effect, PinReason};
+use crate::router::digest;
 use std::sync::Arc;
 
 /// COM_STMT_EXECUTE / FETCH / RESET as sent to one backend connection.
@@ -99,6 +100,16 @@ impl Session {
         let hg = d.hostgroup.unwrap_or(self.user.default_hostgroup);
         let sql: Arc<str> = String::from_utf8_lossy(sql_bytes).into();
         let client_id = self.next_stmt_id;
+        // A temporary user's prepared statements are audited like its queries: the prepare
+        // with the statement's digest, then every execute.
+        let audit_digest: Option<Arc<str>> = self.user.temporary.then(|| {
+            let cap = self.rt.cfg.proxy.query_digests_max_query_length;
+            digest::digest_into(&sql_bytes[..sql_bytes.len().min(cap)], &mut self.digest);
+            self.digest.as_str().into()
+        });
+        if let (Some(d), Some(a)) = (&audit_digest, self.proxy.access.get()) {
+            a.audit.event("prepare", &self.user.name, &[("digest", d), ("statement", &client_id.to_string()), ("session", &self.id.to_string())]);
+        }
         let r = self.run(hg, Command::Prepare(&buf, client_id), Kind::Prepare, true).await;
         self.buf = buf;
         let Some((w, mut conn)) = r? else { return Ok(()) };
@@ -117,6 +128,7 @@ impl Session {
                     cache: (d.cache_ttl_ms > 0 && a.last_insert_id == classify::LastInsertId::No && !a.diagnostics).then_some(d),
                     last_insert_id: a.last_insert_id,
                     calc_found_rows: a.calc_found_rows,
+                    audit_digest,
                 },
             );
         }
@@ -131,6 +143,9 @@ impl Session {
         let Some(stmt) = self.stmts.get(&id).cloned() else {
             return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_execute")).await;
         };
+        if let (Some(d), Some(a)) = (&stmt.audit_digest, self.proxy.access.get()) {
+            a.audit.event("execute", &self.user.name, &[("digest", d), ("statement", &id.to_string()), ("session", &self.id.to_string())]);
+        }
         let cursor = self.buf.get(5).is_some_and(|f| f & 0x07 != 0);
         let mut buf = std::mem::take(&mut self.buf);
         // Remember types the client sends, for later executes that omit them.

@@ -64,6 +64,8 @@ pub struct ClientStmt {
     /// How the statement uses LAST_INSERT_ID() and whether it is SQL_CALC_FOUND_ROWS.
     pub last_insert_id: classify::LastInsertId,
     pub calc_found_rows: bool,
+    /// A temporary user's statement: its digest, for the audit of each execute.
+    pub audit_digest: Option<Arc<str>>,
 }
 
 pub struct Session {

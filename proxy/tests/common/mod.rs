@@ -353,6 +353,28 @@ pub fn failover_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// `breakwater-proxy access …` against `p`'s admin interface: (success, output).
+pub fn access_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
+        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// How many accounts named `account` each lab server has (3307, 3308, 3309).
+pub async fn account_counts(account: &str) -> Vec<i64> {
+    let mut v = Vec::new();
+    for port in [PRIMARY, REPLICAS[0], REPLICAS[1]] {
+        let mut c = lab(port).await;
+        let n: Option<i64> = c.exec_first("SELECT COUNT(*) FROM mysql.user WHERE User = ?", (account,)).await.unwrap();
+        v.push(n.unwrap_or(-1));
+    }
+    v
+}
+
 /// kill -9 a lab node.
 pub fn kill_node(port: u16) {
     let pid = std::fs::read_to_string(lab_dir().join(format!("node{port}/mysqld.pid"))).expect("lab node pid file");
