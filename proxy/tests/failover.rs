@@ -1029,3 +1029,66 @@ async fn cut_off_from_etcd_never_promotes() {
     let (ok, out) = failover_cli(&p, &["failover"]);
     assert!(!ok && out.contains("not the leader"), "a command is refused too: {out}");
 }
+
+/// A proxy killed -9 in the middle of a switchover, right after `demoted`: the old primary
+/// is read_only and nothing is promoted, so without the journal writes would stall for
+/// good. The restarted proxy takes the switchover up and completes it: the candidate is the
+/// primary, the old primary and the other replica replicate from it, no failover happened,
+/// no acknowledged write was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_killed_during_switchover() {
+    assert_initial_topology().await;
+    setup_schema().await;
+    let dir = std::env::temp_dir().join(format!("bw-journal-switchover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("admin.db").display().to_string();
+    let cfg = config(&dir.display().to_string());
+    let mut p = Proxy::start_env(Some(&cfg), &["--failover", "on", "--admin-db", db.as_str()], &[("BREAKWATER_FAILOVER_PAUSE_AT", "demoted")]);
+    wait_for("controller ready", Duration::from_secs(10), || async { view(&p).await["polls"].as_u64().unwrap_or(0) >= 2 }).await;
+    let w = Writer::start(p.opts("app", "app", Some(SCHEMA)), 0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The command waits for the controller, which the hook holds: in the background.
+    let (admin, token) = (format!("127.0.0.1:{}", p.admin_port), p.token.clone());
+    let cmd = std::thread::spawn(move || {
+        Command::new(env!("CARGO_BIN_EXE_breakwater-proxy")).args(["failover", "--admin", &admin, "switchover"]).env("BREAKWATER_ADMIN_TOKEN", token).output()
+    });
+    wait_for("the switchover pauses after demoted", Duration::from_secs(20), || async {
+        let v = view(&p).await;
+        v["recovery_in_progress"]["step"] == "demoted" && v["recovery_in_progress"]["kind"] == "switchover"
+    })
+    .await;
+    let cand = view(&p).await["recovery_in_progress"]["candidate"].as_str().unwrap().to_string();
+    assert_eq!(read_only(3307).await, Some(true), "demoted");
+    println!("switchover to {cand} paused after demoted: kill -9 of the proxy");
+    p.kill9_and_restart(&[]);
+    let restarted = Instant::now();
+    let _ = cmd.join();
+    wait_for("the restarted proxy completes the switchover", Duration::from_secs(30), || async {
+        let v = view(&p).await;
+        v["primary"] == cand.as_str() && v["writer_gate"] == "open" && v["recovery_in_progress"].is_null()
+    })
+    .await;
+    println!("switchover completed {:?} after the restart", restarted.elapsed());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rep = w.finish().await;
+    let v = view(&p).await;
+    let ev = events(&v);
+    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
+    assert_eq!((n("RecoveryResumed"), n("Switchover"), n("RecoverDeadPrimary"), n("SwitchoverFailed")), (1, 1, 0, 0), "{ev:?}");
+    let lines = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default().lines().count();
+    assert_eq!((lines("pre.log"), lines("post.log")), (1, 1));
+    let cp = port_of(&cand);
+    for r in ALL.into_iter().filter(|r| *r != cp) {
+        wait_for("every other server replicates from the new primary", Duration::from_secs(10), || async move {
+            replication_of(r).await.is_some_and(|(m, io)| m == cp && io == "Yes")
+        })
+        .await;
+    }
+    assert_eq!(read_only(cp).await, Some(false));
+    assert!(rep.first_ack_after(restarted).is_some(), "writes through the restarted proxy");
+    check_acked(cp, &rep, true).await;
+    println!("{} writes acknowledged, none lost, {} failed meanwhile", rep.acked.len(), rep.errors.len());
+    drop(p);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -21,6 +21,7 @@ const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_promoted")),
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_switched")),
     ("breakwater-proxy", "failover", Some("proxy_killed_after_step_repointed")),
+    ("breakwater-proxy", "failover", Some("proxy_killed_during_switchover")),
     // Several proxies through etcd (each test starts its own etcd on free ports).
     ("breakwater-proxy", "failover", Some("three_proxies_one_promotion")),
     ("breakwater-proxy", "failover", Some("leader_killed_mid_recovery")),

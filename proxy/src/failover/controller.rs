@@ -21,7 +21,7 @@ use super::actions::{self, HookEnv};
 
 mod leader;
 mod recovery;
-use super::candidate::{self, Replica};
+use super::candidate::Replica;
 use super::cascade::{Step, Watch};
 use super::detect::{self, Kind, Problem};
 use super::gate::{self, AgentSample, PrimaryLoad, Sample, Verdict};
@@ -935,126 +935,6 @@ impl Controller {
                 self.watch = Some(w);
             }
         }
-    }
-
-    /// Planned primary change with the primary alive: no acknowledged write is lost.
-    async fn switchover(&mut self, want: Option<&str>) -> Result<String, String> {
-        let old = self.primary.clone();
-        if !self.instances.get(&old).is_some_and(|i| i.reachable) {
-            return Err(format!("primary {old} is not reachable: use failover"));
-        }
-        let healthy: Vec<Replica> = self
-            .replicas_for_choice(&old)
-            .into_iter()
-            .filter(|r| self.instances.get(&r.addr).and_then(|i| i.replication.as_ref()).is_some_and(|x| x.io_ok() && x.sql_ok()))
-            .map(|mut r| {
-                // Everyone catches up before the switch, so positions do not decide.
-                r.received = Position::default();
-                r
-            })
-            .collect();
-        let (cand, _) = candidate::choose(&healthy, want)?;
-        self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), "switchover", &old, &cand).await.map_err(|e| format!("switchover vetoed by {e}"))?;
-        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
-        let catchup = Duration::from_millis(self.cfg.switchover_timeout_ms);
-        let whg = self.cfg.writer_hostgroup;
-        let t0 = Instant::now();
-        let started = SystemTime::now();
-        let mut steps = Vec::new();
-        self.rt.set_gate(whg, Gate::Hold(format!("switchover from {old} to {cand} in progress").into()));
-        let res = self.switch_roles(&old, &cand, limit, catchup, &mut steps).await;
-        let pause = t0.elapsed();
-        match res {
-            Ok(()) => {
-                self.count(|c| *c.recoveries.entry("switchover/ok".into()).or_default() += 1);
-                let rec = Recovery {
-                    kind: "switchover".into(),
-                    failed: old.clone(),
-                    promoted: cand.clone(),
-                    detected_at_ms: now_ms(started),
-                    promoted_at_ms: now_ms(SystemTime::now()),
-                    duration_ms: pause.as_millis() as u64,
-                    write_pause_ms: pause.as_millis() as u64,
-                    acknowledged: true,
-                    steps: steps.clone(),
-                };
-                if let Ok(mut v) = self.shared.view.lock() {
-                    v.last_recovery = Some(rec);
-                }
-                let _ = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), "switchover", &old, &cand).await;
-                let msg = format!("switched over from {old} to {cand}; writes paused {} ms", pause.as_millis());
-                self.event("Switchover", &old, steps, msg.clone());
-                Ok(msg)
-            }
-            Err(e) => {
-                self.count(|c| *c.recoveries.entry("switchover/failed".into()).or_default() += 1);
-                // Give the old primary its writes back.
-                if let Some(m) = self.member(&old) {
-                    if let Ok(c) = m.prober.conn().await {
-                        let _ = actions::exec(c, "SET GLOBAL read_only = 0", limit).await;
-                    }
-                }
-                self.rt.set_gate(whg, Gate::Open);
-                self.event("SwitchoverFailed", &old, steps, format!("{e}; {old} stays primary"));
-                Err(e)
-            }
-        }
-    }
-
-    async fn switch_roles(&mut self, old: &str, cand: &str, limit: Duration, catchup: Duration, steps: &mut Vec<String>) -> Result<(), String> {
-        let pos = {
-            let m = self.member(old).ok_or("primary is not a member")?;
-            let c = m.prober.conn().await?;
-            actions::exec(c, "SET GLOBAL read_only = 1", limit).await?;
-            actions::gtid_binlog_pos(c, limit).await?
-        };
-        steps.push(format!("{old}: read_only=1 at {pos}"));
-        let deadline = Instant::now() + catchup;
-        let mut target = pos;
-        loop {
-            {
-                let m = self.member(cand).ok_or("candidate is not a member")?;
-                let c = m.prober.conn().await?;
-                actions::wait_applied(c, &target, deadline.saturating_duration_since(Instant::now())).await.map_err(|e| format!("{cand}: {e}"))?;
-            }
-            // Transactions that were committing while read_only was set: wait for them too.
-            let now = {
-                let m = self.member(old).ok_or("primary is not a member")?;
-                actions::gtid_binlog_pos(m.prober.conn().await?, limit).await?
-            };
-            if now == target {
-                break;
-            }
-            target = now;
-        }
-        steps.push(format!("{cand} caught up to {target}"));
-        let semi = self.cfg.semi_sync.then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
-        {
-            let m = self.member(cand).ok_or("candidate is not a member")?;
-            actions::promote(m.prober.conn().await?, limit, semi).await?;
-        }
-        steps.push(format!("{cand}: STOP SLAVE, RESET SLAVE ALL, read_only=0"));
-        let mut readers = self.readers_of(old);
-        readers.retain(|a| a != cand);
-        readers.push(old.to_string());
-        self.place(cand, &readers, &format!("switchover: {old} is now a replica"));
-        self.primary = cand.to_string();
-        steps.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {readers:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup));
-        let (host, port) = split_addr(cand);
-        let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
-        for o in readers {
-            let use_gtid = if o == old { "current_pos" } else { "slave_pos" };
-            let Some(m) = self.member(&o) else { continue };
-            let r = match m.prober.conn().await {
-                Ok(c) => actions::repoint(c, &host, port, &user, &pw, use_gtid, semi_sync, limit).await,
-                Err(e) => Err(e),
-            };
-            steps.push(match r {
-                Ok(()) => format!("{o} now replicates from {cand}"),
-                Err(e) => format!("{o} could not be repointed: {e}"),
-            });
-        }
-        Ok(())
     }
 
     /// read_only = 1 on a member (bounded by the probe timeout).

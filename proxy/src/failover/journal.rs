@@ -20,6 +20,12 @@
 //! reached on restart fails (writes refused, a person decides) rather than choosing another:
 //! the candidate may have been promoted by a step whose reply was lost.
 //!
+//! A switchover (the primary alive) is the same journal with `kind = "switchover"`, one more
+//! step, `demoted` (the old primary is read_only; its position is what the candidate must
+//! reach), and the old primary kept as a replica of the new one. Taken up after `chosen` or
+//! `demoted` with the candidate unreachable, it is rolled back (the old primary writable
+//! again) instead of failed.
+//!
 //! For tests, `BREAKWATER_FAILOVER_PAUSE_AT=<step>` makes the controller stop for up to
 //! `PAUSE_LIMIT` right after saving that step (a `RecoveryPaused` event says so), so a test
 //! can kill the proxy there.
@@ -32,6 +38,8 @@ use std::time::Duration;
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Chosen,
+    /// Switchover only: the old primary is read_only.
+    Demoted,
     CaughtUp,
     Promoted,
     Switched,
@@ -39,8 +47,9 @@ pub enum Step {
 }
 
 impl Step {
-    pub const ALL: [Step; 5] = [
+    pub const ALL: [Step; 6] = [
         Step::Chosen,
+        Step::Demoted,
         Step::CaughtUp,
         Step::Promoted,
         Step::Switched,
@@ -50,6 +59,7 @@ impl Step {
     pub fn as_str(self) -> &'static str {
         match self {
             Step::Chosen => "chosen",
+            Step::Demoted => "demoted",
             Step::CaughtUp => "caught_up",
             Step::Promoted => "promoted",
             Step::Switched => "switched",
@@ -67,7 +77,7 @@ impl Step {
 pub struct Journal {
     /// `<cluster>-<detected unix ms>`: the same failure keeps its id across restarts.
     pub id: String,
-    /// automated or manual.
+    /// automated, manual or switchover.
     pub kind: String,
     pub failed: String,
     pub detected_ms: u64,

@@ -6,6 +6,7 @@
 //! where it stopped ([`Controller::resume`]).
 
 use super::{now_ms, split_addr, Controller, Judgment, NotPromoted, Recovery};
+use crate::failover::gtid::Position;
 use crate::backend::hostgroup::Gate;
 use crate::config::FailoverPolicy;
 use crate::failover::actions;
@@ -16,6 +17,57 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::{error, warn};
 
 impl Controller {
+    /// Planned primary change with the primary alive: no acknowledged write is lost. The
+    /// journal of a recovery, with the `demoted` step and the old primary kept as a replica.
+    pub(super) async fn switchover(&mut self, want: Option<&str>) -> Result<String, String> {
+        if let Some(j) = &self.journal {
+            return Err(format!("{} {} of {} is in progress (after step {})", j.kind, j.id, j.failed, j.step.as_str()));
+        }
+        let old = self.primary.clone();
+        if !self.instances.get(&old).is_some_and(|i| i.reachable) {
+            return Err(format!("primary {old} is not reachable: use failover"));
+        }
+        let healthy: Vec<candidate::Replica> = self
+            .replicas_for_choice(&old)
+            .into_iter()
+            .filter(|r| self.instances.get(&r.addr).and_then(|i| i.replication.as_ref()).is_some_and(|x| x.io_ok() && x.sql_ok()))
+            .map(|mut r| {
+                // Everyone catches up before the switch, so positions do not decide.
+                r.received = Position::default();
+                r
+            })
+            .collect();
+        let (cand, _) = candidate::choose(&healthy, want)?;
+        self.hook("pre_promotion_hook", &self.cfg.pre_promotion_hook.clone(), "switchover", &old, &cand).await.map_err(|e| format!("switchover vetoed by {e}"))?;
+        let others: Vec<String> = self.readers_of(&old).into_iter().filter(|a| *a != cand).collect();
+        let mut readers = others.clone();
+        readers.push(old.clone());
+        let now = now_ms(SystemTime::now());
+        self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Hold(format!("switchover from {old} to {cand} in progress").into()));
+        self.journal = Some(Journal {
+            id: format!("{}-switchover-{now}", self.cfg.cluster),
+            kind: "switchover".into(),
+            failed: old,
+            detected_ms: now,
+            started_ms: now,
+            candidate: cand,
+            donor: None,
+            others,
+            readers,
+            load_aware: false,
+            old_load: Default::default(),
+            own_connections: None,
+            step: Step::Chosen,
+            switched_ms: 0,
+            log: Vec::new(),
+            resumed: 0,
+        });
+        if let Err(e) = self.step_saved(Step::Chosen).await {
+            return self.interrupted(e);
+        }
+        self.run_journal().await
+    }
+
     /// The bound of each SQL action of a recovery.
     fn action_limit(&self) -> Duration {
         Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5)
@@ -155,8 +207,10 @@ impl Controller {
     async fn run_journal(&mut self) -> Result<String, String> {
         loop {
             let Some(mut j) = self.journal.take() else { return Err("no recovery in progress".into()) };
+            let switchover = j.kind == "switchover";
             let next = match j.step {
-                Step::Chosen => self.step_catch_up(&mut j).await.map(|()| Step::CaughtUp),
+                Step::Chosen if switchover => self.step_demote(&mut j).await.map(|()| Step::Demoted),
+                Step::Chosen | Step::Demoted => self.step_catch_up(&mut j).await.map(|()| Step::CaughtUp),
                 Step::CaughtUp => self.step_promote(&mut j).await.map(|()| Step::Promoted),
                 Step::Promoted => {
                     self.step_switch(&mut j);
@@ -216,8 +270,48 @@ impl Controller {
         Err(msg)
     }
 
-    /// The candidate gets every transaction there is: from a donor, or its own relay log.
+    /// Switchover: the old primary stops taking writes.
+    async fn step_demote(&mut self, j: &mut Journal) -> Result<(), String> {
+        let limit = self.action_limit();
+        let old = j.failed.clone();
+        let m = self.member(&old).ok_or("primary is not a member")?;
+        let c = m.prober.conn().await?;
+        actions::exec(c, "SET GLOBAL read_only = 1", limit).await?;
+        let pos = actions::gtid_binlog_pos(c, limit).await?;
+        j.log.push(format!("{old}: read_only=1 at {pos}"));
+        Ok(())
+    }
+
+    /// Switchover: the candidate applies everything the old primary has, including what was
+    /// committing while read_only was set (its position is read again until it holds).
+    async fn catch_up_with_old(&mut self, j: &mut Journal) -> Result<(), String> {
+        let limit = self.action_limit();
+        let (old, cand) = (j.failed.clone(), j.candidate.clone());
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.switchover_timeout_ms);
+        let mut target = String::new();
+        loop {
+            let now = {
+                let m = self.member(&old).ok_or("primary is not a member")?;
+                actions::gtid_binlog_pos(m.prober.conn().await?, limit).await?
+            };
+            if now == target {
+                break;
+            }
+            target = now;
+            let m = self.member(&cand).ok_or("candidate is not a member")?;
+            let c = m.prober.conn().await?;
+            actions::wait_applied(c, &target, deadline.saturating_duration_since(Instant::now())).await.map_err(|e| format!("{cand}: {e}"))?;
+        }
+        j.log.push(format!("{cand} caught up to {target}"));
+        Ok(())
+    }
+
+    /// The candidate gets every transaction there is: from a donor, or its own relay log
+    /// (a switchover: from the old primary).
     async fn step_catch_up(&mut self, j: &mut Journal) -> Result<(), String> {
+        if j.kind == "switchover" {
+            return self.catch_up_with_old(j).await;
+        }
         let limit = self.action_limit();
         let cand = j.candidate.clone();
         if let Some(d) = j.donor.clone() {
@@ -236,7 +330,9 @@ impl Controller {
         let limit = self.action_limit();
         // The master side only with a replica to acknowledge: alone, every commit would wait
         // out the timeout first (rpl_semi_sync_master_wait_no_slave).
-        let semi = (self.cfg.semi_sync && !j.others.is_empty()).then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
+        // (After a switchover the old primary is a replica.)
+        let has_replica = !j.others.is_empty() || j.kind == "switchover";
+        let semi = (self.cfg.semi_sync && has_replica).then(|| Duration::from_millis(self.cfg.semi_sync_timeout_ms));
         let cand = j.candidate.clone();
         let m = self.member(&cand).ok_or("candidate is not a member")?;
         let c = m.prober.conn().await?;
@@ -245,11 +341,14 @@ impl Controller {
         Ok(())
     }
 
-    /// The proxy sends writes to the candidate and fences the failed primary. Run again on
-    /// a resume after `switched` (a restarted proxy routes by its configuration first).
+    /// The proxy sends writes to the candidate and fences the failed primary (a switchover:
+    /// reads go to the old one too). Run again on a resume after `switched` (a restarted
+    /// proxy routes by its configuration first).
     fn step_switch(&mut self, j: &mut Journal) {
         let cand = j.candidate.clone();
-        self.place(&cand, &j.readers, &format!("failed primary {} fenced by failover", j.failed));
+        let switchover = j.kind == "switchover";
+        let why = if switchover { format!("switchover: {} is now a replica", j.failed) } else { format!("failed primary {} fenced by failover", j.failed) };
+        self.place(&cand, &j.readers, &why);
         if j.switched_ms == 0 {
             j.switched_ms = now_ms(SystemTime::now());
         }
@@ -263,22 +362,30 @@ impl Controller {
             self.watch = Some(Watch::new(&cand, j.switched_ms, j.old_load.clone(), j.own_connections));
             self.risk = None;
         }
-        self.fenced.insert(j.failed.clone());
+        if !switchover {
+            self.fenced.insert(j.failed.clone());
+        }
         self.primary = cand.clone();
         if j.step < Step::Switched {
             j.log.push(format!("proxy: hostgroup {} -> {cand}; hostgroup {} -> {:?}", self.cfg.writer_hostgroup, self.cfg.reader_hostgroup, j.readers));
         }
     }
 
-    /// The other replicas replicate from the candidate (with GTID: running it twice is safe).
+    /// The other replicas replicate from the candidate (with GTID: running it twice is safe);
+    /// after a switchover the old primary too, its own binlog counting (current_pos).
     async fn step_repoint(&mut self, j: &mut Journal) {
         let limit = self.action_limit();
         let (host, port) = split_addr(&j.candidate);
         let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
-        for o in j.others.clone() {
+        let mut targets = j.others.clone();
+        if j.kind == "switchover" {
+            targets.push(j.failed.clone());
+        }
+        for o in targets {
+            let use_gtid = if o == j.failed { "current_pos" } else { "slave_pos" };
             let Some(m) = self.member(&o) else { continue };
             let r = match m.prober.conn().await {
-                Ok(c) => actions::repoint(c, &host, port, &user, &pw, "slave_pos", semi_sync, limit).await,
+                Ok(c) => actions::repoint(c, &host, port, &user, &pw, use_gtid, semi_sync, limit).await,
                 Err(e) => Err(e),
             };
             j.log.push(match r {
@@ -290,6 +397,9 @@ impl Controller {
 
     /// The recovery is done: cooldown, the record, the post hook, the event.
     async fn finish(&mut self, j: Journal) -> Result<String, String> {
+        if j.kind == "switchover" {
+            return self.finish_switchover(j).await;
+        }
         let Journal { kind, failed, candidate: promoted, mut log, .. } = j.clone();
         self.count(|c| *c.recoveries.entry(format!("{kind}/ok")).or_default() += 1);
         self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
@@ -325,8 +435,58 @@ impl Controller {
         Ok(msg)
     }
 
+    async fn finish_switchover(&mut self, j: Journal) -> Result<String, String> {
+        self.count(|c| *c.recoveries.entry("switchover/ok".into()).or_default() += 1);
+        let _ = self.persist().await;
+        let pause = j.switched_ms.saturating_sub(j.started_ms);
+        let rec = Recovery {
+            kind: "switchover".into(),
+            failed: j.failed.clone(),
+            promoted: j.candidate.clone(),
+            detected_at_ms: j.started_ms,
+            promoted_at_ms: j.switched_ms,
+            duration_ms: pause,
+            write_pause_ms: pause,
+            acknowledged: true,
+            steps: j.log.clone(),
+        };
+        if let Ok(mut v) = self.shared.view.lock() {
+            v.last_recovery = Some(rec);
+        }
+        let _ = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), "switchover", &j.failed, &j.candidate).await;
+        let resumed = if j.resumed > 0 { format!(" (taken up again {}× after a restart or a new leader)", j.resumed) } else { String::new() };
+        let msg = format!("switched over from {} to {}; writes paused {pause} ms{resumed}", j.failed, j.candidate);
+        self.event("Switchover", &j.failed, j.log, msg.clone());
+        Ok(msg)
+    }
+
+    /// A switchover that promoted nothing: the old primary takes writes again.
+    async fn roll_back(&mut self, old: &str, log: Vec<String>, e: String) -> Result<String, String> {
+        self.count(|c| *c.recoveries.entry("switchover/failed".into()).or_default() += 1);
+        self.journal = None;
+        let limit = self.action_limit();
+        let back = match self.member(old) {
+            Some(m) => match m.prober.conn().await {
+                Ok(c) => actions::exec(c, "SET GLOBAL read_only = 0", limit).await,
+                Err(e) => Err(e),
+            },
+            None => Err(format!("{old} is not a member")),
+        };
+        self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Open);
+        let _ = self.persist().await;
+        let action = match back {
+            Ok(()) => format!("{e}; {old} stays primary (read_only = 0 again)"),
+            Err(b) => format!("{e}; {old} stays primary, but read_only = 0 failed ({b}): writes fail until it is set"),
+        };
+        self.event("SwitchoverFailed", old, log, action);
+        Err(e)
+    }
+
     /// A recovery that promoted nothing: writes refused until a person acts.
     async fn fail(&mut self, kind: &str, failed: &str, log: Vec<String>, e: String) -> Result<String, String> {
+        if kind == "switchover" {
+            return self.roll_back(failed, log, e).await;
+        }
         self.count(|c| *c.recoveries.entry(format!("{kind}/failed")).or_default() += 1);
         self.journal = None;
         self.refused = false;
@@ -357,7 +517,7 @@ impl Controller {
             "taken up where it stopped; no second recovery",
         );
         if at < Step::Switched {
-            self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Hold(format!("failover of {} in progress (resumed)", j.failed).into()));
+            self.rt.set_gate(self.cfg.writer_hostgroup, Gate::Hold(format!("{} of {} in progress (resumed)", j.kind, j.failed).into()));
             if !self.instances.get(&j.candidate).is_some_and(|i| i.reachable) {
                 let e = format!("candidate {} is unreachable when the recovery is taken up after step {}", j.candidate, at.as_str());
                 let (kind, failed, log) = (j.kind.clone(), j.failed.clone(), j.log);
