@@ -246,6 +246,7 @@ pub struct Controller {
     applied_rev: i64,
     /// A follower's copy of the leader's refusal of writes.
     writer_block: Option<String>,
+    unsupported_reported: bool,
     /// The primary as last seen reachable: the errant-transaction check of candidates
     /// compares against it when the primary is dead.
     last_primary: Option<Instance>,
@@ -381,6 +382,7 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         applied_rev: 0,
         writer_block: None,
         last_primary: None,
+        unsupported_reported: false,
         cfg,
     };
     let cl = &c.rt.cfg.cluster;
@@ -593,6 +595,20 @@ impl Controller {
         self.sync_members();
         self.probe_all().await;
         self.sample_all();
+        // A server the controller cannot reason about (MySQL): refuse to act at all, loudly,
+        // rather than take its missing GTID positions for a dead or errant server.
+        let unsupported: Vec<(String, String)> = self.instances.values().filter_map(|i| i.unsupported.clone().map(|u| (i.addr.clone(), u))).collect();
+        if !unsupported.is_empty() {
+            if !self.unsupported_reported {
+                self.unsupported_reported = true;
+                for (addr, why) in unsupported {
+                    error!(%addr, %why, "failover: unsupported server; the controller acts on nothing");
+                    self.event("UnsupportedServer", &addr, vec![why], "no detection, no recovery, no fencing while it is a member");
+                }
+            }
+            return;
+        }
+        self.unsupported_reported = false;
         for stray in self.discover_primary() {
             self.fence_quietly(&stray).await;
         }

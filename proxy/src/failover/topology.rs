@@ -57,6 +57,14 @@ pub struct Instance {
     pub replication: Option<Replication>,
     /// Milliseconds the probe took.
     pub probe_ms: u64,
+    /// The server answers but is not one the controller can work with (MySQL: no MariaDB
+    /// GTID variables). The controller then acts on nothing and says so.
+    pub unsupported: Option<String>,
+}
+
+/// ER_UNKNOWN_SYSTEM_VARIABLE: what MySQL answers to `@@gtid_binlog_pos`.
+fn unknown_variable(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(s) if s.code == 1193)
 }
 
 pub struct Prober {
@@ -136,10 +144,21 @@ impl Prober {
 
     async fn query(&mut self) -> Result<Instance, String> {
         let c = self.conn().await?;
-        let row: Option<(u32, String, i64, String, String, String, String)> = c
+        let row: Option<(u32, String, i64, String, String, String, String)> = match c
             .query_first("SELECT @@server_id, @@version, @@read_only, @@gtid_binlog_pos, @@gtid_current_pos, @@gtid_slave_pos, @@gtid_binlog_state")
             .await
-            .map_err(|e| e.to_string())?;
+        {
+            Ok(r) => r,
+            Err(e) if unknown_variable(&e) => {
+                let version: Option<String> = c.query_first("SELECT @@version").await.unwrap_or(None);
+                let why = format!(
+                    "{} has no MariaDB GTID variables ({e}): the failover controller needs MariaDB 10.x (GTID domains, gtid_binlog_pos, MASTER_USE_GTID); MySQL is not supported",
+                    version.unwrap_or_else(|| "the server".into())
+                );
+                return Ok(Instance { reachable: true, error: Some(why.clone()), unsupported: Some(why), ..Default::default() });
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         let (server_id, version, ro, binlog, current, slave, binlog_state) = row.ok_or("no row from SELECT @@server_id")?;
         let semi: Option<i64> = c.query_first("SELECT @@rpl_semi_sync_master_enabled").await.unwrap_or(None);
         let status: Vec<(String, String)> = c
@@ -180,5 +199,15 @@ impl Prober {
             replication,
             ..Default::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mysql_is_told_apart() {
+        let e = |code: u16| mysql_async::Error::Server(mysql_async::ServerError { code, message: "x".into(), state: "HY000".into() });
+        assert!(super::unknown_variable(&e(1193)));
+        assert!(!super::unknown_variable(&e(1045)));
     }
 }
