@@ -41,6 +41,10 @@ struct Cli {
     /// OTLP export interval, in ms (default 10000).
     #[arg(long)]
     export_interval_ms: Option<u64>,
+    /// Bearer token sent with every OTLP export (the proxy's `[signals] token`); also from
+    /// the environment variable BREAKWATER_AGENT_OTLP_TOKEN.
+    #[arg(long, env = "BREAKWATER_AGENT_OTLP_TOKEN", hide_env_values = true)]
+    otlp_token: Option<String>,
     /// Most connections traced at once (the kernel's connection map; default 65536). Beyond
     /// it, new connections are not traced and are counted as drops.
     #[arg(long)]
@@ -74,6 +78,8 @@ struct FileConfig {
     otlp_endpoints: Option<Vec<String>>,
     otlp_http_endpoints: Option<Vec<String>>,
     export_interval_ms: Option<u64>,
+    /// A file holding the OTLP bearer token (kept out of the configuration itself).
+    otlp_token_file: Option<String>,
     max_connections: Option<u32>,
     procfs_only: Option<bool>,
     hooks: Option<loader::Hooks>,
@@ -89,6 +95,7 @@ struct Settings {
     otlp_endpoint: Vec<String>,
     otlp_http_endpoint: Vec<String>,
     export_interval_ms: u64,
+    otlp_token: Option<String>,
     max_connections: u32,
     procfs_only: bool,
     hooks: loader::Hooks,
@@ -107,6 +114,17 @@ fn settings(cli: Cli) -> anyhow::Result<Settings> {
         anyhow::bail!("max_connections must be between 1 and {} (got {max_connections})", 1 << 22);
     }
     let or_file = |flag: Vec<String>, file: Option<Vec<String>>| if flag.is_empty() { file.unwrap_or_default() } else { flag };
+    let otlp_token = match (cli.otlp_token.filter(|t| !t.is_empty()), &file.otlp_token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => {
+            let t = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("cannot read otlp_token_file {f}: {e}"))?;
+            Some(t.trim().to_string()).filter(|t| !t.is_empty())
+        }
+        (None, None) => None,
+    };
+    if otlp_token.as_ref().is_some_and(|t| t.contains(['\r', '\n'])) {
+        anyhow::bail!("the OTLP token must be one line");
+    }
     Ok(Settings {
         ports: cli.ports.or(file.ports).unwrap_or_else(|| vec![3306]),
         prometheus_listen: cli.prometheus_listen.or(file.prometheus_listen).unwrap_or_else(|| "127.0.0.1:9435".into()),
@@ -115,6 +133,7 @@ fn settings(cli: Cli) -> anyhow::Result<Settings> {
         otlp_endpoint: or_file(cli.otlp_endpoint, file.otlp_endpoints),
         otlp_http_endpoint: or_file(cli.otlp_http_endpoint, file.otlp_http_endpoints),
         export_interval_ms: cli.export_interval_ms.or(file.export_interval_ms).unwrap_or(10_000),
+        otlp_token,
         max_connections,
         procfs_only: cli.procfs_only || file.procfs_only.unwrap_or(false),
         hooks: cli.hooks.or(file.hooks).unwrap_or(loader::Hooks::Auto),
@@ -243,6 +262,7 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
         let host = host.clone();
         let every = Duration::from_millis(cli.export_interval_ms.max(100));
         let start = otlp::now_ns();
+        let token = cli.otlp_token.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
@@ -253,8 +273,8 @@ async fn run(cli: Settings) -> anyhow::Result<()> {
                 };
                 for t in &targets {
                     let res = match t {
-                        otlp::Target::Grpc(e) => otlp::send_grpc(e, req.clone()).await,
-                        otlp::Target::Http(e) => otlp::send_http(e, req.clone()).await,
+                        otlp::Target::Grpc(e) => otlp::send_grpc(e, req.clone(), token.as_deref()).await,
+                        otlp::Target::Http(e) => otlp::send_http(e, req.clone(), token.as_deref()).await,
                     };
                     if let Err(e) = res {
                         tracing::warn!(target = ?t, error = %e, "OTLP export failed");

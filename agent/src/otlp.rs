@@ -249,7 +249,12 @@ pub enum Target {
 }
 
 /// Send over OTLP/gRPC.
-pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
+pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest, token: Option<&str>) -> Result<(), String> {
+    let mut req = tonic::Request::new(req);
+    if let Some(t) = token {
+        let v = format!("Bearer {t}").parse().map_err(|_| "the OTLP token is not a valid header value".to_string())?;
+        req.metadata_mut().insert("authorization", v);
+    }
     let exchange = async {
         let mut client = MetricsServiceClient::connect(endpoint.to_string()).await.map_err(|e| e.to_string())?;
         client.export(req).await.map_err(|e| e.to_string())?;
@@ -259,6 +264,6 @@ pub async fn send_grpc(endpoint: &str, req: ExportMetricsServiceRequest) -> Resu
 }
 
 /// Send over OTLP/HTTP with a protobuf body (plain http:// only).
-pub async fn send_http(url: &str, req: ExportMetricsServiceRequest) -> Result<(), String> {
-    breakwater_otlp_http::post_protobuf(url, "/v1/metrics", &req.encode_to_vec(), Duration::from_secs(10)).await
+pub async fn send_http(url: &str, req: ExportMetricsServiceRequest, token: Option<&str>) -> Result<(), String> {
+    breakwater_otlp_http::post_protobuf_auth(url, "/v1/metrics", &req.encode_to_vec(), Duration::from_secs(10), token).await
 }

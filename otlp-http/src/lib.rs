@@ -9,15 +9,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// POST `body` (an encoded OTLP export request) to `url`; `default_path` when the URL has
 /// none (e.g. "/v1/metrics"). Ok for a 200 or 202 answer; else what went wrong, for the log.
 pub async fn post_protobuf(url: &str, default_path: &str, body: &[u8], deadline: Duration) -> Result<(), String> {
+    post_protobuf_auth(url, default_path, body, deadline, None).await
+}
+
+/// `post_protobuf` with `Authorization: Bearer <token>` when a token is given (the proxy's
+/// OTLP receiver takes the agents' signals only with its `[signals] token`).
+pub async fn post_protobuf_auth(url: &str, default_path: &str, body: &[u8], deadline: Duration, token: Option<&str>) -> Result<(), String> {
     let rest = url.strip_prefix("http://").ok_or("only http:// URLs are supported for OTLP/HTTP")?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, default_path),
     };
+    if token.is_some_and(|t| t.contains(['\r', '\n'])) {
+        return Err("the OTLP token must not contain line breaks".into());
+    }
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let exchange = async {
         let mut s = tokio::net::TcpStream::connect(hostport).await?;
         let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {hostport}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n",
             body.len()
         );
         s.write_all(head.as_bytes()).await?;

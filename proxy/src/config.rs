@@ -248,11 +248,14 @@ pub struct SignalsConfig {
     /// "host:port" of a server -> the `host.name` of the agent that reports it, where the
     /// proxy's name for a server is not the agent's.
     pub agent_hosts: std::collections::BTreeMap<String, String>,
+    /// Bearer token the agents send with their OTLP exports (`--otlp-token`): their signals
+    /// change routing and promotions, so without it only loopback senders are accepted.
+    pub token: String,
 }
 
 impl Default for SignalsConfig {
     fn default() -> Self {
-        Self { otlp_grpc_listen: String::new(), max_age_ms: 30_000, max_request_bytes: 8 << 20, agent_hosts: Default::default() }
+        Self { otlp_grpc_listen: String::new(), max_age_ms: 30_000, max_request_bytes: 8 << 20, agent_hosts: Default::default(), token: String::new() }
     }
 }
 

@@ -108,6 +108,10 @@ struct Cli {
     /// Failover policy (overrides [failover] policy): breakwater (load-aware) or orchestrator.
     #[arg(long, value_name = "breakwater|orchestrator")]
     failover_policy: Option<String>,
+    /// Bearer token the agents must send with their OTLP metrics (overrides [signals] token;
+    /// also from the environment variable BREAKWATER_SIGNALS_TOKEN).
+    #[arg(long, env = "BREAKWATER_SIGNALS_TOKEN", hide_env_values = true)]
+    signals_token: Option<String>,
     /// etcd endpoints for the leader election of several proxies, comma-separated
     /// (overrides [cluster] etcd_endpoints; "" turns coordination off).
     #[arg(long, value_name = "URL[,URL…]")]
@@ -318,6 +322,9 @@ fn main() -> ExitCode {
     }
     if let Some(a) = cli.admin_db {
         cfg.admin.db_file = a;
+    }
+    if let Some(t) = cli.signals_token.filter(|t| !t.is_empty()) {
+        cfg.signals.token = t;
     }
     if let Some(e) = cli.etcd {
         cfg.cluster.etcd_endpoints = e.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect();

@@ -29,10 +29,15 @@ fn agent_bin() -> std::path::PathBuf {
 }
 
 fn start_agent(otlp_url: &str) -> Agent {
+    start_agent_with(otlp_url, &[])
+}
+
+fn start_agent_with(otlp_url: &str, env: &[(&str, &str)]) -> Agent {
     let prom = free_port();
     let child = Command::new(agent_bin())
         .args(["--ports", "3307,3308,3309", "--prometheus-listen", &format!("127.0.0.1:{prom}")])
         .args(["--otlp-http-endpoint", otlp_url, "--export-interval-ms", "500"])
+        .envs(env.iter().copied())
         .stdout(Stdio::inherit())
         .stderr(Stdio::inherit())
         .spawn()
@@ -62,12 +67,15 @@ async fn read_load(proxy: &Proxy, clients: usize, d: Duration) -> usize {
 /// The agent, started after the proxy's pool is warm, feeds every lab server's row: the
 /// pooled connections are seen (server-side requests and latency on the replicas), the
 /// admin SQL table and /metrics show it; stopping the agent ages the signals out and the
-/// rows fall back to the proxy's own view. A bad payload is refused with a 400 and counted,
-/// and the proxy goes on serving.
+/// rows fall back to the proxy's own view. The proxy wants `[signals] token`
+/// (`--signals-token`), which the agent sends (BREAKWATER_AGENT_OTLP_TOKEN): a report
+/// without it or with another is refused with a 401, a bad payload with a 400 or 415, each
+/// counted, and the proxy goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_signals_feed_the_backend_view_and_age_out() {
     let _heavy = HEAVY.lock().await;
-    let proxy = Proxy::start(&[]);
+    let token = format!("signals-{}", std::process::id());
+    let proxy = Proxy::start(&["--signals-token", &token]);
     // A warm pool before the agent starts.
     assert!(read_load(&proxy, 4, Duration::from_millis(800)).await > 0);
     let before = backends(&proxy).await;
@@ -76,7 +84,7 @@ async fn agent_signals_feed_the_backend_view_and_age_out() {
         assert_eq!(r["signal_source"], "proxy", "{k}: no agent yet");
     }
     let url = format!("http://127.0.0.1:{}/v1/metrics", proxy.admin_port);
-    let agent = start_agent(&url);
+    let agent = start_agent_with(&url, &[("BREAKWATER_AGENT_OTLP_TOKEN", &token)]);
     // Reads on the warm pool while the agent reports every 500 ms.
     let t = Instant::now();
     let mut rows = before;
@@ -114,10 +122,18 @@ async fn agent_signals_feed_the_backend_view_and_age_out() {
     // Garbage and the wrong content type: 400 / 415, counted; the proxy keeps serving.
     let rejected = |m: &str| m.lines().find(|l| l.starts_with("breakwater_proxy_signals_rejected_total ")).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
     let r0 = rejected(&metrics).expect("rejected counter is exported from 0");
-    for (ctype, body, want) in [("application/x-protobuf", &b"\xff\xff\xff\xff not protobuf"[..], 400), ("application/json", &b"{}"[..], 415)] {
+    let good = format!("Bearer {token}");
+    let empty: Vec<u8> = Vec::new();
+    for (auth, ctype, body, want) in [
+        ("", "application/x-protobuf", &empty[..], 401),
+        ("Bearer not-the-token", "application/x-protobuf", &empty[..], 401),
+        (good.as_str(), "application/x-protobuf", &b"\xff\xff\xff\xff not protobuf"[..], 400),
+        (good.as_str(), "application/json", &b"{}"[..], 415),
+    ] {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", proxy.admin_port)).unwrap();
         use std::io::{Read, Write};
-        let head = format!("POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\n\r\n", body.len());
+        let auth = if auth.is_empty() { String::new() } else { format!("Authorization: {auth}\r\n") };
+        let head = format!("POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
         s.write_all(head.as_bytes()).unwrap();
         s.write_all(body).unwrap();
         let mut resp = String::new();
@@ -125,7 +141,7 @@ async fn agent_signals_feed_the_backend_view_and_age_out() {
         assert!(resp.starts_with(&format!("HTTP/1.1 {want}")), "{resp}");
     }
     let (_, m2) = proxy.admin("GET", "/metrics").await;
-    assert_eq!(rejected(m2.as_str().unwrap_or_default()), Some(r0 + 2));
+    assert_eq!(rejected(m2.as_str().unwrap_or_default()), Some(r0 + 4));
     assert!(read_load(&proxy, 1, Duration::from_millis(100)).await > 0);
 
     // A real Prometheus scrapes the proxy; every query of the adaptive loop's dashboard

@@ -1496,7 +1496,8 @@ async fn stale_if_error_answers_when_no_backend_can() {
 /// The OTLP/gRPC receiver ([signals] otlp_grpc_listen): a report in the agent's shape
 /// (resource service.name = breakwater-agent, host.name; server.port on each point) feeds
 /// the matching server's row, an override in [signals.agent_hosts] matches an agent by name,
-/// and a request with no agent resource is refused with INVALID_ARGUMENT and counted.
+/// and a request with no agent resource is refused with INVALID_ARGUMENT and counted. With
+/// `[signals] token` (`--signals-token`), a report without it is refused (UNAUTHENTICATED).
 #[tokio::test]
 async fn otlp_grpc_reports_feed_the_backend_view() {
     use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_client::MetricsServiceClient;
@@ -1535,13 +1536,20 @@ async fn otlp_grpc_reports_feed_the_backend_view() {
         .replace("otlp_grpc_listen = \"\"", &format!("otlp_grpc_listen = \"127.0.0.1:{grpc}\""))
         .replace("[signals.agent_hosts]", "[signals.agent_hosts]\n\"127.0.0.1:3309\" = \"db-3309.example\"");
     assert!(cfg.contains(&format!("127.0.0.1:{grpc}")));
-    let proxy = Proxy::start_with(Some(&cfg), &[]);
+    let proxy = Proxy::start_with(Some(&cfg), &["--signals-token", "grpc-secret"]);
     let mut client = MetricsServiceClient::connect(format!("http://127.0.0.1:{grpc}")).await.expect("gRPC receiver");
+    let err = client.export(report("breakwater-agent", "some-host", 3308, 7)).await.expect_err("no token");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let signed = |r: ExportMetricsServiceRequest| {
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut().insert("authorization", "Bearer grpc-secret".parse().unwrap());
+        r
+    };
     // From loopback, named as no server: matches 3308 by the sender's address.
-    client.export(report("breakwater-agent", "some-host", 3308, 7)).await.expect("accepted");
+    client.export(signed(report("breakwater-agent", "some-host", 3308, 7))).await.expect("accepted");
     // Named as the override for 3309 says.
-    client.export(report("breakwater-agent", "db-3309.example", 3309, 9)).await.expect("accepted");
-    let err = client.export(report("something-else", "x", 3307, 1)).await.expect_err("not an agent");
+    client.export(signed(report("breakwater-agent", "db-3309.example", 3309, 9))).await.expect("accepted");
+    let err = client.export(signed(report("something-else", "x", 3307, 1))).await.expect_err("not an agent");
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     let (_, v) = proxy.admin("GET", "/api/backends").await;
     let row = |port: u16| v.as_array().unwrap().iter().find(|r| r["hostgroup"] == 20 && r["srv_port"] == port).cloned().unwrap();
@@ -1554,7 +1562,7 @@ async fn otlp_grpc_reports_feed_the_backend_view() {
     let (_, m) = proxy.admin("GET", "/metrics").await;
     let m = m.as_str().unwrap_or_default();
     assert!(m.contains("breakwater_proxy_signals_accepted_total 2"), "{m}");
-    assert!(m.contains("breakwater_proxy_signals_rejected_total 1"), "{m}");
+    assert!(m.contains("breakwater_proxy_signals_rejected_total 2"), "{m}");
 }
 
 /// FOUND_ROWS() and ROW_COUNT() after a query-cache hit are the hit's (the rows it returned;

@@ -95,7 +95,7 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
 }
 
 /// Byte-wise comparison in time independent of where they differ.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -24,6 +24,24 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// Whether a sender may feed signals: with `[signals] token`, it must present it (a bearer
+/// token, compared in constant time); without one, only loopback senders are taken.
+pub fn authorize(token: &str, authorization: Option<&str>, peer: IpAddr) -> Result<(), String> {
+    if token.is_empty() {
+        return if peer.is_loopback() {
+            Ok(())
+        } else {
+            Err(format!("OTLP metrics from {peer} refused: without [signals] token only loopback senders are accepted (set it, and the agents' --otlp-token)"))
+        };
+    }
+    let given = authorization.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).unwrap_or("").trim();
+    if crate::admin::http::same_secret(given.as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err("OTLP metrics need Authorization: Bearer <[signals] token> (the agent's --otlp-token)".into())
+    }
+}
+
 fn reject(proxy: &Proxy, status: u16, msg: String) -> Response {
     proxy.signals.rejected.fetch_add(1, Ordering::Relaxed);
     tracing::warn!(status, error = %msg, "OTLP metrics refused");
@@ -33,7 +51,11 @@ fn reject(proxy: &Proxy, status: u16, msg: String) -> Response {
 /// One OTLP/HTTP request: `head` is the request head, `body` what was read past it.
 pub(super) async fn http(admin: &Admin, stream: &mut TcpStream, head: &str, mut body: Vec<u8>, peer: IpAddr) -> Response {
     let proxy = &admin.proxy;
-    let max = proxy.runtime().cfg.signals.max_request_bytes;
+    let rt = proxy.runtime();
+    if let Err(e) = authorize(&rt.cfg.signals.token, header(head, "authorization"), peer) {
+        return reject(proxy, 401, e);
+    }
+    let max = rt.cfg.signals.max_request_bytes;
     let ctype = header(head, "content-type").unwrap_or("");
     if !ctype.starts_with("application/x-protobuf") {
         return reject(proxy, 415, format!("OTLP/HTTP needs Content-Type application/x-protobuf (got '{ctype}')"));
@@ -94,6 +116,12 @@ struct Grpc(Arc<Proxy>);
 impl MetricsService for Grpc {
     async fn export(&self, req: tonic::Request<ExportMetricsServiceRequest>) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
         let peer = req.remote_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        let auth = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        if let Err(e) = authorize(&self.0.runtime().cfg.signals.token, auth, peer) {
+            self.0.signals.rejected.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "OTLP/gRPC metrics refused");
+            return Err(tonic::Status::unauthenticated(e));
+        }
         match self.0.signals.ingest(req.get_ref(), peer) {
             Ok(_) => {
                 self.0.signals.accepted.fetch_add(1, Ordering::Relaxed);
@@ -122,5 +150,23 @@ pub async fn grpc(listener: tokio::net::TcpListener, proxy: Arc<Proxy>, mut shut
         .await;
     if let Err(e) = r {
         tracing::warn!(error = %e, "OTLP/gRPC receiver stopped");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::authorize;
+    use std::net::IpAddr;
+
+    #[test]
+    fn senders_need_the_token_or_loopback() {
+        let lo: IpAddr = [127, 0, 0, 1].into();
+        let remote: IpAddr = [10, 1, 2, 3].into();
+        assert!(authorize("", None, lo).is_ok(), "no token: loopback is taken");
+        assert!(authorize("", Some("Bearer x"), remote).unwrap_err().contains("only loopback"));
+        assert!(authorize("s3cret", Some("Bearer s3cret"), remote).is_ok());
+        assert!(authorize("s3cret", Some("Bearer s3cre"), lo).is_err(), "with a token, loopback needs it too");
+        assert!(authorize("s3cret", None, lo).is_err());
+        assert!(authorize("s3cret", Some("s3cret"), lo).is_err(), "a bearer token, not a bare one");
     }
 }
