@@ -312,32 +312,6 @@ async fn setup_schema() {
     wait_replicas_caught_up().await;
 }
 
-fn nft(script: &str) {
-    let st = Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
-        c.wait()
-    });
-    assert!(st.is_ok_and(|s| s.success()), "nft -f failed for:\n{script}");
-}
-
-struct Blocked;
-
-impl Drop for Blocked {
-    fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", "bw_failover_test"]).status();
-    }
-}
-
-/// Drop packets from uid 65534 (the proxy in this test) to `port`; everyone else passes.
-fn block_proxy_from(port: u16) -> Blocked {
-    let _ = Command::new("nft").args(["delete", "table", "inet", "bw_failover_test"]).status();
-    nft(&format!(
-        "table inet bw_failover_test {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
-         meta skuid 65534 tcp dport {port} drop\n }}\n}}\n"
-    ));
-    Blocked
-}
 
 fn chromium_dom(url: &str) -> String {
     let profile = std::env::temp_dir().join(format!("bw-chromium-{}", std::process::id()));
@@ -419,7 +393,7 @@ async fn cluster_survives_primary_failures() {
 
     // 1. Only the controller loses the primary: no promotion.
     {
-        let _blocked = block_proxy_from(3307);
+        let _blocked = cut_nobody_off(3307);
         wait_for("UnreachablePrimary detected", Duration::from_secs(10), || async {
             view(&p).await["problems"].as_array().into_iter().flatten().any(|x| x["kind"] == "UnreachablePrimary")
         })
@@ -642,9 +616,7 @@ async fn drill() {
 async fn restarted_proxy_keeps_its_decisions() {
     assert_initial_topology().await;
     setup_schema().await;
-    let dir = std::env::temp_dir().join(format!("bw-state-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("state-test");
     let db = dir.join("admin.db").display().to_string();
     let args = ["--failover", "on", "--admin-db", db.as_str()];
     let p = Proxy::start(&args);
@@ -748,9 +720,7 @@ async fn killed_at_step(step: &str) {
     assert_initial_topology().await;
     setup_schema().await;
     enable_semisync(3307, &[3308, 3309]).await;
-    let dir = std::env::temp_dir().join(format!("bw-journal-{step}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir(&format!("journal-{step}"));
     let d = dir.display().to_string();
     let db = dir.join("admin.db").display().to_string();
     let cfg = config(&d);
@@ -849,9 +819,7 @@ struct Trio {
 impl Trio {
     async fn start(name: &str, env: &[(&str, &str)]) -> Trio {
         let etcd = breakwater_testkit::Etcd::start();
-        let dir = std::env::temp_dir().join(format!("bw-trio-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = fresh_dir(&format!("trio-{name}"));
         let cfg = config(&dir.display().to_string());
         let proxies = (0..3)
             .map(|i| {
@@ -985,6 +953,11 @@ async fn leader_killed_mid_recovery() {
     let n = |k: &str| ev.iter().filter(|e| *e == k).count();
     assert_eq!((n("LeaderElected"), n("RecoveryResumed"), n("RecoverDeadPrimary")), (1, 1, 1), "{ev:?}");
     assert_eq!((trio.hook_lines("pre.log"), trio.hook_lines("post.log")), (1, 1), "the recovery completed once");
+    for i in &survivors {
+        let v = view(&trio.proxies[*i]).await;
+        assert_eq!(v["cooldown"]["active"], true, "proxy-{i}: the cooldown came with the shared state: {:#}", v["cooldown"]);
+        assert!(v["servers"].as_array().into_iter().flatten().any(|s| s["addr"] == addr(3307).as_str() && s["role"] == "fenced"), "proxy-{i}: 3307 fenced");
+    }
     let other = ALL.iter().copied().find(|x| *x != 3307 && *x != port_of(&cand)).unwrap();
     let cp = port_of(&cand);
     wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
@@ -1039,9 +1012,7 @@ async fn cut_off_from_etcd_never_promotes() {
 async fn proxy_killed_during_switchover() {
     assert_initial_topology().await;
     setup_schema().await;
-    let dir = std::env::temp_dir().join(format!("bw-journal-switchover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("journal-switchover");
     let db = dir.join("admin.db").display().to_string();
     let cfg = config(&dir.display().to_string());
     let mut p = Proxy::start_env(Some(&cfg), &["--failover", "on", "--admin-db", db.as_str()], &[("BREAKWATER_FAILOVER_PAUSE_AT", "demoted")]);

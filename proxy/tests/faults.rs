@@ -194,35 +194,10 @@ async fn five_hundred_clients_never_exceed_backend_caps() {
 }
 
 
-fn nft(script: &str) {
-    let st = std::process::Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).spawn().and_then(|mut c| {
-        use std::io::Write;
-        c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
-        c.wait()
-    });
-    assert!(st.is_ok_and(|s| s.success()), "nft -f failed for:\n{script}");
-}
-
-/// Removes the black hole however the test ends.
-struct BlackHole;
-
-impl BlackHole {
-    /// Drop every loopback packet to or from `port` (not refused: dropped, as a firewall
-    /// or a dead host does).
-    fn on(port: u16) -> BlackHole {
-        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_blackhole"]).stderr(std::process::Stdio::null()).status();
-        nft(&format!(
-            "table inet bw_blackhole {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
-             tcp dport {port} drop\n tcp sport {port} drop\n }}\n}}\n"
-        ));
-        BlackHole
-    }
-}
-
-impl Drop for BlackHole {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_blackhole"]).status();
-    }
+/// Drop every loopback packet to or from `port` (not refused: dropped, as a firewall or a
+/// dead host does).
+fn black_hole(port: u16) -> NftTable {
+    NftTable::on("bw_blackhole", &format!("tcp dport {port} drop\n tcp sport {port} drop"))
 }
 
 /// A replica black-holed by the firewall: reads in flight on it end within
@@ -272,7 +247,7 @@ async fn black_holed_replica_reads_end_and_move() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let blocked_at = t0.elapsed();
-    let hole = BlackHole::on(3308);
+    let hole = black_hole(3308);
     tokio::time::sleep(Duration::from_secs(9)).await;
     let lifted_at = t0.elapsed();
     drop(hole);
@@ -321,26 +296,6 @@ async fn broken_replication_is_shunned() {
     wait_replicas_caught_up().await;
 }
 
-/// Cuts the proxy running as uid 65534 (and only it) off from `port`; lifted on drop.
-struct CutOff;
-
-impl CutOff {
-    fn on(port: u16) -> CutOff {
-        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_cutoff"]).stderr(std::process::Stdio::null()).status();
-        nft(&format!(
-            "table inet bw_cutoff {{\n chain out {{\n type filter hook output priority 0; policy accept;\n \
-             meta skuid 65534 tcp dport {port} drop\n }}\n}}\n"
-        ));
-        CutOff
-    }
-}
-
-impl Drop for CutOff {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("nft").args(["delete", "table", "inet", "bw_cutoff"]).status();
-    }
-}
-
 /// A temporary grant that expires while the proxy cannot reach the writer (nftables drops
 /// its packets to 3307): its sessions are closed at expiry all the same (the account still
 /// exists on the servers, the proxy no longer lets it in), the audit log says the drop is
@@ -348,9 +303,7 @@ impl Drop for CutOff {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_expiring_while_the_writer_is_unreachable() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::env::temp_dir().join(format!("bw-cutoff-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("cutoff");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let db = dir.join("admin.db").display().to_string();
     let audit = format!("{db}.audit.jsonl");
@@ -363,7 +316,7 @@ async fn grant_expiring_while_the_writer_is_unreachable() {
     let mut c = Conn::new(p.opts("dora", &pw, Some("sbtest"))).await.expect("dora logs in");
     let n: Option<i64> = c.query_first("SELECT COUNT(*) FROM sbtest1").await.unwrap();
     assert_eq!(n, Some(10000));
-    let cut = CutOff::on(PRIMARY);
+    let cut = cut_nobody_off(PRIMARY);
     // The session is closed at expiry, though the writer does not answer.
     let closed = loop {
         if c.query_first::<i64, _>("SELECT 1").await.is_err() {

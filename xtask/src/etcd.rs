@@ -70,14 +70,7 @@ pub fn up() -> Result<()> {
 /// Stop the etcd `up` started (one started otherwise is left alone).
 pub fn down() {
     if let Some(pid) = pid() {
-        proc::kill(pid, "TERM");
-        let t = Instant::now();
-        while proc::pid_alive(pid) && t.elapsed() < Duration::from_secs(10) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if proc::pid_alive(pid) {
-            proc::kill(pid, "KILL");
-        }
+        proc::stop(pid, Duration::from_secs(10));
     }
 }
 

@@ -328,14 +328,7 @@ fn wait_caught_up(port: u16) -> Result<()> {
 /// Stop one node (TERM, then KILL after 30 s).
 fn stop_node(port: u16) {
     if let Some(pid) = node_pid(port) {
-        proc::kill(pid, "TERM");
-        let t = Instant::now();
-        while proc::pid_alive(pid) && t.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if proc::pid_alive(pid) {
-            proc::kill(pid, "KILL");
-        }
+        proc::stop(pid, Duration::from_secs(30));
     }
 }
 

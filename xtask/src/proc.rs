@@ -68,3 +68,15 @@ pub fn pid_alive(pid: i32) -> bool {
 pub fn kill(pid: i32, sig: &str) {
     let _ = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status();
 }
+
+/// TERM, then KILL if it is still there after `grace`.
+pub fn stop(pid: i32, grace: std::time::Duration) {
+    kill(pid, "TERM");
+    let t = std::time::Instant::now();
+    while pid_alive(pid) && t.elapsed() < grace {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if pid_alive(pid) {
+        kill(pid, "KILL");
+    }
+}

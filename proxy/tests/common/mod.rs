@@ -341,27 +341,65 @@ pub fn lab_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.lab"))
 }
 
-/// `breakwater-proxy failover <args>` against this proxy's admin interface, with its token:
-/// (exit 0, stdout and stderr).
-pub fn failover_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+/// `breakwater-proxy <group> <args>` (group: failover or access) against this proxy's admin
+/// interface, with its token: (exit 0, stdout and stderr).
+fn admin_cli(p: &Proxy, group: &str, args: &[&str]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["failover", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
+        .args([group, "--admin", &format!("127.0.0.1:{}", p.admin_port)])
         .env("BREAKWATER_ADMIN_TOKEN", &p.token)
         .args(args)
         .output()
-        .expect("run breakwater-proxy failover");
+        .unwrap_or_else(|e| panic!("run breakwater-proxy {group}: {e}"));
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
-/// `breakwater-proxy access …` against `p`'s admin interface: (success, output).
+pub fn failover_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
+    admin_cli(p, "failover", args)
+}
+
 pub fn access_cli(p: &Proxy, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_breakwater-proxy"))
-        .args(["access", "--admin", &format!("127.0.0.1:{}", p.admin_port)])
-        .env("BREAKWATER_ADMIN_TOKEN", &p.token)
-        .args(args)
-        .output()
-        .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    admin_cli(p, "access", args)
+}
+
+/// An empty directory of this test process for `name` (removed first if left over).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("bw-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn nft(script: &str) {
+    let st = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().and_then(|mut c| {
+        use std::io::Write;
+        c.stdin.take().expect("stdin").write_all(script.as_bytes())?;
+        c.wait()
+    });
+    assert!(st.is_ok_and(|s| s.success()), "nft -f failed for:\n{script}");
+}
+
+/// An nftables table of output rules, deleted when dropped (also when the test fails).
+pub struct NftTable(&'static str);
+
+impl NftTable {
+    /// `rules` in an output filter chain of table `inet <name>`.
+    pub fn on(name: &'static str, rules: &str) -> NftTable {
+        let _ = Command::new("nft").args(["delete", "table", "inet", name]).stderr(Stdio::null()).status();
+        nft(&format!("table inet {name} {{\n chain out {{\n type filter hook output priority 0; policy accept;\n {rules}\n }}\n}}\n"));
+        NftTable(name)
+    }
+}
+
+impl Drop for NftTable {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", self.0]).status();
+    }
+}
+
+/// Drop the packets of uid 65534 (a proxy started with `Proxy::start_as_nobody`) to `port`;
+/// everyone else passes.
+pub fn cut_nobody_off(port: u16) -> NftTable {
+    NftTable::on("bw_nobody_cut", &format!("meta skuid 65534 tcp dport {port} drop"))
 }
 
 /// How many accounts named `account` each lab server has (3307, 3308, 3309).
