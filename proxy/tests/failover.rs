@@ -903,6 +903,15 @@ async fn three_proxies_one_promotion() {
     assert_eq!(recoveries, 1, "one promotion among the three");
     assert_eq!((trio.hook_lines("pre.log"), trio.hook_lines("post.log")), (1, 1), "one pre and one post hook");
     assert!(events(&view(&trio.proxies[follower]).await).iter().any(|e| e == "LeaderDecision"));
+    // Reads too are routed as the leader placed them.
+    let mut reader_sets = BTreeSet::new();
+    for p in &trio.proxies {
+        let v = view(p).await;
+        let rs: BTreeSet<String> =
+            v["servers"].as_array().into_iter().flatten().filter(|s| s["hostgroups"].as_array().is_some_and(|h| h.contains(&serde_json::json!(20)))).map(|s| s["addr"].to_string()).collect();
+        reader_sets.insert(rs);
+    }
+    assert_eq!(reader_sets.len(), 1, "one reader hostgroup for the three: {reader_sets:?}");
     for (i, w) in writers.into_iter().enumerate() {
         let rep = w.finish().await;
         assert!(rep.first_ack_after(killed + Duration::from_millis(5)).is_some(), "proxy-{i}: no write acknowledged after the failover");

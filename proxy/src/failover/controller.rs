@@ -244,8 +244,9 @@ pub struct Controller {
     /// The state last written to etcd, and the revision of the last one applied.
     etcd_saved: Option<Persisted>,
     applied_rev: i64,
-    /// A follower's copy of the leader's refusal of writes.
+    /// A follower's copy of the leader's refusal of writes and reader hostgroup.
     writer_block: Option<String>,
+    leader_readers: Vec<String>,
     unsupported_reported: bool,
     /// The primary as last seen reachable: the errant-transaction check of candidates
     /// compares against it when the primary is dead.
@@ -381,6 +382,7 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         etcd_saved: None,
         applied_rev: 0,
         writer_block: None,
+        leader_readers: Vec::new(),
         last_primary: None,
         unsupported_reported: false,
         cfg,

@@ -22,6 +22,9 @@ pub struct Persisted {
     pub journal: Option<super::journal::Journal>,
     /// Why writes are refused now (the writer hostgroup's block), for the other proxies.
     pub writer_block: Option<String>,
+    /// The reader hostgroup as the controller placed it (the other proxies route reads the
+    /// same way; empty in states written before it was kept).
+    pub readers: Vec<String>,
 }
 
 pub struct Durable {
@@ -109,6 +112,7 @@ mod tests {
             refused: false,
             journal: None,
             writer_block: Some("refused".into()),
+            readers: vec!["127.0.0.1:3309".into()],
         };
         d.save("lab", &s, 1).unwrap();
         drop(d);

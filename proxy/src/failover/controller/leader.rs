@@ -4,8 +4,8 @@
 //!   the previous leader left), then runs the full poll (discovery, detection, recovery)
 //!   and writes every change of its state to etcd, each recovery step before the next; or
 //! - follows: probes and samples (so that it can judge candidates the moment it is
-//!   elected), applies the leader's decisions (writer, fenced, cooldown, hold, a refusal of
-//!   writes, a recovery in progress) to its routing, and acts on no server.
+//!   elected), applies the leader's decisions (writer, readers, fenced, cooldown, hold, a
+//!   refusal of writes, a recovery in progress) to its routing, and acts on no server.
 
 use super::{now_ms, Controller};
 use crate::backend::hostgroup::Gate;
@@ -114,6 +114,7 @@ impl Controller {
         self.refused = p.refused;
         self.journal = p.journal;
         self.writer_block = p.writer_block;
+        self.leader_readers = p.readers;
     }
 
     /// A follower's routing: hold writes while the leader's recovery has not switched yet,
@@ -134,9 +135,16 @@ impl Controller {
         let writer = addrs(whg);
         let readers = addrs(rhg);
         let fenced_routed = readers.iter().chain(writer.iter()).any(|a| self.fenced.contains(a));
-        if writer.len() != 1 || !writer.contains(&self.primary) || fenced_routed {
+        let leader_readers: BTreeSet<String> = self.leader_readers.iter().cloned().collect();
+        let readers_differ = !leader_readers.is_empty() && leader_readers != readers;
+        if writer.len() != 1 || !writer.contains(&self.primary) || fenced_routed || readers_differ {
             let p = self.primary.clone();
-            self.route_to(&p, "the leader's decision (etcd)");
+            if leader_readers.is_empty() {
+                self.route_to(&p, "the leader's decision (etcd)");
+            } else {
+                let rs: Vec<String> = self.leader_readers.iter().filter(|a| !self.fenced.contains(*a)).cloned().collect();
+                self.place(&p, &rs, "the leader's decision (etcd)");
+            }
         }
         let gate = match &self.writer_block {
             Some(m) => Gate::Block(m.clone().into()),
@@ -147,10 +155,13 @@ impl Controller {
 
     /// What must survive a restart and what the other proxies apply.
     fn persisted(&self) -> Persisted {
-        let writer_block = match self.rt.routing().hostgroups.get(&self.cfg.writer_hostgroup).map(|h| h.gate.clone()) {
+        let routing = self.rt.routing();
+        let writer_block = match routing.hostgroups.get(&self.cfg.writer_hostgroup).map(|h| h.gate.clone()) {
             Some(Gate::Block(m)) => Some(m.to_string()),
             _ => None,
         };
+        let mut readers: Vec<String> = routing.hostgroups.get(&self.cfg.reader_hostgroup).map(|h| h.servers.iter().map(|s| s.addr.to_string()).collect()).unwrap_or_default();
+        readers.sort();
         Persisted {
             primary: self.primary.clone(),
             fenced: self.fenced.clone(),
@@ -159,6 +170,7 @@ impl Controller {
             refused: self.refused,
             journal: self.journal.clone(),
             writer_block,
+            readers,
         }
     }
 
