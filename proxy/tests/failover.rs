@@ -737,6 +737,8 @@ async fn killed_at_step(step: &str) {
     let j = view(&p).await["recovery_in_progress"].clone();
     let cand = j["candidate"].as_str().unwrap().to_string();
     let other = ALL.iter().copied().find(|x| *x != 3307 && *x != port_of(&cand)).unwrap();
+    let (_, m) = p.admin("GET", "/metrics").await;
+    assert!(m.as_str().unwrap_or_default().contains(&format!("breakwater_failover_recovery_step{{cluster=\"lab\",step=\"{step}\"}} 1")), "{m}");
     println!("paused after {step}: recovery {} to {cand}; kill -9 of the proxy", j["id"]);
     p.kill9_and_restart(&[]);
     let restarted = Instant::now();
@@ -873,6 +875,12 @@ async fn three_proxies_one_promotion() {
     let trio = Trio::start("one", &[]).await;
     let leader = trio.leader().await.unwrap();
     println!("leader: proxy-{leader}");
+    for (i, p) in trio.proxies.iter().enumerate() {
+        let (_, m) = p.admin("GET", "/metrics").await;
+        let m = m.as_str().unwrap_or_default().to_string();
+        assert!(m.contains(&format!("breakwater_failover_leader{{cluster=\"lab\"}} {}", (i == leader) as u8)), "proxy-{i}: {m}");
+        assert!(m.contains("breakwater_failover_etcd_up{cluster=\"lab\"} 1") && m.contains("breakwater_failover_recovery_step{cluster=\"lab\",step=\"chosen\"} 0"), "proxy-{i}: {m}");
+    }
     let follower = (leader + 1) % 3;
     let (code, body) = trio.proxies[follower].admin("POST", "/api/failover/ack").await;
     assert!(code >= 400 && body.to_string().contains("not the leader") && body.to_string().contains(&format!("proxy-{leader}")), "{code} {body}");

@@ -100,6 +100,19 @@ pub fn render(proxy: &Proxy, failover: Option<&Shared>) -> String {
     let _ = writeln!(o, "breakwater_failover_promotion_held{{{c}}} {}", v.promotion_hold.is_some() as u8);
     family(&mut o, "breakwater_failover_unfit_candidates_total", "counter", "Promotion candidates the load gate judged unable to carry the primary's load.");
     let _ = writeln!(o, "breakwater_failover_unfit_candidates_total{{{c}}} {}", v.counters.unfit_candidates);
+    family(&mut o, "breakwater_failover_leader", "gauge", "1 while this proxy runs detection and recovery for the cluster (always 1 without etcd).");
+    let _ = writeln!(o, "breakwater_failover_leader{{{c}}} {}", v.leader as u8);
+    if v.cluster_status.mode == "etcd" {
+        family(&mut o, "breakwater_failover_etcd_up", "gauge", "1 while this proxy's last etcd round (renew, campaign, read) succeeded.");
+        let _ = writeln!(o, "breakwater_failover_etcd_up{{{c}}} {}", v.cluster_status.etcd_reachable as u8);
+        family(&mut o, "breakwater_failover_leader_terms_total", "counter", "Times this proxy became the leader.");
+        let _ = writeln!(o, "breakwater_failover_leader_terms_total{{{c}}} {}", v.cluster_status.terms);
+    }
+    family(&mut o, "breakwater_failover_recovery_step", "gauge", "1 for the last saved step of a recovery or switchover in progress (all 0 when none).");
+    for st in crate::failover::journal::Step::ALL {
+        let on = v.recovery_in_progress.as_ref().is_some_and(|j| j.step == st);
+        let _ = writeln!(o, "breakwater_failover_recovery_step{{{c},step=\"{}\"}} {}", st.as_str(), on as u8);
+    }
     family(&mut o, "breakwater_failover_writes_blocked", "gauge", "1 while the proxy refuses or holds writes for this cluster.");
     let _ = writeln!(o, "breakwater_failover_writes_blocked{{{c}}} {}", (v.writer_gate != "open") as u8);
     if let Some(r) = &v.last_recovery {

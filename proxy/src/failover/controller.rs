@@ -406,7 +406,11 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         c.cooldown_until = (p.cooldown_until_ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(p.cooldown_until_ms));
         c.hold = p.hold.clone();
         c.refused = p.refused;
-        c.journal = p.journal.clone();
+        // With etcd a recovery in this local copy is etcd's to tell (the leader may have
+        // finished it); alone, this proxy takes it up.
+        if c.cluster.is_none() {
+            c.journal = p.journal.clone();
+        }
         c.event("StateRestored", &p.primary, vec![format!("fenced {:?}, cooldown until {}", p.fenced, rfc3339(p.cooldown_until_ms))], "from the admin db file");
     }
     tokio::spawn(c.run(rx, shutdown));
