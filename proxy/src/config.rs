@@ -65,11 +65,31 @@ pub struct ClusterConfig {
     pub prefix: String,
     /// Bound of every etcd request.
     pub timeout_ms: u64,
+    /// An etcd user (with auth enabled on etcd: read-write on `<prefix>/`), and its password
+    /// (better from the environment variable BREAKWATER_ETCD_PASSWORD than in this file).
+    pub etcd_user: String,
+    pub etcd_password: String,
+    /// For https:// endpoints: the CA that issued etcd's certificate, and this proxy's
+    /// client certificate and key when etcd checks them (--client-cert-auth).
+    pub etcd_ca_file: String,
+    pub etcd_cert_file: String,
+    pub etcd_key_file: String,
 }
 
 impl Default for ClusterConfig {
     fn default() -> Self {
-        Self { etcd_endpoints: Vec::new(), name: String::new(), lease_ttl_s: 5, prefix: "/breakwater".into(), timeout_ms: 1000 }
+        Self {
+            etcd_endpoints: Vec::new(),
+            name: String::new(),
+            lease_ttl_s: 5,
+            prefix: "/breakwater".into(),
+            timeout_ms: 1000,
+            etcd_user: String::new(),
+            etcd_password: String::new(),
+            etcd_ca_file: String::new(),
+            etcd_cert_file: String::new(),
+            etcd_key_file: String::new(),
+        }
     }
 }
 
@@ -748,13 +768,37 @@ impl Config {
         }
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// The etcd settings as a whole, once flags and the environment are applied (a file may
+    /// leave the password to BREAKWATER_ETCD_PASSWORD, the endpoints to --etcd).
+    pub fn validate_cluster(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        for e in &self.cluster.etcd_endpoints {
-            if !e.starts_with("http://") {
-                return bad(format!("[cluster] etcd endpoint {e:?}: only http://host:port is supported (this build has no etcd TLS)"));
+        let c = &self.cluster;
+        let tls = c.etcd_endpoints.iter().filter(|e| e.starts_with("https://")).count();
+        for e in &c.etcd_endpoints {
+            if !e.starts_with("http://") && !e.starts_with("https://") {
+                return bad(format!("[cluster] etcd endpoint {e:?}: http://host:port or https://host:port"));
             }
         }
+        if tls > 0 && tls < c.etcd_endpoints.len() {
+            return bad("[cluster] etcd_endpoints: all https:// or all http://, not both".into());
+        }
+        if tls > 0 && c.etcd_ca_file.is_empty() {
+            return bad("[cluster] https:// etcd endpoints need etcd_ca_file (the CA that issued etcd's certificate)".into());
+        }
+        if tls == 0 && !c.etcd_endpoints.is_empty() && !(c.etcd_ca_file.is_empty() && c.etcd_cert_file.is_empty()) {
+            return bad("[cluster] etcd_ca_file / etcd_cert_file are for https:// endpoints".into());
+        }
+        if c.etcd_cert_file.is_empty() != c.etcd_key_file.is_empty() {
+            return bad("[cluster] etcd_cert_file and etcd_key_file go together".into());
+        }
+        if c.etcd_user.is_empty() != c.etcd_password.is_empty() {
+            return bad("[cluster] etcd_user needs etcd_password (or BREAKWATER_ETCD_PASSWORD) and the other way round".into());
+        }
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
         if !self.cluster.etcd_endpoints.is_empty() && self.cluster.lease_ttl_s < 2 {
             return bad(format!("[cluster] lease_ttl_s = {}: at least 2", self.cluster.lease_ttl_s));
         }
@@ -814,6 +858,28 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_settings_are_checked_as_a_whole() {
+        let mut c = Config::from_toml(DEFAULT_TOML).unwrap();
+        assert!(c.validate_cluster().is_ok(), "no etcd: nothing to check");
+        c.cluster.etcd_endpoints = vec!["https://127.0.0.1:2379".into()];
+        assert!(c.validate_cluster().unwrap_err().to_string().contains("need etcd_ca_file"));
+        c.cluster.etcd_ca_file = "/ca.pem".into();
+        assert!(c.validate_cluster().is_ok());
+        c.cluster.etcd_endpoints.push("http://127.0.0.1:2380".into());
+        assert!(c.validate_cluster().unwrap_err().to_string().contains("not both"));
+        c.cluster.etcd_endpoints.pop();
+        c.cluster.etcd_user = "bw".into();
+        assert!(c.validate_cluster().unwrap_err().to_string().contains("BREAKWATER_ETCD_PASSWORD"));
+        c.cluster.etcd_password = "pw".into();
+        c.cluster.etcd_cert_file = "/c.pem".into();
+        assert!(c.validate_cluster().unwrap_err().to_string().contains("go together"));
+        c.cluster.etcd_key_file = "/k.pem".into();
+        assert!(c.validate_cluster().is_ok());
+        c.cluster.etcd_endpoints = vec!["etcd:2379".into()];
+        assert!(c.validate_cluster().is_err());
+    }
 
     #[test]
     fn embedded_default_is_valid() {

@@ -119,6 +119,9 @@ struct Cli {
     /// This proxy's name in the election (overrides [cluster] name).
     #[arg(long)]
     cluster_name: Option<String>,
+    /// The etcd user's password (overrides [cluster] etcd_password).
+    #[arg(long, env = "BREAKWATER_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
     /// The leader's etcd lease in seconds (overrides [cluster] lease_ttl_s).
     #[arg(long)]
     etcd_lease_ttl: Option<u64>,
@@ -332,10 +335,13 @@ fn main() -> ExitCode {
     if let Some(n) = cli.cluster_name {
         cfg.cluster.name = n;
     }
+    if let Some(p) = cli.etcd_password.filter(|p| !p.is_empty()) {
+        cfg.cluster.etcd_password = p;
+    }
     if let Some(t) = cli.etcd_lease_ttl {
         cfg.cluster.lease_ttl_s = t;
     }
-    if let Err(e) = cfg.validate() {
+    if let Err(e) = cfg.validate().and_then(|()| cfg.validate_cluster()) {
         eprintln!("breakwater-proxy: {e}");
         return ExitCode::from(2);
     }

@@ -126,6 +126,7 @@ fn pool_for(pools: &Mutex<HashMap<String, Arc<crate::backend::pool::Pool>>>, add
 impl Runtime {
     pub fn build(cfg: Config) -> Result<Self, ConfigError> {
         cfg.validate()?;
+        cfg.validate_cluster()?;
         let users = build_users(&cfg.users)?;
         let rules = Rules::new(&cfg.query_rules).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let mut hostgroups: HashMap<u32, Hostgroup> = HashMap::new();

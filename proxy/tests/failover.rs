@@ -1080,3 +1080,50 @@ async fn proxy_killed_during_switchover() {
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// etcd as production runs it: TLS with client certificates, auth enabled, the proxies' user
+/// allowed `/breakwater/` only. A proxy with the right password (BREAKWATER_ETCD_PASSWORD)
+/// leads; one with a wrong password never does, says why, and the password shows nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_users() {
+    use etcd_client::{Certificate, Client, ConnectOptions, Identity, Permission, TlsOptions};
+    assert_initial_topology().await;
+    let etcd = breakwater_testkit::Etcd::start_tls();
+    let read = |f: &str| std::fs::read(etcd.file(f)).unwrap();
+    let tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca.pem"))).identity(Identity::from_pem(read("client.pem"), read("client-key.pem")));
+    let mut c = Client::connect([etcd.url.as_str()], Some(ConnectOptions::new().with_tls(tls))).await.expect("etcd over TLS");
+    c.user_add("root", "root-pw", None).await.unwrap();
+    let _ = c.role_add("root").await;
+    c.user_grant_role("root", "root").await.unwrap();
+    c.role_add("breakwater").await.unwrap();
+    c.role_grant_permission("breakwater", Permission::read_write("/breakwater/").with_prefix()).await.unwrap();
+    c.user_add("bw", "bw-secret-pw", None).await.unwrap();
+    c.user_grant_role("bw", "breakwater").await.unwrap();
+    c.auth_enable().await.unwrap();
+    let cfg = breakwater_proxy::config::DEFAULT_TOML.replace(
+        "[cluster]\n",
+        &format!(
+            "[cluster]\netcd_user = \"bw\"\netcd_ca_file = \"{}\"\netcd_cert_file = \"{}\"\netcd_key_file = \"{}\"\n",
+            etcd.file("ca.pem"),
+            etcd.file("client.pem"),
+            etcd.file("client-key.pem")
+        ),
+    );
+    let args = |name: &'static str| ["--failover", "on", "--etcd", etcd.url.as_str(), "--cluster-name", name, "--etcd-lease-ttl", "2"];
+    let good = Proxy::start_env(Some(&cfg), &args("tls-good"), &[("BREAKWATER_ETCD_PASSWORD", "bw-secret-pw")]);
+    wait_for("the proxy with the right password leads", Duration::from_secs(15), || async { view(&good).await["leader"] == true }).await;
+    let bad = Proxy::start_env(Some(&cfg), &args("tls-bad"), &[("BREAKWATER_ETCD_PASSWORD", "not-it")]);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let v = view(&bad).await;
+    assert_eq!(v["leader"], false, "{:#}", v["cluster_status"]);
+    let why = v["cluster_status"]["last_error"].as_str().unwrap_or("").to_lowercase();
+    assert!(why.contains("authentication") || why.contains("auth"), "the wrong password is named: {why}");
+    println!("wrong password: {why}");
+    let g = view(&good).await;
+    assert_eq!((g["leader"].clone(), g["leader_name"].clone()), (serde_json::json!(true), serde_json::json!("tls-good")));
+    for p in [&good, &bad] {
+        let (_, body) = p.admin("GET", "/api/failover").await;
+        let (_, m) = p.admin("GET", "/metrics").await;
+        assert!(!body.to_string().contains("bw-secret-pw") && !m.to_string().contains("bw-secret-pw"), "the etcd password is not shown");
+    }
+}

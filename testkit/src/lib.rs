@@ -58,32 +58,84 @@ impl Drop for Etcd {
 }
 
 impl Etcd {
-    /// Start it and wait until it is healthy (20 s at most).
+    /// Start it (plain http) and wait until it is healthy (20 s at most).
     pub fn start() -> Etcd {
+        Self::spawn(false)
+    }
+
+    /// Start it with TLS and client-certificate checks: certificates made with the openssl
+    /// CLI in its directory (`ca.pem`; the server's for IP 127.0.0.1; a client's,
+    /// `client.pem` / `client-key.pem`, see [`Etcd::file`]).
+    pub fn start_tls() -> Etcd {
+        Self::spawn(true)
+    }
+
+    /// A file of its directory (the TLS material).
+    pub fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    fn spawn(tls: bool) -> Etcd {
         let (port, peer) = (free_port(), free_port());
         let dir = std::env::temp_dir().join(format!("bw-etcd-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("etcd dir");
-        let url = format!("http://127.0.0.1:{port}");
+        let scheme = if tls { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{port}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
-            .args(["--name", "bw-test", "--data-dir"])
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "bw-test", "--data-dir"])
             .arg(dir.join("data"))
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("bw-test={peer_url}")])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("etcd (apt-get install etcd-server; cargo xtask deps does)");
+            .args(["--initial-cluster", &format!("bw-test={peer_url}")]);
+        if tls {
+            make_certs(&dir);
+            cmd.current_dir(&dir).args(["--cert-file", "server.pem", "--key-file", "server-key.pem", "--client-cert-auth", "--trusted-ca-file", "ca.pem"]);
+        }
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().expect("etcd (apt-get install etcd-server; cargo xtask deps does)");
         let e = Etcd { child, dir, port, url };
         let t = std::time::Instant::now();
-        while !http_get(port, "/health").is_some_and(|b| b.contains("\"health\":\"true\"")) {
+        while !e.healthy(tls) {
             assert!(t.elapsed() < Duration::from_secs(20), "etcd did not become healthy: {}", std::fs::read_to_string(e.dir.join("etcd.log")).unwrap_or_default());
             std::thread::sleep(Duration::from_millis(100));
         }
         e
+    }
+
+    fn healthy(&self, tls: bool) -> bool {
+        let body = if tls {
+            Command::new("curl")
+                .args(["-s", "--max-time", "2", "--cacert", &self.file("ca.pem"), "--cert", &self.file("client.pem"), "--key", &self.file("client-key.pem")])
+                .arg(format!("{}/health", self.url))
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            http_get(self.port, "/health")
+        };
+        body.is_some_and(|b| b.contains("\"health\":\"true\""))
+    }
+}
+
+/// A CA, a server certificate for IP 127.0.0.1 and a client certificate, in `dir`.
+fn make_certs(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=bw test etcd CA", "-keyout", "ca-key.pem", "-out", "ca.pem"]);
+    for (name, cn, ext) in [
+        ("server", "127.0.0.1", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        ("client", "breakwater-proxy", "extendedKeyUsage=clientAuth\n"),
+    ] {
+        std::fs::write(dir.join(format!("{name}.ext")), ext).expect("ext file");
+        openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &format!("{name}-key.pem"), "-out", &format!("{name}.csr")]);
+        openssl(&[
+            "x509", "-req", "-in", &format!("{name}.csr"), "-CA", "ca.pem", "-CAkey", "ca-key.pem", "-CAcreateserial", "-days", "2",
+            "-extfile", &format!("{name}.ext"), "-out", &format!("{name}.pem"),
+        ]);
     }
 }
 

@@ -13,6 +13,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("prometheus", "prometheus"),
     ("chromium", "chromium"),
     ("openssl", "openssl"),
+    ("curl", "curl"),
     // etcd for the proxies' leader election ([cluster]); protoc and the well-known protobuf
     // types to build the etcd-client crate.
     ("etcd", "etcd-server"),

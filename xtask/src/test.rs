@@ -26,6 +26,7 @@ const TOPOLOGY: &[(&str, &str, Option<&str>)] = &[
     ("breakwater-proxy", "failover", Some("three_proxies_one_promotion")),
     ("breakwater-proxy", "failover", Some("leader_killed_mid_recovery")),
     ("breakwater-proxy", "failover", Some("cut_off_from_etcd_never_promotes")),
+    ("breakwater-proxy", "failover", Some("etcd_over_tls_with_users")),
     ("breakwater-proxy", "cascade", Some("only_unfit_candidates_nothing_is_promoted_until_a_person_acts")),
     // The short cascade drill, once per policy (`cargo xtask drill cascade` is the long one).
     ("breakwater-proxy", "cascade", Some("short_drill_orchestrator_cascades")),

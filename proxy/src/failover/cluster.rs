@@ -60,6 +60,9 @@ pub type Shared = Option<(i64, Persisted)>;
 pub struct Cluster {
     me: Identity,
     endpoints: Vec<String>,
+    /// User, password; TLS (CA, client certificate and key, PEM).
+    user: Option<(String, String)>,
+    tls: Option<etcd_client::TlsOptions>,
     leader_key: String,
     state_key: String,
     ttl: Duration,
@@ -81,12 +84,30 @@ struct Lease {
 }
 
 impl Cluster {
-    pub fn new(cfg: &crate::config::ClusterConfig, cluster: &str, me: Identity) -> Arc<Self> {
+    /// Err when a TLS file cannot be read.
+    pub fn new(cfg: &crate::config::ClusterConfig, cluster: &str, me: Identity) -> Result<Arc<Self>, String> {
+        let read = |what: &str, f: &str| std::fs::read(f).map_err(|e| format!("[cluster] {what} {f}: {e}"));
+        let tls = if cfg.etcd_ca_file.is_empty() {
+            None
+        } else {
+            let mut t = etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(read("etcd_ca_file", &cfg.etcd_ca_file)?));
+            if !cfg.etcd_cert_file.is_empty() {
+                t = t.identity(etcd_client::Identity::from_pem(read("etcd_cert_file", &cfg.etcd_cert_file)?, read("etcd_key_file", &cfg.etcd_key_file)?));
+            }
+            Some(t)
+        };
+        let user = (!cfg.etcd_user.is_empty()).then(|| (cfg.etcd_user.clone(), cfg.etcd_password.clone()));
+        Ok(Self::with(cfg, cluster, me, user, tls))
+    }
+
+    fn with(cfg: &crate::config::ClusterConfig, cluster: &str, me: Identity, user: Option<(String, String)>, tls: Option<etcd_client::TlsOptions>) -> Arc<Self> {
         let base = format!("{}/{}", cfg.prefix.trim_end_matches('/'), cluster);
         let status = Status { mode: "etcd".into(), me: me.name.clone(), etcd_endpoints: cfg.etcd_endpoints.clone(), ..Default::default() };
         Arc::new(Self {
             me,
             endpoints: cfg.etcd_endpoints.clone(),
+            user,
+            tls,
             leader_key: format!("{base}/leader"),
             state_key: format!("{base}/state"),
             ttl: Duration::from_secs(cfg.lease_ttl_s.max(2)),
@@ -207,7 +228,14 @@ impl Cluster {
         let mut c = match self.client() {
             Some(c) => c,
             None => {
-                let opts = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+                let mut opts = ConnectOptions::new().with_connect_timeout(self.timeout).with_timeout(self.timeout);
+                if let Some((u, p)) = &self.user {
+                    // etcd's auth tokens expire (5 min by default): renewed on expiry.
+                    opts = opts.with_user(u.clone(), p.clone()).with_auto_token_refresh(true);
+                }
+                if let Some(t) = &self.tls {
+                    opts = opts.with_tls(t.clone());
+                }
                 let c = self.bounded("connect", Client::connect(self.endpoints.clone(), Some(opts))).await?;
                 if let Ok(mut slot) = self.client.lock() {
                     *slot = Some(c.clone());

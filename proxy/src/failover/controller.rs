@@ -392,7 +392,14 @@ pub fn spawn(proxy: Arc<Proxy>, monitor: &MonitorConfig, shutdown: watch::Receiv
         let port = c.rt.cfg.proxy.listen.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default();
         let name = if cl.name.is_empty() { format!("{}:{port}", cluster::hostname()) } else { cl.name.clone() };
         let me = cluster::Identity { name, admin: c.rt.cfg.admin.listen.clone() };
-        let k = Cluster::new(cl, &c.cfg.cluster, me);
+        let k = match Cluster::new(cl, &c.cfg.cluster, me) {
+            Ok(k) => k,
+            Err(e) => {
+                // Acting alone would be a second controller beside the others: not at all.
+                error!(error = %e, "failover: the etcd client cannot be set up; controller not started");
+                return shared;
+            }
+        };
         tokio::spawn(k.clone().run(shutdown.clone()));
         c.shared_rx = Some(k.state());
         c.cluster = Some(k);
