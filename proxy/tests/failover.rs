@@ -187,6 +187,16 @@ async fn view(p: &Proxy) -> serde_json::Value {
     v
 }
 
+/// How many events of `kind` the view holds.
+fn count_events(v: &serde_json::Value, kind: &str) -> usize {
+    events(v).iter().filter(|e| *e == kind).count()
+}
+
+/// Lines the test hooks (see `config`) wrote to `dir/file` (pre.log, post.log): one per run.
+fn hook_lines(dir: &std::path::Path, file: &str) -> usize {
+    std::fs::read_to_string(dir.join(file)).unwrap_or_default().lines().count()
+}
+
 fn events(v: &serde_json::Value) -> Vec<String> {
     v["events"].as_array().into_iter().flatten().map(|e| e["kind"].as_str().unwrap_or("").to_string()).collect()
 }
@@ -750,12 +760,10 @@ async fn killed_at_step(step: &str) {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rep = w.finish().await;
     let v = view(&p).await;
-    let ev = events(&v);
-    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
-    assert_eq!((n("RecoveryResumed"), n("RecoverDeadPrimary"), n("RecoveryFailed")), (1, 1, 0), "{ev:?}");
+    let n = |k: &str| count_events(&v, k);
+    assert_eq!((n("RecoveryResumed"), n("RecoverDeadPrimary"), n("RecoveryFailed")), (1, 1, 0), "{:?}", events(&v));
     assert_eq!(v["counters"]["recoveries"]["automated/ok"], 1, "{:#}", v["counters"]);
-    let lines = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default().lines().count();
-    assert_eq!((lines("pre.log"), lines("post.log")), (1, 1), "one promotion: one pre and one post hook");
+    assert_eq!((hook_lines(&dir, "pre.log"), hook_lines(&dir, "post.log")), (1, 1), "one promotion: one pre and one post hook");
     assert_eq!(read_only(port_of(&cand)).await, Some(false), "the candidate is the writable primary");
     let cp = port_of(&cand);
     wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
@@ -851,7 +859,7 @@ impl Trio {
     }
 
     fn hook_lines(&self, f: &str) -> usize {
-        std::fs::read_to_string(self.dir.join(f)).unwrap_or_default().lines().count()
+        hook_lines(&self.dir, f)
     }
 }
 
@@ -966,9 +974,8 @@ async fn leader_killed_mid_recovery() {
     let new_leader = trio.leader().await.expect("one leader among the survivors");
     println!("proxy-{new_leader} took over and completed the recovery {took:?} after the kill");
     let v = view(&trio.proxies[new_leader]).await;
-    let ev = events(&v);
-    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
-    assert_eq!((n("LeaderElected"), n("RecoveryResumed"), n("RecoverDeadPrimary")), (1, 1, 1), "{ev:?}");
+    let n = |k: &str| count_events(&v, k);
+    assert_eq!((n("LeaderElected"), n("RecoveryResumed"), n("RecoverDeadPrimary")), (1, 1, 1), "{:?}", events(&v));
     assert_eq!((trio.hook_lines("pre.log"), trio.hook_lines("post.log")), (1, 1), "the recovery completed once");
     for i in &survivors {
         let v = view(&trio.proxies[*i]).await;
@@ -1061,11 +1068,9 @@ async fn proxy_killed_during_switchover() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rep = w.finish().await;
     let v = view(&p).await;
-    let ev = events(&v);
-    let n = |k: &str| ev.iter().filter(|e| *e == k).count();
-    assert_eq!((n("RecoveryResumed"), n("Switchover"), n("RecoverDeadPrimary"), n("SwitchoverFailed")), (1, 1, 0, 0), "{ev:?}");
-    let lines = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default().lines().count();
-    assert_eq!((lines("pre.log"), lines("post.log")), (1, 1));
+    let n = |k: &str| count_events(&v, k);
+    assert_eq!((n("RecoveryResumed"), n("Switchover"), n("RecoverDeadPrimary"), n("SwitchoverFailed")), (1, 1, 0, 0), "{:?}", events(&v));
+    assert_eq!((hook_lines(&dir, "pre.log"), hook_lines(&dir, "post.log")), (1, 1));
     let cp = port_of(&cand);
     for r in ALL.into_iter().filter(|r| *r != cp) {
         wait_for("every other server replicates from the new primary", Duration::from_secs(10), || async move {
