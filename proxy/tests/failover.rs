@@ -70,6 +70,14 @@ async fn replication_of(port: u16) -> Option<(u16, String)> {
     Some((mp, io))
 }
 
+/// Wait (10 s at most) until `replica` replicates from `primary` with its IO thread running.
+async fn wait_follows(replica: u16, primary: u16) {
+    wait_for(&format!("{replica} replicates from {primary}"), Duration::from_secs(10), || async move {
+        replication_of(replica).await.is_some_and(|(m, io)| m == primary && io == "Yes")
+    })
+    .await;
+}
+
 async fn read_only(port: u16) -> Option<bool> {
     let mut c = try_lab(port).await?;
     let v: Option<i64> = c.query_first("SELECT @@read_only").await.ok()?;
@@ -286,10 +294,7 @@ async fn kill_primary_under_load(p: &Proxy, first_id: i64, semisync: bool) -> Ti
     assert!(events(&v)[before..].iter().any(|e| e == "DeadPrimary"), "{:?}", events(&v));
     // The other replica follows the new primary.
     for r in replicas.iter().copied().filter(|r| *r != new_port) {
-        wait_for("the other replica replicates from the new primary", Duration::from_secs(10), || async move {
-            replication_of(r).await.is_some_and(|(m, io)| m == new_port && io == "Yes")
-        })
-        .await;
+        wait_follows(r, new_port).await;
     }
     assert_eq!(read_only(new_port).await, Some(false), "new primary must be writable");
     let missing = check_acked(new_port, &rep, semisync).await;
@@ -436,10 +441,7 @@ async fn cluster_survives_primary_failures() {
     check_acked(3308, &rep, true).await;
     assert_eq!(read_only(3308).await, Some(false));
     for r in [3307, 3309] {
-        wait_for("replicas follow 3308", Duration::from_secs(10), || async move {
-            replication_of(r).await.is_some_and(|(m, io)| m == 3308 && io == "Yes")
-        })
-        .await;
+        wait_follows(r, 3308).await;
     }
     let v = view(&p).await;
     let pause = v["last_recovery"]["write_pause_ms"].as_u64().unwrap_or(0);
@@ -699,10 +701,7 @@ async fn restarted_proxy_keeps_its_decisions() {
     let (ok, out) = failover_cli(&q, &["rejoin", "127.0.0.1:3307"]);
     assert!(ok, "{out}");
     let np = port_of(&new);
-    wait_for("3307 replicates from the new primary", Duration::from_secs(10), || async move {
-        replication_of(3307).await.is_some_and(|(m, io)| m == np && io == "Yes")
-    })
-    .await;
+    wait_follows(3307, np).await;
     // A write on the replica in another GTID domain (9): an errant transaction the old
     // per-domain check (the replica's own server id in the last GTID of each domain the
     // primary has) would miss when the domain is new; found over every (domain, server id).
@@ -766,10 +765,7 @@ async fn killed_at_step(step: &str) {
     assert_eq!((hook_lines(&dir, "pre.log"), hook_lines(&dir, "post.log")), (1, 1), "one promotion: one pre and one post hook");
     assert_eq!(read_only(port_of(&cand)).await, Some(false), "the candidate is the writable primary");
     let cp = port_of(&cand);
-    wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
-        replication_of(other).await.is_some_and(|(m, io)| m == cp && io == "Yes")
-    })
-    .await;
+    wait_follows(other, cp).await;
     assert_eq!(read_only(other).await, Some(true));
     assert!(rep.first_ack_after(restarted).is_some(), "writes through the restarted proxy");
     check_acked(cp, &rep, true).await;
@@ -984,10 +980,7 @@ async fn leader_killed_mid_recovery() {
     }
     let other = ALL.iter().copied().find(|x| *x != 3307 && *x != port_of(&cand)).unwrap();
     let cp = port_of(&cand);
-    wait_for("the other replica follows the new primary", Duration::from_secs(10), || async move {
-        replication_of(other).await.is_some_and(|(m, io)| m == cp && io == "Yes")
-    })
-    .await;
+    wait_follows(other, cp).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     for (i, w) in writers.into_iter().enumerate() {
         let rep = w.finish().await;
@@ -1073,10 +1066,7 @@ async fn proxy_killed_during_switchover() {
     assert_eq!((hook_lines(&dir, "pre.log"), hook_lines(&dir, "post.log")), (1, 1));
     let cp = port_of(&cand);
     for r in ALL.into_iter().filter(|r| *r != cp) {
-        wait_for("every other server replicates from the new primary", Duration::from_secs(10), || async move {
-            replication_of(r).await.is_some_and(|(m, io)| m == cp && io == "Yes")
-        })
-        .await;
+        wait_follows(r, cp).await;
     }
     assert_eq!(read_only(cp).await, Some(false));
     assert!(rep.first_ack_after(restarted).is_some(), "writes through the restarted proxy");

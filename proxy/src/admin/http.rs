@@ -94,6 +94,11 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
     name.parse::<std::net::IpAddr>().is_ok() || name.eq_ignore_ascii_case("localhost") || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
+/// The token of an `Authorization: Bearer <token>` header value.
+pub(crate) fn bearer(authorization: Option<&str>) -> Option<&str> {
+    authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer "))).map(str::trim)
+}
+
 /// Byte-wise comparison in time independent of where they differ.
 pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
@@ -116,8 +121,7 @@ fn refuse(admin: &Admin, method: &str, path: &str, h: &Headers<'_>) -> Option<(u
             return Some((403, format!("cross-origin request from {o} refused")));
         }
     }
-    let given = h.authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer "))).map(str::trim);
-    match given {
+    match bearer(h.authorization) {
         Some(t) if same_secret(t.as_bytes(), admin.token.as_bytes()) => None,
         Some(_) => Some((401, "wrong admin token".into())),
         None => Some((401, "this request needs the admin token: Authorization: Bearer <token> ([admin] token, BREAKWATER_ADMIN_TOKEN, or the token file the proxy wrote)".into())),

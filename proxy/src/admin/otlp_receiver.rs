@@ -34,7 +34,7 @@ pub fn authorize(token: &str, authorization: Option<&str>, peer: IpAddr) -> Resu
             Err(format!("OTLP metrics from {peer} refused: without [signals] token only loopback senders are accepted (set it, and the agents' --otlp-token)"))
         };
     }
-    let given = authorization.and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))).unwrap_or("").trim();
+    let given = crate::admin::http::bearer(authorization).unwrap_or("");
     if crate::admin::http::same_secret(given.as_bytes(), token.as_bytes()) {
         Ok(())
     } else {

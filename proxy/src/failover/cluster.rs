@@ -97,13 +97,9 @@ impl Cluster {
             Some(t)
         };
         let user = (!cfg.etcd_user.is_empty()).then(|| (cfg.etcd_user.clone(), cfg.etcd_password.clone()));
-        Ok(Self::with(cfg, cluster, me, user, tls))
-    }
-
-    fn with(cfg: &crate::config::ClusterConfig, cluster: &str, me: Identity, user: Option<(String, String)>, tls: Option<etcd_client::TlsOptions>) -> Arc<Self> {
         let base = format!("{}/{}", cfg.prefix.trim_end_matches('/'), cluster);
         let status = Status { mode: "etcd".into(), me: me.name.clone(), etcd_endpoints: cfg.etcd_endpoints.clone(), ..Default::default() };
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             me,
             endpoints: cfg.etcd_endpoints.clone(),
             user,
@@ -117,13 +113,18 @@ impl Cluster {
             valid_until: Mutex::new(None),
             status: Mutex::new(status),
             state_tx: watch::channel(None).0,
-        })
+        }))
     }
 
     /// Whether this proxy leads now (its lease surely alive).
     pub fn is_leader(&self) -> bool {
         let valid = self.valid_until.lock().map(|v| v.is_some_and(|u| Instant::now() < u)).unwrap_or(false);
         valid && self.lease_id.load(Ordering::Relaxed) != 0
+    }
+
+    /// Times this proxy became the leader (without copying the whole status).
+    pub fn terms(&self) -> u64 {
+        self.status.lock().map(|s| s.terms).unwrap_or(0)
     }
 
     pub fn status(&self) -> Status {

@@ -604,10 +604,15 @@ impl Controller {
         }
     }
 
-    async fn tick(&mut self) {
+    /// What leader and followers both do every poll: members, probes, load samples.
+    async fn observe(&mut self) {
         self.sync_members();
         self.probe_all().await;
         self.sample_all();
+    }
+
+    async fn tick(&mut self) {
+        self.observe().await;
         // A server the controller cannot reason about (MySQL): refuse to act at all, loudly,
         // rather than take its missing GTID positions for a dead or errant server.
         let unsupported: Vec<(String, String)> = self.instances.values().filter_map(|i| i.unsupported.clone().map(|u| (i.addr.clone(), u))).collect();
@@ -623,7 +628,7 @@ impl Controller {
         }
         self.unsupported_reported = false;
         for stray in self.discover_primary() {
-            self.fence_quietly(&stray).await;
+            self.fence(&stray, false).await;
         }
         let problems = detect::detect(&self.primary, &self.instances, &self.fenced, self.reader_tpl.max_replication_lag.max(1) as i64);
         let now: BTreeSet<(Kind, String)> = problems.iter().map(|p| (p.kind, p.addr.clone())).collect();
@@ -653,7 +658,7 @@ impl Controller {
                         }
                     }
                 }
-                Kind::WritableFencedServer => self.fence(&p.addr).await,
+                Kind::WritableFencedServer => self.fence(&p.addr, true).await,
                 _ => {}
             }
         }
@@ -973,26 +978,18 @@ impl Controller {
         actions::exec(m.prober.conn().await?, "SET GLOBAL read_only = 1", limit).await
     }
 
-    async fn fence(&mut self, addr: &str) {
+    /// read_only = 1 on a member that should not take writes: a former primary that came
+    /// back writable (`announce`: a `Fenced` event), or one discovery found writable (its
+    /// event is already out). A failure is always an event.
+    async fn fence(&mut self, addr: &str, announce: bool) {
         if self.member(addr).is_none() {
             return;
         }
-        let r = self.set_read_only(addr).await;
         let a = addr.to_string();
-        match r {
-            Ok(()) => self.event("Fenced", &a, vec!["former primary came back writable".into()], "set read_only = 1; kept out of every hostgroup until `failover rejoin`"),
+        match self.set_read_only(addr).await {
+            Ok(()) if announce => self.event("Fenced", &a, vec!["former primary came back writable".into()], "set read_only = 1; kept out of every hostgroup until `failover rejoin`"),
+            Ok(()) => {}
             Err(e) => self.event("FenceFailed", &a, vec![e], "could not set read_only = 1"),
-        }
-    }
-
-    /// read_only = 1 on a server discovery found writable (the event is already out).
-    async fn fence_quietly(&mut self, addr: &str) {
-        if self.member(addr).is_none() {
-            return;
-        }
-        if let Err(e) = self.set_read_only(addr).await {
-            let a = addr.to_string();
-            self.event("FenceFailed", &a, vec![e], "could not set read_only = 1");
         }
     }
 
@@ -1023,7 +1020,7 @@ impl Controller {
             return Err(msg);
         }
         let (host, port) = split_addr(&p);
-        let limit = Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5);
+        let limit = self.action_limit();
         let (user, pw, semi_sync) = (self.cfg.replication_user.clone(), self.cfg.replication_password.clone(), self.cfg.semi_sync);
         let m = self.member(addr).ok_or_else(|| format!("{addr} is not a member of the cluster"))?;
         let c = m.prober.conn().await?;

@@ -107,8 +107,10 @@ impl Session {
             digest::digest_into(&sql_bytes[..sql_bytes.len().min(cap)], &mut self.digest);
             self.digest.as_str().into()
         });
-        if let (Some(d), Some(a)) = (&audit_digest, self.proxy.access.get()) {
-            a.audit.event("prepare", &self.user.name, &[("digest", d), ("statement", &client_id.to_string()), ("session", &self.id.to_string())]);
+        if let Some(d) = &audit_digest {
+            if let Some(a) = self.proxy.access.get() {
+                a.audit.event("prepare", &self.user.name, &[("digest", d), ("statement", &client_id.to_string()), ("session", &self.id.to_string())]);
+            }
         }
         let r = self.run(hg, Command::Prepare(&buf, client_id), Kind::Prepare, true).await;
         self.buf = buf;
@@ -143,8 +145,10 @@ impl Session {
         let Some(stmt) = self.stmts.get(&id).cloned() else {
             return self.send_err(self.reply_seq, &unknown_stmt(id, "mysqld_stmt_execute")).await;
         };
-        if let (Some(d), Some(a)) = (&stmt.audit_digest, self.proxy.access.get()) {
-            a.audit.event("execute", &self.user.name, &[("digest", d), ("statement", &id.to_string()), ("session", &self.id.to_string())]);
+        if let Some(d) = &stmt.audit_digest {
+            if let Some(a) = self.proxy.access.get() {
+                a.audit.event("execute", &self.user.name, &[("digest", d), ("statement", &id.to_string()), ("session", &self.id.to_string())]);
+            }
         }
         let cursor = self.buf.get(5).is_some_and(|f| f & 0x07 != 0);
         let mut buf = std::mem::take(&mut self.buf);

@@ -9,7 +9,7 @@
 
 use super::{now_ms, Controller};
 use crate::backend::hostgroup::Gate;
-use crate::failover::cluster::Status;
+use crate::failover::cluster::{Cluster, Status};
 use crate::failover::journal::Step;
 use crate::failover::state::Persisted;
 use std::collections::BTreeSet;
@@ -19,12 +19,21 @@ use tracing::{error, warn};
 impl Controller {
     /// One poll, as the leader or as a follower.
     pub(super) async fn round(&mut self) {
-        let Some(cl) = self.cluster.clone() else {
+        if let Some(cl) = self.cluster.clone() {
+            self.take_office(&cl).await;
+        }
+        if self.may_act() {
             self.tick().await;
-            self.polls += 1;
-            let _ = self.persist().await;
-            return;
-        };
+        } else {
+            self.follow().await;
+        }
+        self.polls += 1;
+        let _ = self.persist().await;
+    }
+
+    /// Newly elected (a new term): adopt the shared state, then take up an unfinished
+    /// recovery. Until the state is read this proxy does not act (`may_act`).
+    async fn take_office(&mut self, cl: &Cluster) {
         let st = cl.status();
         if st.leader && self.term != st.terms {
             // Newly elected: the shared state first; acting without it could undo the
@@ -45,13 +54,6 @@ impl Controller {
                 Err(e) => warn!(error = %e, "cluster: elected, but the shared state cannot be read: following until it can"),
             }
         }
-        if self.may_act() {
-            self.tick().await;
-        } else {
-            self.follow().await;
-        }
-        self.polls += 1;
-        let _ = self.persist().await;
     }
 
     /// Whether this proxy may act on servers now: alone, or the leader whose term's state
@@ -59,7 +61,7 @@ impl Controller {
     pub(super) fn may_act(&self) -> bool {
         match &self.cluster {
             None => true,
-            Some(c) => c.is_leader() && self.term == c.status().terms,
+            Some(c) => c.is_leader() && self.term == c.terms(),
         }
     }
 
@@ -86,9 +88,7 @@ impl Controller {
 
     /// Follow the leader: probe, sample, apply its latest decisions.
     async fn follow(&mut self) {
-        self.sync_members();
-        self.probe_all().await;
-        self.sample_all();
+        self.observe().await;
         let shared = self.shared_rx.as_ref().and_then(|rx| rx.borrow().clone());
         if let Some((rev, p)) = shared {
             if rev != self.applied_rev {

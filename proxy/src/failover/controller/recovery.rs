@@ -20,9 +20,7 @@ impl Controller {
     /// Planned primary change with the primary alive: no acknowledged write is lost. The
     /// journal of a recovery, with the `demoted` step and the old primary kept as a replica.
     pub(super) async fn switchover(&mut self, want: Option<&str>) -> Result<String, String> {
-        if let Some(j) = &self.journal {
-            return Err(format!("{} {} of {} is in progress (after step {})", j.kind, j.id, j.failed, j.step.as_str()));
-        }
+        self.idle()?;
         let old = self.primary.clone();
         if !self.instances.get(&old).is_some_and(|i| i.reachable) {
             return Err(format!("primary {old} is not reachable: use failover"));
@@ -68,8 +66,17 @@ impl Controller {
         self.run_journal().await
     }
 
-    /// The bound of each SQL action of a recovery.
-    fn action_limit(&self) -> Duration {
+    /// Never a second recovery or switchover while one is unfinished (a failed resume
+    /// leaves none).
+    fn idle(&self) -> Result<(), String> {
+        match &self.journal {
+            Some(j) => Err(format!("{} {} of {} is in progress (after step {})", j.kind, j.id, j.failed, j.step.as_str())),
+            None => Ok(()),
+        }
+    }
+
+    /// The bound of each SQL action of a recovery (also of a rejoin).
+    pub(super) fn action_limit(&self) -> Duration {
         Duration::from_millis(self.cfg.probe_timeout_ms.max(1000) * 5)
     }
 
@@ -78,10 +85,7 @@ impl Controller {
         if !self.may_act() {
             return Err(self.not_leader());
         }
-        if let Some(j) = &self.journal {
-            // Never a second recovery while one is unfinished (a failed resume leaves none).
-            return Err(format!("recovery {} of {} is in progress (after step {})", j.id, j.failed, j.step.as_str()));
-        }
+        self.idle()?;
         let failed = self.primary.clone();
         let mut log = Vec::new();
         // Re-check with a fresh connection before acting.
@@ -395,68 +399,46 @@ impl Controller {
         }
     }
 
-    /// The recovery is done: cooldown, the record, the post hook, the event.
+    /// The recovery or switchover is done: the record, the post hook, the event; after a
+    /// failover also the cooldown. (A switchover's `detected_ms` is its start.)
     async fn finish(&mut self, j: Journal) -> Result<String, String> {
-        if j.kind == "switchover" {
-            return self.finish_switchover(j).await;
+        let switchover = j.kind == "switchover";
+        self.count(|c| *c.recoveries.entry(format!("{}/ok", j.kind)).or_default() += 1);
+        if !switchover {
+            self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
+            self.blocked_reported = false;
+            self.refused = false;
+            self.dead_since = None;
         }
-        let Journal { kind, failed, candidate: promoted, mut log, .. } = j.clone();
-        self.count(|c| *c.recoveries.entry(format!("{kind}/ok")).or_default() += 1);
-        self.cooldown_until = Some(SystemTime::now() + Duration::from_secs(self.cfg.recovery_block_seconds));
-        self.blocked_reported = false;
-        self.refused = false;
         let _ = self.persist().await;
         let duration_ms = j.switched_ms.saturating_sub(j.detected_ms);
+        let write_pause_ms = j.switched_ms.saturating_sub(j.started_ms);
         let rec = Recovery {
-            kind: kind.clone(),
-            failed: failed.clone(),
-            promoted: promoted.clone(),
+            kind: j.kind.clone(),
+            failed: j.failed.clone(),
+            promoted: j.candidate.clone(),
             detected_at_ms: j.detected_ms,
             promoted_at_ms: j.switched_ms,
             duration_ms,
-            write_pause_ms: j.switched_ms.saturating_sub(j.started_ms),
-            acknowledged: false,
-            steps: log.clone(),
-        };
-        if let Ok(mut v) = self.shared.view.lock() {
-            v.last_recovery = Some(rec);
-        }
-        self.dead_since = None;
-        let post = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), &kind, &failed, &promoted).await;
-        if let Err(e) = post {
-            log.push(e);
-        }
-        let resumed = if j.resumed > 0 { format!(" (taken up again {}× after a restart or a new leader)", j.resumed) } else { String::new() };
-        let msg = format!(
-            "promoted {promoted} in {duration_ms} ms after detection{resumed}; {failed} fenced; automated recoveries blocked for {} s",
-            self.cfg.recovery_block_seconds
-        );
-        self.event("RecoverDeadPrimary", &failed, log, msg.clone());
-        Ok(msg)
-    }
-
-    async fn finish_switchover(&mut self, j: Journal) -> Result<String, String> {
-        self.count(|c| *c.recoveries.entry("switchover/ok".into()).or_default() += 1);
-        let _ = self.persist().await;
-        let pause = j.switched_ms.saturating_sub(j.started_ms);
-        let rec = Recovery {
-            kind: "switchover".into(),
-            failed: j.failed.clone(),
-            promoted: j.candidate.clone(),
-            detected_at_ms: j.started_ms,
-            promoted_at_ms: j.switched_ms,
-            duration_ms: pause,
-            write_pause_ms: pause,
-            acknowledged: true,
+            write_pause_ms,
+            acknowledged: switchover,
             steps: j.log.clone(),
         };
         if let Ok(mut v) = self.shared.view.lock() {
             v.last_recovery = Some(rec);
         }
-        let _ = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), "switchover", &j.failed, &j.candidate).await;
-        let resumed = if j.resumed > 0 { format!(" (taken up again {}× after a restart or a new leader)", j.resumed) } else { String::new() };
-        let msg = format!("switched over from {} to {}; writes paused {pause} ms{resumed}", j.failed, j.candidate);
-        self.event("Switchover", &j.failed, j.log, msg.clone());
+        let Journal { kind, failed, candidate: promoted, mut log, resumed, .. } = j;
+        if let Err(e) = self.hook("post_promotion_hook", &self.cfg.post_promotion_hook.clone(), &kind, &failed, &promoted).await {
+            log.push(e);
+        }
+        let resumed = if resumed > 0 { format!(" (taken up again {resumed}× after a restart or a new leader)") } else { String::new() };
+        let (event, msg) = if switchover {
+            ("Switchover", format!("switched over from {failed} to {promoted}; writes paused {write_pause_ms} ms{resumed}"))
+        } else {
+            let block = self.cfg.recovery_block_seconds;
+            ("RecoverDeadPrimary", format!("promoted {promoted} in {duration_ms} ms after detection{resumed}; {failed} fenced; automated recoveries blocked for {block} s"))
+        };
+        self.event(event, &failed, log, msg.clone());
         Ok(msg)
     }
 
